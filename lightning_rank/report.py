@@ -1,0 +1,145 @@
+"""``LayerRank`` and ``RankReport``: the per-layer numbers, their JSON form and a markdown table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerRank:
+    """Utilized rank of one layer; every number but ``name``, ``kind`` and ``skipped`` is ``None`` when skipped."""
+
+    name: str
+    kind: str | None
+    in_features: int | None
+    out_features: int | None
+    in_rank: int | None = None
+    out_rank: int | None = None
+    rank: int | None = None
+    utilization: float | None = None
+    in_effective_rank: float | None = None
+    out_effective_rank: float | None = None
+    rows: int | None = None
+    nonfinite_rows: int | None = None
+    parameters: int | None = None
+    skipped: str | None = None
+
+    @property
+    def analyzed(self) -> bool:
+        return self.skipped is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["name"]
+        return out
+
+
+@dataclass
+class RankReport:
+    """Per-layer utilized ranks at one energy ``threshold``; ``mlu`` is the unweighted mean utilization."""
+
+    threshold: float
+    layers: dict[str, LayerRank] = field(default_factory=dict)
+    centered: bool = False
+
+    @property
+    def analyzed(self) -> dict[str, LayerRank]:
+        """The layers that have numbers (not skipped)."""
+        return {name: layer for name, layer in self.layers.items() if layer.analyzed}
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Skipped layer name -> reason."""
+        return {name: layer.skipped for name, layer in self.layers.items() if layer.skipped is not None}
+
+    @property
+    def mlu(self) -> float:
+        """Mean Layer Utilization: the unweighted mean of ``utilization`` over analyzed layers (NaN if none)."""
+        values = [layer.utilization for layer in self.analyzed.values()]
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def weighted_mlu(self) -> float:
+        """Mean utilization weighted by each layer's parameter count (NaN if no layer was analyzed)."""
+        layers = self.analyzed.values()
+        total = sum(layer.parameters for layer in layers)
+        return sum(layer.utilization * layer.parameters for layer in layers) / total if total else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout of DESIGN.md: threshold, mlu, weighted_mlu and one entry per layer."""
+        return {
+            "threshold": self.threshold,
+            "centered": self.centered,
+            "mlu": _finite_or_none(self.mlu),
+            "weighted_mlu": _finite_or_none(self.weighted_mlu),
+            "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RankReport:
+        known = {f.name for f in fields(LayerRank)}
+        layers = {
+            name: LayerRank(name=name, **{k: v for k, v in entry.items() if k in known})
+            for name, entry in data["layers"].items()
+        }
+        return cls(threshold=data["threshold"], layers=layers, centered=data.get("centered", False))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON atomically (a reader never sees a half-written file)."""
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RankReport:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_markdown(self) -> str:
+        """A table of every layer (analyzed first), headed by the MLU."""
+        lines = [
+            f"**MLU {_percent(self.mlu)}** (parameter-weighted {_percent(self.weighted_mlu)}), "
+            f"energy threshold {self.threshold:g}, {len(self.analyzed)} layers analyzed"
+            + (f", {len(self.skipped)} skipped" if self.skipped else ""),
+            "",
+            "| layer | kind | out x in | in rank | out rank | rank | utilization | eff. rank in / out | rows |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, layer in self.analyzed.items():
+            lines.append(
+                f"| {name} | {layer.kind} | {layer.out_features} x {layer.in_features} | {layer.in_rank} | "
+                f"{layer.out_rank} | {layer.rank} | {_percent(layer.utilization)} | "
+                f"{layer.in_effective_rank:.1f} / {layer.out_effective_rank:.1f} | {layer.rows} |"
+            )
+        if self.skipped:
+            lines += ["", "| skipped layer | reason |", "|---|---|"]
+            lines += [f"| {name} | {reason} |" for name, reason in self.skipped.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,89 @@
+"""Pure spectral math: energy rank, effective rank, and the output second moment of ``y = W x + b``.
+
+Everything here works on plain tensors and knows nothing of modules or Lightning. Eigenvalues come
+in ascending or any order; functions taking a spectrum accept leading batch dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` as a float in ``(0, 1]``, or a ``ValueError`` that names it."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"`threshold` must be a number in (0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def clean_spectrum(eigenvalues: Tensor, rtol: float) -> Tensor:
+    """Eigenvalues of a PSD matrix with round-off removed: those below ``rtol * max`` become 0."""
+    eigenvalues = eigenvalues.clamp(min=0)
+    largest = eigenvalues.amax(dim=-1, keepdim=True)
+    return torch.where(eigenvalues > rtol * largest, eigenvalues, torch.zeros_like(eigenvalues))
+
+
+def energy_rank(eigenvalues: Tensor, threshold: float) -> Tensor:
+    """The smallest ``k`` whose top-``k`` eigenvalues hold at least ``threshold`` of the trace (0 for a zero matrix)."""
+    threshold = check_threshold(threshold)
+    descending = eigenvalues.clamp(min=0).sort(dim=-1, descending=True).values
+    cumulative = descending.double().cumsum(dim=-1)
+    total = cumulative[..., -1:]
+    # A relative slack keeps threshold=1.0 from counting eigenvalues lost to summation round-off.
+    target = threshold * total * (1 - 1e-12)
+    rank = (cumulative < target).sum(dim=-1) + 1
+    return torch.where(total.squeeze(-1) > 0, rank, torch.zeros_like(rank))
+
+
+def effective_rank(eigenvalues: Tensor) -> Tensor:
+    """Roy and Vetterli's effective rank ``exp(H(p))``, ``p`` the normalized spectrum (0 for a zero matrix)."""
+    spectrum = eigenvalues.double().clamp(min=0)
+    total = spectrum.sum(dim=-1, keepdim=True)
+    p = spectrum / total.clamp(min=torch.finfo(torch.float64).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def output_moment(weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Tensor, centered: bool = False) -> Tensor:
+    """Second moment of ``y = W x + b`` from the input's: ``W C W^T + W mu b^T + b mu^T W^T + b b^T``.
+
+    With ``centered=True``, ``moment`` is the input covariance and the result the output covariance
+    ``W C W^T`` (the bias shifts the mean only).
+    """
+    out = weight @ moment @ weight.t()
+    if bias is not None and not centered:
+        u = weight @ mean
+        out = out + torch.outer(u, bias) + torch.outer(bias, u) + torch.outer(bias, bias)
+    return (out + out.t()) / 2
+
+
+def output_factor(
+    weight: Tensor,
+    bias: Tensor | None,
+    eigenvalues: Tensor,
+    eigenvectors: Tensor,
+    mean: Tensor,
+    centered: bool = False,
+) -> Tensor:
+    """A matrix ``A`` with ``A A^T`` equal to :func:`output_moment`, from the input moment's eigendecomposition.
+
+    ``A`` has ``fan_in (+1)`` columns, so the nonzero output spectrum is that of the small ``A^T A``
+    when the layer widens (``out > fan_in``). Uncentered, ``M = [[C, mu], [mu^T, 1]] = F F^T`` with
+    ``F = [[V L^1/2, 0], [p^T, s]]``, ``p = L^-1/2 V^T mu`` and ``s = sqrt(1 - |p|^2)`` (``C >= mu mu^T``
+    keeps ``|p| <= 1``), and ``A = [W, b] F``.
+    """
+    eigenvalues = eigenvalues.clamp(min=0)
+    root = eigenvectors * eigenvalues.sqrt()
+    factor = weight @ root
+    if bias is None or centered:
+        return factor
+    positive = eigenvalues > 0
+    p = torch.where(positive, (eigenvectors.t() @ mean) / eigenvalues.clamp(min=1e-300).sqrt(), 0.0)
+    s = (1 - p.square().sum()).clamp(min=0).sqrt()
+    return torch.cat([factor + torch.outer(bias, p), (s * bias).unsqueeze(1)], dim=1)
+
+
+def utilization(rank: int, out_features: int, in_features: int) -> float:
+    """``rank / min(out, fan_in)``."""
+    return rank / min(out_features, in_features)

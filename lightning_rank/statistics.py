@@ -1,0 +1,424 @@
+"""Streaming input statistics of target layers: ``sum x x^T``, ``sum x`` and ``n`` per distinct input.
+
+Forward pre-hooks turn each layer's input into rows (a Linear's ``(..., d)`` input, a convolution's
+unfolded receptive-field patches) and add them to an accumulator. Layers fed the very same tensor in
+one forward pass (q, k, v) share one accumulator, so its Gram matrix is computed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
+
+MaskFn = Callable[[Any], Tensor | None]
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass
+class InputStatistics:
+    """Sums over the rows ``x`` (length ``dim``) one layer input produced.
+
+    ``count`` is the number of rows really added; ``nonfinite`` counts rows dropped because they held
+    NaN or Inf. Both are 0-d int64 tensors on the statistics' device, so updates never synchronize.
+    """
+
+    gram: Tensor
+    total: Tensor
+    count: Tensor
+    nonfinite: Tensor
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: torch.dtype, device: torch.device) -> InputStatistics:
+        # Created outside inference mode so that they can be updated in place anywhere later.
+        with torch.inference_mode(False):
+            return cls(
+                gram=torch.zeros(dim, dim, dtype=dtype, device=device),
+                total=torch.zeros(dim, dtype=dtype, device=device),
+                count=torch.zeros((), dtype=torch.int64, device=device),
+                nonfinite=torch.zeros((), dtype=torch.int64, device=device),
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.gram.shape[0]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.gram, self.total, self.count, self.nonfinite
+
+    def update(self, rows: Tensor) -> None:
+        """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped."""
+        rows = rows.to(self.gram.dtype)
+        finite = torch.isfinite(rows).all(dim=1)
+        kept = finite.sum()
+        self.nonfinite.add_(rows.shape[0] - kept)
+        rows = rows.masked_fill(~finite.unsqueeze(1), 0.0)
+        self.gram.addmm_(rows.t(), rows)
+        self.total.add_(rows.sum(dim=0))
+        self.count.add_(kept)
+
+    def mean(self) -> Tensor:
+        """``E[x]`` in float64 (zeros when no row was seen)."""
+        return self.total.double() / self.count.clamp(min=1).double()
+
+    def second_moment(self, centered: bool = False) -> Tensor:
+        """``C = sum x x^T / n`` in float64, or the covariance ``C - mu mu^T`` when ``centered``."""
+        moment = self.gram.double() / self.count.clamp(min=1).double()
+        moment = (moment + moment.t()) / 2
+        if centered:
+            mu = self.mean()
+            moment = moment - torch.outer(mu, mu)
+        return moment
+
+
+@dataclass
+class ActivationStatistics:
+    """What ``collect`` returns: input statistics per layer, plus the layers that were skipped.
+
+    ``inputs`` is keyed by the first layer that saw each distinct input; ``sources`` maps every
+    analyzed layer to that key, so layers sharing an input share one :class:`InputStatistics`.
+    """
+
+    inputs: dict[str, InputStatistics] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    unmasked: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> InputStatistics:
+        if name in self.sources:
+            return self.inputs[self.sources[name]]
+        if name in self.skipped:
+            raise KeyError(f"layer {name!r} has no statistics: {self.skipped[name]}")
+        raise KeyError(f"layer {name!r} has no statistics; layers with statistics: {list(self.sources)}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the layers with statistics, in model order."""
+        return list(self.sources)
+
+    @property
+    def device(self) -> torch.device | None:
+        first = next(iter(self.inputs.values()), None)
+        return first.gram.device if first is not None else None
+
+    def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> ActivationStatistics:
+        """Sum every statistic over processes in place; ``reduce`` is an in-place sum (e.g. ``dist.all_reduce``)."""
+        for stats in self.inputs.values():
+            for tensor in stats.tensors():
+                reduce(tensor)
+        return self
+
+    def to(self, device: torch.device | str) -> ActivationStatistics:
+        """A copy with every tensor on ``device``."""
+        moved = {
+            key: InputStatistics(*(t.to(device) for t in stats.tensors())) for key, stats in self.inputs.items()
+        }
+        return ActivationStatistics(moved, dict(self.sources), dict(self.skipped), list(self.unmasked))
+
+
+def _conv_rows(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Receptive-field patches as rows ``(B * L, C_in * prod(kernel))`` and the leading dims ``(B, L)``."""
+    spatial = 1 if isinstance(module, nn.Conv1d) else 2
+    if x.dim() == spatial + 1:
+        x = x.unsqueeze(0)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        padding = module.padding
+    else:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * spatial
+    if spatial == 1:
+        x = x.unsqueeze(2)
+        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    batch, fan_in, positions = cols.shape
+    return cols.transpose(1, 2).reshape(batch * positions, fan_in), (batch, positions)
+
+
+def layer_rows(target: Target, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The rows a layer multiplies by its weight for input ``x``, and the leading dims they come from."""
+    if target.kind in ("conv1d", "conv2d"):
+        return _conv_rows(target.module, x)
+    if target.kind == "mha_in_proj" and target.module.batch_first is False and x.dim() == 3:
+        x = x.transpose(0, 1)  # (T, B, E) -> (B, T, E), so masks read (B, T) for every layer
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
+    """The mask broadcast over ``lead`` when it covers its first dims, else ``None``."""
+    if tuple(mask.shape) != lead[: mask.dim()]:
+        return None
+    return mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead).reshape(-1)
+
+
+@dataclass
+class _SeenTensor:
+    ref: weakref.ref
+    token: int
+    keys: list[str]  # accumulators this tensor was already added to in this pass
+
+
+class StatisticsCollector:
+    """Hooks that stream the inputs of the selected layers into :class:`InputStatistics`.
+
+    Use :meth:`attach`/:meth:`detach` (or ``with collector.attached():``) around the forwards, and
+    wrap each forward pass in ``with collector.observe(batch):``. Forwards outside ``observe`` are
+    ignored, so the hooks can stay on during training steps at no cost.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        target_modules: ModuleSelector = None,
+        exclude_modules: ModuleSelector = None,
+        mask_fn: MaskFn | None = None,
+        max_rows_per_batch: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        if max_rows_per_batch is not None and (not isinstance(max_rows_per_batch, int) or max_rows_per_batch < 1):
+            raise ValueError(f"`max_rows_per_batch` must be a positive int or None, got {max_rows_per_batch!r}")
+        if mask_fn is not None and not callable(mask_fn):
+            raise TypeError(f"`mask_fn` must be a callable batch -> bool mask, got {type(mask_fn).__name__}")
+        self.targets, self._unobservable = select_targets(model, target_modules, exclude_modules)
+        self.mask_fn = mask_fn
+        self.max_rows_per_batch = max_rows_per_batch
+        self.dtype = float_dtype(dtype)
+        self.seed = seed
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every statistic collected so far (the hooks stay as they are)."""
+        self._inputs: dict[str, InputStatistics] = {}
+        self._sources: dict[str, str] = {}
+        self._diverged: dict[str, str] = {}
+        self._unmasked: set[str] = set()
+        self._generator: torch.Generator | None = None
+        self._batches = 0
+        self._in_pass = False
+
+    @property
+    def batches(self) -> int:
+        """How many forward passes were observed since the last reset."""
+        return self._batches
+
+    # -- hooks -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for target in self.targets.values():
+            hook = self._make_hook(target)
+            self._handles.append(target.module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[StatisticsCollector]:
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _make_hook(self, target: Target) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self._in_pass:
+                return
+            x = _layer_input(target, args, kwargs)
+            if x is None:
+                self._diverged.setdefault(
+                    target.name, "nn.MultiheadAttention used as cross-attention (query, key, value differ)"
+                )
+                return
+            self._observe_input(target, x)
+
+        return hook
+
+    # -- one forward pass --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def observe(self, batch: Any) -> Iterator[None]:
+        """Count the target layers' inputs during the forward pass(es) run inside this block."""
+        self._mask = self._batch_mask(batch)
+        self._seen: dict[int, _SeenTensor] = {}
+        self._layer_tokens: dict[str, set[int]] = {}
+        self._input_tokens: dict[str, set[int]] = {}
+        self._in_pass = True
+        try:
+            yield
+        finally:
+            self._in_pass = False
+            self._check_sharing()
+            self._seen.clear()
+            self._mask = None
+        self._batches += 1
+
+    def _batch_mask(self, batch: Any) -> Tensor | None:
+        if self.mask_fn is None:
+            return None
+        mask = self.mask_fn(batch)
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                f"`mask_fn` must return a bool tensor over the leading dims of the inputs (e.g. (B, T)), "
+                f"got {type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}"
+            )
+        return mask
+
+    def _observe_input(self, target: Target, x: Tensor) -> None:
+        name = target.name
+        seen = self._seen.get(id(x))
+        if seen is not None and seen.ref() is not x:
+            seen = None  # the id belongs to a tensor that was freed: a different input
+        if seen is None:
+            seen = _SeenTensor(weakref.ref(x), len(self._seen), [])
+            self._seen[id(x)] = seen
+        key = self._sources.get(name)
+        if key is None:
+            key = seen.keys[0] if seen.keys else name
+            self._sources[name] = key
+        self._layer_tokens.setdefault(name, set()).add(seen.token)
+        if key in seen.keys:
+            return
+        seen.keys.append(key)
+        self._input_tokens.setdefault(key, set()).add(seen.token)
+        with torch.no_grad():
+            rows, lead = layer_rows(target, x.detach())
+            rows = self._select_rows(name, rows, lead)
+            stats = self._inputs.get(key)
+            if stats is None:
+                stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device)
+            stats.update(rows)
+
+    def _select_rows(self, name: str, rows: Tensor, lead: tuple[int, ...]) -> Tensor:
+        if self._mask is not None:
+            mask = _expand_mask(self._mask.to(rows.device), lead)
+            if mask is None:
+                self._unmasked.add(name)
+            else:
+                rows = rows[mask]
+        limit = self.max_rows_per_batch
+        if limit is not None and rows.shape[0] > limit:
+            if self._generator is None:
+                self._generator = torch.Generator().manual_seed(self.seed)
+            keep = torch.randperm(rows.shape[0], generator=self._generator)[:limit]
+            rows = rows[keep.to(rows.device)]
+        return rows
+
+    def _check_sharing(self) -> None:
+        """A layer that shares an accumulator must have seen exactly the inputs added to it."""
+        for name, key in self._sources.items():
+            if name in self._diverged:
+                continue
+            if self._layer_tokens.get(name, set()) != self._input_tokens.get(key, set()):
+                self._diverged[name] = (
+                    f"its input was shared with {key!r} in one batch but differed in another; "
+                    "exclude one of them with `exclude_modules`"
+                )
+
+    # -- result ------------------------------------------------------------------------------
+    def compute(self) -> ActivationStatistics:
+        """The statistics so far (the live tensors, not copies), with skipped layers and reasons."""
+        skipped = dict(self._unobservable)
+        skipped.update(self._diverged)
+        sources = {}
+        for name in self.targets:
+            if name in skipped:
+                continue
+            if name not in self._sources:
+                skipped[name] = "never called during collection (not reached by the data)"
+            else:
+                sources[name] = self._sources[name]
+        inputs = {key: self._inputs[key] for key in dict.fromkeys(sources.values())}
+        return ActivationStatistics(inputs, sources, skipped, sorted(self._unmasked & set(sources)))
+
+
+def _layer_input(target: Target, args: tuple, kwargs: dict) -> Tensor | None:
+    if target.kind != "mha_in_proj":
+        return args[0] if args else next(iter(kwargs.values()))
+    names = ("query", "key", "value")
+    query, key, value = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+    return query if query is key and key is value else None
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a Mapping, ``model(batch[0])`` for a tuple or list, ``model(batch)`` otherwise."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def collect(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: ForwardFn | None = None,
+    target_modules: ModuleSelector = None,
+    exclude_modules: ModuleSelector = None,
+    mask_fn: MaskFn | None = None,
+    max_rows_per_batch: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> ActivationStatistics:
+    """Run ``model`` over ``batches`` in eval mode without gradients and stream each layer's input statistics.
+
+    No activation is stored: each input adds to ``sum x x^T``, ``sum x`` and ``n`` on its own device.
+    Hooks are removed and every module's training flag is restored, even when the forward raises.
+    """
+    collector = StatisticsCollector(
+        model,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        mask_fn=mask_fn,
+        max_rows_per_batch=max_rows_per_batch,
+        dtype=dtype,
+        seed=seed,
+    )
+    forward = forward or default_forward
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with collector.attached(), torch.no_grad():
+            for batch in batches:
+                with collector.observe(batch):
+                    forward(model, batch)
+    finally:
+        for module, training in modes:
+            module.training = training
+    if collector.batches == 0:
+        raise ValueError("`batches` yielded no batch: pass an iterable with at least one batch")
+    stats = collector.compute()
+    warn_about_dropped_rows(stats)
+    return stats
+
+
+def warn_about_dropped_rows(stats: ActivationStatistics) -> None:
+    """One warning naming the layers whose inputs held NaN/Inf rows (dropped from the sums)."""
+    dropped = {key: int(s.nonfinite) for key, s in stats.inputs.items()}
+    dropped = {name: dropped[key] for name, key in stats.sources.items() if dropped[key]}
+    if dropped:
+        warnings.warn(
+            f"Rows with NaN or Inf were dropped from the statistics (rows per layer: {dropped}). "
+            "They are counted in each layer's `nonfinite_rows`.",
+            stacklevel=3,
+        )

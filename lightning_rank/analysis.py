@@ -129,7 +129,9 @@ def _input_spectra(
             values, vecs = torch.linalg.eigvalsh(batch), None
         for i, key in enumerate(keys):
             s = stats.inputs[key]
-            spectra[key] = clean_spectrum(values[i], s.dim * torch.finfo(s.gram.dtype).eps)
+            # the round-off sits on the scale of the summed (uncentered) numbers
+            scale = float(s.gram.diagonal().max()) / max(int(s.count), 1)
+            spectra[key] = clean_spectrum(values[i], s.dim * torch.finfo(s.gram.dtype).eps, scale)
             if vecs is not None:
                 vectors[key] = vecs[i]
     return spectra, vectors

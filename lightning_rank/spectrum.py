@@ -17,10 +17,14 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def clean_spectrum(eigenvalues: Tensor, rtol: float) -> Tensor:
-    """Eigenvalues of a PSD matrix with round-off removed: those below ``rtol * max`` become 0."""
+def clean_spectrum(eigenvalues: Tensor, rtol: float, scale: Tensor | float = 0.0) -> Tensor:
+    """Eigenvalues of a PSD matrix with round-off removed: those below ``rtol * max(largest, scale)`` become 0.
+
+    ``scale`` is the size of the numbers the matrix was computed from, when larger than its own
+    eigenvalues (a covariance obtained as ``C - mu mu^T`` carries the round-off of ``C``).
+    """
     eigenvalues = eigenvalues.clamp(min=0)
-    largest = eigenvalues.amax(dim=-1, keepdim=True)
+    largest = eigenvalues.amax(dim=-1, keepdim=True).clamp(min=scale)
     return torch.where(eigenvalues > rtol * largest, eigenvalues, torch.zeros_like(eigenvalues))
 
 

@@ -164,6 +164,12 @@ def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
     return mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead).reshape(-1)
 
 
+_DIVERGED = (
+    "its input was the same tensor as {key!r}'s in one batch but differed in another; "
+    "exclude one of them with `exclude_modules`"
+)
+
+
 @dataclass
 class _SeenTensor:
     ref: weakref.ref
@@ -298,6 +304,11 @@ class StatisticsCollector:
         self._layer_tokens.setdefault(name, set()).add(seen.token)
         if key in seen.keys:
             return
+        if self._input_tokens.get(key) and list(self._sources.values()).count(key) > 1:
+            # Another member already filled the shared accumulator in this pass: adding this
+            # different tensor would corrupt the statistics of every member.
+            self._diverged.setdefault(name, _DIVERGED.format(key=key))
+            return
         seen.keys.append(key)
         self._input_tokens.setdefault(key, set()).add(seen.token)
         with torch.no_grad():
@@ -329,10 +340,7 @@ class StatisticsCollector:
             if name in self._diverged:
                 continue
             if self._layer_tokens.get(name, set()) != self._input_tokens.get(key, set()):
-                self._diverged[name] = (
-                    f"its input was shared with {key!r} in one batch but differed in another; "
-                    "exclude one of them with `exclude_modules`"
-                )
+                self._diverged[name] = _DIVERGED.format(key=key)
 
     # -- result ------------------------------------------------------------------------------
     def compute(self) -> ActivationStatistics:
@@ -408,12 +416,18 @@ def collect(
     if collector.batches == 0:
         raise ValueError("`batches` yielded no batch: pass an iterable with at least one batch")
     stats = collector.compute()
-    warn_about_dropped_rows(stats)
+    warn_about_rows(stats)
     return stats
 
 
-def warn_about_dropped_rows(stats: ActivationStatistics) -> None:
-    """One warning naming the layers whose inputs held NaN/Inf rows (dropped from the sums)."""
+def warn_about_rows(stats: ActivationStatistics) -> None:
+    """Warn once about layers the mask did not fit and about NaN/Inf rows dropped from the sums."""
+    if stats.unmasked:
+        warnings.warn(
+            f"The mask from `mask_fn` did not fit the leading dims of the inputs of {stats.unmasked} "
+            "(e.g. pooled (B, d) inputs under a (B, T) mask): every row of these layers was counted.",
+            stacklevel=3,
+        )
     dropped = {key: int(s.nonfinite) for key, s in stats.inputs.items()}
     dropped = {name: dropped[key] for name, key in stats.sources.items() if dropped[key]}
     if dropped:

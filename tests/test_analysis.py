@@ -1,0 +1,173 @@
+"""``analyze`` against brute-force ranks of the empirical input and output moments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_rank as lr
+from tests.test_spectrum import brute_energy_rank
+
+
+def subspace_data(batches: int, rows: int, d: int, k: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(k, d, generator=g)
+    return [torch.randn(rows, k, generator=g) @ basis for _ in range(batches)]
+
+
+def brute_ranks(layer: nn.Linear, x: torch.Tensor, t: float) -> tuple[int, int]:
+    x = x.double()
+    y = x @ layer.weight.double().t() + layer.bias.double()
+    values_in = torch.linalg.eigvalsh(x.t() @ x / len(x))
+    values_out = torch.linalg.eigvalsh(y.t() @ y / len(y))
+    return brute_energy_rank(values_in.tolist(), t), brute_energy_rank(values_out.tolist(), t)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.widen = nn.Linear(12, 40)  # out > fan_in: spectrum from the small side
+        self.narrow = nn.Linear(40, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.narrow(torch.tanh(self.widen(x)))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99])
+def test_ranks_match_brute_force_on_both_sides(threshold: float) -> None:
+    torch.manual_seed(0)
+    net = Net()
+    data = subspace_data(4, 64, 12, 5)
+    report = lr.analyze(net, lr.collect(net, data), threshold=threshold)
+    x = torch.cat(data)
+    hidden = torch.tanh(net.widen(x)).detach()
+    for name, inputs in (("widen", x), ("narrow", hidden)):
+        layer = report.layers[name]
+        want_in, want_out = brute_ranks(getattr(net, name), inputs, threshold)
+        assert (layer.in_rank, layer.out_rank) == (want_in, want_out), name
+        assert layer.rank == min(want_in, want_out)
+        assert layer.utilization == layer.rank / min(layer.out_features, layer.in_features)
+        assert layer.rows == len(x)
+    assert report.layers["widen"].in_rank <= 5
+    assert report.mlu == pytest.approx((report.layers["widen"].utilization + report.layers["narrow"].utilization) / 2)
+    p = {n: l.parameters for n, l in report.layers.items()}
+    assert p == {"widen": 12 * 40 + 40, "narrow": 40 * 6 + 6}
+    weighted = sum(report.layers[n].utilization * p[n] for n in p) / sum(p.values())
+    assert report.weighted_mlu == pytest.approx(weighted)
+
+
+def test_effective_ranks_match_brute_force() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    data = subspace_data(2, 100, 12, 12)
+    report = lr.analyze(net, lr.collect(net, data, dtype=torch.float64))
+    x = torch.cat(data).double()
+    y = x @ net.widen.weight.double().t() + net.widen.bias.double()
+    for matrix, got in ((x.t() @ x / len(x), report.layers["widen"].in_effective_rank),
+                        (y.t() @ y / len(y), report.layers["widen"].out_effective_rank)):
+        p = torch.linalg.eigvalsh(matrix).clamp(min=0)
+        p = p / p.sum()
+        p = p[p > 1e-12]
+        assert got == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)
+
+
+def test_threshold_one_gives_the_numerical_rank_of_a_subspace() -> None:
+    layer = nn.Linear(16, 32)
+    report = lr.analyze(layer, lr.collect(layer, subspace_data(3, 50, 16, 4)), threshold=1.0)
+    entry = report.layers[""]
+    assert entry.in_rank == 4
+    assert entry.out_rank == 5  # an affine image of a 4-dim subspace spans 5 dims of second moment
+    assert entry.rank == 4 and entry.utilization == 4 / 16
+
+
+def test_zero_layer_has_rank_zero() -> None:
+    layer = nn.Linear(8, 4)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    entry = lr.analyze(layer, lr.collect(layer, subspace_data(1, 20, 8, 8))).layers[""]
+    assert (entry.out_rank, entry.rank, entry.utilization) == (0, 0, 0.0)
+    assert entry.in_rank > 0
+
+
+def test_single_row_has_rank_one() -> None:
+    layer = nn.Linear(8, 4, bias=False)
+    entry = lr.analyze(layer, lr.collect(layer, [torch.randn(1, 8)]), threshold=1.0).layers[""]
+    assert (entry.in_rank, entry.out_rank, entry.rank, entry.rows) == (1, 1, 1, 1)
+
+
+def test_centered_removes_the_mean_direction() -> None:
+    layer = nn.Linear(10, 10, bias=False)
+    data = [x + 5.0 for x in subspace_data(2, 60, 10, 3)]  # a 3-dim subspace shifted off the origin
+    plain = lr.analyze(layer, lr.collect(layer, data), threshold=1.0).layers[""]
+    centered = lr.analyze(layer, lr.collect(layer, data), threshold=1.0, centered=True).layers[""]
+    assert plain.in_rank == 4 and centered.in_rank == 3
+
+
+def test_conv_utilization_uses_fan_in_and_float32_eigenproblems_agree() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 64, 3)  # fan_in 27 < out 64
+    stats = lr.collect(conv, [torch.randn(4, 3, 8, 8)])
+    report = lr.analyze(conv, stats)
+    entry = report.layers[""]
+    assert (entry.in_features, entry.out_features) == (27, 64)
+    assert entry.utilization == entry.rank / 27
+    fast = lr.analyze(conv, stats, eig_dtype=torch.float32).layers[""]
+    assert (fast.in_rank, fast.out_rank) == (entry.in_rank, entry.out_rank)
+
+
+def test_shared_inputs_are_decomposed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q(x) * self.k(x) + self.v(x)
+
+    model = Attention()
+    stats = lr.collect(model, subspace_data(2, 30, 8, 3))
+    sizes = []
+    original = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda m: sizes.append(tuple(m.shape)) or original(m))
+    report = lr.analyze(model, stats)
+    assert sizes[0] == (1, 8, 8)  # one input moment for q, k and v
+    assert sizes[1] == (3, 8, 8)  # three output moments, batched
+    assert {report.layers[n].in_rank for n in "qkv"} == {3}
+
+
+def test_skipped_and_nonfinite_rows_are_reported() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 3)
+            self.grouped = nn.Conv2d(4, 4, 1, groups=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    x = torch.randn(10, 4)
+    x[3, 1] = float("nan")
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        stats = lr.collect(Net(), [x])
+    report = lr.analyze(Net(), stats)
+    assert report.layers["used"].nonfinite_rows == 1 and report.layers["used"].rows == 9
+    assert not math.isnan(report.mlu)
+    unused = report.layers["unused"]
+    assert unused.skipped.startswith("never called") and (unused.out_features, unused.in_features) == (3, 4)
+    assert "grouped" in report.layers["grouped"].skipped
+    assert set(report.skipped) == {"unused", "grouped"} and set(report.analyzed) == {"used"}
+
+
+def test_bad_input() -> None:
+    layer = nn.Linear(4, 2)
+    stats = lr.collect(layer, [torch.randn(3, 4)])
+    for bad in (0, 1.5, -1):
+        with pytest.raises(ValueError, match="`threshold`"):
+            lr.analyze(layer, stats, threshold=bad)
+    with pytest.raises(ValueError, match="model the statistics were collected on"):
+        lr.analyze(nn.Sequential(nn.Linear(4, 2)), stats)
+    with pytest.raises(ValueError, match="eig_dtype"):
+        lr.analyze(layer, stats, eig_dtype=torch.float16)

@@ -1,0 +1,405 @@
+"""Streamed statistics against one-shot float64 references computed here from the stored activations."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_rank as lr
+from lightning_rank.statistics import StatisticsCollector
+
+
+def reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows = rows.double().reshape(-1, rows.shape[-1])
+    return rows.t() @ rows, rows.sum(0), rows.shape[0]
+
+
+def assert_stats(stats: lr.InputStatistics, rows: torch.Tensor, rtol: float = 1e-5) -> None:
+    gram, total, count = reference(rows)
+    assert int(stats.count) == count
+    scale = gram.abs().max().item() + 1e-12
+    torch.testing.assert_close(stats.gram.double(), gram, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(stats.total.double(), total, rtol=rtol, atol=rtol * (total.abs().max().item() + 1e-12))
+
+
+class Recorder(nn.Module):
+    """Wraps a layer and keeps every input it saw, for the references."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("splits", [[24], [5, 7, 12], [1] * 6])
+def test_linear_streaming_equals_one_shot(splits: list[int]) -> None:
+    torch.manual_seed(0)
+    data = torch.randn(sum(splits), 3, 16)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    stats = lr.collect(model, list(data.split(splits)))
+    assert_stats(stats["0"], data)
+    hidden = torch.relu(model[0](data)).detach()
+    assert_stats(stats["2"], hidden)
+
+
+def patches_reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Receptive-field patches by explicit slicing (no unfold), ordered (C, kh, kw) like the weight."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for b in range(x.shape[0]):
+        for i in range(out_h):
+            for j in range(out_w):
+                patch = x[b, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+                rows.append(patch.reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, stride=2, padding=1, dilation=1),
+        dict(kernel_size=(3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
+        dict(kernel_size=3, padding="same", dilation=2),
+        dict(kernel_size=3, padding=1, padding_mode="reflect", stride=2),
+    ],
+)
+def test_conv2d_rows_are_receptive_field_patches(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, **kwargs)
+    batches = [torch.randn(2, 3, 9, 8), torch.randn(1, 3, 9, 8)]
+    stats = lr.collect(conv, batches)
+    rows = torch.cat([patches_reference(b, conv) for b in batches])
+    assert rows.shape[1] == conv.weight[0].numel()
+    assert_stats(stats[""], rows)
+    # the rows really are what the layer multiplies: W rows^T + b reproduces the convolution
+    out = conv(batches[1]).permute(0, 2, 3, 1).reshape(-1, 5)
+    torch.testing.assert_close(patches_reference(batches[1], conv) @ conv.weight.reshape(5, -1).t() + conv.bias, out)
+
+
+def test_conv1d_rows() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 6, kernel_size=3, stride=2, padding=2, dilation=2)
+    x = torch.randn(3, 4, 11)
+    stats = lr.collect(conv, [x])
+    as_2d = nn.Conv2d(4, 6, (1, 3), stride=(1, 2), padding=(0, 2), dilation=(1, 2))
+    rows = patches_reference(x.unsqueeze(2), as_2d)
+    assert_stats(stats[""], rows)
+
+
+def test_mask_selects_rows_and_broadcasts_over_conv_positions() -> None:
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.proj(tokens)
+            return self.head(h.mean(1))
+
+    net = Net()
+    batches = []
+    for length in (5, 7):
+        mask = torch.rand(3, length) > 0.4
+        batches.append({"tokens": torch.randn(3, length, 8), "attention_mask": mask})
+    with pytest.warns(UserWarning, match="head"):
+        stats = lr.collect(net, batches, mask_fn=lambda b: b["attention_mask"])
+    kept = torch.cat([b["tokens"][b["attention_mask"]] for b in batches])
+    assert_stats(stats["proj"], kept)
+    assert stats.unmasked == ["head"]  # (B, d) input: the (B, T) mask does not apply, and we say so
+    pooled = torch.cat([net.proj(b["tokens"]).mean(1) for b in batches]).detach()
+    assert_stats(stats["head"], pooled)
+
+
+def test_per_sample_mask_on_conv() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    x = torch.randn(4, 2, 6, 6)
+    keep = torch.tensor([True, False, True, False])
+    stats = lr.collect(conv, [(x, keep)], mask_fn=lambda b: b[1])
+    assert_stats(stats[""], patches_reference(x[keep], conv))
+
+
+def test_subsampling_takes_distinct_rows_uniformly_and_counts_them() -> None:
+    n, keep, batches = 20, 5, 400
+    layer = nn.Linear(n, 2)
+    eye = torch.eye(n)  # row i is e_i: the Gram's diagonal shows which rows were taken
+    stats = lr.collect(layer, [eye] * batches, max_rows_per_batch=keep, seed=3)
+    gram = stats[""].gram
+    assert int(stats[""].count) == keep * batches
+    assert torch.equal(gram, torch.diag(torch.diagonal(gram)))  # a row is never mixed with another
+    torch.testing.assert_close(stats[""].total, torch.diagonal(gram))
+    frequency = torch.diagonal(gram) / batches
+    assert frequency.sum().item() == pytest.approx(keep)
+    assert (frequency - keep / n).abs().max() < 0.1  # uniform: each row about 1/4 of the batches
+    again = lr.collect(layer, [eye] * batches, max_rows_per_batch=keep, seed=3)
+    assert torch.equal(again[""].gram, gram)  # seeded
+    other = lr.collect(layer, [eye] * batches, max_rows_per_batch=keep, seed=4)
+    assert not torch.equal(other[""].gram, gram)
+
+
+def test_small_batches_are_not_subsampled() -> None:
+    x = torch.randn(6, 4)
+    stats = lr.collect(nn.Linear(4, 2), [x], max_rows_per_batch=10)
+    assert_stats(stats[""], x)
+
+
+class QKV(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.ids: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.q(x) + self.k(x) + self.v(x)
+        first = x * 2
+        first_id = id(first)
+        ya = self.a(first)
+        del first  # freed here: the next temporary may get the same id()
+        second = x * 3
+        self.ids.append((first_id, id(second)))
+        return y + ya + self.b(second)
+
+
+def test_shared_inputs_share_one_accumulator_and_reused_ids_do_not_fool_it() -> None:
+    torch.manual_seed(0)
+    model = QKV()
+    data = [torch.randn(5, 8) for _ in range(3)]
+    stats = lr.collect(model, data)
+    assert stats.sources["k"] == stats.sources["v"] == stats.sources["q"] == "q"
+    assert stats["k"] is stats["q"]
+    x = torch.cat(data)
+    assert_stats(stats["q"], x)
+    assert stats.sources["a"] == "a" and stats.sources["b"] == "b"
+    assert_stats(stats["a"], 2 * x)
+    assert_stats(stats["b"], 3 * x)
+    assert any(a == b for a, b in model.ids), "the test needs Python to reuse the freed tensor's id"
+
+
+def test_layer_whose_sharing_changes_between_batches_is_skipped() -> None:
+    class Flaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p, self.r = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.p(x) + self.r(x if self.calls == 1 else x + 1)
+
+    model = Flaky()
+    data = [torch.randn(3, 4), torch.randn(3, 4)]
+    stats = lr.collect(model, data)
+    assert "r" in stats.skipped and "differed" in stats.skipped["r"]
+    assert_stats(stats["p"], torch.cat(data))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_activations_are_upcast(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4).to(dtype)
+    data = [torch.randn(64, 16).to(dtype) for _ in range(2)]
+    stats = lr.collect(layer, data)
+    assert stats[""].gram.dtype == torch.float32
+    assert_stats(stats[""], torch.cat(data).float(), rtol=1e-5)
+
+
+def test_float64_statistics() -> None:
+    x = torch.randn(10, 5, dtype=torch.float64) * 1e3
+    stats = lr.collect(nn.Linear(5, 2).double(), [x], dtype=torch.float64)
+    assert stats[""].gram.dtype == torch.float64
+    assert_stats(stats[""], x, rtol=1e-12)
+
+
+def test_hf_conv1d_and_multihead_attention() -> None:
+    torch.manual_seed(0)
+
+    class Conv1D(nn.Module):  # Hugging Face's GPT-2 layer: weight stored (in, out)
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight + self.bias
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = Conv1D(24, 8)
+            self.self_attn = nn.MultiheadAttention(8, 2)  # (T, B, E) inputs
+            self.cross = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.c_attn(x)[..., :8]
+            t = h.transpose(0, 1)
+            s = self.self_attn(t, t, t, need_weights=False)[0].transpose(0, 1)
+            return self.cross(s, x, x)[0]
+
+    net = Net()
+    x = torch.randn(2, 5, 8)
+    stats = lr.collect(net, [x])
+    assert_stats(stats["c_attn"], x)
+    h = net.c_attn(x)[..., :8].detach()
+    assert_stats(stats["self_attn.in_proj"], h)  # (T, B, E) rows, read batch-first
+    assert "cross-attention" in stats.skipped["cross.in_proj"]
+    assert "out_proj" in stats.skipped["self_attn.out_proj"]
+    assert "self_attn.in_proj" in stats.sources
+
+
+def test_nonfinite_rows_are_dropped_counted_and_reported() -> None:
+    x = torch.randn(8, 4)
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    bad[5, 0] = float("inf")
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        stats = lr.collect(nn.Linear(4, 2), [bad])
+    assert int(stats[""].nonfinite) == 2
+    good = x[[0, 2, 3, 4, 6, 7]]
+    assert_stats(stats[""], good)
+
+
+def test_inference_mode_state_can_be_updated_later_outside_it() -> None:
+    layer = nn.Linear(4, 3)
+    collector = StatisticsCollector(layer)
+    a, b = torch.randn(5, 4), torch.randn(6, 4)
+    with collector.attached():
+        with torch.inference_mode(), collector.observe(a):
+            layer(a)
+        with collector.observe(b):
+            layer(b)
+    stats = collector.compute()
+    assert not stats[""].gram.is_inference()
+    assert_stats(stats[""], torch.cat([a, b]))
+
+
+def test_forwards_outside_observe_are_ignored() -> None:
+    layer = nn.Linear(4, 3)
+    collector = StatisticsCollector(layer)
+    a = torch.randn(5, 4)
+    with collector.attached():
+        layer(torch.randn(7, 4))  # a training step, say
+        with collector.observe(a):
+            layer(a)
+    assert_stats(collector.compute()[""], a)
+
+
+def test_hooks_removed_and_modes_restored_when_forward_raises() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 2))
+    model.train()
+    model[1].eval()  # a submodule deliberately frozen in eval mode keeps it
+
+    def failing(module: nn.Module, batch: torch.Tensor) -> None:
+        assert not module.training  # collection runs in eval mode
+        module(batch)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        lr.collect(model, [torch.randn(2, 4)], forward=failing)
+    assert model.training and model[0].training and not model[1].training and model[2].training
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_collect_leaves_gradients_alone_and_needs_no_grad_mode() -> None:
+    layer = nn.Linear(4, 2)
+    with torch.enable_grad():
+        stats = lr.collect(layer, [torch.randn(3, 4, requires_grad=True)])
+    assert not stats[""].gram.requires_grad
+    assert layer.weight.grad is None
+
+
+def test_statistics_stay_on_the_activations_device_and_move_on_request() -> None:
+    stats = lr.collect(nn.Linear(4, 2), [torch.randn(3, 4)])
+    assert stats.device == torch.device("cpu")
+    moved = stats.to("meta")
+    assert moved[""].gram.device.type == "meta" and stats[""].gram.device.type == "cpu"
+
+
+def test_all_reduce_sums_every_tensor_in_place() -> None:
+    stats = lr.collect(nn.Linear(4, 2), [torch.randn(3, 4)])
+    before = [t.clone() for t in stats[""].tensors()]
+    stats.all_reduce_(lambda t: t.mul_(2))  # stands in for a 2-process all_reduce of equal data
+    for old, new in zip(before, stats[""].tensors()):
+        torch.testing.assert_close(new, old * 2)
+
+
+def test_unreached_layer_is_skipped_with_reason() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    stats = lr.collect(Net(), [torch.randn(2, 3)])
+    assert stats.layers == ["used"]
+    assert "never called" in stats.skipped["unused"]
+
+
+def test_target_and_exclude_selection() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)), nn.LayerNorm(3), nn.Linear(3, 2))
+    data = [torch.randn(2, 3)]
+    assert lr.collect(model, data, target_modules=["0"]).layers == ["0.0", "0.1"]
+    assert lr.collect(model, data, target_modules=r"0\.\d").layers == ["0.0", "0.1"]
+    assert lr.collect(model, data, exclude_modules=["0.1", "2"]).layers == ["0.0"]
+    picked = lr.collect(model, data, target_modules=lambda m, name: name.endswith("1"))
+    assert picked.layers == ["0.1"] and "not a supported layer type" in picked.skipped["1"]
+
+
+def test_bad_input_messages() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="no batch"):
+        lr.collect(model, [])
+    with pytest.raises(ValueError, match=r"no layer to analyze"):
+        lr.collect(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), [torch.randn(2, 3)])
+    with pytest.raises(ValueError, match=r"'fc1'.*matches no module"):
+        lr.collect(model, [torch.randn(2, 3)], target_modules=["fc1"])
+    named = nn.Sequential()
+    named.add_module("encoder_fc", nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"Close names: \['encoder_fc'\]"):
+        lr.collect(named, [torch.randn(2, 3)], target_modules=["encoder_fx"])
+    with pytest.raises(ValueError, match="target_modules.*matches no module"):
+        lr.collect(model, [torch.randn(2, 3)], target_modules=r"blocks\..*")
+    with pytest.raises(ValueError, match="max_rows_per_batch"):
+        lr.collect(model, [torch.randn(2, 3)], max_rows_per_batch=0)
+    with pytest.raises(ValueError, match="dtype"):
+        lr.collect(model, [torch.randn(2, 3)], dtype=torch.float16)
+    with pytest.raises(TypeError, match="mask_fn"):
+        lr.collect(model, [torch.randn(2, 3)], mask_fn=lambda b: torch.ones(2))
+
+
+def test_no_activation_is_kept_alive() -> None:
+    """After a forward, the only large tensors left are the statistics themselves."""
+    layer = nn.Linear(64, 8)
+    collector = StatisticsCollector(layer)
+    refs = []
+    with collector.attached():
+        for _ in range(3):
+            x = torch.randn(256, 64)
+            refs.append(__import__("weakref").ref(x))
+            with collector.observe(x):
+                layer(x)
+            del x
+    gc.collect()
+    assert all(r() is None for r in refs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collector.compute()

@@ -6,16 +6,25 @@ Measure utilized ranks with :func:`collect` and :func:`analyze`, watch them duri
 """
 
 from lightning_rank.analysis import analyze
+from lightning_rank.factorize import FactorizationResult, LayerFactorization, factorize_, load_factorized
+from lightning_rank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from lightning_rank.report import LayerRank, RankReport
 from lightning_rank.statistics import ActivationStatistics, InputStatistics, StatisticsCollector, collect
 
 __all__ = [
     "ActivationStatistics",
+    "FactorizationResult",
     "InputStatistics",
+    "LayerFactorization",
     "LayerRank",
+    "LowRankConv1d",
+    "LowRankConv2d",
+    "LowRankLinear",
     "RankReport",
     "StatisticsCollector",
     "analyze",
     "collect",
+    "factorize_",
+    "load_factorized",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,279 @@
+"""Low-rank replacements for dense layers: two stacked layers ``second(first(x))`` with ``W ~ A B``.
+
+``first`` holds ``B`` (``rank x fan_in``, no bias) and ``second`` holds ``A`` (``out x rank``) and the
+bias, so a state dict reads ``fc1.first.weight``, ``fc1.second.weight``, ``fc1.second.bias``.
+Every class can give its dense layer back with :meth:`to_dense`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rank.targets import is_hf_conv1d, layer_kind
+
+
+def _check_factors(layer: nn.Module, a: Tensor, b: Tensor, out_features: int, fan_in: int) -> int:
+    """The rank of ``a @ b`` as factors of ``layer``'s ``(out, fan_in)`` weight, or a ``ValueError``."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"factors must be a: (out, rank) and b: (rank, fan_in) matrices, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.shape[0] != out_features or b.shape[1] != fan_in:
+        raise ValueError(
+            f"factors {tuple(a.shape)} @ {tuple(b.shape)} do not fit {type(layer).__name__} with "
+            f"out={out_features}, fan_in={fan_in}"
+        )
+    if a.shape[1] < 1:
+        raise ValueError("factors must have rank >= 1")
+    return a.shape[1]
+
+
+def _copy_into(param: Tensor, value: Tensor, like: Tensor | None) -> None:
+    """Copy ``value`` into ``param`` and take ``requires_grad`` from the dense layer's ``like``."""
+    with torch.no_grad():
+        param.copy_(value.reshape(param.shape))
+    param.requires_grad_(like.requires_grad if like is not None else True)
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` computed in at least float32 (bf16/fp16 factors), cast back to their dtype."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+
+
+class LowRankLinear(nn.Module):
+    """``y = A (B x) + b``: a Linear (or Hugging Face ``Conv1D``) of weight ``W ~ A B`` as two Linears.
+
+    ``dense_type`` is the class :meth:`to_dense` rebuilds (``nn.Linear``, or the ``Conv1D`` class the
+    layer came from, whose weight is stored transposed).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        dense_type: type[nn.Module] = nn.Linear,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"`rank` must be in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.dense_type = dense_type
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, a: Tensor, b: Tensor) -> LowRankLinear:
+        """Factors ``a`` ``(out, rank)`` and ``b`` ``(rank, in)`` of ``layer``'s weight, with its bias, dtype and device.
+
+        ``layer`` is an ``nn.Linear`` or a Hugging Face style ``Conv1D`` (weight ``(in, out)``).
+        """
+        if is_hf_conv1d(layer):
+            in_features, out_features = layer.weight.shape
+        elif isinstance(layer, nn.Linear):
+            in_features, out_features = layer.in_features, layer.out_features
+        else:
+            raise TypeError(f"LowRankLinear.from_dense takes nn.Linear or Conv1D, got {type(layer).__name__}")
+        rank = _check_factors(layer, a, b, out_features, in_features)
+        weight, bias = layer.weight, layer.bias
+        new = cls(
+            in_features,
+            out_features,
+            rank,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+            dense_type=type(layer) if is_hf_conv1d(layer) else nn.Linear,
+        )
+        _copy_into(new.first.weight, b, weight)
+        _copy_into(new.second.weight, a, weight)
+        if bias is not None:
+            _copy_into(new.second.bias, bias, bias)
+        return new.train(layer.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> Tensor:
+        """``A B`` as ``(out, in)``."""
+        return _matmul(self.second.weight, self.first.weight)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense layer: a ``dense_type`` ``Conv1D`` when it can be rebuilt, else ``nn.Linear``."""
+        weight, bias = self.dense_weight(), self.second.bias
+        kwargs: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+        dense: nn.Module | None = None
+        if self.dense_type is not nn.Linear:
+            try:  # Hugging Face's signature is Conv1D(nf, nx)
+                candidate = self.dense_type(self.out_features, self.in_features).to(**kwargs)
+                if is_hf_conv1d(candidate) and candidate.weight.shape == (self.in_features, self.out_features):
+                    dense = candidate
+            except Exception:  # noqa: BLE001 - any failure falls back to the equivalent nn.Linear
+                dense = None
+        if dense is not None:
+            _copy_into(dense.weight, weight.t(), self.first.weight)
+            if bias is not None:
+                _copy_into(dense.bias, bias, bias)
+            else:
+                dense.bias.zero_()
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, **kwargs)
+            _copy_into(dense.weight, weight, self.first.weight)
+            if bias is not None:
+                _copy_into(dense.bias, bias, bias)
+        return dense.train(self.training)
+
+    def extra_repr(self) -> str:
+        dense = "" if self.dense_type is nn.Linear else f", dense_type={self.dense_type.__name__}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.second.bias is not None}{dense}"
+        )
+
+
+class _LowRankConv(nn.Module):
+    """``Conv(C_in -> r, k, stride, padding, dilation)`` then ``Conv(r -> C_out, 1, bias)``."""
+
+    _conv: type[nn.Conv1d] | type[nn.Conv2d]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        rank: int,
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.first = self._conv(
+            in_channels, rank, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            bias=False, padding_mode=padding_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        fan_in = self.first.weight[0].numel()
+        if not 1 <= rank <= min(fan_in, out_channels):
+            raise ValueError(f"`rank` must be in [1, min(fan_in, out)] = [1, {min(fan_in, out_channels)}], got {rank}")
+        self.second = self._conv(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_channels
+
+    @property
+    def in_channels(self) -> int:
+        return self.first.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.second.out_channels
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, a: Tensor, b: Tensor) -> _LowRankConv:
+        """Factors ``a`` ``(out, rank)`` and ``b`` ``(rank, C_in * prod(kernel))`` of ``layer``'s weight, with its bias."""
+        if not isinstance(layer, cls._conv) or layer.groups != 1:
+            raise TypeError(f"{cls.__name__}.from_dense takes an {cls._conv.__name__} with groups=1, got {layer!r}")
+        weight, bias = layer.weight, layer.bias
+        rank = _check_factors(layer, a, b, layer.out_channels, weight[0].numel())
+        new = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, rank, stride=layer.stride,
+            padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
+            padding_mode=layer.padding_mode, device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        _copy_into(new.first.weight, b, weight)
+        _copy_into(new.second.weight, a, weight)
+        if bias is not None:
+            _copy_into(new.second.bias, bias, bias)
+        return new.train(layer.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> Tensor:
+        """``A B`` as ``(out, C_in * prod(kernel))``."""
+        return _matmul(self.second.weight.flatten(1), self.first.weight.flatten(1))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv1d | nn.Conv2d:
+        """The equivalent dense convolution."""
+        first, bias = self.first, self.second.bias
+        weight = self.dense_weight()
+        dense = self._conv(
+            first.in_channels, self.out_channels, first.kernel_size, stride=first.stride, padding=first.padding,
+            dilation=first.dilation, bias=bias is not None, padding_mode=first.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        _copy_into(dense.weight, weight, first.weight)
+        if bias is not None:
+            _copy_into(dense.bias, bias, bias)
+        return dense.train(self.training)
+
+    def extra_repr(self) -> str:
+        first = self.first
+        s = (
+            f"{first.in_channels}, {self.out_channels}, kernel_size={first.kernel_size}, rank={self.rank}, "
+            f"stride={first.stride}"
+        )
+        if first.padding != (0,) * len(first.kernel_size):
+            s += f", padding={first.padding}"
+        if first.dilation != (1,) * len(first.kernel_size):
+            s += f", dilation={first.dilation}"
+        if first.padding_mode != "zeros":
+            s += f", padding_mode={first.padding_mode}"
+        return s + f", bias={self.second.bias is not None}"
+
+
+class LowRankConv2d(_LowRankConv):
+    """A Conv2d of weight ``W ~ A B`` as a ``k x k`` Conv2d to ``rank`` channels and a ``1 x 1`` Conv2d with the bias."""
+
+    _conv = nn.Conv2d
+
+
+class LowRankConv1d(_LowRankConv):
+    """A Conv1d of weight ``W ~ A B`` as a size-``k`` Conv1d to ``rank`` channels and a size-1 Conv1d with the bias."""
+
+    _conv = nn.Conv1d
+
+
+LOW_RANK_TYPES = (LowRankLinear, LowRankConv1d, LowRankConv2d)
+_LOW_RANK_OF_KIND: dict[str, type[nn.Module]] = {
+    "linear": LowRankLinear,
+    "hf_conv1d": LowRankLinear,
+    "conv1d": LowRankConv1d,
+    "conv2d": LowRankConv2d,
+}
+
+
+def low_rank_type(layer: nn.Module) -> type[LowRankLinear] | type[_LowRankConv] | None:
+    """The low-rank class that can replace ``layer``, or ``None`` when there is none."""
+    kind = layer_kind(layer)
+    if kind in ("conv1d", "conv2d") and layer.groups != 1:
+        return None
+    return _LOW_RANK_OF_KIND.get(kind)  # type: ignore[return-value]
+
+
+def low_rank_from_dense(layer: nn.Module, a: Tensor, b: Tensor) -> LowRankLinear | _LowRankConv:
+    """The low-rank replacement of ``layer`` with weight factors ``a @ b`` (``(out, r) @ (r, fan_in)``)."""
+    cls = low_rank_type(layer)
+    if cls is None:
+        raise TypeError(
+            f"{type(layer).__name__} has no low-rank replacement: supported are nn.Linear, Hugging Face Conv1D, "
+            "and nn.Conv1d / nn.Conv2d with groups=1"
+        )
+    return cls.from_dense(layer, a, b)

@@ -8,6 +8,7 @@ Measure utilized ranks with :func:`collect` and :func:`analyze`, watch them duri
 from lightning_rank.analysis import analyze
 from lightning_rank.factorize import FactorizationResult, LayerFactorization, factorize_, load_factorized
 from lightning_rank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
+from lightning_rank.monitor import RankMonitor
 from lightning_rank.report import LayerRank, RankReport
 from lightning_rank.statistics import ActivationStatistics, InputStatistics, StatisticsCollector, collect
 
@@ -20,6 +21,7 @@ __all__ = [
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankLinear",
+    "RankMonitor",
     "RankReport",
     "StatisticsCollector",
     "analyze",

@@ -1,0 +1,408 @@
+"""``factorize_`` and ``load_factorized`` against references computed here from the raw data."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lightning_rank as lr
+from lightning_rank.factorize import (
+    allocate_ranks,
+    descending_eigh,
+    output_error,
+    projection_factors,
+    svd_factors,
+    tail_curve,
+    whiten_factors,
+)
+from tests.test_layers import Conv1D
+
+
+def subspace(rows: int, d: int, k: int, seed: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows`` points of a random ``k``-dim subspace of ``R^d`` (optionally with per-direction scales)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(k, d, generator=g)
+    z = torch.randn(rows, k, generator=g)
+    return (z * scales if scales is not None else z) @ basis
+
+
+def batches(x: torch.Tensor, size: int = 64) -> list[torch.Tensor]:
+    return list(x.split(size))
+
+
+def empirical_relative_error(dense: nn.Module, low: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> float:
+    """``sum ||(W - W') x||^2 / sum ||W x||^2`` measured on ``x`` by running both layers (bias cancels)."""
+    with torch.no_grad():
+        y, y_low = dense(x).double(), low(x).double()
+        signal = y if bias is None else y - bias.double().reshape(-1, *([1] * (y.dim() - 2)))
+    return float((y - y_low).square().sum() / signal.square().sum())
+
+
+def min_error(weight: torch.Tensor, x_rows: torch.Tensor, rank: int) -> float:
+    """The least ``sum ||(W - W') x||^2 / sum ||W x||^2`` over rank-``rank`` W': tail of svd(X W^T)."""
+    s = torch.linalg.svdvals(x_rows.double() @ weight.detach().double().t())
+    return float(s[rank:].square().sum() / s.square().sum())
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, d: int = 24, hidden: int = 40, out: int = 12) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+# -- projection --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("d", "out"), [(24, 40), (40, 12)])
+def test_projection_reproduces_dense_inside_collected_subspace(d: int, out: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, out))
+    dense = copy.deepcopy(model)
+    stats = lr.collect(model, batches(subspace(256, d, 5, seed=1)))
+    result = lr.factorize_(model, stats, threshold=1.0, method="projection")
+    assert result.layers == {"0": 5}
+    assert isinstance(model[0], lr.LowRankLinear)
+    fresh = subspace(356, d, 5, seed=1)[256:]  # same basis, points not collected
+    torch.testing.assert_close(model(fresh), dense(fresh), rtol=1e-4, atol=1e-4)
+    assert result.details["0"].relative_error == pytest.approx(0.0, abs=1e-6)
+    outside = torch.randn(10, d)
+    assert not torch.allclose(model(outside), dense(outside), atol=1e-2)
+
+
+def test_projection_factors_are_the_projected_weight() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    v = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=torch.float64)).Q
+    u = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64)).Q
+    a, b = projection_factors(w, v, u, in_rank=4, out_rank=5, rank=4)
+    p_s, p_t = v[:, :4] @ v[:, :4].t(), u[:, :5] @ u[:, :5].t()
+    torch.testing.assert_close(a @ b, p_t @ w @ p_s)
+    a2, b2 = projection_factors(w, v, u, in_rank=4, out_rank=5, rank=2)
+    best = torch.linalg.svd(p_t @ w @ p_s)
+    torch.testing.assert_close(a2 @ b2, best.U[:, :2] @ torch.diag(best.S[:2]) @ best.Vh[:2])
+
+
+# -- whiten ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [24, 9])  # full-rank and singular input moment
+def test_whiten_error_is_the_closed_form_minimum_and_beats_other_methods(k: int) -> None:
+    torch.manual_seed(0)
+    x = subspace(600, 24, k, seed=2, scales=torch.logspace(0, -1.5, k)) + 0.3
+    base = nn.Sequential(nn.Linear(24, 16))
+    stats = lr.collect(base, batches(x))
+    errors = {}
+    for method in ("whiten", "projection", "svd"):
+        model = copy.deepcopy(base)
+        result = lr.factorize_(model, stats, method=method, ranks={"0": 4})
+        reported = result.details["0"].relative_error
+        measured = empirical_relative_error(base[0], model[0], x, base[0].bias)
+        assert reported == pytest.approx(measured, rel=1e-3, abs=1e-7), method
+        errors[method] = measured
+    assert errors["whiten"] == pytest.approx(min_error(base[0].weight, x, 4), rel=1e-3)
+    assert errors["whiten"] <= errors["projection"] * (1 + 1e-6)
+    assert errors["whiten"] <= errors["svd"] * (1 + 1e-6)
+    assert errors["whiten"] < 0.5 * errors["svd"]
+
+
+def test_whiten_on_conv2d_and_hf_conv1d_reports_the_measured_error() -> None:
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, padding_mode="reflect")
+            self.proj = Conv1D(nf=6, nx=8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.conv(x).mean(dim=(2, 3)))
+
+    net = Net()
+    x = torch.randn(32, 1, 9, 9).expand(32, 3, 9, 9) + 0.1 * torch.randn(32, 3, 9, 9)
+    stats = lr.collect(net, batches(x, 8))
+    dense = copy.deepcopy(net)
+    result = lr.factorize_(net, stats, method="whiten", ranks={"conv": 3, "proj": 2})
+    assert isinstance(net.conv, lr.LowRankConv2d) and isinstance(net.proj, lr.LowRankLinear)
+    assert result.layers == {"conv": 3, "proj": 2}
+    measured = empirical_relative_error(dense.conv, net.conv, x, dense.conv.bias)
+    assert result.details["conv"].relative_error == pytest.approx(measured, rel=1e-3)
+    hidden = dense.conv(x).mean(dim=(2, 3)).detach()
+    measured = empirical_relative_error(dense.proj, net.proj, hidden, dense.proj.bias)
+    assert result.details["proj"].relative_error == pytest.approx(measured, rel=1e-3)
+    assert result.details["proj"].relative_error == pytest.approx(min_error(dense.proj.weight.t(), hidden, 2), rel=1e-3)
+    assert type(net.proj.to_dense()) is Conv1D
+
+
+@settings(max_examples=15, deadline=None)
+@given(out=st.integers(2, 9), d=st.integers(2, 9), n=st.integers(1, 20), data=st.data())
+def test_whiten_minimum_property(out: int, d: int, n: int, data: st.DataObject) -> None:
+    rank = data.draw(st.integers(1, min(out, d)))
+    g = torch.Generator().manual_seed(out * 1000 + d * 100 + n)
+    w = torch.randn(out, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)  # n < d: a singular moment
+    moment = x.t() @ x / n
+    values, vectors = descending_eigh(moment, 1e-12)
+    a, b = whiten_factors(w, values, vectors, rank)
+    best = torch.linalg.svdvals(x @ w.t()).square()[rank:].sum() / n
+    error = output_error(w, a @ b, moment)
+    assert float(error) == pytest.approx(float(best), rel=1e-6, abs=1e-9)
+    a_svd, b_svd = svd_factors(w, rank)
+    assert float(error) <= float(output_error(w, a_svd @ b_svd, moment)) + 1e-9
+    curve = tail_curve(torch.linalg.svdvals(x @ w.t()), min(out, d))
+    assert curve[0] == pytest.approx(1.0) and curve[-1] == 0 and bool((curve[:-1] >= curve[1:] - 1e-12).all())
+
+
+# -- svd ---------------------------------------------------------------------------------------
+def test_svd_works_without_stats_and_is_eckart_young() -> None:
+    torch.manual_seed(0)
+    model = TwoLayer()
+    w = model.fc1.weight.detach().clone()
+    result = lr.factorize_(model, None, method="svd", ranks={"fc1": 5, "fc2": 3})
+    assert result.layers == {"fc1": 5, "fc2": 3}
+    assert result.details["fc1"].relative_error is None
+    s = torch.linalg.svdvals(w.double())
+    got = (w.double() - model.fc1.dense_weight().double()).square().sum()
+    assert float(got) == pytest.approx(float(s[5:].square().sum()), rel=1e-4)
+    threshold_model = TwoLayer()
+    s2 = torch.linalg.svdvals(threshold_model.fc1.weight.detach().double()).square()
+    want = int((s2.cumsum(0) < 0.9 * s2.sum()).sum()) + 1
+    assert lr.factorize_(threshold_model, None, method="svd", threshold=0.9).details["fc1"].rank == want
+
+
+# -- ranks, budgets, guards --------------------------------------------------------------------
+def test_threshold_ranks_are_the_analyzed_ranks() -> None:
+    torch.manual_seed(0)
+    model = TwoLayer()
+    stats = lr.collect(model, batches(subspace(300, 24, 6, seed=3)))
+    report = lr.analyze(model, stats, threshold=0.95)
+    result = lr.factorize_(model, stats, threshold=0.95, method="whiten")
+    for name in ("fc1", "fc2"):
+        assert result.details[name].rank == report.layers[name].rank
+
+
+def test_ranks_by_name_and_regex_exact_name_wins() -> None:
+    model = nn.Sequential(TwoLayer(), TwoLayer())
+    result = lr.factorize_(model, None, method="svd", ranks={r".*fc\d": 2, "1.fc1": 3})
+    assert result.layers == {"0.fc1": 2, "0.fc2": 2, "1.fc1": 3, "1.fc2": 2}
+    result = lr.factorize_(nn.Sequential(TwoLayer()), None, method="svd", ranks=4)
+    assert result.layers == {"0.fc1": 4, "0.fc2": 4}
+
+
+def test_break_even_guard_keeps_layer_dense_with_reason() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    result = lr.factorize_(model, None, method="svd", ranks={"0": 4, "1": 3})
+    assert result.layers == {"1": 3}
+    assert type(model[0]) is nn.Linear and isinstance(model[1], lr.LowRankLinear)
+    assert "64" in result.not_replaced["0"] and "not fewer" in result.not_replaced["0"]
+    assert result.params_after == result.params_before - (64 - 48)
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.37, 0.5, 0.9])
+def test_param_budget_is_respected_to_the_parameter(budget: float) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 50), nn.ReLU(), nn.Linear(50, 20), nn.ReLU(), nn.Linear(20, 7))
+    stats = lr.collect(model, batches(torch.randn(400, 30)))
+    total = sum(p.numel() for p in model.parameters())
+    result = lr.factorize_(model, stats, method="whiten", param_budget=budget)
+    assert result.layer_params_before == total == result.params_before
+    kept = sum(p.numel() for p in model.parameters())
+    assert kept == result.params_after == result.layer_params_after
+    assert kept <= budget * total
+    assert kept > budget * total - (50 + 30)  # not far under: one rank of the largest layer
+    for name, rank in result.layers.items():
+        layer = model.get_submodule(name)
+        assert layer.rank == rank
+
+
+def test_budget_allocation_beats_uniform_ranks_when_utilization_differs() -> None:
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.low = nn.Linear(32, 32)  # sees a 4-dim subspace
+            self.high = nn.Linear(32, 32)  # sees everything
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.low(x[:, :32]), self.high(x[:, 32:])
+
+    torch.manual_seed(0)
+    x = torch.cat([subspace(2000, 32, 4, seed=4), torch.randn(2000, 32)], dim=1)
+    base = Split()
+    stats = lr.collect(base, batches(x, 500))
+    uniform = copy.deepcopy(base)
+    uniform_result = lr.factorize_(uniform, stats, method="whiten", ranks=8)
+    budget = uniform_result.layer_params_after / uniform_result.layer_params_before
+    greedy = copy.deepcopy(base)
+    greedy_result = lr.factorize_(greedy, stats, method="whiten", param_budget=budget)
+    assert greedy_result.params_after <= uniform_result.params_after
+    assert greedy_result.layers["low"] == 4 and greedy_result.layers["high"] == 12
+
+    def total_error(model: nn.Module) -> float:
+        return sum(
+            empirical_relative_error(getattr(base, n), getattr(model, n), part, getattr(base, n).bias)
+            for n, part in (("low", x[:, :32]), ("high", x[:, 32:]))
+        )
+
+    assert total_error(greedy) < 0.8 * total_error(uniform)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(2, 12), st.integers(2, 12)), min_size=1, max_size=4),
+    fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_allocate_ranks_saves_enough_property(shapes: list, fraction: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    names = [f"l{i}" for i in range(len(shapes))]
+    curves = {}
+    for name, (out, d) in zip(names, shapes):
+        tail = torch.rand(min(out, d), generator=g).sort(descending=True).values
+        curves[name] = tail_curve(tail, min(out, d)).tolist()
+    fits = {n: s for n, s in zip(names, shapes) if (s[0] * s[1] - 1) // (s[0] + s[1]) >= 1}
+    possible = sum(o * d - (o + d) for o, d in fits.values())
+    savings = int(fraction * possible)
+    chosen = allocate_ranks({n: curves[n] for n in fits}, fits, savings)
+    saved = 0
+    for name, rank in chosen.items():
+        out, d = fits[name]
+        if rank is not None:
+            assert 1 <= rank and rank * (out + d) < out * d
+            saved += out * d - rank * (out + d)
+    assert saved >= savings
+
+
+# -- what is not replaced ----------------------------------------------------------------------
+def test_attention_unreached_and_tied_layers_are_reported_not_replaced() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+            self.unused = nn.Linear(16, 16)
+            self.tied = nn.Linear(16, 16)
+            self.tied_too = nn.Linear(16, 16)
+            self.tied_too.weight = self.tied.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.attn(x, x, x, need_weights=False)[0]
+            return self.tied_too(self.tied(self.fc(h)))
+
+    torch.manual_seed(0)
+    net = Net()
+    stats = lr.collect(net, [torch.randn(4, 5, 16) for _ in range(3)])
+    result = lr.factorize_(net, stats, method="whiten", ranks=2)
+    assert result.layers == {"fc": 2}
+    reasons = result.not_replaced
+    assert "MultiheadAttention" in reasons["attn.in_proj"]
+    assert "out_proj" in reasons["attn.out_proj"]
+    assert "never called" in reasons["unused"]
+    assert "tied" in reasons["tied"] and "tied_too" in reasons["tied"]
+    assert net.tied_too.weight is net.tied.weight
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_bad_input_raises_clear_errors() -> None:
+    torch.manual_seed(0)
+    model = TwoLayer()
+    stats = lr.collect(model, batches(torch.randn(100, 24)))
+    cases = [
+        (dict(ranks={"fc1": 0}), r"`ranks`.*'fc1'.*\[1, 24\]"),
+        (dict(ranks={"fc2": 13}), r"`ranks`.*'fc2'.*\[1, 12\]"),
+        (dict(ranks={"fc9": 3}), r"`ranks` key 'fc9' matches no selected layer"),
+        (dict(target_modules=["nope"]), r"`target_modules`.*'nope'"),
+        (dict(param_budget=0), r"`param_budget`"),
+        (dict(param_budget=1.5), r"`param_budget`"),
+        (dict(param_budget=True), r"`param_budget`"),
+        (dict(param_budget=0.001), r"`param_budget`=0.001.*at least"),
+        (dict(method="pca"), r"`method` must be one of 'projection', 'whiten', 'svd', got 'pca'"),
+        (dict(ranks=2, param_budget=0.5), r"either `ranks` or `param_budget`"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            lr.factorize_(copy.deepcopy(model), stats, **kwargs)
+    partial = lr.collect(model, batches(torch.randn(100, 24)), target_modules=["fc1"])
+    with pytest.raises(ValueError, match=r"no statistics for the selected layer 'fc2'"):
+        lr.factorize_(copy.deepcopy(model), partial)
+    with pytest.raises(ValueError, match=r"needs `stats`"):
+        lr.factorize_(copy.deepcopy(model), None, method="whiten")
+    assert all(type(m) is nn.Linear for m in (model.fc1, model.fc2))
+
+
+# -- load_factorized ---------------------------------------------------------------------------
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.proj = Conv1D(nf=10, nx=12)
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(self.conv(x).mean(dim=(2, 3)))))
+
+
+def test_load_factorized_round_trip_through_torch_save(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    x = torch.randn(16, 3, 6, 6)
+    stats = lr.collect(model, batches(x, 4))
+    result = lr.factorize_(model, stats, method="whiten", ranks={"conv": 4, "proj": 3, "head": 2})
+    assert set(result.layers) == {"conv", "proj", "head"}
+    keys = set(model.state_dict())
+    assert {"conv.first.weight", "conv.second.weight", "conv.second.bias", "head.first.weight"} <= keys
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    for source in (tmp_path / "model.pt", str(tmp_path / "model.pt"), model.state_dict()):
+        fresh = lr.load_factorized(Mixed(), source)
+        assert isinstance(fresh.conv, lr.LowRankConv2d) and fresh.conv.rank == 4
+        assert isinstance(fresh.proj, lr.LowRankLinear) and fresh.proj.dense_type is Conv1D
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_load_factorized_rejects_factors_that_do_not_fit() -> None:
+    state = {"head.first.weight": torch.zeros(2, 11), "head.second.weight": torch.zeros(4, 2), "head.second.bias": torch.zeros(4)}
+    with pytest.raises(ValueError, match="'head'"):
+        lr.load_factorized(Mixed(), state)
+
+
+class LitMixed(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Mixed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_load_factorized_from_a_lightning_checkpoint(tmp_path) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    module = LitMixed()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    stats = lr.collect(module, loader)
+    lr.factorize_(module, stats, method="whiten", ranks={"conv": 5, "head": 2}, target_modules=["conv", "head"])
+    path = tmp_path / "compressed.ckpt"
+    trainer.save_checkpoint(path)
+    assert "net.conv.first.weight" in torch.load(path, weights_only=True)["state_dict"]
+    fresh = lr.load_factorized(LitMixed(), path)
+    assert isinstance(fresh.net.conv, lr.LowRankConv2d) and fresh.net.conv.rank == 5
+    assert isinstance(fresh.net.head, lr.LowRankLinear) and type(fresh.net.proj) is Conv1D
+    module.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), module(x))

@@ -24,18 +24,20 @@ MaskFn = Callable[[Any], Tensor | None]
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
-@dataclass
 class InputStatistics:
-    """Sums over the rows ``x`` (length ``dim``) one layer input produced.
+    """Sums over the rows ``x`` (length ``dim``) one layer input produced: ``gram``, ``total``, ``count``.
 
     ``count`` is the number of rows really added; ``nonfinite`` counts rows dropped because they held
-    NaN or Inf. Both are 0-d int64 tensors on the statistics' device, so updates never synchronize.
+    NaN or Inf. Both are 0-d int64 tensors on the statistics' device.
+
+    Updates fill only the upper block triangle of the Gram matrix (a symmetric product needs about
+    half the work of a full ``addmm_``); reading :attr:`gram` mirrors it into the full matrix.
     """
 
-    gram: Tensor
-    total: Tensor
-    count: Tensor
-    nonfinite: Tensor
+    def __init__(self, gram: Tensor, total: Tensor, count: Tensor, nonfinite: Tensor) -> None:
+        self._gram = gram  # upper triangle valid; lower triangle valid only while _mirrored
+        self._mirrored = True
+        self.total, self.count, self.nonfinite = total, count, nonfinite
 
     @classmethod
     def zeros(cls, dim: int, dtype: torch.dtype, device: torch.device) -> InputStatistics:
@@ -49,22 +51,49 @@ class InputStatistics:
             )
 
     @property
+    def gram(self) -> Tensor:
+        """``sum x x^T`` as the full symmetric ``(dim, dim)`` matrix."""
+        if not self._mirrored:
+            self._gram = torch.triu(self._gram) + torch.triu(self._gram, diagonal=1).t()
+            self._mirrored = True
+        return self._gram
+
+    @property
     def dim(self) -> int:
-        return self.gram.shape[0]
+        return self._gram.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._gram.dtype
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.gram, self.total, self.count, self.nonfinite
+        """The state tensors as stored (the Gram matrix's upper triangle is the valid part)."""
+        return self._gram, self.total, self.count, self.nonfinite
+
+    def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> None:
+        """Sum the state over processes in place with ``reduce`` (an in-place sum such as ``dist.all_reduce``)."""
+        for tensor in self.tensors():
+            reduce(tensor)
+        self._mirrored = False  # the lower triangles of the ranks may differ: mirror again from the upper
+
+    def to(self, device: torch.device | str) -> InputStatistics:
+        """A copy on ``device``."""
+        return InputStatistics(*(t.to(device, copy=True) for t in (self.gram, self.total, self.count, self.nonfinite)))
 
     def update(self, rows: Tensor) -> None:
         """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped."""
-        rows = rows.to(self.gram.dtype)
-        finite = torch.isfinite(rows).all(dim=1)
-        kept = finite.sum()
-        self.nonfinite.add_(rows.shape[0] - kept)
-        rows = rows.masked_fill(~finite.unsqueeze(1), 0.0)
-        self.gram.addmm_(rows.t(), rows)
-        self.total.add_(rows.sum(dim=0))
-        self.count.add_(kept)
+        rows = rows.to(self.dtype)
+        column_sums = rows.sum(dim=0)
+        # A NaN or Inf anywhere makes its column sum non-finite: one cheap check, no copy of the rows.
+        if not bool(torch.isfinite(column_sums).all()):
+            finite = torch.isfinite(rows).all(dim=1)
+            self.nonfinite.add_((~finite).sum())
+            rows = rows[finite]
+            column_sums = rows.sum(dim=0)
+        symmetric_gram_update_(self._gram, rows)
+        self._mirrored = False
+        self.total.add_(column_sums)
+        self.count.add_(rows.shape[0])
 
     def mean(self) -> Tensor:
         """``E[x]`` in float64 (zeros when no row was seen)."""
@@ -73,7 +102,6 @@ class InputStatistics:
     def second_moment(self, centered: bool = False) -> Tensor:
         """``C = sum x x^T / n`` in float64, or the covariance ``C - mu mu^T`` when ``centered``."""
         moment = self.gram.double() / self.count.clamp(min=1).double()
-        moment = (moment + moment.t()) / 2
         if centered:
             mu = self.mean()
             moment = moment - torch.outer(mu, mu)
@@ -116,16 +144,29 @@ class ActivationStatistics:
     def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> ActivationStatistics:
         """Sum every statistic over processes in place; ``reduce`` is an in-place sum (e.g. ``dist.all_reduce``)."""
         for stats in self.inputs.values():
-            for tensor in stats.tensors():
-                reduce(tensor)
+            stats.all_reduce_(reduce)
         return self
 
     def to(self, device: torch.device | str) -> ActivationStatistics:
         """A copy with every tensor on ``device``."""
-        moved = {
-            key: InputStatistics(*(t.to(device) for t in stats.tensors())) for key, stats in self.inputs.items()
-        }
+        moved = {key: stats.to(device) for key, stats in self.inputs.items()}
         return ActivationStatistics(moved, dict(self.sources), dict(self.skipped), list(self.unmasked))
+
+
+def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None) -> None:
+    """``gram += rows^T rows`` on the upper block triangle only, one GEMM per block row.
+
+    Blocks of 128-256 columns keep every GEMM large enough to run at full speed while skipping
+    about half of the products; below two blocks a plain ``addmm_`` is used.
+    """
+    dim = rows.shape[1]
+    block = block or (128 if dim <= 512 else 256)
+    if dim < 2 * block:
+        gram.addmm_(rows.t(), rows)
+        return
+    for start in range(0, dim, block):
+        stop = min(start + block, dim)
+        gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:])
 
 
 def _conv_rows(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:

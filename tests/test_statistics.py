@@ -8,10 +8,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lightning_rank as lr
-from lightning_rank.statistics import StatisticsCollector
+from lightning_rank.statistics import StatisticsCollector, symmetric_gram_update_
 
 
 def reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -403,3 +405,34 @@ def test_no_activation_is_kept_alive() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         collector.compute()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 70), st.integers(1, 16), st.integers(0, 2**31 - 1))
+def test_symmetric_block_update_equals_full_gram(rows: int, dim: int, block: int, seed: int) -> None:
+    x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    stats = lr.InputStatistics.zeros(dim, torch.float64, torch.device("cpu"))
+    for part in x.split(7):
+        symmetric_gram_update_(stats._gram, part, block=block)
+        stats._mirrored = False
+    torch.testing.assert_close(stats.gram, x.t() @ x)
+
+
+@pytest.mark.parametrize("dim", [300, 600])
+def test_wide_inputs_use_blocked_updates_and_read_back_full(dim: int) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(dim, 4)
+    data = [torch.randn(50, dim) for _ in range(3)]
+    collector = StatisticsCollector(layer)
+    with collector.attached():
+        with collector.observe(data[0]):
+            layer(data[0])
+        assert_stats(collector.compute()[""], data[0])  # reading mirrors the Gram matrix ...
+        for x in data[1:]:
+            with collector.observe(x):
+                layer(x)  # ... and later updates still land right
+    stats = collector.compute()
+    assert_stats(stats[""], torch.cat(data))
+    stats.all_reduce_(lambda t: t.mul_(2))
+    gram, total, count = reference(torch.cat(data))
+    torch.testing.assert_close(stats[""].gram.double(), 2 * gram, rtol=1e-5, atol=1e-3)

@@ -3,8 +3,9 @@
 Every number comes from the collected statistics, never from a second pass over data: with ``C`` the
 input second moment, a layer's output error ``E||(W - W') x||^2`` is ``tr((W - W') C (W - W')^T)``.
 
-- ``projection``: the paper's ``P_T W P_S`` (top eigenvectors of ``C`` and of the output moment ``C_y``),
-  truncated to the rank by an SVD of the small core ``U_T^T W V_S``.
+- ``projection``: the paper's ``P_T W P_S`` (top eigenvectors of ``C`` and of the output moment ``C_y``,
+  as many as the energy ranks ``k_S``, ``k_T`` at ``threshold``), truncated to the rank by an SVD of the
+  small core ``U_T^T W V_S``; a rank above ``min(k_S, k_T)`` widens both projectors to that rank.
 - ``whiten``: the rank-``r`` ``W'`` minimizing ``tr((W - W') C (W - W')^T)``. With ``C = S S^T``, it is the
   truncated SVD of ``W S`` mapped back; that equals ``U_r U_r^T W`` with ``U_r`` the top left singular
   vectors of ``W S``, so nothing is inverted and a singular ``C`` needs no care. The bias is kept
@@ -111,7 +112,7 @@ def allocate_ranks(
     for name, (out, fan_in) in shapes.items():
         curve = [float(e) for e in curves[name]]
         dense = out * fan_in
-        top = (dense - 1) // (out + fan_in)  # the largest rank below break-even
+        top = _break_even_rank(out, fan_in)
         points = [(0, 0.0, None)] + [(dense - r * (out + fan_in), curve[r], r) for r in range(top, 0, -1)]
         points_of[name] = points
         hulls[name] = _lower_hull(points)
@@ -136,6 +137,11 @@ def allocate_ranks(
         if step + 2 < len(hulls[name]):
             heapq.heappush(heap, (_slope(end, hulls[name][step + 2]), order[name], name, step + 1))
     return chosen
+
+
+def _break_even_rank(out: int, fan_in: int) -> int:
+    """The largest ``r`` with ``r * (out + fan_in) < out * fan_in`` (0 when none)."""
+    return (out * fan_in - 1) // (out + fan_in)
 
 
 def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
@@ -316,9 +322,10 @@ def factorize_(
 
     layers: dict[str, _Layer] = {}
     shared = _shared_weights(model)
+    factorized = {name for name, module in model.named_modules() if isinstance(module, LOW_RANK_TYPES)}
     eigen: dict[str, tuple[Tensor, Tensor]] = {}
     for name, target in targets.items():
-        reason = _why_not_replaceable(name, target, stats, shared)
+        reason = _why_not_replaceable(name, target, stats, shared, factorized)
         if reason is not None:
             details[name] = _kept(model, name, target, reason)
             continue
@@ -330,20 +337,13 @@ def factorize_(
         report = analyze(model, stats, threshold=threshold)
     layer_params_before = sum(parameter_count(t) for t in targets.values())
     if budget is not None:
-        _plan_budget(layers, budget, layer_params_before, details)
+        _plan_budget(layers, budget, layer_params_before)
     else:
-        for name, layer in layers.items():
-            if name in wanted:
-                layer.rank = wanted[name]
-            elif report is not None:
-                layer.rank = report.layers[name].rank
-            else:
-                layer.rank = int(energy_rank(torch.linalg.svdvals(layer.weight).square(), threshold))
+        _plan_ranks(layers, wanted, report, threshold)
 
+    # Everything was checked above: from here on the model changes.
     for name, layer in layers.items():
-        if name in details:
-            continue
-        reason = _why_not_at_rank(layer, threshold, name in wanted)
+        reason = _why_not_at_rank(layer, threshold, explicit=name in wanted or budget is not None)
         if reason is not None:
             details[name] = _kept(model, name, layer.target, reason, layer)
             continue
@@ -363,8 +363,6 @@ def factorize_(
             params_after=sum(p.numel() for p in new.parameters()),
         )
 
-    layer_params_after = sum(d.params_after if d.replaced else parameter_count(targets[n]) for n, d in details.items()
-                             if n in targets)  # fmt: skip
     return FactorizationResult(
         method=method,
         threshold=threshold,
@@ -372,7 +370,7 @@ def factorize_(
         params_before=params_before,
         params_after=_count_parameters(model),
         layer_params_before=layer_params_before,
-        layer_params_after=layer_params_after,
+        layer_params_after=sum(details[name].params_after for name in targets),
         details={name: details[name] for name in [*targets, *unselectable] if name in details},
     )
 
@@ -439,9 +437,12 @@ def _key_matches(name: str, key: str, pattern: re.Pattern | None) -> bool:
 
 
 def _why_not_replaceable(
-    name: str, target: Target, stats: ActivationStatistics | None, shared: dict[int, list[str]]
+    name: str, target: Target, stats: ActivationStatistics | None, shared: dict[int, list[str]], factorized: set[str]
 ) -> str | None:
     """Why ``target`` cannot be swapped at all, or ``None``; raises when statistics are missing for it."""
+    parent = name.rpartition(".")[0]
+    if parent in factorized:
+        return f"a factor of the already factorized layer {parent!r}"
     if target.kind == "mha_in_proj":
         return (
             "the packed in_proj of nn.MultiheadAttention is used inside the attention forward, not called as a "
@@ -449,6 +450,12 @@ def _why_not_replaceable(
         )
     if low_rank_type(target.module) is None:
         return f"{type(target.module).__name__} has no low-rank replacement"
+    owners = shared.get(id(target.module.weight), [])
+    if len(owners) > 1:
+        others = [owner for owner in owners if owner != name]
+        return f"its weight is shared with {', '.join(others)} (tied); replacing it would untie them"
+    if name == "":
+        return "the model itself is this layer: factorize a model that contains it"
     if stats is not None:
         if name in stats.skipped:
             return f"no statistics: {stats.skipped[name]}"
@@ -463,12 +470,6 @@ def _why_not_replaceable(
                 f"`stats` for layer {name!r} has inputs of length {stats[name].dim}, but its fan_in is {fan_in}: "
                 "pass the statistics collected on this model"
             )
-    owners = shared.get(id(target.module.weight), [])
-    if len(owners) > 1:
-        others = [owner for owner in owners if owner != name]
-        return f"its weight is shared with {', '.join(others)} (tied); replacing it would untie them"
-    if name == "":
-        return "the model itself is this layer: factorize a model that contains it"
     return None
 
 
@@ -488,11 +489,21 @@ def _prepare(
     return _Layer(target, weight.to(moment), moment, values, vectors, inputs.mean())
 
 
-def _plan_budget(layers: dict[str, _Layer], budget: float, base: int, details: dict[str, LayerFactorization]) -> None:
+def _plan_ranks(layers: dict[str, _Layer], wanted: dict[str, int], report: Any, threshold: float) -> None:
+    """Set each layer's rank: the one asked for, else the analyzed utilized rank (data-free: of ``W W^T``)."""
+    for name, layer in layers.items():
+        if name in wanted:
+            layer.rank = wanted[name]
+        elif report is not None:
+            layer.rank = report.layers[name].rank
+        else:
+            layer.rank = int(energy_rank(torch.linalg.svdvals(layer.weight).square(), threshold))
+
+
+def _plan_budget(layers: dict[str, _Layer], budget: float, base: int) -> None:
     """Set each layer's rank so that the selected layers keep at most ``budget * base`` parameters."""
     allowed = math.floor(budget * base)
-    fits = {name: layer for name, layer in layers.items() if (layer.shape[0] * layer.shape[1] - 1)
-            // sum(layer.shape) >= 1}  # fmt: skip
+    fits = {name: layer for name, layer in layers.items() if _break_even_rank(*layer.shape) >= 1}
     needed = base - allowed
     if needed <= 0:
         return

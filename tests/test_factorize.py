@@ -307,6 +307,15 @@ def test_attention_unreached_and_tied_layers_are_reported_not_replaced() -> None
     assert net.tied_too.weight is net.tied.weight
 
 
+def test_factors_of_an_already_factorized_layer_are_left_alone() -> None:
+    model = TwoLayer()
+    lr.factorize_(model, None, method="svd", ranks={"fc1": 6}, target_modules=["fc1"])
+    again = lr.factorize_(model, None, method="svd", ranks=2)
+    assert again.layers == {"fc2": 2}
+    assert "already factorized layer 'fc1'" in again.not_replaced["fc1.first"]
+    assert model.fc1.rank == 6
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def test_bad_input_raises_clear_errors() -> None:
     torch.manual_seed(0)

@@ -629,16 +629,29 @@ def load_factorized(model: nn.Module, state_dict_or_path: Mapping[str, Any] | st
     ``torch.load(..., weights_only=True)``.
     """
     state = _read_state_dict(state_dict_or_path)
+    rebuild_factorized_(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def rebuild_factorized_(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """Give ``model`` the factorized structure ``state_dict`` has, without loading any value.
+
+    Each layer with ``<name>.first.weight`` and ``<name>.second.weight`` in the state dict becomes a
+    low-rank layer of the rank their shapes say (placeholder zeros until the state dict is loaded).
+    Returns ``{name: rank}`` of the layers swapped; layers already of that structure are left as they are.
+    """
     modules = dict(model.named_modules())
-    for key in list(state):
+    rebuilt: dict[str, int] = {}
+    for key in list(state_dict):
         if not key.endswith(".first.weight"):
             continue
         name = key[: -len(".first.weight")]
-        second = state.get(f"{name}.second.weight")
+        second = state_dict.get(f"{name}.second.weight")
         module = modules.get(name)
         if second is None or module is None:
-            continue  # not ours: the strict load below reports what does not fit
-        first = state[key]
+            continue  # not ours: a strict load reports what does not fit
+        first = state_dict[key]
         if isinstance(module, LOW_RANK_TYPES):
             if module.first.weight.shape == first.shape and module.second.weight.shape == second.shape:
                 continue
@@ -648,15 +661,16 @@ def load_factorized(model: nn.Module, state_dict_or_path: Mapping[str, Any] | st
         dense_weight = weight_matrix(Target(name, module, layer_kind(module)))[0]
         out, fan_in = dense_weight.shape
         rank = first.shape[0]
-        if first[0].numel() != fan_in or second.shape[0] != out or second[0].numel() != rank or not 1 <= rank <= min(out, fan_in):
+        fits = first[0].numel() == fan_in and second.shape[0] == out and second[0].numel() == rank
+        if not fits or not 1 <= rank <= min(out, fan_in):
             raise ValueError(
                 f"the state dict's factors for layer {name!r} ({tuple(first.shape)} and {tuple(second.shape)}) do not "
                 f"fit the model's {type(module).__name__} with out={out}, fan_in={fan_in}: is it the right model?"
             )
         placeholder = dense_weight.new_zeros(out, rank), dense_weight.new_zeros(rank, fan_in)
         _set_submodule(model, name, low_rank_from_dense(module, *placeholder))
-    model.load_state_dict(state, strict=True)
-    return model
+        rebuilt[name] = rank
+    return rebuilt
 
 
 def _read_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> Mapping[str, Any]:

@@ -18,6 +18,7 @@ from lightning_rank.factorize import (
     descending_eigh,
     output_error,
     projection_factors,
+    rebuild_factorized_,
     svd_factors,
     tail_curve,
     whiten_factors,
@@ -371,6 +372,15 @@ def test_load_factorized_round_trip_through_torch_save(tmp_path) -> None:
         assert isinstance(fresh.conv, lr.LowRankConv2d) and fresh.conv.rank == 4
         assert isinstance(fresh.proj, lr.LowRankLinear) and fresh.proj.dense_type is Conv1D
         torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_rebuild_factorized_reports_what_it_swapped_and_is_idempotent() -> None:
+    model = Mixed()
+    lr.factorize_(model, None, method="svd", ranks={"conv": 4, "head": 2}, target_modules=["conv", "head"])
+    fresh = Mixed()
+    assert rebuild_factorized_(fresh, model.state_dict()) == {"conv": 4, "head": 2}
+    assert rebuild_factorized_(fresh, model.state_dict()) == {}
+    assert isinstance(fresh.conv, lr.LowRankConv2d) and type(fresh.proj) is Conv1D
 
 
 def test_load_factorized_rejects_factors_that_do_not_fit() -> None:

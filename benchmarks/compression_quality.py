@@ -87,6 +87,7 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|")
     for label, build in models.items():
         start = time.perf_counter()
+        torch.manual_seed(0)
         model = train(build(), x_train, y_train, *epochs[label])
         with torch.no_grad():
             reference = model(x_test)

@@ -2,7 +2,8 @@
 
 ``first`` holds ``B`` (``rank x fan_in``, no bias) and ``second`` holds ``A`` (``out x rank``) and the
 bias, so a state dict reads ``fc1.first.weight``, ``fc1.second.weight``, ``fc1.second.bias``.
-Every class can give its dense layer back with :meth:`to_dense`.
+Every class can give its dense layer back with :meth:`to_dense`. Building from factors skips the random
+initialization (``skip_init``), so swapping layers never draws from the global random generator.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from lightning_rank.targets import is_hf_conv1d, layer_kind
 
@@ -87,7 +89,8 @@ class LowRankLinear(nn.Module):
             raise TypeError(f"LowRankLinear.from_dense takes nn.Linear or Conv1D, got {type(layer).__name__}")
         rank = _check_factors(layer, a, b, out_features, in_features)
         weight, bias = layer.weight, layer.bias
-        new = cls(
+        new = skip_init(
+            cls,
             in_features,
             out_features,
             rank,
@@ -129,7 +132,7 @@ class LowRankLinear(nn.Module):
             else:
                 dense.bias.zero_()
         else:
-            dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, **kwargs)
+            dense = skip_init(nn.Linear, self.in_features, self.out_features, bias=bias is not None, **kwargs)
             _copy_into(dense.weight, weight, self.first.weight)
             if bias is not None:
                 _copy_into(dense.bias, bias, bias)
@@ -191,8 +194,8 @@ class _LowRankConv(nn.Module):
             raise TypeError(f"{cls.__name__}.from_dense takes an {cls._conv.__name__} with groups=1, got {layer!r}")
         weight, bias = layer.weight, layer.bias
         rank = _check_factors(layer, a, b, layer.out_channels, weight[0].numel())
-        new = cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, rank, stride=layer.stride,
+        new = skip_init(
+            cls, layer.in_channels, layer.out_channels, layer.kernel_size, rank, stride=layer.stride,
             padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
             padding_mode=layer.padding_mode, device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
@@ -214,9 +217,9 @@ class _LowRankConv(nn.Module):
         """The equivalent dense convolution."""
         first, bias = self.first, self.second.bias
         weight = self.dense_weight()
-        dense = self._conv(
-            first.in_channels, self.out_channels, first.kernel_size, stride=first.stride, padding=first.padding,
-            dilation=first.dilation, bias=bias is not None, padding_mode=first.padding_mode,
+        dense = skip_init(
+            self._conv, first.in_channels, self.out_channels, first.kernel_size, stride=first.stride,
+            padding=first.padding, dilation=first.dilation, bias=bias is not None, padding_mode=first.padding_mode,
             device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
         _copy_into(dense.weight, weight, first.weight)

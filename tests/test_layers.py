@@ -138,6 +138,14 @@ def test_conv_low_rank_product_matches_reference_in_bfloat16_and_eval_mode() -> 
     assert "rank=2" in repr(low) and "padding=(1, 1)" in repr(low)
 
 
+def test_building_from_factors_leaves_the_global_generator_alone() -> None:
+    dense, conv = nn.Linear(6, 5), nn.Conv2d(2, 4, 3)
+    state = torch.get_rng_state()
+    lr.LowRankLinear.from_dense(dense, torch.ones(5, 2), torch.ones(2, 6)).to_dense()
+    lr.LowRankConv2d.from_dense(conv, torch.ones(4, 2), torch.ones(2, 18)).to_dense()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_bad_factors_and_ranks_raise_clear_errors() -> None:
     dense = nn.Linear(5, 4)
     with pytest.raises(ValueError, match="do not fit"):

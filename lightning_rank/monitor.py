@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,7 +122,7 @@ class RankMonitor(Callback):
         self._collector: StatisticsCollector | None = None
         self._observing: contextlib.ExitStack | None = None
         self._skip = False
-        self._layouts_written: weakref.WeakSet = weakref.WeakSet()
+        self._layouts_written: set[str] = set()  # log dirs (a callback must pickle for ddp_spawn)
         self._told_no_matplotlib = False
 
     @property
@@ -270,9 +269,9 @@ class RankMonitor(Callback):
     def _write_views(self, writers: list[Any], report: RankReport, stats: ActivationStatistics, step: int) -> None:
         spectra = input_spectra(stats, centered=self.centered)
         for writer in writers:
-            if writer not in self._layouts_written:
+            if writer.get_logdir() not in self._layouts_written:
                 views.write_layout(writer, list(report.analyzed))
-                self._layouts_written.add(writer)
+                self._layouts_written.add(writer.get_logdir())
             views.write_heatmap(writer, [h["report"] for h in self.history], step)
             views.write_spectra(writer, spectra, step)
             if not views.write_energy_curves(writer, spectra, self.threshold, step) and not self._told_no_matplotlib:

@@ -1,0 +1,453 @@
+"""RankMonitor in real ``Trainer(accelerator="cpu")`` runs: every report is checked against an independent
+``lr.analyze(model, lr.collect(model, batches))`` of the same weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_rank as lr
+from lightning_rank import monitor as monitor_module
+
+CELL = 8  # pixels per heatmap cell (lightning_rank.tensorboard's default)
+
+
+class Blocks(L.LightningModule):
+    """Two residual MLP blocks and a head: layers blocks.{0,1}.{0,2} and head."""
+
+    def __init__(self, dim: int = 8, hidden: int = 12, classes: int = 3, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim)) for _ in range(2)
+        )
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def dataset(n: int = 48, dim: int = 8, seed: int = 0) -> TensorDataset:
+    """Inputs with a decaying spectrum, so ranks are below full and move during training."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g) * torch.logspace(0, -3, dim)
+    return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(dataset(seed=0), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(dataset(seed=1), batch_size=self.batch_size)
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    return L.Trainer(**{**options, **kwargs})
+
+
+def reference(model: nn.Module, loaders, **collect_kwargs) -> dict:
+    """The report of an independent collect + analyze over every batch of ``loaders``."""
+    batches = [batch for loader in loaders for batch in loader]
+    threshold = collect_kwargs.pop("threshold", 0.99)
+    stats = lr.collect(model, batches, forward=lambda m, b: m(b[0]), **collect_kwargs)
+    return lr.analyze(model, stats, threshold=threshold).to_dict()
+
+
+class Snapshots(Callback):
+    """Keeps the model's weights after each validation (callbacks after RankMonitor see its report)."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict] = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.weights[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
+
+
+def events(log_dir: str | Path) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def layout_of(acc: EventAccumulator) -> layout_pb2.Layout:
+    (event,) = acc.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+
+
+LAYERS = ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "head"]
+
+
+def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
+    torch.manual_seed(0)
+    model = Blocks()
+    val = [DataLoader(dataset(seed=1), batch_size=16), DataLoader(dataset(n=24, seed=2), batch_size=8)]
+    monitor = lr.RankMonitor(every_n_epochs=2)
+    snapshots = Snapshots()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="rank/mlu", mode="max", every_n_epochs=2)
+    csv = CSVLogger(tmp_path, name="csv")
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    run = trainer(tmp_path, max_epochs=4, num_sanity_val_steps=2, logger=[tb, csv],
+                  callbacks=[monitor, snapshots, checkpoint])
+    run.fit(model, DataLoader(dataset(seed=0), batch_size=16), val)
+
+    # Epochs 1 and 3 only: not the sanity check, not the epochs every_n_epochs=2 leaves out.
+    assert [h["epoch"] for h in monitor.history] == [1, 3]
+    steps = [h["step"] for h in monitor.history]
+    assert steps == [6, 12]  # 3 training batches an epoch
+    json_dir = Path(tb.log_dir) / "lightning_rank"
+    assert sorted(p.name for p in json_dir.iterdir()) == ["epoch_001.json", "epoch_003.json"]
+
+    # Each epoch's JSON is the independent analysis of that epoch's weights over both dataloaders.
+    for entry in monitor.history:
+        saved = json.loads((json_dir / f"epoch_{entry['epoch']:03d}.json").read_text())
+        model.load_state_dict(snapshots.weights[entry["epoch"]])
+        expected = reference(model, val)
+        assert saved == expected == entry["report"]
+        assert saved["layers"]["head"]["rows"] == 48 + 24
+    assert monitor.report.to_dict() == monitor.history[-1]["report"]
+    assert run.callback_metrics["rank/mlu"].item() == pytest.approx(monitor.report.mlu)
+    assert checkpoint.best_model_score.item() == pytest.approx(max(h["report"]["mlu"] for h in monitor.history))
+
+    acc = events(tb.log_dir)
+    for name in LAYERS:
+        for kind in ("utilization", "in_rank", "out_rank"):
+            points = acc.Scalars(f"rank/{kind}/{name}")
+            assert [p.step for p in points] == steps
+            key = "utilization" if kind == "utilization" else kind
+            assert [p.value for p in points] == pytest.approx([h["report"]["layers"][name][key] for h in monitor.history])
+        assert len(acc.Histograms(f"rank/spectrum/{name}")) == 2
+    assert [p.value for p in acc.Scalars("rank/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
+
+    layout = layout_of(acc)
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["blocks.0"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.0\.2$"]
+    assert charts["blocks.*.0"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.1\.0$"]
+    assert charts["(top level)"] == [r"^rank/utilization/head$"]
+
+    heatmaps = acc.Images("rank/utilization_heatmap")
+    assert [(h.step, h.width, h.height) for h in heatmaps] == [(6, CELL, 5 * CELL), (12, 2 * CELL, 5 * CELL)]
+    assert {tag for tag in acc.Tags()["images"] if tag.startswith("rank/energy/")} == {
+        "rank/energy/blocks.0", "rank/energy/blocks.1", "rank/energy/(top level)"
+    }
+    (*_, text) = acc.Tensors("rank/report/text_summary")
+    assert text.step == 12 and text.tensor_proto.string_val[0].decode() == monitor.report.to_markdown()
+
+    # The CSV logger received the same scalars.
+    rows = [line.split(",") for line in Path(csv.log_dir, "metrics.csv").read_text().splitlines()]
+    column = rows[0].index("rank/utilization/head")
+    values = [float(row[column]) for row in rows[1:] if row[column]]
+    assert values == pytest.approx([h["report"]["layers"]["head"]["utilization"] for h in monitor.history])
+
+
+def test_validate_without_logger_with_mask(tmp_path):
+    """trainer.validate is always analyzed; mask_fn gets the batch; no logger: JSON under default_root_dir."""
+
+    class Masked(Blocks):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self(batch["x"]).square().mean())
+
+    torch.manual_seed(0)
+    model = Masked()
+    x, _ = dataset(n=32).tensors
+    mask = torch.arange(32) % 4 != 0  # a quarter of the rows are padding
+    batches = [{"x": x[i : i + 8], "mask": mask[i : i + 8]} for i in range(0, 32, 8)]
+    seen = []
+
+    def mask_fn(batch):
+        seen.append(batch["x"])
+        return batch["mask"]
+
+    monitor = lr.RankMonitor(mask_fn=mask_fn, every_n_epochs=5, exclude_modules="head")
+    with pytest.warns(UserWarning, match="no logger") as record:
+        run = trainer(tmp_path, logger=False, callbacks=[monitor])
+        run.validate(model, DataLoader(batches, batch_size=None))
+    assert sum("RankMonitor" in str(w.message) for w in record) == 1
+    assert len(seen) == 4 and all(torch.equal(s, b["x"]) for s, b in zip(seen, batches))
+    assert len(monitor.history) == 1  # trainer.validate is analyzed whatever every_n_epochs says
+
+    stats = lr.collect(model, batches, forward=lambda m, b: m(b["x"]), mask_fn=lambda b: b["mask"], exclude_modules="head")
+    expected = lr.analyze(model, stats).to_dict()
+    assert monitor.history[0]["report"] == expected
+    assert expected["layers"]["blocks.0.0"]["rows"] == 24
+    assert "head" not in expected["layers"]
+    saved = json.loads((tmp_path / "lightning_rank" / "epoch_000.json").read_text())
+    assert saved == expected
+    assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
+
+
+def test_resume_from_checkpoint_keeps_history_and_continues_views(tmp_path):
+    def run(max_epochs: int, monitor: lr.RankMonitor, **fit_kwargs) -> L.Trainer:
+        logger = TensorBoardLogger(tmp_path, name="run", version=0)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        run = trainer(tmp_path, max_epochs=max_epochs, logger=logger, callbacks=[monitor, checkpoint])
+        torch.manual_seed(0)
+        run.fit(Blocks(), datamodule=Data(), **fit_kwargs)
+        return run
+
+    first = lr.RankMonitor()
+    run(2, first)
+    resumed = lr.RankMonitor()
+    final = run(4, resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:2] == first.history
+    acc = events(final.log_dir)
+    assert [p.step for p in acc.Scalars("rank/utilization/head")] == [h["step"] for h in resumed.history]
+    last = acc.Images("rank/utilization_heatmap")[-1]
+    assert (last.width, last.height) == (4 * CELL, 5 * CELL)  # the heatmap kept the epochs before the resume
+
+
+def test_lightning_cli_builds_the_monitor_from_yaml(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_epochs: 2
+  accelerator: cpu
+  default_root_dir: {tmp_path}
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning_rank.RankMonitor
+      init_args:
+        threshold: 0.9
+        every_n_epochs: 2
+        exclude_modules: [head]
+        dtype: torch.float64
+"""
+    )
+    cli = LightningCLI(Blocks, Data, run=False, args=["--config", str(config)], save_config_callback=None)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, lr.RankMonitor)]
+    assert (monitor.threshold, monitor.every_n_epochs, monitor.exclude_modules, monitor.dtype) == (
+        0.9, 2, ["head"], torch.float64
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert [h["epoch"] for h in monitor.history] == [1]
+    assert monitor.report.threshold == 0.9 and "head" not in monitor.report.layers
+    assert monitor.report.to_dict() == reference(cli.model, [Data().val_dataloader()], threshold=0.9,
+                                                 exclude_modules=["head"], dtype=torch.float64)
+
+    args = ["--trainer.callbacks+=lightning_rank.RankMonitor", "--trainer.callbacks.every_n_epochs=3",
+            "--trainer.accelerator=cpu"]
+    cli = LightningCLI(Blocks, Data, run=False, args=args, save_config_callback=None)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, lr.RankMonitor)]
+    assert monitor.every_n_epochs == 3
+
+
+def test_bf16_mixed_matches_an_autocast_reference(tmp_path):
+    torch.manual_seed(0)
+    model = Blocks()
+    monitor = lr.RankMonitor()
+    val = DataLoader(dataset(seed=1), batch_size=16)
+    trainer(tmp_path, max_epochs=1, precision="bf16-mixed", logger=False, callbacks=[monitor]).fit(
+        model, DataLoader(dataset(seed=0), batch_size=16), val
+    )
+
+    def autocast_forward(m, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(batch[0])
+
+    expected = lr.analyze(model, lr.collect(model, list(val), forward=autocast_forward)).to_dict()
+    assert monitor.report.to_dict() == expected
+    assert len(monitor.report.analyzed) == 5
+
+
+def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):
+    monitor = lr.RankMonitor()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, fast_dev_run=True, callbacks=[monitor]).fit(Blocks(), datamodule=Data())
+    assert monitor.history == [] and monitor.report is None
+    assert sum("fast_dev_run" in r.getMessage() and "RankMonitor" in r.getMessage() for r in caplog.records) == 1
+    assert not (tmp_path / "lightning_rank").exists()
+
+
+class Inner(Blocks):
+    """The blocks compiled as a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(torch.compile(block, backend="eager") for block in self.blocks)
+
+
+@pytest.mark.parametrize("how", ["trainer", "submodule"])
+def test_compiled_models_are_observed(tmp_path, how):
+    torch.manual_seed(0)
+    if how == "trainer":
+        model = Blocks()
+        given = torch.compile(model, backend="eager")
+    else:
+        model = given = Inner()
+    monitor = lr.RankMonitor()
+    val = DataLoader(dataset(seed=1), batch_size=16)
+    trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor]).fit(given, DataLoader(dataset(), batch_size=16), val)
+    assert len(monitor.report.analyzed) == 5
+    with torch.compiler.set_stance("force_eager"):  # the hooks of the reference must fire too
+        assert monitor.report.to_dict() == reference(model, [val])
+
+
+def test_compiled_model_without_eager_fallback_warns(tmp_path, monkeypatch):
+    monkeypatch.setattr(monitor_module, "_set_stance", None)
+    torch._dynamo.reset()
+    monitor = lr.RankMonitor()
+    with pytest.warns(UserWarning) as record:
+        trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor]).fit(
+            torch.compile(Blocks(), backend="eager"), datamodule=Data()
+        )
+    messages = [str(w.message) for w in record]
+    assert any("is compiled" in m for m in messages)
+    assert any("none of the 5 target layers was called" in m for m in messages)
+    assert monitor.report.analyzed == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"threshold": 0}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": "high"}, "threshold"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs"),
+        ({"every_n_epochs": True}, "every_n_epochs"),
+        ({"target_modules": 3}, "target_modules"),
+        ({"target_modules": "blocks.(["}, "target_modules"),
+        ({"target_modules": []}, "target_modules"),
+        ({"target_modules": ["head", 1]}, "target_modules"),
+        ({"exclude_modules": 1.0}, "exclude_modules"),
+        ({"exclude_modules": "(["}, "exclude_modules"),
+        ({"mask_fn": "attention_mask"}, "mask_fn"),
+        ({"max_rows_per_batch": 0}, "max_rows_per_batch"),
+        ({"max_rows_per_batch": 2.5}, "max_rows_per_batch"),
+        ({"max_rows_per_batch": True}, "max_rows_per_batch"),
+        ({"dtype": torch.float16}, "dtype"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"centered": "yes"}, "centered"),
+        ({"tensorboard": 1}, "tensorboard"),
+        ({"seed": "0"}, "seed"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
+    with pytest.raises((ValueError, TypeError), match=f"`{argument}`"):
+        lr.RankMonitor(**kwargs)
+
+
+def test_early_stopping_can_monitor_mlu(tmp_path):
+    monitor = lr.RankMonitor()
+    stopper = EarlyStopping(monitor="rank/mlu", mode="max", patience=0, min_delta=1.0)  # stops after one epoch
+    run = trainer(tmp_path, max_epochs=5, logger=False, callbacks=[monitor, stopper])
+    run.fit(Blocks(), datamodule=Data())
+    assert run.current_epoch == 2 and len(monitor.history) == 2
+    assert stopper.best_score.item() == pytest.approx(monitor.history[0]["report"]["mlu"])
+
+
+# -- DDP ---------------------------------------------------------------------------------------
+class Branchy(L.LightningModule):
+    """``extra`` runs only on samples marked by their last feature: under DDP, only on rank 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.extra, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        marked = x[:, -1] > 0
+        if marked.any():
+            h = h.clone()
+            h[marked] = h[marked] + self.extra(h[marked])
+        return self.out(h)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self(batch[0]).square().mean(), sync_dist=True)
+
+
+def split_subspaces(n: int = 32) -> TensorDataset:
+    """Even samples span features 0-2, odd ones features 3-5 plus the marker 7: the interleaving
+    DistributedSampler gives each rank one subspace, so one rank alone never sees rank 7."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(n, 8)
+    x[0::2, 0:3] = torch.randn(n // 2, 3, generator=g)
+    x[1::2, 3:6] = torch.randn(n // 2, 3, generator=g)
+    x[1::2, 7] = 1.0
+    return TensorDataset(x)
+
+
+class DumpReport(Callback):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_validation_end(self, trainer, pl_module):
+        (monitor,) = [c for c in trainer.callbacks if isinstance(c, lr.RankMonitor)]
+        path = self.directory / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(monitor.report.to_dict()))
+
+
+def assert_same_report(actual: dict, expected: dict) -> None:
+    assert actual["layers"].keys() == expected["layers"].keys()
+    for name, layer in expected["layers"].items():
+        for key, value in layer.items():
+            if isinstance(value, float):
+                assert actual["layers"][name][key] == pytest.approx(value, rel=1e-9), (name, key)
+            else:
+                assert actual["layers"][name][key] == value, (name, key)
+
+
+@pytest.mark.timeout(180)
+def test_ddp_spawn_two_processes_equal_one(tmp_path):
+    torch.manual_seed(0)
+    model = Branchy()
+    loader = DataLoader(split_subspaces(), batch_size=4)
+    expected = reference(model, [loader], dtype=torch.float64)
+    assert expected["layers"]["inp"]["in_rank"] == 7  # each rank alone would see 3 or 4
+    assert expected["layers"]["extra"]["rows"] == 16
+
+    monitor = lr.RankMonitor(dtype=torch.float64)
+    # A short collective timeout turns a disagreement between the processes into an error, not a hang.
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
+    run = trainer(tmp_path, strategy=strategy, devices=2, logger=False, callbacks=[monitor, DumpReport(tmp_path)])
+    run.validate(model, loader)
+
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    saved = tmp_path / "lightning_rank" / "epoch_000.json"
+    for report in (*reports, json.loads(saved.read_text())):
+        assert_same_report(report, expected)
+    assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])

@@ -6,6 +6,7 @@ Measure utilized ranks with :func:`collect` and :func:`analyze`, watch them duri
 """
 
 from lightning_rank.analysis import analyze
+from lightning_rank.compression import RankCompression
 from lightning_rank.factorize import FactorizationResult, LayerFactorization, factorize_, load_factorized
 from lightning_rank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from lightning_rank.monitor import RankMonitor
@@ -21,6 +22,7 @@ __all__ = [
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankLinear",
+    "RankCompression",
     "RankMonitor",
     "RankReport",
     "StatisticsCollector",

@@ -1,0 +1,132 @@
+"""Statistics of one validation epoch inside a Trainer: hooks per batch, then a sum over processes.
+
+Both callbacks count layer inputs the same way: a :class:`StatisticsCollector` attached for the epoch,
+one ``observe`` block per validation batch (run eagerly when the model is compiled, since hooks do
+not fire inside compiled code), and at the end a reduction over processes in an order every process
+agrees on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+
+from lightning_rank.statistics import ActivationStatistics, InputStatistics, StatisticsCollector
+from lightning_rank.targets import weight_matrix
+
+# The reason `StatisticsCollector.compute` gives a target layer that no forward reached.
+UNREACHED = "never called"
+
+_set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+
+
+class EpochStatistics:
+    """Count the inputs of ``pl_module``'s target layers over the validation batches of one epoch.
+
+    Call :meth:`batch_start` / :meth:`batch_end` from the callback's validation batch hooks,
+    :meth:`finish` at the epoch's end (on every process), and :meth:`release` on exceptions.
+    """
+
+    def __init__(self, pl_module: LightningModule, **collector_kwargs: Any) -> None:
+        self.collector = StatisticsCollector(pl_module, **collector_kwargs)
+        self.collector.attach()
+        self._observing: contextlib.ExitStack | None = None
+
+    def batch_start(self, batch: Any) -> None:
+        stack = contextlib.ExitStack()
+        if _set_stance is not None:
+            stack.enter_context(_set_stance("force_eager"))
+        stack.enter_context(self.collector.observe(batch))
+        self._observing = stack
+
+    def batch_end(self) -> None:
+        if self._observing is not None:
+            self._observing, stack = None, self._observing
+            stack.close()
+
+    def release(self) -> None:
+        """Leave a pass left open (an exception in ``validation_step``) and remove the hooks."""
+        self.batch_end()
+        self.collector.detach()
+
+    def finish(self, trainer: Trainer) -> ActivationStatistics:
+        """Remove the hooks and return the statistics summed over every process."""
+        self.release()
+        stats = self.collector.compute()
+        if trainer.world_size > 1:
+            stats = sum_over_processes(self.collector, stats, trainer)
+        return stats
+
+
+def sum_over_processes(collector: StatisticsCollector, stats: ActivationStatistics, trainer: Trainer) -> ActivationStatistics:
+    """``stats`` summed over processes in place, after the processes agree on which accumulators exist.
+
+    A layer may be reached on one process only, and accumulators are created lazily and keyed by the first
+    layer that saw an input, so each process first shares, per target (in the same order everywhere),
+    the index of its accumulator's layer and whether its input sharing diverged. Missing accumulators
+    become zeros of the layer's fan_in; then every accumulator is reduced, in that agreed order.
+    """
+    names = list(collector.targets)
+    index = {name: i for i, name in enumerate(names)}
+    device = trainer.strategy.root_device
+    codes = torch.full((2, len(names)), -1, dtype=torch.int64, device=device)  # (key index, diverged)
+    for i, name in enumerate(names):
+        if name in stats.sources:
+            codes[0, i] = index[stats.sources[name]]
+        codes[1, i] = int(name in stats.skipped and not stats.skipped[name].startswith(UNREACHED))
+    gathered = trainer.strategy.all_gather(codes).reshape(-1, 2, len(names)).cpu()  # a few ints per layer
+    keys, diverged = gathered[:, 0], gathered[:, 1].amax(dim=0) > 0
+    reached = keys >= 0
+    highest = keys.amax(dim=0)
+    lowest = torch.where(reached, keys, len(names)).amin(dim=0)
+
+    skipped = {name: reason for name, reason in stats.skipped.items() if name not in index}
+    sources: dict[str, str] = {}
+    for i, name in enumerate(names):
+        if diverged[i]:
+            skipped[name] = stats.skipped.get(name) or "its input was shared with other layers differently on another process"
+        elif not reached[:, i].any():
+            skipped[name] = stats.skipped[name]
+        elif highest[i] != lowest[i]:
+            skipped[name] = "its input was shared with other layers on some processes but not on others"
+        else:
+            sources[name] = names[int(highest[i])]
+    inputs: dict[str, InputStatistics] = {}
+    for key in dict.fromkeys(sources.values()):
+        local = stats.inputs.get(key)
+        if local is None:
+            fan_in = weight_matrix(collector.targets[key])[0].shape[1]
+            local = InputStatistics.zeros(fan_in, collector.dtype, device)
+        inputs[key] = local
+    agreed = ActivationStatistics(inputs, sources, skipped, list(stats.unmasked))
+    return agreed.all_reduce_(sum_reducer(trainer))
+
+
+def sum_reducer(trainer: Trainer) -> Callable[[Tensor], None]:
+    """An in-place sum over processes: ``torch.distributed.all_reduce``, else the strategy's own ``reduce``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return lambda tensor: torch.distributed.all_reduce(tensor)
+
+    def reduce(tensor: Tensor) -> None:
+        out = trainer.strategy.reduce(tensor, reduce_op="sum")
+        if out is not tensor:
+            tensor.copy_(out)
+
+    return reduce
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` was given to the Trainer compiled, or holds a compiled submodule."""
+    if getattr(module, "_compiler_ctx", None) is not None:
+        return True
+    return any(type(m).__name__ == "OptimizedModule" for m in module.modules())
+
+
+def can_run_eagerly() -> bool:
+    """Whether this torch can force compiled code to run eagerly (``torch.compiler.set_stance``)."""
+    return _set_stance is not None

@@ -1,0 +1,257 @@
+"""RankCompression with real Trainer runs on CPU: swap, fine-tune, checkpoints, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_rank as lr
+
+DIM, HIDDEN, CLASSES, SUBSPACE = 32, 64, 4, 3
+
+
+def low_rank_dataset(n: int, seed: int) -> TensorDataset:
+    """Inputs in a 3-dim subspace of R^32; the class is a linear function of the subspace coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(SUBSPACE, DIM, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(n, SUBSPACE, generator=g)
+    labels = (z @ torch.tensor([[1.0, -1.0, 0.5, 0.0], [0.5, 1.0, -1.0, 0.2], [0.0, 0.3, 1.0, -1.0]])).argmax(1)
+    return TensorDataset(z @ basis, labels)
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, lr_: float = 0.05) -> None:
+        super().__init__()
+        self.lr_ = lr_
+        self.net = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+                                 nn.Linear(HIDDEN, CLASSES))
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr_, momentum=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 10)}
+
+    def train_dataloader(self):
+        return DataLoader(low_rank_dataset(512, 1), batch_size=64, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(low_rank_dataset(256, 2), batch_size=64)
+
+
+def make_trainer(tmp_path: Path, epochs: int, callbacks: list[Callback], **kwargs) -> L.Trainer:
+    kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="", version=0))
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def compressed_run(tmp_path_factory: pytest.TempPathFactory):
+    """One fit: 3 planned epochs, then compression and 2 fine-tuning epochs, checkpoints every epoch."""
+    tmp_path = tmp_path_factory.mktemp("compress")
+    L.seed_everything(0)
+    model = Classifier()
+    compression = lr.RankCompression(method="whiten", finetune_epochs=2, monitor="val_acc")
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer = make_trainer(tmp_path, 3, [compression, checkpoints])
+    trainer.fit(model)
+    return tmp_path, trainer, model, compression
+
+
+def test_swap_then_finetune_within_one_fit(compressed_run) -> None:
+    tmp_path, trainer, model, compression = compressed_run
+    assert trainer.current_epoch == 5  # 3 planned + 2 fine-tuning
+    replaced = compression.result.layers
+    assert set(replaced) == {"net.0", "net.2", "net.4"}
+    assert all(rank <= SUBSPACE + 1 for rank in replaced.values())  # inputs span 3 dims (4 with the bias)
+    assert isinstance(model.net[0], lr.LowRankLinear) and isinstance(model.net[2], lr.LowRankLinear)
+    dense_params = sum(p.numel() for p in Classifier().parameters())
+    assert compression.result.params_before == dense_params
+    assert compression.result.params_after == sum(p.numel() for p in model.parameters()) < dense_params / 2
+    # optimizers and schedulers were rebuilt around the new parameters
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is trainer.optimizers[0]
+
+    metrics = compression.metrics
+    assert metrics["before"] > 0.9  # the task is easy and linear in the subspace
+    assert metrics["finetuned"] >= metrics["before"] - 0.03
+    assert metrics["finetuned"] == pytest.approx(float(trainer.callback_metrics["val_acc"]))
+
+    summary = json.loads((tmp_path / "version_0" / "lightning_rank" / "compression.json").read_text())
+    assert summary["params_before"] == compression.result.params_before
+    assert summary["params_after"] == compression.result.params_after
+    assert summary["layers"] == replaced
+    assert summary["metrics"] == metrics
+    assert set(summary["metrics"]) == {"before", "compressed", "finetuned"}
+    assert 0 < summary["macs_after"] < summary["macs_before"] == DIM * HIDDEN + HIDDEN * HIDDEN + HIDDEN * CLASSES
+
+
+def test_logged_to_tensorboard(compressed_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp_path, _, _, compression = compressed_run
+    events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("compression/params_before", "compression/params_after", "compression/val_acc/finetuned",
+                "compression/rank/net.0"):
+        assert tag in scalars
+    assert events.Scalars("compression/params_after")[-1].value == compression.result.params_after
+    assert any("compression" in tag for tag in events.Tags()["tensors"])  # the markdown table
+
+
+def test_checkpoints_after_the_swap_load_for_inference(compressed_run) -> None:
+    tmp_path, _, model, _ = compressed_run
+    last = tmp_path / "ckpt" / "epoch=4.ckpt"
+    restored = lr.load_factorized(Classifier(), last)
+    assert isinstance(restored.net[0], lr.LowRankLinear)
+    x = low_rank_dataset(16, 9).tensors[0]
+    model.eval()
+    restored.eval()
+    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    before_swap = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=True)["state_dict"]
+    assert "net.0.weight" in before_swap  # the checkpoint of the last planned epoch is still dense
+
+
+def test_resume_from_a_post_swap_checkpoint(compressed_run, tmp_path: Path) -> None:
+    first_dir, _, model, compression = compressed_run
+    resumed_model = Classifier()
+    resumed = lr.RankCompression(method="whiten", finetune_epochs=2, monitor="val_acc")
+    trainer = make_trainer(tmp_path, 3, [resumed])
+    trainer.fit(resumed_model, ckpt_path=first_dir / "ckpt" / "epoch=3.ckpt")
+    assert trainer.current_epoch == 5
+    assert isinstance(resumed_model.net[0], lr.LowRankLinear)
+    assert resumed.metrics["before"] == compression.metrics["before"]  # restored with the callback state
+    assert resumed.metrics["finetuned"] is not None
+    summary = json.loads((tmp_path / "version_0" / "lightning_rank" / "compression.json").read_text())
+    assert summary["layers"] == compression.result.layers
+
+
+def test_dense_checkpoints_load_into_the_original_structure(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model = Classifier()
+    compression = lr.RankCompression(finetune_epochs=1, monitor="val_acc", dense_checkpoints=True)
+    trainer = make_trainer(tmp_path, 2, [compression], logger=False)
+    trainer.fit(model)
+    path = tmp_path / "dense.ckpt"
+    trainer.save_checkpoint(path)
+    dense = Classifier()
+    dense.load_state_dict(torch.load(path, weights_only=True)["state_dict"])  # strict, plain structure
+    x = low_rank_dataset(16, 9).tensors[0]
+    model.eval()
+    dense.eval()
+    torch.testing.assert_close(dense(x), model(x), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "lightning_rank" / "compression.json").exists()  # no logger: default_root_dir
+
+
+def test_nothing_to_shrink_warns_and_ends_normally(tmp_path: Path) -> None:
+    model = Classifier()
+    full_ranks = {"net.0": DIM, "net.2": HIDDEN, "net.4": CLASSES}  # no layer saves parameters at full rank
+    compression = lr.RankCompression(monitor="val_acc", ranks=full_ranks, finetune_epochs=3)
+    trainer = make_trainer(tmp_path, 2, [compression])
+    with pytest.warns(UserWarning, match="replaced no layer"):
+        trainer.fit(model)
+    assert trainer.current_epoch == 2
+    assert not any(isinstance(m, lr.LowRankLinear) for m in model.modules())
+
+
+def test_monitored_metric_missing_lists_logged_metrics(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, 1, [lr.RankCompression(monitor="val_accuracy")])
+    with pytest.raises(MisconfigurationException, match=r"val_accuracy.*Logged metrics: \['val_acc', 'val_loss'\]"):
+        trainer.fit(Classifier())
+
+
+def test_no_validation_data(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, 1, [lr.RankCompression()], limit_val_batches=0)
+    with pytest.raises(MisconfigurationException, match="needs validation data"):
+        trainer.fit(Classifier())
+
+    class NoValidation(Classifier):
+        validation_step = L.LightningModule.validation_step
+
+    trainer = make_trainer(tmp_path, 1, [lr.RankCompression()])
+    with pytest.raises(MisconfigurationException, match="needs validation data"):
+        trainer.fit(NoValidation())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": 0}, "threshold"),
+        ({"param_budget": 1.5}, "param_budget"),
+        ({"param_budget": 0.5, "ranks": 3}, "either `ranks` or `param_budget`"),
+        ({"method": "qr"}, "method"),
+        ({"finetune_epochs": -1}, "finetune_epochs"),
+        ({"monitor": ""}, "monitor"),
+        ({"max_rows_per_batch": 0}, "max_rows_per_batch"),
+        ({"dtype": torch.float16}, "dtype"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        lr.RankCompression(**kwargs)
+
+
+class ParameterCheck(Callback):
+    """On every process: gather the flattened parameters and record whether all ranks agree."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        types = sorted(type(m).__name__ for m in pl_module.net)
+        result = {"equal": bool((gathered == gathered[0]).all()), "numel": flat.numel(), "types": types,
+                  "epoch": trainer.current_epoch}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_ddp_parameters_identical_after_finetuning(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    trainer = make_trainer(
+        tmp_path, 2, [lr.RankCompression(finetune_epochs=1, monitor="val_acc"), ParameterCheck(tmp_path)],
+        strategy="ddp_spawn", devices=2, logger=False,
+    )
+    trainer.fit(Classifier(lr_=0.2))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["equal"], "ranks disagree: the new layers' gradients were not synchronized"
+        assert result["epoch"] == 3
+        assert result["types"].count("LowRankLinear") == 3
+    assert results[0]["numel"] == results[1]["numel"]
+    summary = json.loads((tmp_path / "lightning_rank" / "compression.json").read_text())
+    assert summary["params_after"] == results[0]["numel"]

@@ -68,10 +68,12 @@ def analyze(
 
     rtol_of = {key: s.dim * torch.finfo(s.gram.dtype).eps for key, s in stats.inputs.items()}
     layers: dict[str, LayerRank] = {}
+    spectra: dict[str, tuple[Tensor, Tensor]] = {}
     for name, target in targets.items():
         key = stats.sources[name]
         spectrum_in = in_spectra[key]
         spectrum_out = clean_spectrum(out_spectra[name], rtol_of[key])
+        spectra[name] = (spectrum_in.flip(-1), spectrum_out.flip(-1))
         in_rank, out_rank = int(energy_rank(spectrum_in, threshold)), int(energy_rank(spectrum_out, threshold))
         out_features, in_features = weight_matrix(target)[0].shape
         rank = min(in_rank, out_rank)
@@ -92,7 +94,7 @@ def analyze(
         )
     for name, reason in stats.skipped.items():
         layers[name] = _skipped_layer(model, name, reason)
-    return RankReport(threshold=threshold, layers=layers, centered=centered)
+    return RankReport(threshold=threshold, layers=layers, centered=centered, spectra=spectra)
 
 
 def _targets_of(model: nn.Module, stats: ActivationStatistics) -> dict[str, Target]:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 
 @dataclass(frozen=True)
 class LayerRank:
@@ -42,11 +44,16 @@ class LayerRank:
 
 @dataclass
 class RankReport:
-    """Per-layer utilized ranks at one energy ``threshold``; ``mlu`` is the unweighted mean utilization."""
+    """Per-layer utilized ranks at one energy ``threshold``; ``mlu`` is the unweighted mean utilization.
+
+    ``spectra`` holds, for reports made by :func:`~lightning_rank.analyze`, each analyzed layer's input
+    and output eigenvalues (float64, descending, round-off removed); it is not part of the JSON form.
+    """
 
     threshold: float
     layers: dict[str, LayerRank] = field(default_factory=dict)
     centered: bool = False
+    spectra: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def analyzed(self) -> dict[str, LayerRank]:

@@ -171,3 +171,20 @@ def test_bad_input() -> None:
         lr.analyze(nn.Sequential(nn.Linear(4, 2)), stats)
     with pytest.raises(ValueError, match="eig_dtype"):
         lr.analyze(layer, stats, eig_dtype=torch.float16)
+
+
+def test_report_carries_descending_spectra_that_give_its_ranks() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    data = subspace_data(2, 50, 12, 4)
+    report = lr.analyze(net, lr.collect(net, data), threshold=0.9)
+    x = torch.cat(data).double()
+    spectrum_in, spectrum_out = report.spectra["widen"]
+    assert spectrum_in.shape == (12,) and spectrum_out.shape[0] == 13  # the widening layer's small side
+    assert torch.all(spectrum_in[:-1] >= spectrum_in[1:])
+    torch.testing.assert_close(spectrum_in, torch.linalg.eigvalsh(x.t() @ x / len(x)).flip(0).clamp(min=0),
+                               rtol=1e-4, atol=1e-4 * spectrum_in[0].item())
+    for spectrum, rank in ((spectrum_in, report.layers["widen"].in_rank), (spectrum_out, report.layers["widen"].out_rank)):
+        cumulative = spectrum.cumsum(0) / spectrum.sum()
+        assert cumulative[rank - 1] >= 0.9 - 1e-9 and (rank == 1 or cumulative[rank - 2] < 0.9)
+    assert lr.RankReport.from_dict(report.to_dict()) == report  # spectra are not part of the JSON form

@@ -69,6 +69,8 @@ class RankMonitor(Callback):
     Args:
         threshold: energy threshold of the ranks, in (0, 1].
         every_n_epochs: analyze the validation of every ``n``-th training epoch (``(epoch + 1) % n == 0``).
+            A ``ModelCheckpoint``/``EarlyStopping`` monitoring ``rank/mlu`` should check on the same epochs
+            (e.g. ``ModelCheckpoint(every_n_epochs=n)``): other validations do not log it.
         target_modules: which layers (None: all supported ones; a regex, a list of names, or a callable).
         exclude_modules: layers to leave out, in the same forms.
         mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (e.g. ``(B, T)``),
@@ -124,6 +126,7 @@ class RankMonitor(Callback):
         self._skip = False
         self._layouts_written: set[str] = set()  # log dirs (a callback must pickle for ddp_spawn)
         self._told_no_matplotlib = False
+        self._warned_no_logger = False
 
     @property
     @override
@@ -145,7 +148,8 @@ class RankMonitor(Callback):
         if self._skip:
             rank_zero_info("RankMonitor: `fast_dev_run` is on, so no rank analysis is run.")
             return
-        if not trainer.loggers:
+        if not trainer.loggers and not self._warned_no_logger:
+            self._warned_no_logger = True
             rank_zero_warn(
                 "RankMonitor: the Trainer has no logger, so rank scalars are not logged; reports are kept in "
                 f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / 'lightning_rank'}."
@@ -218,7 +222,7 @@ class RankMonitor(Callback):
         if trainer.world_size > 1:
             stats = _sum_over_processes(collector, stats, trainer)
         report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered)
-        if not report.analyzed and trainer.is_global_zero:
+        if not report.analyzed:
             rank_zero_warn(
                 f"RankMonitor observed {collector.batches} validation batches but none of the {len(collector.targets)} "
                 "target layers was called by them. If the forward runs through code compiled with torch.compile "
@@ -329,11 +333,9 @@ def _sum_over_processes(collector: StatisticsCollector, stats: ActivationStatist
     names = list(collector.targets)
     index = {name: i for i, name in enumerate(names)}
     device = trainer.strategy.root_device
-    codes = torch.full((2, len(names)), -1, dtype=torch.int64, device=device)  # (key index, diverged)
-    for i, name in enumerate(names):
-        if name in stats.sources:
-            codes[0, i] = index[stats.sources[name]]
-        codes[1, i] = int(name in stats.skipped and not stats.skipped[name].startswith(_UNREACHED))
+    keys = [index[stats.sources[name]] if name in stats.sources else -1 for name in names]
+    diverged = [int(name in stats.skipped and not stats.skipped[name].startswith(_UNREACHED)) for name in names]
+    codes = torch.tensor([keys, diverged], dtype=torch.int64, device=device)
     gathered = trainer.strategy.all_gather(codes).reshape(-1, 2, len(names)).cpu()  # a few ints per layer
     keys, diverged = gathered[:, 0], gathered[:, 1].amax(dim=0) > 0
     reached = keys >= 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -291,6 +292,16 @@ def test_bf16_mixed_matches_an_autocast_reference(tmp_path):
     expected = lr.analyze(model, lr.collect(model, list(val), forward=autocast_forward)).to_dict()
     assert monitor.report.to_dict() == expected
     assert len(monitor.report.analyzed) == 5
+
+
+def test_without_matplotlib_one_info_line_and_no_figures(tmp_path, caplog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    logger = TensorBoardLogger(tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[lr.RankMonitor()]).fit(Blocks(), datamodule=Data())
+    assert sum("matplotlib" in r.getMessage() for r in caplog.records) == 1
+    tags = events(logger.log_dir).Tags()["images"]
+    assert "rank/utilization_heatmap" in tags and not [t for t in tags if t.startswith("rank/energy")]
 
 
 def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):

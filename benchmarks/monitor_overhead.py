@@ -1,0 +1,130 @@
+"""What ``RankMonitor`` adds to a Lightning validation epoch, against the bare minimum of Gram updates.
+
+In one run, interleaved, medians over repetitions, on a ViT-like model (6 blocks, d=256, separate
+q/k/v, 64 tokens), each epoch a ``trainer.validate`` over the same batches; epoch times are taken
+between ``on_validation_epoch_start`` and the monitor's ``on_validation_epoch_end`` (batches only):
+  T0      the validation epoch alone
+  T1      the same epoch with ``RankMonitor()`` (exact statistics)
+  T1/8    with ``RankMonitor(max_rows_per_batch=rows // 8)``
+  Tmin    fp32 ``addmm_`` Gram updates of the distinct layer inputs alone (captured beforehand)
+  A1, A1/8  the monitor's epoch-end work (reduce, analyze, report, JSON), reported separately
+  V       the epoch-end work with a TensorBoardLogger (spectra, figures, heatmap, table) on top
+Goals: (T1 - T0) / Tmin <= 1.0 and (T1/8 - T0) / T0 <= 0.10.
+
+Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lightning_rank as lr  # noqa: E402
+from benchmarks.collect_overhead import BATCH, distinct_inputs, gram_minimum, setup, timed  # noqa: E402
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self.model(images), labels))
+
+
+class Clock(Callback):
+    """Stamps the epoch's start and end; placed before and after the monitor to split batches from analysis."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.end = time.perf_counter()
+
+
+class Run:
+    """One Trainer configuration; ``__call__`` runs one validation epoch and returns (batches, epoch end) seconds."""
+
+    def __init__(self, module: L.LightningModule, batches: list, root: str, monitor: lr.RankMonitor | None,
+                 logger: bool = False) -> None:
+        self.before, self.after = Clock(), Clock()
+        callbacks = [self.before] + ([monitor, self.after] if monitor else [])
+        self.trainer = L.Trainer(
+            accelerator="cpu", default_root_dir=root, callbacks=callbacks, enable_progress_bar=False,
+            enable_model_summary=False, logger=TensorBoardLogger(root) if logger else False,
+        )
+        self.module, self.loader = module, DataLoader(batches, batch_size=None)
+
+    def __call__(self) -> tuple[float, float]:
+        self.trainer.validate(self.module, self.loader, verbose=False)
+        return self.before.end - self.before.start, self.after.end - self.before.end
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        __import__("logging").getLogger(name).setLevel("ERROR")
+
+    model, images = setup()
+    labels = torch.zeros(BATCH, dtype=torch.long)
+    batches = [(x, labels) for x in images]
+    module = Classifier(model)
+    rows = BATCH * 64
+    inputs = distinct_inputs(model, images)
+    with tempfile.TemporaryDirectory() as root:
+        runs = {
+            "T0": Run(module, batches, root, None),
+            "T1": Run(module, batches, root, lr.RankMonitor(tensorboard=False)),
+            "T1/8": Run(module, batches, root, lr.RankMonitor(max_rows_per_batch=rows // 8, tensorboard=False)),
+        }
+        views = Run(module, batches, root, lr.RankMonitor(), logger=True)
+        for run in runs.values():
+            run()  # warm up
+        times: dict[str, list[float]] = {name: [] for name in (*runs, "Tmin", "A1", "A1/8")}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                epoch, end = run()
+                times[name].append(epoch)
+                if name != "T0":
+                    times[name.replace("T", "A")].append(end)
+            times["Tmin"].append(timed(gram_minimum, inputs))
+        views()
+        view_times = [views()[1] for _ in range(2)]
+    med = {name: statistics.median(values) for name, values in times.items()}
+    t0, t1, t8, tmin = med["T0"], med["T1"], med["T1/8"], med["Tmin"]
+
+    print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads; "
+          f"{len(batches)} batches x {BATCH} images x 64 tokens a validation epoch")
+    print(f"distinct inputs per batch: {len(inputs[0])} (dims {sorted({x.shape[1] for x in inputs[0]})})")
+    for name, value in med.items():
+        print(f"  {name:<6} {1000 * value:8.1f} ms  (median of {args.repeats})")
+    print(f"  V      {1000 * statistics.median(view_times):8.1f} ms  epoch end with TensorBoard views (median of 2)")
+    exact, sub = (t1 - t0) / tmin, (t8 - t0) / t0
+    print(f"(T1 - T0) / Tmin   = {exact:.2f}   goal <= 1.00  {'ok' if exact <= 1.0 else 'MISSED'}")
+    print(f"(T1/8 - T0) / T0   = {sub:.3f}  goal <= 0.10  {'ok' if sub <= 0.10 else 'MISSED'}")
+    print(f"(T1 - T0) / T0     = {(t1 - t0) / t0:.2f}   (exact statistics, relative to the epoch)")
+    print(f"A1 / T0            = {med['A1'] / t0:.2f}   (epoch-end analysis, relative to the epoch)")
+
+
+if __name__ == "__main__":
+    main()

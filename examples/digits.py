@@ -74,7 +74,7 @@ class Block(nn.Module):
 class DigitsViT(L.LightningModule):
     """A small ViT for 8x8 digits: 2x2 patches (16 tokens) embedded by a Conv2d, ``depth`` blocks, a mean-pooled head.
 
-    Trained with AdamW and a one-cycle learning rate over the trainer's steps. When ``RankCompression`` has
+    Trained with AdamW and a one-cycle learning rate over the planned epochs. When ``RankCompression`` has
     swapped in low-rank layers, Lightning calls ``configure_optimizers`` again: the model then fine-tunes with
     a cosine decay from ``finetune_lr`` over the remaining steps, gentle enough to keep the factors close to
     the trained weights.
@@ -87,7 +87,7 @@ class DigitsViT(L.LightningModule):
         heads: int = 4,
         mlp_ratio: int = 2,
         lr: float = 3e-3,
-        finetune_lr: float = 5e-4,
+        finetune_lr: float = 2e-4,
         weight_decay: float = 0.05,
     ) -> None:
         super().__init__()
@@ -117,14 +117,16 @@ class DigitsViT(L.LightningModule):
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
-        # With RankCompression the trainer's steps include the fine-tuning epochs, so the one-cycle schedule
-        # is nearly, not fully, annealed when the layers are swapped.
-        steps = max(int(self.trainer.estimated_stepping_batches) - self.trainer.global_step, 1)
-        hp = self.hparams
-        if is_factorized(self):
+        hp, trainer = self.hparams, self.trainer
+        if is_factorized(self):  # RankCompression swapped layers in: fine-tune over the remaining steps
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.finetune_lr, weight_decay=hp.weight_decay)
+            steps = max(int(trainer.estimated_stepping_batches) - trainer.global_step, 1)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         else:
+            # RankCompression adds its fine-tuning epochs to the trainer's max_epochs: anneal by the planned end.
+            finetune = sum(c.finetune_epochs for c in trainer.callbacks if isinstance(c, lr.RankCompression))
+            steps = int(trainer.estimated_stepping_batches) * (trainer.max_epochs - finetune) // trainer.max_epochs
+            steps = max(steps, 1)
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps, pct_start=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -17,6 +17,8 @@ Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5]
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -83,8 +85,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric"):
-        __import__("logging").getLogger(name).setLevel("ERROR")
+        logging.getLogger(name).setLevel(logging.ERROR)
 
+    load = os.getloadavg()  # other processes on the cores distort every number below
     model, images = setup()
     labels = torch.zeros(BATCH, dtype=torch.long)
     batches = [(x, labels) for x in images]
@@ -113,7 +116,8 @@ def main() -> None:
     med = {name: statistics.median(values) for name, values in times.items()}
     t0, t1, t8, tmin = med["T0"], med["T1"], med["T1/8"], med["Tmin"]
 
-    print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads; "
+    print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads "
+          f"(load average at the start {load[0]:.2f}, now {os.getloadavg()[0]:.2f}); "
           f"{len(batches)} batches x {BATCH} images x 64 tokens a validation epoch")
     print(f"distinct inputs per batch: {len(inputs[0])} (dims {sorted({x.shape[1] for x in inputs[0]})})")
     for name, value in med.items():

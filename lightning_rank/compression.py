@@ -40,7 +40,7 @@ from typing_extensions import override
 from lightning_rank.epoch_statistics import EpochStatistics
 from lightning_rank.factorize import METHODS, FactorizationResult, factorize_, rebuild_factorized_
 from lightning_rank.layers import LOW_RANK_TYPES
-from lightning_rank.monitor import _check_selector, _positive_int
+from lightning_rank.checks import check_positive_int, check_selector
 from lightning_rank.report import write_json_atomic
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import ForwardFn, MaskFn, default_forward
@@ -129,10 +129,10 @@ class RankCompression(Callback):
         self.finetune_epochs = finetune_epochs
         self.monitor = monitor
         self.ranks = ranks
-        self.target_modules = _check_selector(target_modules, "target_modules")
-        self.exclude_modules = _check_selector(exclude_modules, "exclude_modules")
+        self.target_modules = check_selector(target_modules, "target_modules")
+        self.exclude_modules = check_selector(exclude_modules, "exclude_modules")
         self.mask_fn = mask_fn
-        self.max_rows_per_batch = None if max_rows_per_batch is None else _positive_int(
+        self.max_rows_per_batch = None if max_rows_per_batch is None else check_positive_int(
             max_rows_per_batch, "max_rows_per_batch"
         )
         self.dtype = float_dtype(dtype)

@@ -9,10 +9,6 @@ per epoch, and TensorBoard views.
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections import defaultdict
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +18,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_rank import tensorboard as views
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
-from lightning_rank.spectrum import check_threshold, clean_spectrum
-from lightning_rank.statistics import (
-    ActivationStatistics,
-    InputStatistics,
-    MaskFn,
-    StatisticsCollector,
-    warn_about_rows,
-)
-from lightning_rank.targets import ModuleSelector, float_dtype, weight_matrix
-
-# The reason `StatisticsCollector.compute` gives a target layer that no forward reached.
-_UNREACHED = "never called"
-
-_set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+from lightning_rank.checks import check_positive_int, check_selector
+from lightning_rank.epoch_statistics import EpochStatistics, can_run_eagerly, is_compiled
+from lightning_rank.spectrum import check_threshold
+from lightning_rank.statistics import MaskFn, warn_about_rows
+from lightning_rank.targets import ModuleSelector, float_dtype
 
 
 class RankMonitor(Callback):
@@ -100,13 +86,13 @@ class RankMonitor(Callback):
         seed: int = 0,
     ) -> None:
         self.threshold = check_threshold(threshold)
-        self.every_n_epochs = _positive_int(every_n_epochs, "every_n_epochs")
-        self.target_modules = _check_selector(target_modules, "target_modules")
-        self.exclude_modules = _check_selector(exclude_modules, "exclude_modules")
+        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
+        self.target_modules = check_selector(target_modules, "target_modules")
+        self.exclude_modules = check_selector(exclude_modules, "exclude_modules")
         if mask_fn is not None and not callable(mask_fn):
             raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
         self.mask_fn = mask_fn
-        self.max_rows_per_batch = None if max_rows_per_batch is None else _positive_int(
+        self.max_rows_per_batch = None if max_rows_per_batch is None else check_positive_int(
             max_rows_per_batch, "max_rows_per_batch"
         )
         self.dtype = float_dtype(dtype)
@@ -121,8 +107,7 @@ class RankMonitor(Callback):
 
         self.report: RankReport | None = None
         self.history: list[dict[str, Any]] = []
-        self._collector: StatisticsCollector | None = None
-        self._observing: contextlib.ExitStack | None = None
+        self._statistics: EpochStatistics | None = None
         self._skip = False
         self._layouts_written: set[str] = set()  # log dirs (a callback must pickle for ddp_spawn)
         self._told_no_matplotlib = False
@@ -154,8 +139,8 @@ class RankMonitor(Callback):
                 "RankMonitor: the Trainer has no logger, so rank scalars are not logged; reports are kept in "
                 f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / 'lightning_rank'}."
             )
-        if _is_compiled(pl_module):
-            if _set_stance is None:
+        if is_compiled(pl_module):
+            if not can_run_eagerly():
                 rank_zero_warn(
                     "RankMonitor: the model is compiled and this torch has no `torch.compiler.set_stance`, so layer "
                     "hooks may not fire and layers may be reported as never called. Pass the uncompiled model."
@@ -175,7 +160,7 @@ class RankMonitor(Callback):
         self._release()
         if not self._should_observe(trainer):
             return
-        self._collector = StatisticsCollector(
+        self._statistics = EpochStatistics(
             pl_module,
             target_modules=self.target_modules,
             exclude_modules=self.exclude_modules,
@@ -184,19 +169,13 @@ class RankMonitor(Callback):
             dtype=self.dtype,
             seed=self.seed,
         )
-        self._collector.attach()
 
     @override
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._collector is None:
-            return
-        stack = contextlib.ExitStack()
-        if _set_stance is not None:
-            stack.enter_context(_set_stance("force_eager"))  # hooks do not fire inside compiled code
-        stack.enter_context(self._collector.observe(batch))
-        self._observing = stack
+        if self._statistics is not None:
+            self._statistics.batch_start(batch)
 
     @override
     def on_validation_batch_end(
@@ -208,21 +187,18 @@ class RankMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._observing is not None:
-            self._observing, stack = None, self._observing
-            stack.close()
+        if self._statistics is not None:
+            self._statistics.batch_end()
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        collector = self._collector
-        if collector is None:
+        statistics, self._statistics = self._statistics, None
+        if statistics is None:
             return
-        self._release()
-        stats = collector.compute()
-        if trainer.world_size > 1:
-            stats = _sum_over_processes(collector, stats, trainer)
+        stats = statistics.finish(trainer)
         report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered)
         if not report.analyzed:
+            collector = statistics.collector
             rank_zero_warn(
                 f"RankMonitor observed {collector.batches} validation batches but none of the {len(collector.targets)} "
                 "target layers was called by them. If the forward runs through code compiled with torch.compile "
@@ -230,7 +206,7 @@ class RankMonitor(Callback):
             )
         if trainer.is_global_zero:
             warn_about_rows(stats)
-        self._publish(trainer, pl_module, report, stats)
+        self._publish(trainer, pl_module, report)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -242,15 +218,12 @@ class RankMonitor(Callback):
 
     def _release(self) -> None:
         """Leave a pass left open (an exception in ``validation_step``) and remove the hooks."""
-        if self._observing is not None:
-            self._observing, stack = None, self._observing
-            stack.close()
-        if self._collector is not None:
-            self._collector.detach()
-            self._collector = None
+        if self._statistics is not None:
+            self._statistics.release()
+            self._statistics = None
 
     # -- results -----------------------------------------------------------------------------
-    def _publish(self, trainer: Trainer, pl_module: LightningModule, report: RankReport, stats: ActivationStatistics) -> None:
+    def _publish(self, trainer: Trainer, pl_module: LightningModule, report: RankReport) -> None:
         epoch, step, stage = trainer.current_epoch, trainer.global_step, trainer.state.fn.value
         entry = {"epoch": epoch, "step": step, "stage": stage, "report": report.to_dict()}
         self.history = [h for h in self.history if (h["epoch"], h["step"], h["stage"]) != (epoch, step, stage)]
@@ -268,10 +241,10 @@ class RankMonitor(Callback):
         if self.tensorboard:
             writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
             if writers:
-                self._write_views(writers, report, stats, step)
+                self._write_views(writers, report, step)
 
-    def _write_views(self, writers: list[Any], report: RankReport, stats: ActivationStatistics, step: int) -> None:
-        spectra = input_spectra(stats, centered=self.centered)
+    def _write_views(self, writers: list[Any], report: RankReport, step: int) -> None:
+        spectra = {name: spectrum_in for name, (spectrum_in, _) in report.spectra.items()}
         for writer in writers:
             if writer.get_logdir() not in self._layouts_written:
                 views.write_layout(writer, list(report.analyzed))
@@ -303,108 +276,3 @@ def report_scalars(report: RankReport, prefix: str = "rank") -> dict[str, float]
         metrics[f"{prefix}/in_rank/{name}"] = float(layer.in_rank)
         metrics[f"{prefix}/out_rank/{name}"] = float(layer.out_rank)
     return metrics
-
-
-def input_spectra(stats: ActivationStatistics, centered: bool = False) -> dict[str, Tensor]:
-    """Eigenvalues (float64, descending, round-off cleaned) of each analyzed layer's input moment.
-
-    Layers sharing an input share one tensor; inputs of the same size are decomposed in one batched call.
-    """
-    by_dim: dict[int, list[str]] = defaultdict(list)
-    for key, s in stats.inputs.items():
-        by_dim[s.dim].append(key)
-    spectra: dict[str, Tensor] = {}
-    for dim, keys in by_dim.items():
-        values = torch.linalg.eigvalsh(torch.stack([stats.inputs[key].second_moment(centered) for key in keys]))
-        for key, eigenvalues in zip(keys, values):
-            rtol = dim * torch.finfo(stats.inputs[key].gram.dtype).eps
-            spectra[key] = clean_spectrum(eigenvalues, rtol).flip(-1)
-    return {name: spectra[key] for name, key in stats.sources.items()}
-
-
-def _sum_over_processes(collector: StatisticsCollector, stats: ActivationStatistics, trainer: Trainer) -> ActivationStatistics:
-    """``stats`` summed over processes in place, after the processes agree on which accumulators exist.
-
-    A layer may be reached on one process only, and accumulators are created lazily and keyed by the first
-    layer that saw an input, so each process first shares, per target (in the same order everywhere),
-    the index of its accumulator's layer and whether its input sharing diverged. Missing accumulators
-    become zeros of the layer's fan_in; then every accumulator is reduced, in that agreed order.
-    """
-    names = list(collector.targets)
-    index = {name: i for i, name in enumerate(names)}
-    device = trainer.strategy.root_device
-    keys = [index[stats.sources[name]] if name in stats.sources else -1 for name in names]
-    diverged = [int(name in stats.skipped and not stats.skipped[name].startswith(_UNREACHED)) for name in names]
-    codes = torch.tensor([keys, diverged], dtype=torch.int64, device=device)
-    gathered = trainer.strategy.all_gather(codes).reshape(-1, 2, len(names)).cpu()  # a few ints per layer
-    keys, diverged = gathered[:, 0], gathered[:, 1].amax(dim=0) > 0
-    reached = keys >= 0
-    highest = keys.amax(dim=0)
-    lowest = torch.where(reached, keys, len(names)).amin(dim=0)
-
-    skipped = {name: reason for name, reason in stats.skipped.items() if name not in index}
-    sources: dict[str, str] = {}
-    for i, name in enumerate(names):
-        if diverged[i]:
-            skipped[name] = stats.skipped.get(name) or "its input was shared with other layers differently on another process"
-        elif not reached[:, i].any():
-            skipped[name] = stats.skipped[name]
-        elif highest[i] != lowest[i]:
-            skipped[name] = "its input was shared with other layers on some processes but not on others"
-        else:
-            sources[name] = names[int(highest[i])]
-    inputs: dict[str, InputStatistics] = {}
-    for key in dict.fromkeys(sources.values()):
-        local = stats.inputs.get(key)
-        if local is None:
-            fan_in = weight_matrix(collector.targets[key])[0].shape[1]
-            local = InputStatistics.zeros(fan_in, collector.dtype, device)
-        inputs[key] = local
-    agreed = ActivationStatistics(inputs, sources, skipped, list(stats.unmasked))
-    return agreed.all_reduce_(_sum_reducer(trainer))
-
-
-def _sum_reducer(trainer: Trainer) -> Callable[[Tensor], None]:
-    """An in-place sum over processes: ``torch.distributed.all_reduce``, else the strategy's own ``reduce``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return lambda tensor: torch.distributed.all_reduce(tensor)
-
-    def reduce(tensor: Tensor) -> None:
-        out = trainer.strategy.reduce(tensor, reduce_op="sum")
-        if out is not tensor:
-            tensor.copy_(out)
-
-    return reduce
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` was given to the Trainer compiled, or holds a compiled submodule."""
-    if getattr(module, "_compiler_ctx", None) is not None:
-        return True
-    return any(type(m).__name__ == "OptimizedModule" for m in module.modules())
-
-
-def _positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int, got {value!r}")
-    return value
-
-
-def _check_selector(selector: Any, argument: str) -> ModuleSelector:
-    """Check the form of a module selector now; whether its names exist is checked against the model later."""
-    if selector is None or callable(selector):
-        return selector
-    if isinstance(selector, str):
-        try:
-            re.compile(selector)
-        except re.error as err:
-            raise ValueError(f"`{argument}`={selector!r} is not a valid regular expression: {err}") from None
-        return selector
-    if isinstance(selector, Sequence) and all(isinstance(item, str) for item in selector):
-        if not selector and argument == "target_modules":
-            raise ValueError("`target_modules` is an empty list; pass None to select every layer")
-        return list(selector)
-    raise TypeError(
-        f"`{argument}` must be None, a regex str, a list of names or a callable (module, name) -> bool, "
-        f"got {selector!r}"
-    )

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
-from lightning_rank import monitor as monitor_module
+from lightning_rank import epoch_statistics
 
 CELL = 8  # pixels per heatmap cell (lightning_rank.tensorboard's default)
 
@@ -338,7 +338,7 @@ def test_compiled_models_are_observed(tmp_path, how):
 
 
 def test_compiled_model_without_eager_fallback_warns(tmp_path, monkeypatch):
-    monkeypatch.setattr(monitor_module, "_set_stance", None)
+    monkeypatch.setattr(epoch_statistics, "_set_stance", None)
     torch._dynamo.reset()
     monitor = lr.RankMonitor()
     with pytest.warns(UserWarning) as record:

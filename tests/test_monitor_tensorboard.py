@@ -12,7 +12,7 @@ from torch import nn
 
 import lightning_rank as lr
 from lightning_rank import tensorboard as views
-from lightning_rank.monitor import input_spectra, report_scalars
+from lightning_rank.monitor import report_scalars
 
 
 class Recorder:
@@ -99,7 +99,7 @@ def test_energy_curves_one_figure_per_block_or_none_without_matplotlib(monkeypat
     assert writer.calls == []
 
 
-def test_input_spectra_match_the_second_moments_and_are_shared():
+def test_histograms_use_the_reports_input_spectra():
     torch.manual_seed(0)
 
     class QK(nn.Module):
@@ -112,12 +112,15 @@ def test_input_spectra_match_the_second_moments_and_are_shared():
 
     model = QK()
     stats = lr.collect(model, [torch.randn(16, 4) * torch.tensor([1.0, 1.0, 0.0, 0.0])])
-    spectra = input_spectra(stats)
-    assert spectra["q"] is spectra["k"]
+    spectra = {name: pair[0] for name, pair in lr.analyze(model, stats).spectra.items()}
+    assert torch.equal(spectra["q"], spectra["k"])  # one shared input
     expected = torch.linalg.eigvalsh(stats["q"].second_moment()).flip(0)
     torch.testing.assert_close(spectra["q"][:2], expected[:2])
     assert spectra["q"][2:].eq(0).all()  # round-off below dim * eps of the largest is cleaned to 0
     assert spectra["out"].shape == (4,)
+    writer = Recorder()
+    views.write_spectra(writer, spectra, step=3)
+    assert {args[0] for method, args in writer.calls if method == "add_histogram"} == {"rank/spectrum/q", "rank/spectrum/k", "rank/spectrum/out"}
 
 
 def test_report_scalars():

@@ -10,7 +10,17 @@ after it, and after fine-tuning.
 Goal: at least 50% fewer parameters in the factorized layers, at most 0.3 percentage points lower top-1
 after fine-tuning. The validation set has 450 images, so one image is 0.22 points.
 
-Run: .venv/bin/python benchmarks/digits_compression.py   (about 3 minutes on two CPU cores)
+Measured (seeds 0, 1, 2; 30 training epochs; mean drop in points, worst seed in brackets). Compression alone
+costs 0.52 on average (2-3 images); what fine-tuning wins back varies with its settings by about an image:
+
+    fine-tuning 10 epochs, lr 2e-4: +0.37 (+0.44)     fine-tuning 20 epochs, lr 2e-4: +0.37 (+0.67)
+    fine-tuning 10 epochs, lr 5e-4: +0.44 (+0.67)     fine-tuning 20 epochs, lr 5e-4: +0.15 (+0.44)  (default)
+    fine-tuning 10 epochs, lr 1e-3: +0.44 (+0.67)
+
+So the goal is met on average with the default settings but not for every seed, and not robustly: the
+other settings miss it by 0.07 to 0.14 points, under one validation image.
+
+Run: .venv/bin/python benchmarks/digits_compression.py   (about 2 minutes on two CPU cores)
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(DigitsViT(finetune_lr=args.finetune_lr), DigitsDataModule())
+    trainer.fit(DigitsViT(dim=args.dim, finetune_lr=args.finetune_lr), DigitsDataModule())
     return json.loads((args.out / f"seed_{seed}" / "lightning_rank" / "compression.json").read_text())
 
 
@@ -68,8 +78,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30, help="training epochs before compression")
-    parser.add_argument("--finetune-epochs", type=int, default=10)
-    parser.add_argument("--finetune-lr", type=float, default=DigitsViT().hparams.finetune_lr)
+    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--dim", type=int, default=64, help="width of the ViT")
     parser.add_argument("--param-budget", type=float, default=0.5)
     parser.add_argument("--method", default="whiten", choices=["whiten", "projection", "svd"])
     parser.add_argument("--out", type=Path, default=Path("runs/digits_compression"))
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         })
     seconds = time.perf_counter() - start
 
-    print(f"\nDigitsViT on digits, RankCompression(param_budget={args.param_budget}, method={args.method!r}), "
+    print(f"\nDigitsViT (dim {args.dim}) on digits, RankCompression(param_budget={args.param_budget}, method={args.method!r}), "
           f"{args.epochs} epochs + {args.finetune_epochs} fine-tuning (lr {args.finetune_lr:g}); "
           f"top-1 on {validation_images()} validation images\n")
     print("| seed | layers factorized | their params before -> after | saved | top-1 before | compressed | "

@@ -175,24 +175,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense_model.load_state_dict(dense.weights)
     summary = json.loads((Path(trainer.log_dir) / "lightning_rank" / "compression.json").read_text())
     seconds = latency({"dense": dense_model, "compressed": model}, data.val_dataloader(), repeats=5 if args.fast else 30)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     acc = {"dense": accuracy(dense_model, data.val_dataloader()), "compressed": accuracy(model, data.val_dataloader())}
     metrics, images = summary["metrics"], len(data.val_set)
 
     print("\n" + compression.result.to_markdown())
     print(f"| {images} validation images | dense | compressed |")
     print("|---|---:|---:|")
-    print(f"| parameters | {count(dense_model):,} | {count(model):,} ({count(model) / count(dense_model):.0%}) |")
+    before, after = summary["params_before"], summary["params_after"]
+    print(f"| parameters | {before:,} | {after:,} ({after / before:.0%}) |")
     print(f"| parameters of the blocks' linear layers | {summary['layer_params_before']:,} | "
           f"{summary['layer_params_after']:,} ({summary['layer_params_after'] / summary['layer_params_before']:.0%}) |")
     print(f"| multiply-adds per image | {summary['macs_before']:,.0f} | {summary['macs_after']:,.0f} |")
     print(f"| val accuracy (RankCompression) | {metrics['before']:.2%} | {metrics['compressed']:.2%} right after the "
           f"swap, {metrics['finetuned']:.2%} after {args.finetune_epochs} fine-tuning epochs |")
-    print(f"| val accuracy (measured here) | {acc['dense']:.2%} | {acc['compressed']:.2%} |")
+    print(f"| val accuracy, re-measured on the two models | {acc['dense']:.2%} | {acc['compressed']:.2%} |")
     print(f"| CPU latency, validation set in batches of {data.batch_size} | {1e3 * seconds['dense']:.1f} ms | "
           f"{1e3 * seconds['compressed']:.1f} ms |")
     if seconds["compressed"] >= seconds["dense"]:
-        print("(Half the multiply-adds, yet no faster: layers this small spend their time in per-call overheads, "
+        print("(Fewer multiply-adds, yet no faster: layers this small spend their time in per-call overheads, "
               "attention and norms; benchmarks/factorized_latency.py measures larger layers.)")
 
     history = monitor.history

@@ -2,11 +2,14 @@
 
 The digits (1797 grayscale 8x8 images, 10 classes) ship with scikit-learn, so nothing is downloaded.
 ``DigitsViT`` cuts an image into 16 patches of 2x2 pixels and runs a few pre-norm transformer blocks
-with separate ``q``/``k``/``v`` layers, as ViT does; a few epochs on two CPU cores reach about 97%
-validation accuracy.
+with separate ``q``/``k``/``v`` layers, as ViT does; 30 epochs (about half a minute on one CPU core) reach
+96-97% validation accuracy.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -74,7 +77,7 @@ class Block(nn.Module):
 class DigitsViT(L.LightningModule):
     """A small ViT for 8x8 digits: 2x2 patches (16 tokens) embedded by a Conv2d, ``depth`` blocks, a mean-pooled head.
 
-    Trained with AdamW and a one-cycle learning rate over the planned epochs. When ``RankCompression`` has
+    Trained with AdamW, a warm-up and a cosine decay over the planned epochs. When ``RankCompression`` has
     swapped in low-rank layers, Lightning calls ``configure_optimizers`` again: the model then fine-tunes with
     a cosine decay from ``finetune_lr`` over the remaining steps, gentle enough to keep the factors close to
     the trained weights.
@@ -120,16 +123,27 @@ class DigitsViT(L.LightningModule):
         hp, trainer = self.hparams, self.trainer
         if is_factorized(self):  # RankCompression swapped layers in: fine-tune over the remaining steps
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.finetune_lr, weight_decay=hp.weight_decay)
-            steps = max(int(trainer.estimated_stepping_batches) - trainer.global_step, 1)
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            steps = int(trainer.estimated_stepping_batches) - trainer.global_step
+            schedule = warmup_cosine(steps, warmup=0)
         else:
             # RankCompression adds its fine-tuning epochs to the trainer's max_epochs: anneal by the planned end.
             finetune = sum(c.finetune_epochs for c in trainer.callbacks if isinstance(c, lr.RankCompression))
             steps = int(trainer.estimated_stepping_batches) * (trainer.max_epochs - finetune) // trainer.max_epochs
-            steps = max(steps, 1)
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps, pct_start=0.1)
+            schedule = warmup_cosine(steps, warmup=steps // 10)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(steps - warmup, 1))))
+
+    return factor
 
 
 def is_factorized(model: nn.Module) -> bool:

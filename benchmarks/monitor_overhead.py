@@ -11,7 +11,7 @@ between ``on_validation_epoch_start`` and the monitor's ``on_validation_epoch_en
   V       the epoch-end work with a TensorBoardLogger (spectra, figures, heatmap, table) on top
 Goals: (T1 - T0) / Tmin <= 1.0 and (T1/8 - T0) / T0 <= 0.10.
 
-Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5]
+Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -82,7 +82,11 @@ class Run:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is steadier when other processes share the cores")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

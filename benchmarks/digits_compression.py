@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30, help="training epochs before compression")
     parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--finetune-lr", type=float, default=DigitsViT().hparams.finetune_lr)
     parser.add_argument("--dim", type=int, default=64, help="width of the ViT")
     parser.add_argument("--param-budget", type=float, default=0.5)
     parser.add_argument("--method", default="whiten", choices=["whiten", "projection", "svd"])

@@ -90,7 +90,7 @@ class DigitsViT(L.LightningModule):
         heads: int = 4,
         mlp_ratio: int = 2,
         lr: float = 3e-3,
-        finetune_lr: float = 2e-4,
+        finetune_lr: float = 5e-4,
         weight_decay: float = 0.05,
     ) -> None:
         super().__init__()

@@ -153,6 +153,16 @@ class RankCompression(Callback):
         self._skip = False
         self._restore_hook: Callable[[], Any] | None = None
 
+    @property
+    def planned_epochs(self) -> int | None:
+        """The ``max_epochs`` the Trainer was given, before the fine-tuning epochs were added (None before ``fit``).
+
+        ``trainer.max_epochs`` and ``trainer.estimated_stepping_batches`` include the fine-tuning epochs;
+        a ``configure_optimizers`` that sizes a schedule for the planned training can use this instead
+        (it is called again after the swap, when ``compressed`` is True).
+        """
+        return self._planned_epochs
+
     # -- set-up ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -289,14 +299,19 @@ class RankCompression(Callback):
         if not self._is_compression_epoch(trainer):
             return
         if self._statistics is None or self._validated_epoch != trainer.current_epoch:
-            self._release()
-            self._start_collecting(pl_module)  # this epoch had no validation: run one to count the inputs
-            self._run_validation(trainer, listen=True)
-            self.metrics["before"] = self._metric(trainer)
-        self._plan(trainer, pl_module)
+            self._collect_now(trainer, pl_module)  # this epoch had no validation: run one to count the inputs
+        if not self._plan(trainer, pl_module):
+            trainer.fit_loop.max_epochs = trainer.current_epoch + 1
 
-    def _plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Factorize now, but keep the trained dense layers in place until the next epoch starts.
+    def _collect_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run a validation that counts the layer inputs and gives the metric "before"."""
+        self._release()
+        self._start_collecting(pl_module)
+        self._run_validation(trainer, listen=True)
+        self.metrics["before"] = self._metric(trainer)
+
+    def _plan(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Factorize now, but keep the trained dense layers in place until the next epoch starts; whether any was replaced.
 
         So this epoch's checkpoints and early-stopping checks still see the model as trained, and a
         compression that replaces nothing can end training right here.
@@ -319,14 +334,20 @@ class RankCompression(Callback):
         if not self.result.layers:
             reasons = "; ".join(f"{n}: {r}" for n, r in list(self.result.not_replaced.items())[:5])
             rank_zero_warn(f"RankCompression replaced no layer, so the model is kept as it is and training ends ({reasons}).")
-            trainer.fit_loop.max_epochs = trainer.current_epoch + 1
-            return
+            return False
         self._pending = {name: pl_module.get_submodule(name) for name in self.result.layers}
         for name in self._pending:
             _set_submodule(pl_module, name, dense[name])
+        return True
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        resumed_past_plan = self._summary is None and trainer.current_epoch >= (self._planned_epochs or math.inf)
+        if resumed_past_plan and not self._skip:  # e.g. resumed from the last checkpoint of a finished dense run
+            self._collect_now(trainer, pl_module)
+            if not self._plan(trainer, pl_module):
+                trainer.should_stop = True
+                return
         if not self._pending:
             return
         for name, module in self._pending.items():
@@ -451,7 +472,7 @@ class RankCompression(Callback):
             "planned_epochs": self._planned_epochs,
             "metrics": dict(self.metrics),
             "macs": dict(self.macs),
-            "factorization": self._summary,
+            "factorization": self._summary if self.compressed else None,  # a planned swap is redone on resume
         }
 
     @override

@@ -159,6 +159,17 @@ def test_resume_from_a_post_swap_checkpoint(compressed_run, tmp_path: Path) -> N
     assert summary["layers"] == compression.result.layers
 
 
+def test_resume_from_the_end_of_a_finished_dense_run_compresses_first(compressed_run, tmp_path: Path) -> None:
+    first_dir, _, _, _ = compressed_run
+    model = Classifier()
+    compression = lr.RankCompression(method="whiten", finetune_epochs=1, monitor="val_acc")
+    trainer = make_trainer(tmp_path, 3, [compression])
+    trainer.fit(model, ckpt_path=first_dir / "ckpt" / "epoch=2.ckpt")  # the planned 3 epochs are done
+    assert compression.planned_epochs == 3 and trainer.current_epoch == 4
+    assert isinstance(model.net[0], lr.LowRankLinear)
+    assert None not in compression.metrics.values()
+
+
 def test_dense_checkpoints_load_into_the_original_structure(tmp_path: Path) -> None:
     L.seed_everything(0)
     model = Classifier()

@@ -160,7 +160,7 @@ def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None)
     about half of the products; below two blocks a plain ``addmm_`` is used.
     """
     dim = rows.shape[1]
-    block = block or (128 if dim <= 512 else 256)
+    block = block or (128 if dim <= 1024 else 256)
     if dim < 2 * block:
         gram.addmm_(rows.t(), rows)
         return

@@ -9,6 +9,8 @@ the same size are batched, on the statistics' device.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +52,7 @@ def analyze(
     device = stats.device
     widening = {name for name, target in targets.items() if _widens(target)}
     needs_vectors = {stats.sources[name] for name in widening}
-    moments = {key: s.second_moment(centered).to(eig_dtype) for key, s in stats.inputs.items()}
+    moments = {key: s.second_moment(centered, dtype=eig_dtype) for key, s in stats.inputs.items()}
     in_spectra, in_vectors = _input_spectra(stats, moments, needs_vectors)
 
     output_matrices: dict[str, Tensor] = {}
@@ -64,7 +66,7 @@ def analyze(
             output_matrices[name] = factor.t() @ factor
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
-    out_spectra = _batched_eigvalsh(output_matrices)
+    out_spectra = _eigen_batched(output_matrices, torch.linalg.eigvalsh)
 
     rtol_of = {key: s.dim * torch.finfo(s.gram.dtype).eps for key, s in stats.inputs.items()}
     layers: dict[str, LayerRank] = {}
@@ -118,36 +120,33 @@ def _input_spectra(
     stats: ActivationStatistics, moments: dict[str, Tensor], needs_vectors: set[str]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Cleaned eigenvalues of every distinct input moment, plus eigenvectors where a widening layer needs them."""
+    with_vectors = _eigen_batched({key: moments[key] for key in moments if key in needs_vectors}, torch.linalg.eigh)
+    without = _eigen_batched({key: moments[key] for key in moments if key not in needs_vectors}, torch.linalg.eigvalsh)
     spectra: dict[str, Tensor] = {}
-    vectors: dict[str, Tensor] = {}
-    groups: dict[tuple[int, bool], list[str]] = defaultdict(list)
-    for key, s in stats.inputs.items():
-        groups[(s.dim, key in needs_vectors)].append(key)
-    for (_, with_vectors), keys in groups.items():
-        batch = torch.stack([moments[key] for key in keys])
-        if with_vectors:
-            values, vecs = torch.linalg.eigh(batch)
-        else:
-            values, vecs = torch.linalg.eigvalsh(batch), None
-        for i, key in enumerate(keys):
-            s = stats.inputs[key]
-            # the round-off sits on the scale of the summed (uncentered) numbers
-            scale = float(s.gram.diagonal().max()) / max(int(s.count), 1)
-            spectra[key] = clean_spectrum(values[i], s.dim * torch.finfo(s.gram.dtype).eps, scale)
-            if vecs is not None:
-                vectors[key] = vecs[i]
+    vectors = {key: vecs for key, (_, vecs) in with_vectors.items()}
+    for key, values in [*((k, v) for k, (v, _) in with_vectors.items()), *without.items()]:
+        s = stats.inputs[key]
+        # the round-off sits on the scale of the summed (uncentered) numbers
+        scale = float(s.gram.diagonal().max()) / max(int(s.count), 1)
+        spectra[key] = clean_spectrum(values, s.dim * torch.finfo(s.gram.dtype).eps, scale)
     return spectra, vectors
 
 
-def _batched_eigvalsh(matrices: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Eigenvalues of symmetric matrices, one batched call per size."""
-    by_size: dict[int, list[str]] = defaultdict(list)
+# Large eigenproblems gain nothing from batching, and stacking them costs a copy of each.
+_BATCH_BELOW = 1024
+
+
+def _eigen_batched(matrices: dict[str, Tensor], solve: Callable[[Tensor], Any]) -> dict[str, Any]:
+    """``solve`` (``eigvalsh`` or ``eigh``) of each symmetric matrix, one batched call per size below ``_BATCH_BELOW``."""
+    groups: dict[tuple[int, str | None], list[str]] = defaultdict(list)
     for name, matrix in matrices.items():
-        by_size[matrix.shape[0]].append(name)
-    out = {}
-    for names in by_size.values():
-        values = torch.linalg.eigvalsh(torch.stack([matrices[name] for name in names]))
-        out.update(zip(names, values))
+        size = matrix.shape[0]
+        groups[(size, None if size < _BATCH_BELOW else name)].append(name)
+    out: dict[str, Any] = {}
+    for names in groups.values():
+        result = solve(torch.stack([matrices[name] for name in names]) if len(names) > 1 else matrices[names[0]][None])
+        parts = zip(*result) if isinstance(result, tuple) else result
+        out.update(zip(names, parts))
     return out
 
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_rank.targets import ModuleSelector
+from lightning_rank.targets import ModuleSelector, float_dtype
 
 
 def check_positive_int(value: Any, argument: str) -> int:
@@ -34,3 +34,28 @@ def check_selector(selector: Any, argument: str) -> ModuleSelector:
         f"`{argument}` must be None, a regex str, a list of names or a callable (module, name) -> bool, "
         f"got {selector!r}"
     )
+
+
+def collection_arguments(
+    target_modules: Any,
+    exclude_modules: Any,
+    mask_fn: Any,
+    max_rows_per_batch: Any,
+    dtype: Any,
+    seed: Any,
+) -> dict[str, Any]:
+    """The statistics arguments both callbacks take, checked now: keyword arguments of ``StatisticsCollector``."""
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {seed!r}")
+    return {
+        "target_modules": check_selector(target_modules, "target_modules"),
+        "exclude_modules": check_selector(exclude_modules, "exclude_modules"),
+        "mask_fn": mask_fn,
+        "max_rows_per_batch": None if max_rows_per_batch is None else check_positive_int(
+            max_rows_per_batch, "max_rows_per_batch"
+        ),
+        "dtype": float_dtype(dtype),
+        "seed": seed,
+    }

@@ -40,11 +40,11 @@ from typing_extensions import override
 from lightning_rank.epoch_statistics import EpochStatistics
 from lightning_rank.factorize import METHODS, FactorizationResult, factorize_, rebuild_factorized_
 from lightning_rank.layers import LOW_RANK_TYPES
-from lightning_rank.checks import check_positive_int, check_selector
+from lightning_rank.checks import collection_arguments
 from lightning_rank.report import write_json_atomic
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import ForwardFn, MaskFn, default_forward
-from lightning_rank.targets import ModuleSelector, float_dtype
+from lightning_rank.targets import ModuleSelector
 
 
 class RankCompression(Callback):
@@ -118,8 +118,6 @@ class RankCompression(Callback):
             raise ValueError(f"`finetune_epochs` must be an int >= 0, got {finetune_epochs!r}")
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
-        if mask_fn is not None and not callable(mask_fn):
-            raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
         if forward is not None and not callable(forward):
             raise TypeError(f"`forward` must be a callable (model, batch) -> output or None, got {type(forward).__name__}")
         if not isinstance(dense_checkpoints, bool):
@@ -129,16 +127,11 @@ class RankCompression(Callback):
         self.finetune_epochs = finetune_epochs
         self.monitor = monitor
         self.ranks = ranks
-        self.target_modules = check_selector(target_modules, "target_modules")
-        self.exclude_modules = check_selector(exclude_modules, "exclude_modules")
-        self.mask_fn = mask_fn
-        self.max_rows_per_batch = None if max_rows_per_batch is None else check_positive_int(
-            max_rows_per_batch, "max_rows_per_batch"
+        self.collection = collection_arguments(
+            target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed
         )
-        self.dtype = float_dtype(dtype)
         self.dense_checkpoints = dense_checkpoints
         self.forward = forward
-        self.seed = seed
 
         self.result: FactorizationResult | None = None
         self.metrics: dict[str, float | None] = {"before": None, "compressed": None, "finetuned": None}
@@ -214,6 +207,14 @@ class RankCompression(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unwrap_hook()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._unwrap_hook()  # also when fit failed before it started
+        self._release()
+
+    def _unwrap_hook(self) -> None:
         if self._restore_hook is not None:
             self._restore_hook()
             self._restore_hook = None
@@ -240,15 +241,7 @@ class RankCompression(Callback):
             self._start_collecting(pl_module)
 
     def _start_collecting(self, pl_module: LightningModule) -> None:
-        self._statistics = EpochStatistics(
-            pl_module,
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
-            mask_fn=self.mask_fn,
-            max_rows_per_batch=self.max_rows_per_batch,
-            dtype=self.dtype,
-            seed=self.seed,
-        )
+        self._statistics = EpochStatistics(pl_module, **self.collection)
         self._first_batch = None
 
     @override
@@ -327,8 +320,8 @@ class RankCompression(Callback):
             method=self.method,
             ranks=self.ranks,
             param_budget=self.param_budget,
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
+            target_modules=self.collection["target_modules"],
+            exclude_modules=self.collection["exclude_modules"],
         )
         self._summary = self.result.to_dict()
         if not self.result.layers:

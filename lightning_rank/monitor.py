@@ -23,11 +23,11 @@ from typing_extensions import override
 from lightning_rank import tensorboard as views
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
-from lightning_rank.checks import check_positive_int, check_selector
+from lightning_rank.checks import check_positive_int, collection_arguments
 from lightning_rank.epoch_statistics import EpochStatistics, can_run_eagerly, is_compiled
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import MaskFn, warn_about_rows
-from lightning_rank.targets import ModuleSelector, float_dtype
+from lightning_rank.targets import ModuleSelector
 
 
 class RankMonitor(Callback):
@@ -87,23 +87,14 @@ class RankMonitor(Callback):
     ) -> None:
         self.threshold = check_threshold(threshold)
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
-        self.target_modules = check_selector(target_modules, "target_modules")
-        self.exclude_modules = check_selector(exclude_modules, "exclude_modules")
-        if mask_fn is not None and not callable(mask_fn):
-            raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
-        self.mask_fn = mask_fn
-        self.max_rows_per_batch = None if max_rows_per_batch is None else check_positive_int(
-            max_rows_per_batch, "max_rows_per_batch"
+        self.collection = collection_arguments(
+            target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed
         )
-        self.dtype = float_dtype(dtype)
         for name, flag in (("centered", centered), ("tensorboard", tensorboard)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
         self.centered = centered
         self.tensorboard = tensorboard
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an int, got {seed!r}")
-        self.seed = seed
 
         self.report: RankReport | None = None
         self.history: list[dict[str, Any]] = []
@@ -122,8 +113,8 @@ class RankMonitor(Callback):
         return self._generate_state_key(
             threshold=self.threshold,
             every_n_epochs=self.every_n_epochs,
-            target_modules=stable(self.target_modules),
-            exclude_modules=stable(self.exclude_modules),
+            target_modules=stable(self.collection["target_modules"]),
+            exclude_modules=stable(self.collection["exclude_modules"]),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -160,15 +151,7 @@ class RankMonitor(Callback):
         self._release()
         if not self._should_observe(trainer):
             return
-        self._statistics = EpochStatistics(
-            pl_module,
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
-            mask_fn=self.mask_fn,
-            max_rows_per_batch=self.max_rows_per_batch,
-            dtype=self.dtype,
-            seed=self.seed,
-        )
+        self._statistics = EpochStatistics(pl_module, **self.collection)
 
     @override
     def on_validation_batch_start(

@@ -99,13 +99,14 @@ class InputStatistics:
         """``E[x]`` in float64 (zeros when no row was seen)."""
         return self.total.double() / self.count.clamp(min=1).double()
 
-    def second_moment(self, centered: bool = False) -> Tensor:
-        """``C = sum x x^T / n`` in float64, or the covariance ``C - mu mu^T`` when ``centered``."""
-        moment = self.gram.double() / self.count.clamp(min=1).double()
+    def second_moment(self, centered: bool = False, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``C = sum x x^T / n`` in ``dtype`` (float64 by default), or the covariance ``C - mu mu^T`` when ``centered``."""
+        compute = torch.float64 if centered else dtype  # the subtraction cancels: do it in float64
+        moment = self.gram.to(compute) / self.count.clamp(min=1).to(compute)
         if centered:
             mu = self.mean()
             moment = moment - torch.outer(mu, mu)
-        return moment
+        return moment.to(dtype)
 
 
 @dataclass

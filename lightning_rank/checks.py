@@ -36,6 +36,9 @@ def check_selector(selector: Any, argument: str) -> ModuleSelector:
     )
 
 
+COLLECTION_ARGUMENTS = ("target_modules", "exclude_modules", "mask_fn", "max_rows_per_batch", "dtype", "seed")
+
+
 def collection_arguments(
     target_modules: Any,
     exclude_modules: Any,
@@ -59,3 +62,8 @@ def collection_arguments(
         "dtype": float_dtype(dtype),
         "seed": seed,
     }
+
+
+def collection_of(callback: Any) -> dict[str, Any]:
+    """A callback's statistics arguments (its attributes of those names), as keyword arguments of ``StatisticsCollector``."""
+    return {name: getattr(callback, name) for name in COLLECTION_ARGUMENTS}

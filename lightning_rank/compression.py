@@ -40,7 +40,7 @@ from typing_extensions import override
 from lightning_rank.epoch_statistics import EpochStatistics
 from lightning_rank.factorize import METHODS, FactorizationResult, factorize_, rebuild_factorized_
 from lightning_rank.layers import LOW_RANK_TYPES
-from lightning_rank.checks import collection_arguments
+from lightning_rank.checks import collection_arguments, collection_of
 from lightning_rank.report import write_json_atomic
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import ForwardFn, MaskFn, default_forward
@@ -127,9 +127,9 @@ class RankCompression(Callback):
         self.finetune_epochs = finetune_epochs
         self.monitor = monitor
         self.ranks = ranks
-        self.collection = collection_arguments(
-            target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed
-        )
+        checked = collection_arguments(target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed)
+        for name, value in checked.items():
+            setattr(self, name, value)
         self.dense_checkpoints = dense_checkpoints
         self.forward = forward
 
@@ -241,7 +241,7 @@ class RankCompression(Callback):
             self._start_collecting(pl_module)
 
     def _start_collecting(self, pl_module: LightningModule) -> None:
-        self._statistics = EpochStatistics(pl_module, **self.collection)
+        self._statistics = EpochStatistics(pl_module, **collection_of(self))
         self._first_batch = None
 
     @override
@@ -320,8 +320,8 @@ class RankCompression(Callback):
             method=self.method,
             ranks=self.ranks,
             param_budget=self.param_budget,
-            target_modules=self.collection["target_modules"],
-            exclude_modules=self.collection["exclude_modules"],
+            target_modules=self.target_modules,
+            exclude_modules=self.exclude_modules,
         )
         self._summary = self.result.to_dict()
         if not self.result.layers:

@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning_rank import tensorboard as views
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
-from lightning_rank.checks import check_positive_int, collection_arguments
+from lightning_rank.checks import check_positive_int, collection_arguments, collection_of
 from lightning_rank.epoch_statistics import EpochStatistics, can_run_eagerly, is_compiled
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import MaskFn, warn_about_rows
@@ -87,9 +87,9 @@ class RankMonitor(Callback):
     ) -> None:
         self.threshold = check_threshold(threshold)
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
-        self.collection = collection_arguments(
-            target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed
-        )
+        checked = collection_arguments(target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed)
+        for name, value in checked.items():
+            setattr(self, name, value)
         for name, flag in (("centered", centered), ("tensorboard", tensorboard)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
@@ -113,8 +113,8 @@ class RankMonitor(Callback):
         return self._generate_state_key(
             threshold=self.threshold,
             every_n_epochs=self.every_n_epochs,
-            target_modules=stable(self.collection["target_modules"]),
-            exclude_modules=stable(self.collection["exclude_modules"]),
+            target_modules=stable(self.target_modules),
+            exclude_modules=stable(self.exclude_modules),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class RankMonitor(Callback):
         self._release()
         if not self._should_observe(trainer):
             return
-        self._statistics = EpochStatistics(pl_module, **self.collection)
+        self._statistics = EpochStatistics(pl_module, **collection_of(self))
 
     @override
     def on_validation_batch_start(

@@ -260,8 +260,9 @@ trainer:
     )
     cli = LightningCLI(Blocks, Data, run=False, args=["--config", str(config)], save_config_callback=None)
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, lr.RankMonitor)]
-    assert (monitor.threshold, monitor.every_n_epochs) == (0.9, 2)
-    assert (monitor.collection["exclude_modules"], monitor.collection["dtype"]) == (["head"], torch.float64)
+    assert (monitor.threshold, monitor.every_n_epochs, monitor.exclude_modules, monitor.dtype) == (
+        0.9, 2, ["head"], torch.float64
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert [h["epoch"] for h in monitor.history] == [1]
     assert monitor.report.threshold == 0.9 and "head" not in monitor.report.layers

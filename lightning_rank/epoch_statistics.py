@@ -16,11 +16,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from lightning_rank.statistics import ActivationStatistics, InputStatistics, StatisticsCollector
+from lightning_rank.statistics import UNREACHED, ActivationStatistics, InputStatistics, StatisticsCollector
 from lightning_rank.targets import weight_matrix
-
-# The reason `StatisticsCollector.compute` gives a target layer that no forward reached.
-UNREACHED = "never called"
 
 _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
 
@@ -78,7 +75,7 @@ def sum_over_processes(collector: StatisticsCollector, stats: ActivationStatisti
     for i, name in enumerate(names):
         if name in stats.sources:
             codes[0, i] = index[stats.sources[name]]
-        codes[1, i] = int(name in stats.skipped and not stats.skipped[name].startswith(UNREACHED))
+        codes[1, i] = int(name in stats.skipped and stats.skipped[name] != UNREACHED)
     gathered = trainer.strategy.all_gather(codes).reshape(-1, 2, len(names)).cpu()  # a few ints per layer
     keys, diverged = gathered[:, 0], gathered[:, 1].amax(dim=0) > 0
     reached = keys >= 0

@@ -206,6 +206,7 @@ def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
     return mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead).reshape(-1)
 
 
+UNREACHED = "never called during collection (not reached by the data)"
 _DIVERGED = (
     "its input was the same tensor as {key!r}'s in one batch but differed in another; "
     "exclude one of them with `exclude_modules`"
@@ -394,7 +395,7 @@ class StatisticsCollector:
             if name in skipped:
                 continue
             if name not in self._sources:
-                skipped[name] = "never called during collection (not reached by the data)"
+                skipped[name] = UNREACHED
             else:
                 sources[name] = self._sources[name]
         inputs = {key: self._inputs[key] for key in dict.fromkeys(sources.values())}

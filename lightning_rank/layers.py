@@ -40,6 +40,15 @@ def _copy_into(param: Tensor, value: Tensor, like: Tensor | None) -> None:
     param.requires_grad_(like.requires_grad if like is not None else True)
 
 
+def _fill(new: nn.Module, a: Tensor, b: Tensor, layer: nn.Module) -> nn.Module:
+    """Put the factors (``b`` first, ``a`` second) and the dense ``layer``'s bias into ``new``, in its training mode."""
+    _copy_into(new.first.weight, b, layer.weight)
+    _copy_into(new.second.weight, a, layer.weight)
+    if layer.bias is not None:
+        _copy_into(new.second.bias, layer.bias, layer.bias)
+    return new.train(layer.training)
+
+
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` computed in at least float32 (bf16/fp16 factors), cast back to their dtype."""
     dtype = torch.promote_types(a.dtype, torch.float32)
@@ -99,11 +108,7 @@ class LowRankLinear(nn.Module):
             dtype=weight.dtype,
             dense_type=type(layer) if is_hf_conv1d(layer) else nn.Linear,
         )
-        _copy_into(new.first.weight, b, weight)
-        _copy_into(new.second.weight, a, weight)
-        if bias is not None:
-            _copy_into(new.second.bias, bias, bias)
-        return new.train(layer.training)
+        return _fill(new, a, b, layer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))
@@ -199,11 +204,7 @@ class _LowRankConv(nn.Module):
             padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
             padding_mode=layer.padding_mode, device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
-        _copy_into(new.first.weight, b, weight)
-        _copy_into(new.second.weight, a, weight)
-        if bias is not None:
-            _copy_into(new.second.bias, bias, bias)
-        return new.train(layer.training)
+        return _fill(new, a, b, layer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))

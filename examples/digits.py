@@ -127,8 +127,9 @@ class DigitsViT(L.LightningModule):
             schedule = warmup_cosine(steps, warmup=0)
         else:
             # RankCompression adds its fine-tuning epochs to the trainer's max_epochs: anneal by the planned end.
-            finetune = sum(c.finetune_epochs for c in trainer.callbacks if isinstance(c, lr.RankCompression))
-            steps = int(trainer.estimated_stepping_batches) * (trainer.max_epochs - finetune) // trainer.max_epochs
+            compression = next((c for c in trainer.callbacks if isinstance(c, lr.RankCompression)), None)
+            planned = (compression.planned_epochs if compression is not None else None) or trainer.max_epochs
+            steps = int(trainer.estimated_stepping_batches) * planned // trainer.max_epochs
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
             schedule = warmup_cosine(steps, warmup=steps // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

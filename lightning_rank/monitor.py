@@ -66,6 +66,7 @@ class RankMonitor(Callback):
         centered: use covariances instead of uncentered second moments.
         tensorboard: write the TensorBoard views to each ``TensorBoardLogger``.
         seed: seed of the row subsampling.
+        eig_dtype: precision of the epoch-end eigenproblems (float32 is about 2-3x faster on CPU).
 
     Example::
 
@@ -84,6 +85,7 @@ class RankMonitor(Callback):
         centered: bool = False,
         tensorboard: bool = True,
         seed: int = 0,
+        eig_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.threshold = check_threshold(threshold)
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
@@ -94,6 +96,9 @@ class RankMonitor(Callback):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
         self.centered = centered
+        if eig_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype!r}")
+        self.eig_dtype = eig_dtype
         self.tensorboard = tensorboard
 
         self.report: RankReport | None = None
@@ -179,7 +184,7 @@ class RankMonitor(Callback):
         if statistics is None:
             return
         stats = statistics.finish(trainer)
-        report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered)
+        report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered, eig_dtype=self.eig_dtype)
         if not report.analyzed:
             collector = statistics.collector
             rank_zero_warn(

@@ -377,11 +377,23 @@ def test_compiled_model_without_eager_fallback_warns(tmp_path, monkeypatch):
         ({"centered": "yes"}, "centered"),
         ({"tensorboard": 1}, "tensorboard"),
         ({"seed": "0"}, "seed"),
+        ({"eig_dtype": torch.float16}, "eig_dtype"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
     with pytest.raises((ValueError, TypeError), match=f"`{argument}`"):
         lr.RankMonitor(**kwargs)
+
+
+def test_eig_dtype_reaches_the_analysis(tmp_path, monkeypatch):
+    import lightning_rank.monitor as monitor_module
+
+    seen = []
+    original = monitor_module.analyze
+    monkeypatch.setattr(monitor_module, "analyze", lambda *a, **k: seen.append(k["eig_dtype"]) or original(*a, **k))
+    monitor = lr.RankMonitor(eig_dtype=torch.float32)
+    trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor]).fit(Blocks(), datamodule=Data())
+    assert seen == [torch.float32] and monitor.report.analyzed
 
 
 def test_early_stopping_can_monitor_mlu(tmp_path):

@@ -16,6 +16,12 @@ def check_positive_int(value: Any, argument: str) -> int:
     return value
 
 
+def check_mask_fn(mask_fn: Any) -> None:
+    """A ``TypeError`` naming ``mask_fn`` unless it is None or callable."""
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
+
+
 def check_selector(selector: Any, argument: str) -> ModuleSelector:
     """Check the form of a module selector now; whether its names exist is checked against the model later."""
     if selector is None or callable(selector):
@@ -48,8 +54,7 @@ def collection_arguments(
     seed: Any,
 ) -> dict[str, Any]:
     """The statistics arguments both callbacks take, checked now: keyword arguments of ``StatisticsCollector``."""
-    if mask_fn is not None and not callable(mask_fn):
-        raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
+    check_mask_fn(mask_fn)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"`seed` must be an int, got {seed!r}")
     return {

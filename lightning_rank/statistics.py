@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_rank.checks import check_mask_fn, check_positive_int
 from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
 
 MaskFn = Callable[[Any], Tensor | None]
@@ -239,10 +240,9 @@ class StatisticsCollector:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> None:
-        if max_rows_per_batch is not None and (not isinstance(max_rows_per_batch, int) or max_rows_per_batch < 1):
-            raise ValueError(f"`max_rows_per_batch` must be a positive int or None, got {max_rows_per_batch!r}")
-        if mask_fn is not None and not callable(mask_fn):
-            raise TypeError(f"`mask_fn` must be a callable batch -> bool mask, got {type(mask_fn).__name__}")
+        if max_rows_per_batch is not None:
+            check_positive_int(max_rows_per_batch, "max_rows_per_batch")
+        check_mask_fn(mask_fn)
         self.targets, self._unobservable = select_targets(model, target_modules, exclude_modules)
         self.mask_fn = mask_fn
         self.max_rows_per_batch = max_rows_per_batch

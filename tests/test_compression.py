@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
@@ -241,12 +243,13 @@ class ParameterCheck(Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         gathered = trainer.strategy.all_gather(flat)
         types = sorted(type(m).__name__ for m in pl_module.net)
+        wrappers = sum(type(o).__name__ == "DistributedDataParallel" for o in gc.get_objects())  # collectable too
         result = {"equal": bool((gathered == gathered[0]).all()), "numel": flat.numel(), "types": types,
-                  "epoch": trainer.current_epoch}
+                  "epoch": trainer.current_epoch, "ddp_wrappers": wrappers}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
@@ -263,6 +266,7 @@ def test_ddp_parameters_identical_after_finetuning(tmp_path: Path) -> None:
         assert result["equal"], "ranks disagree: the new layers' gradients were not synchronized"
         assert result["epoch"] == 3
         assert result["types"].count("LowRankLinear") == 3
+        assert result["ddp_wrappers"] == 1  # the wrapper from before the swap is gone, not left for exit
     assert results[0]["numel"] == results[1]["numel"]
     summary = json.loads((tmp_path / "lightning_rank" / "compression.json").read_text())
     assert summary["params_after"] == results[0]["numel"]

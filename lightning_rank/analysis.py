@@ -1,15 +1,22 @@
-"""``analyze``: from streamed input statistics to a :class:`RankReport`.
+"""``analyze``: from streamed input statistics to a :class:`RankReport`; the one spectral core.
 
 Each distinct input moment is decomposed once (layers sharing an input share it). Output moments
 are derived from the input's, never streamed: formed directly when the layer narrows, and through a
 factor ``A`` (``C_y = A A^T``) whose small ``A^T A`` is decomposed when it widens. Eigenproblems of
 the same size are batched, on the statistics' device.
+
+Round-off is removed by bounds, never by a blanket cut (see :mod:`~lightning_rank.spectrum`). The
+cheap bounds need no eigenvectors; only when they leave an energy rank uncertain is that moment
+decomposed again in float64 with eigenvectors, whose per-direction bounds are tight even where a few
+huge channels hold most of the energy. :func:`decompose` keeps the eigenvectors for factorization.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,12 +28,44 @@ from lightning_rank.spectrum import (
     clean_spectrum,
     effective_rank,
     energy_rank,
+    energy_rank_interval,
     output_factor,
     output_moment,
+    roundoff_bounds,
+    solver_bound,
     utilization,
 )
-from lightning_rank.statistics import ActivationStatistics
-from lightning_rank.targets import Target, parameter_count, select_targets, weight_matrix
+from lightning_rank.statistics import ActivationStatistics, InputStatistics
+from lightning_rank.targets import Target, get_submodule, parameter_count, select_targets, weight_matrix
+
+
+@dataclass
+class Spectrum:
+    """Eigenvalues of one moment (descending, round-off removed) and, when kept, its eigenvectors (columns)."""
+
+    values: Tensor
+    vectors: Tensor | None = None
+
+
+@dataclass
+class LayerSpectra:
+    """One layer's matrices in the eigen dtype: ``y = W x + b`` with input moment ``C`` and mean ``mu``."""
+
+    target: Target
+    weight: Tensor
+    bias: Tensor | None
+    moment: Tensor
+    mean: Tensor
+    inputs: Spectrum
+    outputs: Spectrum
+
+
+@dataclass
+class Decomposition:
+    """What :func:`decompose` computed: the report and, per analyzed layer, its :class:`LayerSpectra`."""
+
+    report: RankReport
+    layers: dict[str, LayerSpectra]
 
 
 def analyze(
@@ -40,48 +79,95 @@ def analyze(
     """Utilized rank of every layer in ``stats``: in/out energy ranks at ``threshold``, utilization, MLU.
 
     ``centered=True`` uses covariances instead of (uncentered) second moments. ``eig_dtype`` is the
-    precision of the eigenvalue problems (float64 by default; float32 is about 3x faster on CPU).
+    precision of the eigenvalue problems (float64 by default; a float32 result that cannot be shown
+    to give the same ranks is recomputed in float64).
     """
+    return decompose(model, stats, threshold=threshold, centered=centered, eig_dtype=eig_dtype).report
+
+
+def decompose(
+    model: nn.Module,
+    stats: ActivationStatistics,
+    *,
+    threshold: float = 0.99,
+    centered: bool = False,
+    eig_dtype: torch.dtype = torch.float64,
+    vectors: bool = False,
+) -> Decomposition:
+    """:func:`analyze`, also returning each layer's matrices and spectra (with eigenvectors if ``vectors``)."""
     threshold = check_threshold(threshold)
     if eig_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype}")
-    targets = _targets_of(model, stats)
+    if not isinstance(stats, ActivationStatistics):
+        raise TypeError(f"`stats` must be ActivationStatistics from lr.collect, got {type(stats).__name__}")
     if not stats.sources and not stats.skipped:
         raise ValueError("`stats` holds no layer: collect statistics with lr.collect(model, batches) first")
+    targets, empty = _targets_of(model, stats)
+    keys = dict.fromkeys(stats.sources[name] for name in targets)
 
-    device = stats.device
     widening = {name for name, target in targets.items() if _widens(target)}
-    needs_vectors = {stats.sources[name] for name in widening}
-    moments = {key: s.second_moment(centered, dtype=eig_dtype) for key, s in stats.inputs.items()}
-    in_spectra, in_vectors = _input_spectra(stats, moments, needs_vectors)
+    with_vectors = set(keys) if vectors else {stats.sources[name] for name in widening}
+    moments = {key: stats.inputs[key].second_moment(centered, dtype=eig_dtype) for key in keys}
+    raw_in = {
+        **_eigen_batched({k: m for k, m in moments.items() if k in with_vectors}, torch.linalg.eigh),
+        **_eigen_batched({k: m for k, m in moments.items() if k not in with_vectors}, _values_only),
+    }
+    in_spectra = {
+        key: _settle(raw_in[key], lambda key=key: stats.inputs[key].second_moment(centered, dtype=torch.float64),
+                     stats.inputs[key], _scales(stats.inputs[key]), threshold, keep_vectors=key in with_vectors)
+        for key in keys
+    }
 
+    layers: dict[str, LayerSpectra] = {}
     output_matrices: dict[str, Tensor] = {}
+    factors: dict[str, Tensor] = {}
     for name, target in targets.items():
         key = stats.sources[name]
-        weight, bias = (t.detach().to(device=device, dtype=eig_dtype) if t is not None else None
+        weight, bias = (t.detach().to(device=stats.device, dtype=eig_dtype) if t is not None else None
                         for t in weight_matrix(target))
         mean = stats.inputs[key].mean().to(eig_dtype)
+        layers[name] = LayerSpectra(target, weight, bias, moments[key], mean, in_spectra[key], Spectrum(torch.empty(0)))
         if name in widening:
-            factor = output_factor(weight, bias, in_spectra[key], in_vectors[key], mean, centered)
-            output_matrices[name] = factor.t() @ factor
+            spectrum = in_spectra[key]
+            factors[name] = output_factor(weight, bias, spectrum.values.to(weight), spectrum.vectors.to(weight), mean,
+                                          centered)
+            output_matrices[name] = factors[name].t() @ factors[name]
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
-    out_spectra = _eigen_batched(output_matrices, torch.linalg.eigvalsh)
+    raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if vectors else _values_only)
+    for name, layer in layers.items():
+        inputs = stats.inputs[stats.sources[name]]
+        scales = layer.weight.abs().double() @ _scales(inputs).to(layer.weight.device)
+        if name in widening:
+            factor = factors[name]
+            layer.outputs = _settle(raw_out[name], lambda f=factor: f, inputs, scales, threshold, vectors, factor=True)
+        else:
+            layer.outputs = _settle(raw_out[name], lambda m=output_matrices[name]: m, inputs, scales, threshold, vectors)
 
-    rtol_of = {key: s.dim * torch.finfo(s.gram.dtype).eps for key, s in stats.inputs.items()}
-    layers: dict[str, LayerRank] = {}
+    report = _report(model, stats, layers, empty, threshold, centered)
+    return Decomposition(report, layers)
+
+
+def _report(
+    model: nn.Module,
+    stats: ActivationStatistics,
+    layers: dict[str, LayerSpectra],
+    empty: dict[str, str],
+    threshold: float,
+    centered: bool,
+) -> RankReport:
+    entries: dict[str, LayerRank] = {}
     spectra: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, target in targets.items():
-        key = stats.sources[name]
-        spectrum_in = in_spectra[key]
-        spectrum_out = clean_spectrum(out_spectra[name], rtol_of[key])
-        spectra[name] = (spectrum_in.flip(-1), spectrum_out.flip(-1))
+    for name, layer in layers.items():
+        inputs = stats.inputs[stats.sources[name]]
+        spectrum_in, spectrum_out = layer.inputs.values.double(), layer.outputs.values.double()
+        spectra[name] = (spectrum_in, spectrum_out)
         in_rank, out_rank = int(energy_rank(spectrum_in, threshold)), int(energy_rank(spectrum_out, threshold))
-        out_features, in_features = weight_matrix(target)[0].shape
+        out_features, in_features = layer.weight.shape
         rank = min(in_rank, out_rank)
-        layers[name] = LayerRank(
+        entries[name] = LayerRank(
             name=name,
-            kind=target.kind,
+            kind=layer.target.kind,
             in_features=in_features,
             out_features=out_features,
             in_rank=in_rank,
@@ -90,17 +176,27 @@ def analyze(
             utilization=utilization(rank, out_features, in_features),
             in_effective_rank=float(effective_rank(spectrum_in)),
             out_effective_rank=float(effective_rank(spectrum_out)),
-            rows=int(stats.inputs[key].count),
-            nonfinite_rows=int(stats.inputs[key].nonfinite),
-            parameters=parameter_count(target),
+            rows=int(inputs.count),
+            rows_limited=int(inputs.count) < in_features,
+            nonfinite_rows=int(inputs.nonfinite),
+            parameters=parameter_count(layer.target),
+            factorized=layer.target.factorized,
         )
-    for name, reason in stats.skipped.items():
-        layers[name] = _skipped_layer(model, name, reason)
-    return RankReport(threshold=threshold, layers=layers, centered=centered, spectra=spectra)
+    for name, reason in {**stats.skipped, **empty}.items():
+        entries[name] = _skipped_layer(model, name, reason)
+    report = RankReport(threshold=threshold, layers=entries, centered=centered, spectra=spectra)
+    limited = [name for name, layer in report.analyzed.items() if layer.rows_limited]
+    if limited:
+        warnings.warn(
+            f"Fewer rows than inputs (fan_in) were seen for {limited}: their input rank is bounded by the data, "
+            "not by the layer (`rows_limited` in the report). Collect more batches for ranks of the layer itself.",
+            stacklevel=4,
+        )
+    return report
 
 
-def _targets_of(model: nn.Module, stats: ActivationStatistics) -> dict[str, Target]:
-    """The model's layers named in ``stats``, in the order of ``stats``."""
+def _targets_of(model: nn.Module, stats: ActivationStatistics) -> tuple[dict[str, Target], dict[str, str]]:
+    """The model's layers named in ``stats`` (in its order) that have rows, and those whose every row was dropped."""
     everything, _ = select_targets(model)
     missing = [name for name in stats.sources if name not in everything]
     if missing:
@@ -108,7 +204,21 @@ def _targets_of(model: nn.Module, stats: ActivationStatistics) -> dict[str, Targ
             f"`stats` has layers that `model` does not have as analyzable layers: {missing}. "
             "Pass the model the statistics were collected on."
         )
-    return {name: everything[name] for name in stats.sources}
+    targets, empty = {}, {}
+    for name in stats.sources:
+        target, inputs = everything[name], stats[name]
+        fan_in = weight_matrix(target)[0].shape[1]
+        if inputs.dim != fan_in:
+            raise ValueError(
+                f"`stats` for layer {name!r} hold inputs of length {inputs.dim}, but the model's {name!r} "
+                f"({type(target.module).__name__}) has fan_in {fan_in}: the statistics come from another model. "
+                "Pass the model they were collected on, or collect them again."
+            )
+        if int(inputs.count) == 0 and int(inputs.nonfinite) > 0:
+            empty[name] = f"every row of its input held NaN or Inf ({int(inputs.nonfinite)} rows dropped)"
+        else:
+            targets[name] = target
+    return targets, empty
 
 
 def _widens(target: Target) -> bool:
@@ -116,20 +226,66 @@ def _widens(target: Target) -> bool:
     return weight.shape[0] > weight.shape[1] + 1
 
 
-def _input_spectra(
-    stats: ActivationStatistics, moments: dict[str, Tensor], needs_vectors: set[str]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Cleaned eigenvalues of every distinct input moment, plus eigenvectors where a widening layer needs them."""
-    with_vectors = _eigen_batched({key: moments[key] for key in moments if key in needs_vectors}, torch.linalg.eigh)
-    without = _eigen_batched({key: moments[key] for key in moments if key not in needs_vectors}, torch.linalg.eigvalsh)
-    spectra: dict[str, Tensor] = {}
-    vectors = {key: vecs for key, (_, vecs) in with_vectors.items()}
-    for key, values in [*((k, v) for k, (v, _) in with_vectors.items()), *without.items()]:
-        s = stats.inputs[key]
-        # the round-off sits on the scale of the summed (uncentered) numbers
-        scale = float(s.gram.diagonal().max()) / max(int(s.count), 1)
-        spectra[key] = clean_spectrum(values, s.dim * torch.finfo(s.gram.dtype).eps, scale)
-    return spectra, vectors
+def _scales(inputs: InputStatistics) -> Tensor:
+    """``sqrt(diag(C))`` of the uncentered moment in float64: the scale of each input's round-off."""
+    return (inputs.gram.diagonal().double() / max(int(inputs.count), 1)).clamp(min=0).sqrt()
+
+
+def _settle(
+    solved: Any,
+    matrix: Callable[[], Tensor],
+    inputs: InputStatistics,
+    scales: Tensor,
+    threshold: float,
+    keep_vectors: bool,
+    factor: bool = False,
+) -> Spectrum:
+    """A :class:`Spectrum` (descending) whose round-off is removed and whose energy rank is certain.
+
+    ``solved`` is ``(values, vectors)`` or ``values`` (ascending) of ``matrix()``; with ``factor`` the
+    matrix is a factor ``A`` of the moment and ``solved`` is of ``A^T A``. Entries of the moment err by
+    at most ``roundoff * s_i s_j`` with ``s = scales``. When the bounds free of eigenvectors leave the
+    rank at ``threshold`` open (a few huge channels, or eigenvalues near the solver's precision), the
+    moment is decomposed again in float64 with eigenvectors, whose per-direction bounds are tight.
+    """
+    values, vectors = solved if isinstance(solved, tuple) else (solved, None)
+    roundoff = inputs.roundoff()
+    nonzero = scales[scales > 0]
+    least = roundoff * float(nonzero.square().min()) if nonzero.numel() else 0.0
+    greatest = roundoff * float(scales.square().max()) if scales.numel() else 0.0
+    solver = float(solver_bound(values, values.dtype))
+    low, high = energy_rank_interval(values, greatest + solver, threshold)
+    if low != high:
+        values, vectors = _refined(matrix(), factor)
+        solver = float(solver_bound(values, torch.float64))
+        directions = _output_directions(matrix(), values, vectors) if factor else vectors
+        bounds = roundoff_bounds(roundoff, scales.to(values.device), directions) + solver
+        cleaned = clean_spectrum(values, bounds)
+    else:
+        cleaned = clean_spectrum(values.double(), least + solver)
+    order = cleaned.argsort(descending=True)
+    if not keep_vectors or vectors is None:
+        return Spectrum(cleaned[order])
+    if factor:
+        vectors = _output_directions(matrix(), values, vectors)
+    return Spectrum(cleaned[order], vectors[:, order])
+
+
+def _refined(matrix: Tensor, factor: bool) -> tuple[Tensor, Tensor]:
+    gram = matrix.double().t() @ matrix.double() if factor else matrix.double()
+    values, vectors = torch.linalg.eigh(gram)
+    return values, vectors
+
+
+def _output_directions(factor: Tensor, values: Tensor, vectors: Tensor) -> Tensor:
+    """Unit eigenvectors of ``A A^T`` from those of ``A^T A``: ``A w / |A w|`` (zero where ``A w`` is zero)."""
+    directions = factor.double() @ vectors
+    norms = directions.norm(dim=0, keepdim=True)
+    return torch.where(norms > 0, directions / norms.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+
+
+def _values_only(matrices: Tensor) -> Tensor:
+    return torch.linalg.eigvalsh(matrices)
 
 
 # Large eigenproblems gain nothing from batching, and stacking them costs a copy of each.
@@ -151,14 +307,20 @@ def _eigen_batched(matrices: dict[str, Tensor], solve: Callable[[Tensor], Any]) 
 
 
 def _skipped_layer(model: nn.Module, name: str, reason: str) -> LayerRank:
-    modules = dict(model.named_modules())
-    module = modules.get(name)
+    try:
+        module = get_submodule(model, name)
+    except AttributeError:
+        module = None
     kind = out_features = in_features = None
     if module is not None and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() >= 2:
         weight = module.weight
         out_features, in_features = weight.shape[0], weight[0].numel()
         kind = type(module).__name__
-    elif name.endswith(".in_proj") and isinstance(modules.get(name[: -len(".in_proj")]), nn.MultiheadAttention):
-        mha = modules[name[: -len(".in_proj")]]
-        kind, out_features, in_features = "mha_in_proj", 3 * mha.embed_dim, mha.embed_dim
+    elif name.endswith(".in_proj"):
+        try:
+            mha = get_submodule(model, name[: -len(".in_proj")])
+        except AttributeError:
+            mha = None
+        if isinstance(mha, nn.MultiheadAttention):
+            kind, out_features, in_features = "mha_in_proj", 3 * mha.embed_dim, mha.embed_dim
     return LayerRank(name=name, kind=kind, in_features=in_features, out_features=out_features, skipped=reason)

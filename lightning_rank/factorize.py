@@ -46,7 +46,7 @@ def output_error(weight: Tensor, approx: Tensor, moment: Tensor) -> Tensor:
 def descending_eigh(moment: Tensor, rtol: float = 0.0) -> tuple[Tensor, Tensor]:
     """Eigenvalues (largest first, those below ``rtol * max`` set to 0) and eigenvectors of a PSD matrix."""
     values, vectors = torch.linalg.eigh(moment)
-    return clean_spectrum(values.flip(-1), rtol), vectors.flip(-1)
+    return clean_spectrum(values.flip(-1), rtol * values.clamp(min=0).max()), vectors.flip(-1)
 
 
 def whitened_weight(weight: Tensor, values: Tensor, vectors: Tensor) -> Tensor:
@@ -440,9 +440,8 @@ def _why_not_replaceable(
     name: str, target: Target, stats: ActivationStatistics | None, shared: dict[int, list[str]], factorized: set[str]
 ) -> str | None:
     """Why ``target`` cannot be swapped at all, or ``None``; raises when statistics are missing for it."""
-    parent = name.rpartition(".")[0]
-    if parent in factorized:
-        return f"a factor of the already factorized layer {parent!r}"
+    if target.factorized:
+        return f"already factorized (a low-rank pair of rank {target.module.rank})"
     if target.kind == "mha_in_proj":
         return (
             "the packed in_proj of nn.MultiheadAttention is used inside the attention forward, not called as a "
@@ -484,7 +483,7 @@ def _prepare(
     inputs = stats.inputs[key]
     moment = inputs.second_moment()
     if key not in eigen:
-        eigen[key] = descending_eigh(moment, inputs.dim * torch.finfo(inputs.gram.dtype).eps)
+        eigen[key] = descending_eigh(moment)
     values, vectors = eigen[key]
     return _Layer(target, weight.to(moment), moment, values, vectors, inputs.mean())
 

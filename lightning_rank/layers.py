@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
-from lightning_rank.targets import is_hf_conv1d, layer_kind
+from lightning_rank.targets import factorized_kind, is_hf_conv1d, layer_kind
 
 
 def _check_factors(layer: nn.Module, a: Tensor, b: Tensor, out_features: int, fan_in: int) -> int:
@@ -61,6 +61,8 @@ class LowRankLinear(nn.Module):
     ``dense_type`` is the class :meth:`to_dense` rebuilds (``nn.Linear``, or the ``Conv1D`` class the
     layer came from, whose weight is stored transposed).
     """
+
+    factorized_kind = "linear"  # analyzed as the one layer it replaced (see targets.factorized_kind)
 
     def __init__(
         self,
@@ -247,12 +249,14 @@ class LowRankConv2d(_LowRankConv):
     """A Conv2d of weight ``W ~ A B`` as a ``k x k`` Conv2d to ``rank`` channels and a ``1 x 1`` Conv2d with the bias."""
 
     _conv = nn.Conv2d
+    factorized_kind = "conv2d"
 
 
 class LowRankConv1d(_LowRankConv):
     """A Conv1d of weight ``W ~ A B`` as a size-``k`` Conv1d to ``rank`` channels and a size-1 Conv1d with the bias."""
 
     _conv = nn.Conv1d
+    factorized_kind = "conv1d"
 
 
 LOW_RANK_TYPES = (LowRankLinear, LowRankConv1d, LowRankConv2d)
@@ -266,6 +270,8 @@ _LOW_RANK_OF_KIND: dict[str, type[nn.Module]] = {
 
 def low_rank_type(layer: nn.Module) -> type[LowRankLinear] | type[_LowRankConv] | None:
     """The low-rank class that can replace ``layer``, or ``None`` when there is none."""
+    if factorized_kind(layer) is not None:
+        return None  # already a low-rank pair
     kind = layer_kind(layer)
     if kind in ("conv1d", "conv2d") and layer.groups != 1:
         return None

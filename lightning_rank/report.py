@@ -15,7 +15,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class LayerRank:
-    """Utilized rank of one layer; every number but ``name``, ``kind`` and ``skipped`` is ``None`` when skipped."""
+    """Utilized rank of one layer; every number but ``name``, ``kind`` and ``skipped`` is ``None`` when skipped.
+
+    ``rows_limited``: fewer rows than ``in_features`` were seen, so ``in_rank`` is bounded by the data, not
+    by the layer. ``factorized``: the layer is a low-rank pair ``A B``, analyzed as the one map it replaced.
+    """
 
     name: str
     kind: str | None
@@ -28,8 +32,10 @@ class LayerRank:
     in_effective_rank: float | None = None
     out_effective_rank: float | None = None
     rows: int | None = None
+    rows_limited: bool | None = None
     nonfinite_rows: int | None = None
     parameters: int | None = None
+    factorized: bool = False
     skipped: str | None = None
 
     @property
@@ -117,11 +123,15 @@ class RankReport:
             "|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, layer in self.analyzed.items():
+            kind = f"{layer.kind} (factorized)" if layer.factorized else layer.kind
+            rows = f"{layer.rows} (limited)" if layer.rows_limited else f"{layer.rows}"
             lines.append(
-                f"| {name} | {layer.kind} | {layer.out_features} x {layer.in_features} | {layer.in_rank} | "
+                f"| {name} | {kind} | {layer.out_features} x {layer.in_features} | {layer.in_rank} | "
                 f"{layer.out_rank} | {layer.rank} | {_percent(layer.utilization)} | "
-                f"{layer.in_effective_rank:.1f} / {layer.out_effective_rank:.1f} | {layer.rows} |"
+                f"{layer.in_effective_rank:.1f} / {layer.out_effective_rank:.1f} | {rows} |"
             )
+        if any(layer.rows_limited for layer in self.analyzed.values()):
+            lines += ["", "*(limited)*: fewer rows than inputs were seen, so the input rank is bounded by the data."]
         if self.skipped:
             lines += ["", "| skipped layer | reason |", "|---|---|"]
             lines += [f"| {name} | {reason} |" for name, reason in self.skipped.items()]

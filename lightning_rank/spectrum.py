@@ -17,15 +17,69 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def clean_spectrum(eigenvalues: Tensor, rtol: float, scale: Tensor | float = 0.0) -> Tensor:
-    """Eigenvalues of a PSD matrix with round-off removed: those below ``rtol * max(largest, scale)`` become 0.
+# Round-off of accumulated sums. Summing m products in a dtype of unit round-off u leaves an error of
+# about sqrt(m) u times the sum of their magnitudes (the probabilistic bound of Higham and Mary, 2019;
+# the worst case, m u, grows with the data and would remove real spectrum). For a Gram entry that
+# magnitude is at most sqrt(G_ii G_jj) (Cauchy-Schwarz), so |error(C_ij)| <= r sqrt(C_ii C_jj).
+ROUNDOFF_SAFETY = 8.0
 
-    ``scale`` is the size of the numbers the matrix was computed from, when larger than its own
-    eigenvalues (a covariance obtained as ``C - mu mu^T`` carries the round-off of ``C``).
+
+def sum_roundoff(dtype: torch.dtype, rows: int, updates: int) -> float:
+    """``r`` with ``|error(C_ij)| <= r * sqrt(C_ii C_jj)`` for sums of ``rows`` rows added in ``updates`` batches.
+
+    Each entry is a sum of about ``rows / updates`` products per batch followed by ``updates`` additions.
     """
+    terms = rows / max(updates, 1) + updates
+    return ROUNDOFF_SAFETY * torch.finfo(dtype).eps * max(terms, 1.0) ** 0.5
+
+
+def roundoff_bounds(roundoff: float, scales: Tensor, vectors: Tensor | None = None) -> Tensor:
+    """How far round-off can move each eigenvalue of a moment whose entries err by ``roundoff * s_i s_j``.
+
+    With the eigenvectors ``v_k`` (columns) the bound is per direction, ``roundoff * ||diag(s) v_k||^2``:
+    directions in channels of small scale get a small bound, whatever a few huge channels hold.
+    Without them it is the largest over all directions, ``roundoff * max_i s_i^2`` (a 0-d tensor).
+    """
+    squares = scales.square()
+    if vectors is None:
+        return roundoff * squares.max() if squares.numel() else squares.new_zeros(())
+    return roundoff * (vectors.square() * squares[:, None]).sum(dim=0)
+
+
+def solver_bound(eigenvalues: Tensor, dtype: torch.dtype) -> Tensor:
+    """Error bound of a backward-stable symmetric eigensolver in ``dtype``: ``n * eps * max |lambda|``."""
+    n = eigenvalues.shape[-1]
+    return n * torch.finfo(dtype).eps * eigenvalues.abs().amax(dim=-1, keepdim=True).squeeze(-1)
+
+
+def clean_spectrum(eigenvalues: Tensor, bounds: Tensor | float) -> Tensor:
+    """Eigenvalues of a PSD matrix with round-off removed: those not above their error ``bounds`` become 0."""
     eigenvalues = eigenvalues.clamp(min=0)
-    largest = eigenvalues.amax(dim=-1, keepdim=True).clamp(min=scale)
-    return torch.where(eigenvalues > rtol * largest, eigenvalues, torch.zeros_like(eigenvalues))
+    return torch.where(eigenvalues > bounds, eigenvalues, torch.zeros_like(eigenvalues))
+
+
+def energy_rank_interval(eigenvalues: Tensor, bounds: Tensor | float, threshold: float) -> tuple[int, int]:
+    """The least and the largest :func:`energy_rank` of any spectrum within ``eigenvalues +- bounds`` (clamped at 0).
+
+    Equal ends mean the rank is certain whatever the errors are; unequal ones, that a tighter bound is needed.
+    """
+    threshold = check_threshold(threshold)
+    values = eigenvalues.double().clamp(min=0)
+    bounds = torch.as_tensor(bounds, dtype=torch.float64, device=values.device).expand_as(values)
+    order = values.argsort(descending=True)
+    values, bounds = values[order], bounds[order]
+    lower, upper = (values - bounds).clamp(min=0), values + bounds
+
+    def first_rank(top: Tensor, rest: Tensor) -> int:
+        if float(top.sum()) == 0:
+            return 0
+        held = top.cumsum(0)
+        remaining = rest.sum() - rest.cumsum(0)
+        reached = (1 - threshold) * held >= threshold * remaining - 1e-12 * threshold * (held + remaining)
+        return int(reached.int().argmax()) + 1
+
+    least = 0 if float(lower.sum()) == 0 else first_rank(upper, lower)
+    return least, first_rank(lower, upper)
 
 
 def energy_rank(eigenvalues: Tensor, threshold: float) -> Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rank.checks import check_mask_fn, check_positive_int
+from lightning_rank.spectrum import sum_roundoff
 from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
 
 MaskFn = Callable[[Any], Tensor | None]
@@ -29,16 +30,20 @@ class InputStatistics:
     """Sums over the rows ``x`` (length ``dim``) one layer input produced: ``gram``, ``total``, ``count``.
 
     ``count`` is the number of rows really added; ``nonfinite`` counts rows dropped because they held
-    NaN or Inf. Both are 0-d int64 tensors on the statistics' device.
+    NaN or Inf; ``updates`` counts the additions (batches), which with ``count`` sizes the round-off
+    bound of the sums. All three are 0-d int64 tensors on the statistics' device.
 
     Updates fill only the upper block triangle of the Gram matrix (a symmetric product needs about
     half the work of a full ``addmm_``); reading :attr:`gram` mirrors it into the full matrix.
     """
 
-    def __init__(self, gram: Tensor, total: Tensor, count: Tensor, nonfinite: Tensor) -> None:
+    def __init__(
+        self, gram: Tensor, total: Tensor, count: Tensor, nonfinite: Tensor, updates: Tensor | None = None
+    ) -> None:
         self._gram = gram  # upper triangle valid; lower triangle valid only while _mirrored
         self._mirrored = True
         self.total, self.count, self.nonfinite = total, count, nonfinite
+        self.updates = updates if updates is not None else (count > 0).to(torch.int64)
 
     @classmethod
     def zeros(cls, dim: int, dtype: torch.dtype, device: torch.device) -> InputStatistics:
@@ -49,6 +54,7 @@ class InputStatistics:
                 total=torch.zeros(dim, dtype=dtype, device=device),
                 count=torch.zeros((), dtype=torch.int64, device=device),
                 nonfinite=torch.zeros((), dtype=torch.int64, device=device),
+                updates=torch.zeros((), dtype=torch.int64, device=device),
             )
 
     @property
@@ -67,9 +73,9 @@ class InputStatistics:
     def dtype(self) -> torch.dtype:
         return self._gram.dtype
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The state tensors as stored (the Gram matrix's upper triangle is the valid part)."""
-        return self._gram, self.total, self.count, self.nonfinite
+        return self._gram, self.total, self.count, self.nonfinite, self.updates
 
     def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> None:
         """Sum the state over processes in place with ``reduce`` (an in-place sum such as ``dist.all_reduce``)."""
@@ -79,7 +85,8 @@ class InputStatistics:
 
     def to(self, device: torch.device | str) -> InputStatistics:
         """A copy on ``device``."""
-        return InputStatistics(*(t.to(device, copy=True) for t in (self.gram, self.total, self.count, self.nonfinite)))
+        state = (self.gram, self.total, self.count, self.nonfinite, self.updates)
+        return InputStatistics(*(t.to(device, copy=True) for t in state))
 
     def update(self, rows: Tensor) -> None:
         """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped."""
@@ -95,6 +102,12 @@ class InputStatistics:
         self._mirrored = False
         self.total.add_(column_sums)
         self.count.add_(rows.shape[0])
+        self.updates.add_(1)
+
+    def roundoff(self) -> float:
+        """``u`` with ``|error of C_ij| <= u * sqrt(C_ii C_jj)`` for the second moment of these sums
+        (see :func:`~lightning_rank.spectrum.sum_roundoff`)."""
+        return sum_roundoff(self.dtype, int(self.count), int(self.updates))
 
     def mean(self) -> Tensor:
         """``E[x]`` in float64 (zeros when no row was seen)."""
@@ -191,10 +204,14 @@ def _conv_rows(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[
     return cols.transpose(1, 2).reshape(batch * positions, fan_in), (batch, positions)
 
 
-def layer_rows(target: Target, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """The rows a layer multiplies by its weight for input ``x``, and the leading dims they come from."""
+def layer_rows(target: Target, x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
+    """The rows a layer multiplies by its weight for input ``x``, and the leading dims they come from
+    (``None`` for a nested tensor, whose rows are already only the real ones: no mask applies)."""
+    if x.is_nested:  # e.g. nn.TransformerEncoder with a padding mask: the values are the real rows
+        rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
+        return rows, None
     if target.kind in ("conv1d", "conv2d"):
-        return _conv_rows(target.module, x)
+        return _conv_rows(target.module.first if target.factorized else target.module, x)
     if target.kind == "mha_in_proj" and target.module.batch_first is False and x.dim() == 3:
         x = x.transpose(0, 1)  # (T, B, E) -> (B, T, E), so masks read (B, T) for every layer
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
@@ -362,8 +379,8 @@ class StatisticsCollector:
                 stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device)
             stats.update(rows)
 
-    def _select_rows(self, name: str, rows: Tensor, lead: tuple[int, ...]) -> Tensor:
-        if self._mask is not None:
+    def _select_rows(self, name: str, rows: Tensor, lead: tuple[int, ...] | None) -> Tensor:
+        if self._mask is not None and lead is not None:
             mask = _expand_mask(self._mask.to(rows.device), lead)
             if mask is None:
                 self._unmasked.add(name)

@@ -22,8 +22,16 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     )
 
 
+def factorized_kind(module: nn.Module) -> str | None:
+    """The kind of the dense layer a low-rank pair (``LowRankLinear``, ``LowRankConv1d/2d``) stands for, else ``None``."""
+    return getattr(type(module), "factorized_kind", None)
+
+
 def layer_kind(module: nn.Module) -> str | None:
-    """The kind of a supported layer, or ``None`` for anything else."""
+    """The kind of a supported layer (a low-rank pair counts as the layer it replaced), or ``None`` for anything else."""
+    kind = factorized_kind(module)
+    if kind is not None:
+        return kind
     if isinstance(module, nn.MultiheadAttention):
         return "mha_in_proj"
     if isinstance(module, nn.Conv2d):
@@ -42,17 +50,24 @@ class Target:
     """One analyzable layer: its report name, the module whose forward is observed, and its kind.
 
     For ``nn.MultiheadAttention`` the name is ``"<attn>.in_proj"`` and ``module`` is the attention
-    module itself, whose own input feeds the packed q/k/v projection.
+    module itself, whose own input feeds the packed q/k/v projection. A low-rank pair ``A B`` is one
+    target (``factorized``) of the kind it replaced: its input is the first factor's, its weight ``A B``.
     """
 
     name: str
     module: nn.Module
     kind: str
 
+    @property
+    def factorized(self) -> bool:
+        return factorized_kind(self.module) is not None
+
 
 def weight_matrix(target: Target) -> tuple[Tensor, Tensor | None]:
     """The layer as ``y = W x + b`` with ``W`` of shape ``(out, fan_in)`` (a view, no copy)."""
     module, kind = target.module, target.kind
+    if target.factorized:
+        return module.dense_weight(), module.second.bias
     if kind == "mha_in_proj":
         return module.in_proj_weight, module.in_proj_bias
     if kind == "hf_conv1d":
@@ -77,10 +92,16 @@ def _unobservable_reason(module: nn.Module, kind: str, parent: nn.Module | None)
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, str | None]]:
-    """Every supported layer as ``(name, module, kind)``, MultiheadAttention expanded to in_proj."""
+    """Every supported layer as ``(name, module, kind)``, MultiheadAttention expanded to in_proj; the
+    factors inside a low-rank pair are not layers of their own."""
     found = []
-    for name, module in model.named_modules():
+    pairs: list[str] = []
+    for name, module in named_modules(model):
+        if any(name.startswith(pair + ".") for pair in pairs):
+            continue
         kind = layer_kind(module)
+        if factorized_kind(module) is not None:
+            pairs.append(name)
         if kind == "mha_in_proj":
             found.append((_join(name, "in_proj"), module, kind))
         elif kind is not None:
@@ -90,6 +111,44 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, str | None]]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+_COMPILED = "_orig_mod"  # the attribute torch.compile's OptimizedModule keeps the original module under
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` seen through ``torch.compile`` wrappers: each wrapper is left out and the
+    ``_orig_mod`` level is dropped from names, so a compiled model reports the names of the original one."""
+    return [
+        (".".join(part for part in name.split(".") if part != _COMPILED), module)
+        for name, module in model.named_modules()
+        if not _is_compiled_wrapper(module)
+    ]
+
+
+def _is_compiled_wrapper(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "_modules", {}).get(_COMPILED), nn.Module)
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name`` in :func:`named_modules` (looking through ``torch.compile`` wrappers)."""
+    module = _unwrapped(model)
+    for part in name.split(".") if name else []:
+        module = _unwrapped(getattr(module, part))
+    return module
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name`` (a name from :func:`named_modules`), inside any ``torch.compile`` wrapper."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_submodule(model, parent_name)
+    setattr(parent, child, module)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while _is_compiled_wrapper(module):
+        module = module._modules[_COMPILED]
+    return module
 
 
 def _matcher(selector: ModuleSelector, argument: str, all_names: list[str]) -> Callable[[nn.Module, str], bool]:
@@ -143,12 +202,13 @@ def select_targets(
     (so ``"blocks.0"`` selects every layer of that block). A leaf module with parameters that the
     selection names but that is not a supported type is reported as skipped.
     """
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))
     candidates = _candidates(model)
     all_names = sorted(set(modules) | {name for name, _, _ in candidates})
     include = _matcher(target_modules, "target_modules", all_names) if target_modules is not None else None
     exclude = _matcher(exclude_modules, "exclude_modules", all_names) if exclude_modules is not None else None
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    pairs = [name for name, module, _ in candidates if factorized_kind(module) is not None]
 
     def matched(rule: Callable[[nn.Module, str], bool], name: str, module: nn.Module) -> bool:
         if rule(module, name):
@@ -171,6 +231,8 @@ def select_targets(
             targets[name] = Target(name, module, kind)
     if include is not None:
         for name, module in modules.items():
+            if any(name.startswith(pair + ".") for pair in pairs):
+                continue
             has_own_parameters = next(module.parameters(recurse=False), None) is not None
             if layer_kind(module) is None and has_own_parameters and include(module, name):
                 if exclude is None or not matched(exclude, name, module):
@@ -188,7 +250,9 @@ def select_targets(
 
 
 def parameter_count(target: Target) -> int:
-    """Weight plus bias elements of the layer (the packed in_proj only, for attention)."""
+    """Weight plus bias elements of the layer (the packed in_proj only, for attention; both factors of a pair)."""
+    if target.factorized:
+        return sum(p.numel() for p in target.module.parameters())
     weight, bias = weight_matrix(target)
     return weight.numel() + (bias.numel() if bias is not None else 0)
 

@@ -71,15 +71,15 @@ def energy_rank_interval(eigenvalues: Tensor, bounds: Tensor | float, threshold:
     lower, upper = (values - bounds).clamp(min=0), values + bounds
 
     def first_rank(top: Tensor, rest: Tensor) -> int:
-        if float(top.sum()) == 0:
-            return 0
+        """The energy rank when the top eigenvalues take their ``top`` values and the others their ``rest`` ones."""
         held = top.cumsum(0)
         remaining = rest.sum() - rest.cumsum(0)
         reached = (1 - threshold) * held >= threshold * remaining - 1e-12 * threshold * (held + remaining)
         return int(reached.int().argmax()) + 1
 
     least = 0 if float(lower.sum()) == 0 else first_rank(upper, lower)
-    return least, first_rank(lower, upper)
+    most = 0 if float(upper.sum()) == 0 else first_rank(lower, upper)
+    return least, most
 
 
 def energy_rank(eigenvalues: Tensor, threshold: float) -> Tensor:

@@ -1,0 +1,124 @@
+"""Float32 statistics give the ranks of float64 ones on spectra that span many orders of magnitude.
+
+Trained transformers have a few "massive activation" channels that hold most of the energy; a round-off
+cut relative to the largest eigenvalue deletes real spectrum there. These tests build such activations
+(a power-law spectrum over 8-10 decades plus a few channels 1000x the rest on some rows) and compare
+the ranks of float32 and float64 statistics with a one-shot float64 reference written here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lightning_rank as lr
+from lightning_rank.spectrum import energy_rank, energy_rank_interval, sum_roundoff
+
+
+def outlier_activations(
+    d: int, decades: float, outliers: int, every: int, batches: int = 8, rows: int = 1024, mean: float = 0.0, seed: int = 0
+) -> list[torch.Tensor]:
+    """Rows with a power-law spectrum over ``decades`` and ``outliers`` channels x1000 on every ``every``-th row."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    spectrum = torch.logspace(0, -decades, d, dtype=torch.float64)
+    out = []
+    for _ in range(batches):
+        x = (torch.randn(rows, d, generator=g, dtype=torch.float64) * spectrum.sqrt()) @ basis.t() + mean
+        x[::every, :outliers] *= 1000
+        out.append(x.float())
+    return out
+
+
+def reference_ranks(xs: list[torch.Tensor], layer: nn.Linear, t: float, centered: bool) -> tuple[int, int]:
+    """Energy ranks of the input and output moments, one shot in float64 from the very rows collected."""
+    x = torch.cat(xs).double()
+    y = x @ layer.weight.double().t() + layer.bias.double()
+
+    def moment(z: torch.Tensor) -> torch.Tensor:
+        c = z.t() @ z / len(z)
+        return c - torch.outer(z.mean(0), z.mean(0)) if centered else c
+
+    return tuple(int(energy_rank(torch.linalg.eigvalsh(moment(z)).clamp(min=0), t)) for z in (x, y))
+
+
+CASES = [  # d, decades, outlier channels, every, centered, mean
+    (256, 8, 2, 2048, False, 0.0),
+    (256, 9, 3, 1024, True, 0.5),
+    (192, 10, 2, 4096, False, 0.0),
+]
+
+
+@pytest.mark.parametrize(("d", "decades", "outliers", "every", "centered", "mean"), CASES)
+def test_float32_and_float64_statistics_agree_with_a_float64_reference(d, decades, outliers, every, centered, mean):
+    torch.manual_seed(0)
+    layer = nn.Linear(d, d // 2)
+    with torch.no_grad():
+        layer.weight[:, :outliers] *= 10  # the weight maps the outlier channels strongly: output ranks are tested too
+    xs = outlier_activations(d, decades, outliers, every, mean=mean)
+    stats32 = lr.collect(layer, xs)
+    stats64 = lr.collect(layer.double(), [x.double() for x in xs], dtype=torch.float64)
+    layer.float()
+    for t in (0.9, 0.99, 0.999):
+        want_in, want_out = reference_ranks(xs, layer, t, centered)
+        for stats in (stats32, stats64):
+            got = lr.analyze(layer, stats, threshold=t, centered=centered).layers[""]
+            assert abs(got.in_rank - want_in) <= 1, (t, stats.inputs[""].dtype, got.in_rank, want_in)
+            assert abs(got.out_rank - want_out) <= 1, (t, stats.inputs[""].dtype, got.out_rank, want_out)
+
+
+def test_a_widening_layer_reads_its_output_ranks_through_outlier_channels():
+    torch.manual_seed(1)
+    layer = nn.Linear(96, 384)  # out > fan_in: the output spectrum comes from the small side
+    with torch.no_grad():
+        layer.weight[:, :2] *= 10
+    xs = outlier_activations(96, 9, 2, 2048)
+    stats = lr.collect(layer, xs)
+    for t in (0.9, 0.99, 0.999):
+        want_in, want_out = reference_ranks(xs, layer, t, centered=False)
+        got = lr.analyze(layer, stats, threshold=t).layers[""]
+        assert abs(got.in_rank - want_in) <= 1 and abs(got.out_rank - want_out) <= 1, (t, got, want_in, want_out)
+
+
+def test_exactly_low_rank_data_keeps_its_exact_rank_at_threshold_one():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(5, 64, generator=g)
+    xs = [torch.randn(300, 5, generator=g) @ basis for _ in range(4)]
+    layer = nn.Linear(64, 32, bias=False)  # with a bias the output moment gains one direction
+    report = lr.analyze(layer, lr.collect(layer, xs), threshold=1.0)
+    assert (report.layers[""].in_rank, report.layers[""].out_rank) == (5, 5)  # round-off directions are removed
+
+
+def test_float32_gram_errors_stay_inside_the_roundoff_bound():
+    """The per-entry bound ``r sqrt(C_ii C_jj)`` holds for real float32 accumulation, also with huge channels."""
+    xs = outlier_activations(128, 8, 2, 64, batches=16, rows=512)
+    stats = lr.collect(nn.Linear(128, 8), xs)[""]
+    exact = sum(x.double().t() @ x.double() for x in xs)
+    error = (stats.gram.double() - exact).abs()
+    scale = exact.diagonal().sqrt()
+    bound = stats.roundoff() * torch.outer(scale, scale)
+    assert (error <= bound).all()
+    assert stats.roundoff() == sum_roundoff(torch.float32, 16 * 512, 16)
+    assert (error > bound / 1e4).any()  # the bound is not vacuous: errors come within 4 decades of it
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=30),
+    st.floats(min_value=0, max_value=10),
+    st.floats(min_value=0.05, max_value=1.0),
+    st.integers(min_value=0, max_value=2**31),
+)
+def test_energy_rank_interval_contains_every_perturbed_rank(values, bound, t, seed):
+    values = torch.tensor(values, dtype=torch.float64)
+    low, high = energy_rank_interval(values, bound, t)
+    assert low <= int(energy_rank(values, t)) <= high
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        perturbed = (values + (2 * torch.rand(len(values), generator=g, dtype=torch.float64) - 1) * bound).clamp(min=0)
+        assert low <= int(energy_rank(perturbed, t)) <= high
+    if bound == 0:
+        assert low == high == int(energy_rank(values, t))

@@ -82,7 +82,7 @@ def _unobservable_reason(module: nn.Module, kind: str, parent: nn.Module | None)
             "out_proj of nn.MultiheadAttention: the attention forward uses its weight directly and "
             "never calls this module, so its input cannot be observed"
         )
-    if kind in ("conv1d", "conv2d") and module.groups != 1:
+    if kind in ("conv1d", "conv2d") and getattr(module, "groups", 1) != 1:  # a low-rank pair has groups=1
         return f"grouped convolution (groups={module.groups}) is not supported"
     if kind == "mha_in_proj" and not module._qkv_same_embed_dim:
         return "nn.MultiheadAttention with separate q/k/v weights (kdim/vdim differ) is not supported"

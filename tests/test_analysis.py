@@ -188,3 +188,73 @@ def test_report_carries_descending_spectra_that_give_its_ranks() -> None:
         cumulative = spectrum.cumsum(0) / spectrum.sum()
         assert cumulative[rank - 1] >= 0.9 - 1e-9 and (rank == 1 or cumulative[rank - 2] < 0.9)
     assert lr.RankReport.from_dict(report.to_dict()) == report  # spectra are not part of the JSON form
+
+
+def test_rows_limited_layers_are_flagged_and_named_in_one_warning() -> None:
+    net = Net()  # widen: fan_in 12, narrow: fan_in 40
+    with pytest.warns(UserWarning, match=r"Fewer rows than inputs.*\['narrow'\]") as record:
+        report = lr.analyze(net, lr.collect(net, subspace_data(1, 20, 12, 12)))
+    assert len([w for w in record if "Fewer rows" in str(w.message)]) == 1
+    assert (report.layers["widen"].rows_limited, report.layers["narrow"].rows_limited) == (False, True)
+    assert report.to_dict()["layers"]["narrow"]["rows_limited"] is True
+    assert "20 (limited)" in report.to_markdown()
+    assert lr.RankReport.from_dict(report.to_dict()).layers["narrow"].rows_limited is True
+
+
+def test_a_factorized_layer_is_one_layer_under_its_original_name_and_shape() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(24, 48), nn.Identity(), nn.Linear(48, 16), nn.Identity(), nn.Conv1d(16, 20, 3))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.net[3](self.net[2](self.net[1](self.net[0](x))))  # (B, L, 16)
+            return self.net[4](h.transpose(1, 2))
+
+    model = Model()
+    basis = torch.randn(6, 24)
+    data = [torch.randn(8, 10, 6) @ basis for _ in range(6)]  # inputs in a 6-dim subspace
+    dense = lr.analyze(model, lr.collect(model, data))
+    result = lr.factorize_(model, lr.collect(model, data), method="whiten")
+    assert set(result.layers) == {"net.0", "net.2", "net.4"}
+    after = lr.analyze(model, lr.collect(model, data))
+    assert list(after.layers) == list(dense.layers) == ["net.0", "net.2", "net.4"]
+    for name, layer in after.layers.items():
+        before = dense.layers[name]
+        assert layer.factorized and not before.factorized
+        assert (layer.kind, layer.out_features, layer.in_features) == (before.kind, before.out_features, before.in_features)
+        assert abs(layer.rank - before.rank) <= 1, name
+        assert layer.parameters == sum(p.numel() for p in model.get_submodule(name).parameters())
+        assert layer.parameters < before.parameters
+    assert abs(after.mlu - dense.mlu) <= 1 / 16
+    assert "(factorized)" in after.to_markdown()
+
+
+def test_statistics_of_another_model_name_the_layer_and_both_widths() -> None:
+    stats = lr.collect(nn.Sequential(nn.Linear(6, 4)), [torch.randn(10, 6)])
+    with pytest.raises(ValueError, match=r"'0' hold inputs of length 6.*fan_in 8.*another model"):
+        lr.analyze(nn.Sequential(nn.Linear(8, 4)), stats)
+
+
+def test_a_layer_whose_every_row_was_nonfinite_is_reported_as_such() -> None:
+    net = nn.Sequential(nn.Linear(4, 4))
+    x = torch.full((5, 4), float("nan"))
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        stats = lr.collect(net, [x])
+    report = lr.analyze(net, stats)
+    assert report.layers["0"].skipped == "every row of its input held NaN or Inf (5 rows dropped)"
+    assert not report.analyzed
+
+
+def test_a_compiled_model_reports_the_names_of_the_original() -> None:
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    net[2] = torch.compile(net[2])  # a compiled submodule, too
+    compiled = torch.compile(net)
+    stats = lr.collect(net, [torch.randn(20, 6)])
+    assert stats.layers == ["0", "2"]
+    report = lr.analyze(compiled, stats)
+    assert list(report.layers) == ["0", "2"]
+    assert lr.StatisticsCollector(compiled).targets.keys() == {"0", "2"}

@@ -436,3 +436,30 @@ def test_wide_inputs_use_blocked_updates_and_read_back_full(dim: int) -> None:
     stats.all_reduce_(lambda t: t.mul_(2))
     gram, total, count = reference(torch.cat(data))
     torch.testing.assert_close(stats[""].gram.double(), 2 * gram, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:.*nested tensors:UserWarning")
+def test_nested_tensor_rows_are_exactly_the_real_tokens() -> None:
+    """nn.TransformerEncoder turns padded inputs into nested tensors; their rows equal the masked padded ones."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    nested = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    padded = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    padded.load_state_dict(nested.state_dict())
+    x = torch.randn(4, 7, 16)
+    padding = torch.zeros(4, 7, dtype=torch.bool)
+    padding[1, 4:], padding[2, 2:] = True, True
+    batches = [{"src": x, "src_key_padding_mask": padding}]
+    seen = []
+    hook = nested.layers[0].linear1.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_nested))
+    got = lr.collect(nested, batches)
+    hook.remove()
+    assert seen == [True]  # the layers really saw nested tensors
+    want = lr.collect(padded, batches, mask_fn=lambda batch: ~batch["src_key_padding_mask"])
+    assert got.layers == want.layers
+    for name in got.layers:
+        assert int(got[name].count) == int((~padding).sum()) == int(want[name].count)
+        torch.testing.assert_close(got[name].gram, want[name].gram, rtol=1e-5, atol=1e-4)
+    masked = lr.collect(nested, batches, mask_fn=lambda batch: ~batch["src_key_padding_mask"])
+    assert not masked.unmasked  # a mask is not needed for nested rows, and no warning says it did not fit
+    torch.testing.assert_close(masked["layers.0.linear1"].gram, got["layers.0.linear1"].gram)

@@ -137,7 +137,8 @@ def decompose(
     raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if vectors else _values_only)
     for name, layer in layers.items():
         inputs = stats.inputs[stats.sources[name]]
-        scales = layer.weight.abs().double() @ _scales(inputs).to(layer.weight.device)
+        # W dC W^T with independent entry errors r s_j s_k errs by about r t_a t_b, t = sqrt(W^2 s^2)
+        scales = (layer.weight.double().square() @ _scales(inputs).to(layer.weight.device).square()).sqrt()
         if name in widening:
             factor = factors[name]
             layer.outputs = _settle(raw_out[name], lambda f=factor: f, inputs, scales, threshold, vectors, factor=True)

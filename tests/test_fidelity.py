@@ -46,6 +46,7 @@ def reference_ranks(xs: list[torch.Tensor], layer: nn.Linear, t: float, centered
 
 
 CASES = [  # d, decades, outlier channels, every, centered, mean
+    (256, 8, 0, 1, False, 0.0),
     (256, 8, 2, 2048, False, 0.0),
     (256, 9, 3, 1024, True, 0.5),
     (192, 10, 2, 4096, False, 0.0),
@@ -57,7 +58,7 @@ def test_float32_and_float64_statistics_agree_with_a_float64_reference(d, decade
     torch.manual_seed(0)
     layer = nn.Linear(d, d // 2)
     with torch.no_grad():
-        layer.weight[:, :outliers] *= 10  # the weight maps the outlier channels strongly: output ranks are tested too
+        layer.weight[:, :max(outliers, 1)] *= 10  # the weight maps the outlier channels strongly: output ranks too
     xs = outlier_activations(d, decades, outliers, every, mean=mean)
     stats32 = lr.collect(layer, xs)
     stats64 = lr.collect(layer.double(), [x.double() for x in xs], dtype=torch.float64)

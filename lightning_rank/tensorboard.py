@@ -176,7 +176,9 @@ def has_matplotlib() -> bool:
 
 
 # -- the custom-scalars layout ----------------------------------------------------------------
-def _chunks(items: Sequence[str], size: int = MAX_LINES_PER_CHART) -> list[Sequence[str]]:
+def _chunks(items: Sequence[str], most: int = MAX_LINES_PER_CHART) -> list[Sequence[str]]:
+    """``items`` in order, cut into the fewest runs of at most ``most``, as even as possible (6 -> 3 + 3)."""
+    size = math.ceil(len(items) / math.ceil(len(items) / most)) if items else most
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 

@@ -127,11 +127,11 @@ def test_logged_to_tensorboard(compressed_run) -> None:
     tmp_path, _, _, compression = compressed_run
     events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
     scalars = events.Tags()["scalars"]
-    for tag in ("compression/params_before", "compression/params_after", "compression/val_acc/finetuned",
-                "compression/rank/net.0"):
+    for tag in ("0_rank_summary/params_ratio", "0_rank_summary/multiply_adds_ratio", "0_rank_summary/val_acc_change"):
         assert tag in scalars
-    assert events.Scalars("compression/params_after")[-1].value == compression.result.params_after
-    assert any("compression" in tag for tag in events.Tags()["tensors"])  # the markdown table
+    result = compression.result
+    assert events.Scalars("0_rank_summary/params_ratio")[-1].value == pytest.approx(result.params_after / result.params_before)
+    assert "0_rank_summary/compression/text_summary" in events.Tags()["tensors"]  # the markdown table
 
 
 def test_checkpoints_after_the_swap_load_for_inference(compressed_run) -> None:

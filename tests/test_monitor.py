@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
 from lightning_rank import epoch_statistics
+from lightning_rank import tensorboard as views
 
-CELL = 8  # pixels per heatmap cell (lightning_rank.tensorboard's default)
 
 
 class Blocks(L.LightningModule):
@@ -112,6 +112,11 @@ def events(log_dir: str | Path) -> EventAccumulator:
     return acc
 
 
+def heatmap_shape(history: list[dict]) -> tuple[int, int]:
+    """(height, width) of the labelled heatmap figure of ``history``."""
+    return views.figure_to_array(views.heatmap_figure(history)).shape[:2]
+
+
 def layout_of(acc: EventAccumulator) -> layout_pb2.Layout:
     (event,) = acc.Tensors("custom_scalars__config__")
     return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
@@ -124,7 +129,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     torch.manual_seed(0)
     model = Blocks()
     val = [DataLoader(dataset(seed=1), batch_size=16), DataLoader(dataset(n=24, seed=2), batch_size=8)]
-    monitor = lr.RankMonitor(every_n_epochs=2)
+    monitor = lr.RankMonitor(every_n_epochs=2, views=views.VIEWS)  # the opt-in views too
     snapshots = Snapshots()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="rank/mlu", mode="max", every_n_epochs=2)
     csv = CSVLogger(tmp_path, name="csv")
@@ -137,7 +142,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     assert [h["epoch"] for h in monitor.history] == [1, 3]
     steps = [h["step"] for h in monitor.history]
     assert steps == [6, 12]  # 3 training batches an epoch
-    json_dir = Path(tb.log_dir) / "lightning_rank"
+    json_dir = Path(tb.log_dir) / "rank_reports"
     assert sorted(p.name for p in json_dir.iterdir()) == ["epoch_001.json", "epoch_003.json"]
 
     # Each epoch's JSON is the independent analysis of that epoch's weights over both dataloaders.
@@ -153,24 +158,25 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
 
     acc = events(tb.log_dir)
     for name in LAYERS:
-        for kind in ("utilization", "in_rank", "out_rank"):
-            points = acc.Scalars(f"rank/{kind}/{name}")
+        for tag, key in (("rank/utilization", "utilization"), ("rank_detail/in_rank", "in_rank"),
+                         ("rank_detail/out_rank", "out_rank")):
+            points = acc.Scalars(f"{tag}/{name}")
             assert [p.step for p in points] == steps
-            key = "utilization" if kind == "utilization" else kind
             assert [p.value for p in points] == pytest.approx([h["report"]["layers"][name][key] for h in monitor.history])
-        assert len(acc.Histograms(f"rank/spectrum/{name}")) == 2
-    assert [p.value for p in acc.Scalars("rank/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
+        assert len(acc.Histograms(f"rank_detail/spectrum/{name}")) == 2
+    assert [p.value for p in acc.Scalars("0_rank_summary/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
 
     layout = layout_of(acc)
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert charts["blocks.0"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.0\.2$"]
-    assert charts["blocks.*.0"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.1\.0$"]
-    assert charts["(top level)"] == [r"^rank/utilization/head$"]
+    assert charts["blocks.0: 0, 2"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.0\.2$"]
+    assert charts["blocks.*.0 in blocks.0, blocks.1"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.1\.0$"]
+    assert charts["(top level): head"] == [r"^rank/utilization/head$"]
 
-    heatmaps = acc.Images("rank/utilization_heatmap")
-    assert [(h.step, h.width, h.height) for h in heatmaps] == [(6, CELL, 5 * CELL), (12, 2 * CELL, 5 * CELL)]
-    assert {tag for tag in acc.Tags()["images"] if tag.startswith("rank/energy/")} == {
-        "rank/energy/blocks.0", "rank/energy/blocks.1", "rank/energy/(top level)"
+    heatmaps = acc.Images("0_rank_summary/utilization_heatmap")
+    assert [h.step for h in heatmaps] == steps
+    assert [(h.height, h.width) for h in heatmaps][-1] == heatmap_shape(monitor.history)
+    assert {tag for tag in acc.Tags()["images"] if tag.startswith("rank_energy/")} == {
+        "rank_energy/blocks.0", "rank_energy/blocks.1", "rank_energy/(top level)"
     }
     (*_, text) = acc.Tensors("rank/report/text_summary")
     assert text.step == 12 and text.tensor_proto.string_val[0].decode() == monitor.report.to_markdown()
@@ -213,7 +219,7 @@ def test_validate_without_logger_with_mask(tmp_path):
     assert monitor.history[0]["report"] == expected
     assert expected["layers"]["blocks.0.0"]["rows"] == 24
     assert "head" not in expected["layers"]
-    saved = json.loads((tmp_path / "lightning_rank" / "epoch_000.json").read_text())
+    saved = json.loads((tmp_path / "rank_reports" / "epoch_000.json").read_text())
     assert saved == expected
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
 
@@ -236,8 +242,9 @@ def test_resume_from_checkpoint_keeps_history_and_continues_views(tmp_path):
     assert resumed.history[:2] == first.history
     acc = events(final.log_dir)
     assert [p.step for p in acc.Scalars("rank/utilization/head")] == [h["step"] for h in resumed.history]
-    last = acc.Images("rank/utilization_heatmap")[-1]
-    assert (last.width, last.height) == (4 * CELL, 5 * CELL)  # the heatmap kept the epochs before the resume
+    last = acc.Images("0_rank_summary/utilization_heatmap")[-1]
+    assert (last.height, last.width) == heatmap_shape(resumed.history)  # the heatmap kept the epochs before the resume
+    assert len(resumed.history) == 4
 
 
 def test_lightning_cli_builds_the_monitor_from_yaml(tmp_path):
@@ -301,7 +308,7 @@ def test_without_matplotlib_one_info_line_and_no_figures(tmp_path, caplog, monke
         trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[lr.RankMonitor()]).fit(Blocks(), datamodule=Data())
     assert sum("matplotlib" in r.getMessage() for r in caplog.records) == 1
     tags = events(logger.log_dir).Tags()["images"]
-    assert "rank/utilization_heatmap" in tags and not [t for t in tags if t.startswith("rank/energy")]
+    assert tags == []  # neither the heatmap nor the energy figures
 
 
 def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):
@@ -310,7 +317,7 @@ def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):
         trainer(tmp_path, fast_dev_run=True, callbacks=[monitor]).fit(Blocks(), datamodule=Data())
     assert monitor.history == [] and monitor.report is None
     assert sum("fast_dev_run" in r.getMessage() and "RankMonitor" in r.getMessage() for r in caplog.records) == 1
-    assert not (tmp_path / "lightning_rank").exists()
+    assert not (tmp_path / "rank_reports").exists()
 
 
 class Inner(Blocks):
@@ -378,6 +385,7 @@ def test_compiled_model_without_eager_fallback_warns(tmp_path, monkeypatch):
         ({"tensorboard": 1}, "tensorboard"),
         ({"seed": "0"}, "seed"),
         ({"eig_dtype": torch.float16}, "eig_dtype"),
+        ({"views": ["nope"]}, "views"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
@@ -472,7 +480,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     run.validate(model, loader)
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    saved = tmp_path / "lightning_rank" / "epoch_000.json"
+    saved = tmp_path / "rank_reports" / "epoch_000.json"
     for report in (*reports, json.loads(saved.read_text())):
         assert_same_report(report, expected)
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])

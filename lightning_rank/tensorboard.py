@@ -131,31 +131,36 @@ def describe(tag: str) -> str | None:
 
 
 # -- writing with descriptions ----------------------------------------------------------------
-def _add(writer: Any, summary: Summary, step: int) -> None:
-    """Write ``summary`` with each value's plugin metadata and description (TensorBoard keeps a tag's first)."""
-    from tensorboard.plugins.histogram import metadata as histogram_metadata
-    from tensorboard.plugins.image import metadata as image_metadata
-    from tensorboard.plugins.scalar import metadata as scalar_metadata
-
-    plugins = {"simple_value": scalar_metadata, "image": image_metadata, "histo": histogram_metadata}
-    for value in summary.value:
-        plugin = plugins.get(value.WhichOneof("value"))
-        if plugin is not None:
-            value.metadata.CopyFrom(plugin.create_summary_metadata(value.tag, describe(value.tag) or ""))
-    writer._get_file_writer().add_summary(summary, step)
+def _write(writer: Any, value: Summary.Value, step: int) -> None:
+    writer._get_file_writer().add_summary(Summary(value=[value]), step)
 
 
 def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> None:
-    """Write ``metrics`` as plain scalars, each with its description."""
-    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in metrics.items()])
-    _add(writer, summary, step)
+    """Write ``metrics`` as scalars with their descriptions.
+
+    In TensorBoard's tensor form: its data server drops the description of the older ``simple_value`` form
+    that ``SummaryWriter.add_scalar`` writes.
+    """
+    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+
+    for tag, value in metrics.items():
+        (proto,) = scalar_pb(tag, float(value), description=describe(tag)).value
+        _write(writer, proto, step)
 
 
 def write_image(writer: Any, tag: str, image: np.ndarray, step: int) -> None:
-    """Write an RGB ``(H, W, 3)`` uint8 image with its description."""
+    """Write an RGB ``(H, W, 3)`` uint8 image with its description, as the tensor ``[width, height, png]``."""
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.image.metadata import create_summary_metadata
     from torch.utils.tensorboard.summary import image as image_summary
 
-    _add(writer, image_summary(tag, image, dataformats="HWC"), step)
+    (encoded,) = image_summary(tag, image, dataformats="HWC").value
+    png = encoded.image
+    tensor = TensorProto(dtype="DT_STRING", tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=3)]),
+                         string_val=[str(png.width).encode(), str(png.height).encode(), png.encoded_image_string])
+    metadata = create_summary_metadata(display_name=tag, description=describe(tag) or "")
+    _write(writer, Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
 
 
 def figure_to_array(figure: Any) -> np.ndarray:
@@ -309,16 +314,18 @@ def write_heatmap(writer: Any, history: Sequence[Mapping[str, Any]], step: int, 
 
 
 # -- spectra ----------------------------------------------------------------------------------
-def write_spectra(writer: Any, spectra: Mapping[str, Tensor], step: int) -> None:
+def write_spectra(writer: Any, spectra: Mapping[str, Tensor], step: int, buckets: int = 30) -> None:
     """One histogram per layer of ``log10`` of each nonzero eigenvalue's share of the trace of its input moment."""
-    from torch.utils.tensorboard.summary import histogram
+    from tensorboard.plugins.histogram.summary_v2 import histogram_pb
 
-    bins = getattr(writer, "default_bins", "auto")  # SummaryWriter's "tensorflow" buckets
     for name, eigenvalues in spectra.items():
         values = eigenvalues.detach().double().cpu()
         values = values[values > 0]
         if values.numel():
-            _add(writer, histogram(f"{SPECTRUM_PREFIX}/{name}", (values / values.sum()).log10().numpy(), bins), step)
+            tag = f"{SPECTRUM_PREFIX}/{name}"
+            shares = (values / values.sum()).log10().numpy()
+            (proto,) = histogram_pb(tag, shares, buckets=buckets, description=describe(tag)).value
+            _write(writer, proto, step)
 
 
 def cumulative_energy(eigenvalues: Tensor) -> Tensor:

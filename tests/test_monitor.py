@@ -18,14 +18,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
 from lightning_rank import epoch_statistics
 from lightning_rank import tensorboard as views
+from tests.test_monitor_tensorboard import Events
 
 
 
@@ -106,20 +105,9 @@ class Snapshots(Callback):
             self.weights[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
 
 
-def events(log_dir: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
 def heatmap_shape(history: list[dict]) -> tuple[int, int]:
     """(height, width) of the labelled heatmap figure of ``history``."""
     return views.figure_to_array(views.heatmap_figure(history)).shape[:2]
-
-
-def layout_of(acc: EventAccumulator) -> layout_pb2.Layout:
-    (event,) = acc.Tensors("custom_scalars__config__")
-    return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
 
 
 LAYERS = ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "head"]
@@ -156,30 +144,31 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(monitor.report.mlu)
     assert checkpoint.best_model_score.item() == pytest.approx(max(h["report"]["mlu"] for h in monitor.history))
 
-    acc = events(tb.log_dir)
+    events = Events(tb.log_dir)
     for name in LAYERS:
         for tag, key in (("rank/utilization", "utilization"), ("rank_detail/in_rank", "in_rank"),
                          ("rank_detail/out_rank", "out_rank")):
-            points = acc.Scalars(f"{tag}/{name}")
-            assert [p.step for p in points] == steps
-            assert [p.value for p in points] == pytest.approx([h["report"]["layers"][name][key] for h in monitor.history])
-        assert len(acc.Histograms(f"rank_detail/spectrum/{name}")) == 2
-    assert [p.value for p in acc.Scalars("0_rank_summary/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
+            points = events.scalars(f"{tag}/{name}")
+            assert [step for step, _ in points] == steps
+            assert [v for _, v in points] == pytest.approx([h["report"]["layers"][name][key] for h in monitor.history])
+        assert len(events.histograms(f"rank_detail/spectrum/{name}")) == 2
+    assert [v for _, v in events.scalars("0_rank_summary/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
 
-    layout = layout_of(acc)
+    (layout_event,) = events.acc.Tensors("custom_scalars__config__")  # written once: the layers did not change
+    layout = events.layout()
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
     assert charts["blocks.0: 0, 2"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.0\.2$"]
     assert charts["blocks.*.0 in blocks.0, blocks.1"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.1\.0$"]
     assert charts["(top level): head"] == [r"^rank/utilization/head$"]
 
-    heatmaps = acc.Images("0_rank_summary/utilization_heatmap")
-    assert [h.step for h in heatmaps] == steps
-    assert [(h.height, h.width) for h in heatmaps][-1] == heatmap_shape(monitor.history)
-    assert {tag for tag in acc.Tags()["images"] if tag.startswith("rank_energy/")} == {
+    heatmaps = events.images("0_rank_summary/utilization_heatmap")
+    assert [step for step, *_ in heatmaps] == steps
+    _, width, height = heatmaps[-1]
+    assert (height, width) == heatmap_shape(monitor.history)
+    assert {tag for tag in events.tags("images") if tag.startswith("rank_energy/")} == {
         "rank_energy/blocks.0", "rank_energy/blocks.1", "rank_energy/(top level)"
     }
-    (*_, text) = acc.Tensors("rank/report/text_summary")
-    assert text.step == 12 and text.tensor_proto.string_val[0].decode() == monitor.report.to_markdown()
+    assert events.text("rank/report")[-1] == (12, monitor.report.to_markdown())
 
     # The CSV logger received the same scalars.
     rows = [line.split(",") for line in Path(csv.log_dir, "metrics.csv").read_text().splitlines()]
@@ -240,10 +229,10 @@ def test_resume_from_checkpoint_keeps_history_and_continues_views(tmp_path):
 
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert resumed.history[:2] == first.history
-    acc = events(final.log_dir)
-    assert [p.step for p in acc.Scalars("rank/utilization/head")] == [h["step"] for h in resumed.history]
-    last = acc.Images("0_rank_summary/utilization_heatmap")[-1]
-    assert (last.height, last.width) == heatmap_shape(resumed.history)  # the heatmap kept the epochs before the resume
+    events = Events(final.log_dir)
+    assert [step for step, _ in events.scalars("rank/utilization/head")] == [h["step"] for h in resumed.history]
+    _, width, height = events.images("0_rank_summary/utilization_heatmap")[-1]
+    assert (height, width) == heatmap_shape(resumed.history)  # the heatmap kept the epochs before the resume
     assert len(resumed.history) == 4
 
 
@@ -307,8 +296,9 @@ def test_without_matplotlib_one_info_line_and_no_figures(tmp_path, caplog, monke
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[lr.RankMonitor()]).fit(Blocks(), datamodule=Data())
     assert sum("matplotlib" in r.getMessage() for r in caplog.records) == 1
-    tags = events(logger.log_dir).Tags()["images"]
-    assert tags == []  # neither the heatmap nor the energy figures
+    events = Events(logger.log_dir)
+    assert events.tags("images") == []  # neither the heatmap nor the energy figures
+    assert "0_rank_summary/mlu" in events.tags("scalars")
 
 
 def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):

@@ -1,5 +1,6 @@
 """What TensorBoard shows: the views of lightning_rank.tensorboard, and real Trainer runs read back with
-TensorBoard's own reader (EventAccumulator), ordered with TensorBoard's own tag comparators."""
+TensorBoard's own reader (the plugin EventAccumulator of its Python data path, which reads every value in the
+tensor form the dashboards get), ordered with TensorBoard's own tag comparators."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.util import tensor_util
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
@@ -25,6 +27,40 @@ from lightning_rank import tensorboard as views
 from lightning_rank.monitor import report_scalars
 
 SUMMARY = ["0_rank_summary/mlu", "0_rank_summary/mlu_weighted"]
+
+
+class Events:
+    """The event files of one run as TensorBoard reads them: tags per plugin, points, descriptions."""
+
+    def __init__(self, log_dir) -> None:
+        self.acc = plugin_event_accumulator.EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+        self.acc.Reload()
+
+    def tags(self, plugin: str) -> list[str]:
+        try:
+            return sorted(self.acc.PluginTagToContent(plugin))
+        except KeyError:
+            return []
+
+    def scalars(self, tag: str) -> list[tuple[int, float]]:
+        return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in self.acc.Tensors(tag)]
+
+    def images(self, tag: str) -> list[tuple[int, int, int]]:
+        """(step, width, height) of each image."""
+        return [(e.step, *map(int, e.tensor_proto.string_val[:2])) for e in self.acc.Tensors(tag)]
+
+    def histograms(self, tag: str) -> list[tuple[int, np.ndarray]]:
+        """(step, buckets as rows [left, right, count])."""
+        return [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in self.acc.Tensors(tag)]
+
+    def text(self, tag: str) -> list[tuple[int, str]]:
+        return [(e.step, e.tensor_proto.string_val[0].decode()) for e in self.acc.Tensors(f"{tag}/text_summary")]
+
+    def description(self, tag: str) -> str:
+        return self.acc.SummaryMetadata(tag).summary_description
+
+    def layout(self) -> layout_pb2.Layout:
+        return layout_pb2.Layout.FromString(self.acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
 
 
 # -- TensorBoard's tag order, ported from its frontend -----------------------------------------------
@@ -156,13 +192,12 @@ def test_spectra_histograms_hold_log_energy_shares_with_a_description(tmp_path):
     writer = SummaryWriter(tmp_path)
     views.write_spectra(writer, {"a": torch.tensor([3.0, 1.0, 0.0]), "zero": torch.zeros(2)}, step=5)
     writer.close()
-    acc = EventAccumulator(str(tmp_path)).Reload()
-    assert acc.Tags()["histograms"] == ["rank_detail/spectrum/a"]  # the zero matrix has no histogram
-    (event,) = acc.Histograms("rank_detail/spectrum/a")
-    assert event.step == 5 and event.histogram_value.num == 2
-    assert event.histogram_value.min == pytest.approx(np.log10(0.25))
-    assert event.histogram_value.max == pytest.approx(np.log10(0.75))
-    assert "log10" in acc.SummaryMetadata("rank_detail/spectrum/a").summary_description
+    run = Events(tmp_path)
+    assert run.tags("histograms") == ["rank_detail/spectrum/a"]  # the zero matrix has no histogram
+    ((step, buckets),) = run.histograms("rank_detail/spectrum/a")
+    assert step == 5 and buckets[:, 2].sum() == 2
+    assert buckets[0, 0] == pytest.approx(np.log10(0.25)) and buckets[-1, 1] == pytest.approx(np.log10(0.75))
+    assert "log10" in run.description("rank_detail/spectrum/a")
 
 
 def test_cumulative_energy():
@@ -177,7 +212,9 @@ def test_energy_figures_one_per_block_with_distinct_colours_and_the_legend_outsi
     writer = SummaryWriter(tmp_path)
     assert views.write_energy_curves(writer, spectra, 0.9, step=1, epoch=0)
     writer.close()
-    assert sorted(EventAccumulator(str(tmp_path)).Reload().Tags()["images"]) == ["rank_energy/(top level)", "rank_energy/blocks.0"]
+    run = Events(tmp_path)
+    assert run.tags("images") == ["rank_energy/(top level)", "rank_energy/blocks.0"]
+    assert run.images("rank_energy/blocks.0") == [(1, 900, 420)] and "energy threshold" in run.description("rank_energy/blocks.0")
 
     figure = views.energy_figure({k: v for k, v in spectra.items() if k != "head"}, 0.9)
     (axes,) = figure.axes
@@ -320,51 +357,47 @@ def fit(tmp_path, callbacks, max_epochs: int = 2, loggers=None) -> tuple[L.Train
     return trainer, tb
 
 
-def events(log_dir) -> EventAccumulator:
-    return EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0}).Reload()
-
-
-def rank_tags(acc: EventAccumulator) -> list[str]:
-    return [t for t in acc.Tags()["scalars"] if t.startswith(("0_rank_summary/", "rank"))]
+def rank_tags(run: Events) -> list[str]:
+    return [t for t in run.tags("scalars") if t.startswith(("0_rank_summary/", "rank"))]
 
 
 def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_path):
     csv = CSVLogger(tmp_path, name="csv")
     monitor = lr.RankMonitor()
     _, tb = fit(tmp_path, [monitor], loggers=[csv])
-    acc = events(tb.log_dir)
+    run = Events(tb.log_dir)
 
     # Default scalars: two headline tags, then exactly one per layer (no in/out ranks, no histograms).
-    assert sorted(rank_tags(acc)) == sorted(SUMMARY + [f"rank/utilization/{n}" for n in LAYERS])
-    assert acc.Tags()["histograms"] == []
+    assert sorted(rank_tags(run)) == sorted(SUMMARY + [f"rank/utilization/{n}" for n in LAYERS])
+    assert run.tags("histograms") == []
     steps = [h["step"] for h in monitor.history]
     for name in LAYERS:
-        points = acc.Scalars(f"rank/utilization/{name}")
-        assert [p.step for p in points] == steps
-        assert [p.value for p in points] == pytest.approx([h["report"]["layers"][name]["utilization"] for h in monitor.history])
-    assert [p.value for p in acc.Scalars("0_rank_summary/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
-    assert "Mean Layer Utilization" in acc.SummaryMetadata("0_rank_summary/mlu").summary_description
-    assert "min(out, in)" in acc.SummaryMetadata("rank/utilization/head").summary_description
+        points = run.scalars(f"rank/utilization/{name}")
+        assert [step for step, _ in points] == steps
+        assert [v for _, v in points] == pytest.approx([h["report"]["layers"][name]["utilization"] for h in monitor.history])
+    assert [v for _, v in run.scalars("0_rank_summary/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
+    assert "Mean Layer Utilization" in run.description("0_rank_summary/mlu")
+    assert "min(out, in)" in run.description("rank/utilization/head")
 
     # The headline group sorts first among every tag the run wrote, the user's own included, in the Time
     # Series (and Images) order and in the legacy Scalars/Text order; within it the MLU comes first.
-    every_tag = acc.Tags()["scalars"] + acc.Tags()["images"] + acc.Tags()["tensors"]
+    every_tag = run.tags("scalars") + run.tags("images") + run.tags("text")
     assert {"epoch", "train_loss", "val_loss", "val_acc"} <= set(every_tag)
     for legacy in (False, True):
         assert groups_in_order(every_tag, legacy)[0] == "0_rank_summary"
-        assert tensorboard_order(acc.Tags()["scalars"], legacy)[:2] == SUMMARY
+        assert tensorboard_order(run.tags("scalars"), legacy)[:2] == SUMMARY
 
     # The heatmap is a labelled figure: as wide as a figure with layer names and a colour bar, one image a step.
-    heatmaps = acc.Images("0_rank_summary/utilization_heatmap")
-    assert [h.step for h in heatmaps] == steps
-    expected = views.figure_to_array(views.heatmap_figure(monitor.history)).shape
-    assert (heatmaps[-1].height, heatmaps[-1].width) == expected[:2]
-    assert heatmaps[-1].width >= 700 and heatmaps[-1].height >= 320
-    assert sorted(acc.Tags()["images"]) == ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)",
-                                            "rank_energy/blocks.0", "rank_energy/blocks.1"]
-    assert "rank/report/text_summary" in acc.Tags()["tensors"]
+    heatmaps = run.images("0_rank_summary/utilization_heatmap")
+    assert [step for step, *_ in heatmaps] == steps
+    height, width = views.figure_to_array(views.heatmap_figure(monitor.history)).shape[:2]
+    assert heatmaps[-1][1:] == (width, height) and width >= 700 and height >= 320
+    assert "Rows: layers" in run.description("0_rank_summary/utilization_heatmap")
+    assert run.tags("images") == ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)",
+                                  "rank_energy/blocks.0", "rank_energy/blocks.1"]
+    assert run.text("rank/report")[-1] == (steps[-1], monitor.report.to_markdown())
 
-    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    layout = run.layout()
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
     assert charts["blocks.0: 0, 2"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.0\.2$"]
     assert charts["blocks.*.0 in blocks.0, blocks.1"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.1\.0$"]
@@ -377,19 +410,18 @@ def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_pat
 
 def test_opt_in_views_and_none(tmp_path):
     _, tb = fit(tmp_path / "all", [lr.RankMonitor(views=views.VIEWS)], max_epochs=1)
-    acc = events(tb.log_dir)
-    tags = rank_tags(acc)
+    run = Events(tb.log_dir)
+    tags = rank_tags(run)
     for name in LAYERS:
         assert {f"rank_detail/in_rank/{name}", f"rank_detail/out_rank/{name}"} <= set(tags)
-        assert len(acc.Histograms(f"rank_detail/spectrum/{name}")) == 1
-    assert "out rank" in acc.SummaryMetadata(f"rank_detail/out_rank/head").summary_description.lower()
+        assert len(run.histograms(f"rank_detail/spectrum/{name}")) == 1
+    assert "out rank" in run.description("rank_detail/out_rank/head").lower()
     assert len(tags) == 2 + 3 * len(LAYERS)
 
     _, tb = fit(tmp_path / "none", [lr.RankMonitor(views=())], max_epochs=1)
-    acc = events(tb.log_dir)
-    assert acc.Tags()["images"] == [] and acc.Tags()["histograms"] == []
-    assert [t for t in acc.Tags()["tensors"] if t.startswith("rank")] == []  # no report table
-    assert len(rank_tags(acc)) == 2 + len(LAYERS)
+    run = Events(tb.log_dir)
+    assert run.tags("images") == [] and run.tags("histograms") == [] and run.tags("text") == []
+    assert len(rank_tags(run)) == 2 + len(LAYERS)
 
 
 def make_compression(**kwargs) -> lr.RankCompression:
@@ -406,33 +438,32 @@ def compressed_run(tmp_path_factory):
     compression = make_compression(ranks=2, monitor="val_acc", exclude_modules=["head"])
     max_epochs = 2 if "compress_at_epoch" in inspect.signature(lr.RankCompression).parameters else 1
     trainer, tb = fit(tmp_path, [monitor, compression], max_epochs=max_epochs)
-    return monitor, compression, events(tb.log_dir)
+    return monitor, compression, Events(tb.log_dir)
 
 
 def test_compression_results_as_headline_scalars_and_one_table(compressed_run):
-    monitor, compression, acc = compressed_run
+    monitor, compression, run = compressed_run
     summary = compression.summary()
     assert [h["factorized"] for h in monitor.history] == [False, True]
-    assert not [t for t in acc.Tags()["scalars"] if t.startswith("compression")]  # no one-point chart per number
-    ratio = acc.Scalars("0_rank_summary/params_ratio")
-    assert len(ratio) == 1 and ratio[0].value == pytest.approx(summary["params_after"] / summary["params_before"])
-    assert acc.Scalars("0_rank_summary/multiply_adds_ratio")[0].value == pytest.approx(
-        summary["macs_after"] / summary["macs_before"]
-    )
-    assert "0_rank_summary/val_acc_change" in acc.Tags()["scalars"]
-    (text,) = acc.Tensors("0_rank_summary/compression/text_summary")
-    table = text.tensor_proto.string_val[0].decode()
+    assert not [t for t in run.tags("scalars") if t.startswith("compression")]  # no one-point chart per number
+    ((_, ratio),) = run.scalars("0_rank_summary/params_ratio")
+    assert ratio == pytest.approx(summary["params_after"] / summary["params_before"])
+    ((_, ratio),) = run.scalars("0_rank_summary/multiply_adds_ratio")
+    assert ratio == pytest.approx(summary["macs_after"] / summary["macs_before"])
+    ((_, change),) = run.scalars("0_rank_summary/val_acc_change")
+    assert change == pytest.approx(summary["metrics"]["finetuned"] - summary["metrics"]["before"], abs=1e-6)
+    ((_, table),) = run.text("0_rank_summary/compression")
     assert table == views.compression_markdown(summary)
     assert f"| parameters | {summary['params_before']:,} | {summary['params_after']:,} |" in table
     for name, rank in summary["layers"].items():
         assert f"| {name} | " in table and f"| {rank} | " in table
-    assert groups_in_order(acc.Tags()["scalars"] + acc.Tags()["tensors"])[0] == "0_rank_summary"
+    assert groups_in_order(run.tags("scalars") + run.tags("text"))[0] == "0_rank_summary"
 
 
 @pytest.mark.xfail(strict=True, reason="needs analyze to report factorized pairs as one layer")
 def test_a_factorized_layer_keeps_one_curve_across_the_swap(compressed_run):
-    monitor, compression, acc = compressed_run
+    monitor, compression, run = compressed_run
     steps = [h["step"] for h in monitor.history]
-    assert not [t for t in acc.Tags()["scalars"] if t.endswith((".first", ".second"))]
+    assert not [t for t in run.tags("scalars") if t.endswith((".first", ".second"))]
     for name in compression.summary()["layers"]:
-        assert [p.step for p in acc.Scalars(f"rank/utilization/{name}")] == steps  # before and after the swap
+        assert [step for step, _ in run.scalars(f"rank/utilization/{name}")] == steps  # before and after the swap

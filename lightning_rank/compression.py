@@ -43,6 +43,7 @@ from lightning_rank.layers import LOW_RANK_TYPES
 from lightning_rank.checks import collection_arguments, collection_of
 from lightning_rank.report import write_json_atomic
 from lightning_rank.spectrum import check_threshold
+from lightning_rank.tensorboard import compression_scalars, write_compression
 from lightning_rank.statistics import ForwardFn, MaskFn, default_forward
 from lightning_rank.targets import ModuleSelector
 
@@ -411,23 +412,11 @@ class RankCompression(Callback):
             return
         summary = self.summary()
         write_json_atomic(Path(log_dir or trainer.default_root_dir) / "lightning_rank" / "compression.json", summary)
-        scalars = {
-            f"compression/{key}": float(value)
-            for key, value in (
-                ("params_before", summary["params_before"]),
-                ("params_after", summary["params_after"]),
-                ("macs_before", summary["macs_before"]),
-                ("macs_after", summary["macs_after"]),
-                *((f"{self.monitor}/{stage}", v) for stage, v in summary["metrics"].items()),
-                *((f"rank/{name}", rank) for name, rank in summary["layers"].items()),
-            )
-            if value is not None
-        }
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("compression", self._markdown(), global_step=trainer.global_step)
-                logger.experiment.flush()
+                write_compression(logger.experiment, summary, trainer.global_step)
+            else:
+                logger.log_metrics(compression_scalars(summary), step=trainer.global_step)
 
     def summary(self) -> dict[str, Any]:
         """What ``compression.json`` holds: ``params_before``/``after``, ``macs_before``/``after`` (per example),

@@ -9,6 +9,7 @@ per epoch, and TensorBoard views.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_rank import tensorboard as views
+from lightning_rank import tensorboard as views_module
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
 from lightning_rank.checks import check_positive_int, collection_arguments, collection_of
 from lightning_rank.epoch_statistics import EpochStatistics, can_run_eagerly, is_compiled
+from lightning_rank.layers import LOW_RANK_TYPES
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import MaskFn, warn_about_rows
 from lightning_rank.targets import ModuleSelector
@@ -38,15 +40,16 @@ class RankMonitor(Callback):
     the user's own ``validation_step`` over every validation dataloader. Afterwards, on every process:
 
     - ``monitor.report`` holds the :class:`~lightning_rank.RankReport`, ``monitor.history`` one
-      ``{"epoch", "step", "stage", "report"}`` entry per analyzed epoch (``report`` is ``to_dict()``);
+      ``{"epoch", "step", "stage", "factorized", "report"}`` entry per analyzed epoch (``report`` is
+      ``to_dict()``; ``factorized``: the model held low-rank layers, e.g. after ``RankCompression``'s swap);
     - ``trainer.callback_metrics["rank/mlu"]`` holds the MLU (so ``ModelCheckpoint`` and ``EarlyStopping``
       can monitor it);
 
-    and on global rank zero: every logger receives ``rank/mlu``, ``rank/weighted_mlu`` and, per layer,
-    ``rank/utilization/<layer>``, ``rank/in_rank/<layer>`` and ``rank/out_rank/<layer>`` at step
-    ``trainer.global_step``; ``<trainer.log_dir>/lightning_rank/epoch_{E:03d}.json`` holds the report;
-    each ``TensorBoardLogger`` also gets a custom-scalars layout, a utilization heatmap (layers x
-    analyzed epochs), eigen-spectrum histograms, cumulative-energy figures and the report as a table.
+    and on global rank zero: every logger receives the headline scalars ``0_rank_summary/mlu`` and
+    ``0_rank_summary/mlu_weighted`` and one ``rank/utilization/<layer>`` per analyzed layer, at step
+    ``trainer.global_step``; ``<trainer.log_dir>/rank_reports/epoch_{E:03d}.json`` holds the report. Each
+    ``TensorBoardLogger`` gets those scalars with descriptions, a custom-scalars layout (the MLU, then
+    every layer's utilization by block and by role, at most five lines a chart) and the ``views``.
 
     Under DDP the statistics are summed over processes before any rank is computed, so the report equals
     that of one process that saw all the data. A compiled model is run eagerly during analyzed epochs
@@ -64,7 +67,13 @@ class RankMonitor(Callback):
         max_rows_per_batch: count at most this many random rows of each input per batch (None: all).
         dtype: accumulation dtype, ``torch.float32`` or ``torch.float64``.
         centered: use covariances instead of uncentered second moments.
-        tensorboard: write the TensorBoard views to each ``TensorBoardLogger``.
+        tensorboard: write the layout and the ``views`` to each ``TensorBoardLogger``.
+        views: which extras to write (names from ``lightning_rank.tensorboard.VIEWS``). Default
+            ``("heatmap", "energy", "table")``: a labelled utilization heatmap (layers x analyzed epochs, the
+            compression marked) as ``0_rank_summary/utilization_heatmap``, cumulative-energy figures per block
+            (``rank_energy/<block>``; both need matplotlib) and the report as a text table (``rank/report``).
+            Opt-in: ``"ranks"`` logs ``rank_detail/in_rank/<layer>`` and ``rank_detail/out_rank/<layer>`` to
+            every logger, ``"spectra"`` writes eigenvalue histograms ``rank_detail/spectrum/<layer>``.
         seed: seed of the row subsampling.
         eig_dtype: precision of the epoch-end eigenproblems (float32 is about 2-3x faster on CPU).
 
@@ -84,6 +93,7 @@ class RankMonitor(Callback):
         dtype: torch.dtype = torch.float32,
         centered: bool = False,
         tensorboard: bool = True,
+        views: Sequence[str] = views_module.DEFAULT_VIEWS,
         seed: int = 0,
         eig_dtype: torch.dtype = torch.float64,
     ) -> None:
@@ -100,12 +110,13 @@ class RankMonitor(Callback):
             raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype!r}")
         self.eig_dtype = eig_dtype
         self.tensorboard = tensorboard
+        self.views = views_module.check_views(views)
 
         self.report: RankReport | None = None
         self.history: list[dict[str, Any]] = []
         self._statistics: EpochStatistics | None = None
         self._skip = False
-        self._layouts_written: set[str] = set()  # log dirs (a callback must pickle for ddp_spawn)
+        self._layouts_written: dict[str, tuple[str, ...]] = {}  # log dir -> its layout's layers (picklable)
         self._told_no_matplotlib = False
         self._warned_no_logger = False
 
@@ -133,7 +144,7 @@ class RankMonitor(Callback):
             self._warned_no_logger = True
             rank_zero_warn(
                 "RankMonitor: the Trainer has no logger, so rank scalars are not logged; reports are kept in "
-                f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / 'lightning_rank'}."
+                f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / 'rank_reports'}."
             )
         if is_compiled(pl_module):
             if not can_run_eagerly():
@@ -213,7 +224,8 @@ class RankMonitor(Callback):
     # -- results -----------------------------------------------------------------------------
     def _publish(self, trainer: Trainer, pl_module: LightningModule, report: RankReport) -> None:
         epoch, step, stage = trainer.current_epoch, trainer.global_step, trainer.state.fn.value
-        entry = {"epoch": epoch, "step": step, "stage": stage, "report": report.to_dict()}
+        factorized = any(isinstance(module, LOW_RANK_TYPES) for module in pl_module.modules())
+        entry = {"epoch": epoch, "step": step, "stage": stage, "factorized": factorized, "report": report.to_dict()}
         self.history = [h for h in self.history if (h["epoch"], h["step"], h["stage"]) != (epoch, step, stage)]
         self.history.append(entry)
         self.report = report
@@ -222,28 +234,41 @@ class RankMonitor(Callback):
         log_dir = trainer.log_dir  # a collective under DDP: read it on every process
         if not trainer.is_global_zero:
             return
-        report.save(Path(log_dir or trainer.default_root_dir) / "lightning_rank" / f"epoch_{epoch:03d}.json")
-        metrics = report_scalars(report)
+        report.save(Path(log_dir or trainer.default_root_dir) / "rank_reports" / f"epoch_{epoch:03d}.json")
+        metrics = report_scalars(report, ranks="ranks" in self.views)
+        writers = []
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        if self.tensorboard:
-            writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-            if writers:
-                self._write_views(writers, report, step)
+            if self.tensorboard and isinstance(logger, TensorBoardLogger):
+                writers.append(logger.experiment)  # written below, with descriptions
+            else:
+                logger.log_metrics(metrics, step=step)
+        if writers:
+            self._write_views(writers, report, metrics, step)
 
-    def _write_views(self, writers: list[Any], report: RankReport, step: int) -> None:
+    def _write_views(self, writers: list[Any], report: RankReport, metrics: dict[str, float], step: int) -> None:
         spectra = {name: spectrum_in for name, (spectrum_in, _) in report.spectra.items()}
+        layers = tuple(dict.fromkeys(  # every layer analyzed so far, so no chart is dropped when layers change
+            name for entry in self.history for name, layer in entry["report"]["layers"].items()
+            if layer.get("utilization") is not None
+        ))
+        drawn = views_module.has_matplotlib()
         for writer in writers:
-            if writer.get_logdir() not in self._layouts_written:
-                views.write_layout(writer, list(report.analyzed))
-                self._layouts_written.add(writer.get_logdir())
-            views.write_heatmap(writer, [h["report"] for h in self.history], step)
-            views.write_spectra(writer, spectra, step)
-            if not views.write_energy_curves(writer, spectra, self.threshold, step) and not self._told_no_matplotlib:
-                rank_zero_info("RankMonitor: matplotlib is not installed, so no cumulative-energy figures are drawn.")
-                self._told_no_matplotlib = True
-            views.write_report_text(writer, report, step)
+            views_module.write_scalars(writer, metrics, step)
+            if self._layouts_written.get(writer.get_logdir()) != layers:  # new layers get their charts
+                views_module.write_layout(writer, layers)
+                self._layouts_written[writer.get_logdir()] = layers
+            if "heatmap" in self.views and drawn:
+                views_module.write_heatmap(writer, self.history, step)
+            if "energy" in self.views and drawn:
+                views_module.write_energy_curves(writer, spectra, self.threshold, step, epoch=self.history[-1]["epoch"])
+            if "spectra" in self.views:
+                views_module.write_spectra(writer, spectra, step)
+            if "table" in self.views:
+                views_module.write_report_text(writer, report, step)
             writer.flush()
+        if not drawn and {"heatmap", "energy"} & set(self.views) and not self._told_no_matplotlib:
+            rank_zero_info("RankMonitor: matplotlib is not installed, so the heatmap and energy figures are not drawn.")
+            self._told_no_matplotlib = True
 
     # -- checkpointing -----------------------------------------------------------------------
     @override
@@ -256,11 +281,14 @@ class RankMonitor(Callback):
         self.report = RankReport.from_dict(self.history[-1]["report"]) if self.history else None
 
 
-def report_scalars(report: RankReport, prefix: str = "rank") -> dict[str, float]:
-    """The scalars logged for ``report``: MLU, weighted MLU, and per analyzed layer utilization, in and out rank."""
-    metrics = {f"{prefix}/mlu": report.mlu, f"{prefix}/weighted_mlu": report.weighted_mlu}
+def report_scalars(report: RankReport, ranks: bool = False) -> dict[str, float]:
+    """The scalars logged for ``report``: MLU, weighted MLU and each analyzed layer's utilization; with ``ranks``
+    also each layer's in and out rank. Tag names are :mod:`lightning_rank.tensorboard`'s."""
+    metrics = {views_module.MLU_TAG: report.mlu, views_module.WEIGHTED_MLU_TAG: report.weighted_mlu}
     for name, layer in report.analyzed.items():
-        metrics[f"{prefix}/utilization/{name}"] = layer.utilization
-        metrics[f"{prefix}/in_rank/{name}"] = float(layer.in_rank)
-        metrics[f"{prefix}/out_rank/{name}"] = float(layer.out_rank)
+        metrics[f"{views_module.UTILIZATION_PREFIX}/{name}"] = layer.utilization
+    if ranks:
+        for name, layer in report.analyzed.items():
+            metrics[f"{views_module.IN_RANK_PREFIX}/{name}"] = float(layer.in_rank)
+            metrics[f"{views_module.OUT_RANK_PREFIX}/{name}"] = float(layer.out_rank)
     return metrics

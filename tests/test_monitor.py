@@ -18,15 +18,14 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
 from lightning_rank import epoch_statistics
+from lightning_rank import tensorboard as views
+from tests.test_monitor_tensorboard import Events
 
-CELL = 8  # pixels per heatmap cell (lightning_rank.tensorboard's default)
 
 
 class Blocks(L.LightningModule):
@@ -106,15 +105,9 @@ class Snapshots(Callback):
             self.weights[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
 
 
-def events(log_dir: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def layout_of(acc: EventAccumulator) -> layout_pb2.Layout:
-    (event,) = acc.Tensors("custom_scalars__config__")
-    return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+def heatmap_shape(history: list[dict]) -> tuple[int, int]:
+    """(height, width) of the labelled heatmap figure of ``history``."""
+    return views.figure_to_array(views.heatmap_figure(history)).shape[:2]
 
 
 LAYERS = ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "head"]
@@ -124,7 +117,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     torch.manual_seed(0)
     model = Blocks()
     val = [DataLoader(dataset(seed=1), batch_size=16), DataLoader(dataset(n=24, seed=2), batch_size=8)]
-    monitor = lr.RankMonitor(every_n_epochs=2)
+    monitor = lr.RankMonitor(every_n_epochs=2, views=views.VIEWS)  # the opt-in views too
     snapshots = Snapshots()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="rank/mlu", mode="max", every_n_epochs=2)
     csv = CSVLogger(tmp_path, name="csv")
@@ -137,7 +130,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     assert [h["epoch"] for h in monitor.history] == [1, 3]
     steps = [h["step"] for h in monitor.history]
     assert steps == [6, 12]  # 3 training batches an epoch
-    json_dir = Path(tb.log_dir) / "lightning_rank"
+    json_dir = Path(tb.log_dir) / "rank_reports"
     assert sorted(p.name for p in json_dir.iterdir()) == ["epoch_001.json", "epoch_003.json"]
 
     # Each epoch's JSON is the independent analysis of that epoch's weights over both dataloaders.
@@ -151,29 +144,31 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(monitor.report.mlu)
     assert checkpoint.best_model_score.item() == pytest.approx(max(h["report"]["mlu"] for h in monitor.history))
 
-    acc = events(tb.log_dir)
+    events = Events(tb.log_dir)
     for name in LAYERS:
-        for kind in ("utilization", "in_rank", "out_rank"):
-            points = acc.Scalars(f"rank/{kind}/{name}")
-            assert [p.step for p in points] == steps
-            key = "utilization" if kind == "utilization" else kind
-            assert [p.value for p in points] == pytest.approx([h["report"]["layers"][name][key] for h in monitor.history])
-        assert len(acc.Histograms(f"rank/spectrum/{name}")) == 2
-    assert [p.value for p in acc.Scalars("rank/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
+        for tag, key in (("rank/utilization", "utilization"), ("rank_detail/in_rank", "in_rank"),
+                         ("rank_detail/out_rank", "out_rank")):
+            points = events.scalars(f"{tag}/{name}")
+            assert [step for step, _ in points] == steps
+            assert [v for _, v in points] == pytest.approx([h["report"]["layers"][name][key] for h in monitor.history])
+        assert len(events.histograms(f"rank_detail/spectrum/{name}")) == 2
+    assert [v for _, v in events.scalars("0_rank_summary/mlu")] == pytest.approx([h["report"]["mlu"] for h in monitor.history])
 
-    layout = layout_of(acc)
+    (layout_event,) = events.acc.Tensors("custom_scalars__config__")  # written once: the layers did not change
+    layout = events.layout()
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert charts["blocks.0"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.0\.2$"]
-    assert charts["blocks.*.0"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.1\.0$"]
-    assert charts["(top level)"] == [r"^rank/utilization/head$"]
+    assert charts["blocks.0: 0, 2"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.0\.2$"]
+    assert charts["blocks.*.0 in blocks.0, blocks.1"] == [r"^rank/utilization/blocks\.0\.0$", r"^rank/utilization/blocks\.1\.0$"]
+    assert charts["(top level): head"] == [r"^rank/utilization/head$"]
 
-    heatmaps = acc.Images("rank/utilization_heatmap")
-    assert [(h.step, h.width, h.height) for h in heatmaps] == [(6, CELL, 5 * CELL), (12, 2 * CELL, 5 * CELL)]
-    assert {tag for tag in acc.Tags()["images"] if tag.startswith("rank/energy/")} == {
-        "rank/energy/blocks.0", "rank/energy/blocks.1", "rank/energy/(top level)"
+    heatmaps = events.images("0_rank_summary/utilization_heatmap")
+    assert [step for step, *_ in heatmaps] == steps
+    _, width, height = heatmaps[-1]
+    assert (height, width) == heatmap_shape(monitor.history)
+    assert {tag for tag in events.tags("images") if tag.startswith("rank_energy/")} == {
+        "rank_energy/blocks.0", "rank_energy/blocks.1", "rank_energy/(top level)"
     }
-    (*_, text) = acc.Tensors("rank/report/text_summary")
-    assert text.step == 12 and text.tensor_proto.string_val[0].decode() == monitor.report.to_markdown()
+    assert events.text("rank/report")[-1] == (12, monitor.report.to_markdown())
 
     # The CSV logger received the same scalars.
     rows = [line.split(",") for line in Path(csv.log_dir, "metrics.csv").read_text().splitlines()]
@@ -213,7 +208,7 @@ def test_validate_without_logger_with_mask(tmp_path):
     assert monitor.history[0]["report"] == expected
     assert expected["layers"]["blocks.0.0"]["rows"] == 24
     assert "head" not in expected["layers"]
-    saved = json.loads((tmp_path / "lightning_rank" / "epoch_000.json").read_text())
+    saved = json.loads((tmp_path / "rank_reports" / "epoch_000.json").read_text())
     assert saved == expected
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
 
@@ -234,10 +229,11 @@ def test_resume_from_checkpoint_keeps_history_and_continues_views(tmp_path):
 
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert resumed.history[:2] == first.history
-    acc = events(final.log_dir)
-    assert [p.step for p in acc.Scalars("rank/utilization/head")] == [h["step"] for h in resumed.history]
-    last = acc.Images("rank/utilization_heatmap")[-1]
-    assert (last.width, last.height) == (4 * CELL, 5 * CELL)  # the heatmap kept the epochs before the resume
+    events = Events(final.log_dir)
+    assert [step for step, _ in events.scalars("rank/utilization/head")] == [h["step"] for h in resumed.history]
+    _, width, height = events.images("0_rank_summary/utilization_heatmap")[-1]
+    assert (height, width) == heatmap_shape(resumed.history)  # the heatmap kept the epochs before the resume
+    assert len(resumed.history) == 4
 
 
 def test_lightning_cli_builds_the_monitor_from_yaml(tmp_path):
@@ -300,8 +296,9 @@ def test_without_matplotlib_one_info_line_and_no_figures(tmp_path, caplog, monke
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[lr.RankMonitor()]).fit(Blocks(), datamodule=Data())
     assert sum("matplotlib" in r.getMessage() for r in caplog.records) == 1
-    tags = events(logger.log_dir).Tags()["images"]
-    assert "rank/utilization_heatmap" in tags and not [t for t in tags if t.startswith("rank/energy")]
+    events = Events(logger.log_dir)
+    assert events.tags("images") == []  # neither the heatmap nor the energy figures
+    assert "0_rank_summary/mlu" in events.tags("scalars")
 
 
 def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):
@@ -310,7 +307,7 @@ def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):
         trainer(tmp_path, fast_dev_run=True, callbacks=[monitor]).fit(Blocks(), datamodule=Data())
     assert monitor.history == [] and monitor.report is None
     assert sum("fast_dev_run" in r.getMessage() and "RankMonitor" in r.getMessage() for r in caplog.records) == 1
-    assert not (tmp_path / "lightning_rank").exists()
+    assert not (tmp_path / "rank_reports").exists()
 
 
 class Inner(Blocks):
@@ -378,6 +375,7 @@ def test_compiled_model_without_eager_fallback_warns(tmp_path, monkeypatch):
         ({"tensorboard": 1}, "tensorboard"),
         ({"seed": "0"}, "seed"),
         ({"eig_dtype": torch.float16}, "eig_dtype"),
+        ({"views": ["nope"]}, "views"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
@@ -472,7 +470,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     run.validate(model, loader)
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    saved = tmp_path / "lightning_rank" / "epoch_000.json"
+    saved = tmp_path / "rank_reports" / "epoch_000.json"
     for report in (*reports, json.loads(saved.read_text())):
         assert_same_report(report, expected)
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])

@@ -460,7 +460,6 @@ def test_compression_results_as_headline_scalars_and_one_table(compressed_run):
     assert groups_in_order(run.tags("scalars") + run.tags("text"))[0] == "0_rank_summary"
 
 
-@pytest.mark.xfail(strict=True, reason="needs analyze to report factorized pairs as one layer")
 def test_a_factorized_layer_keeps_one_curve_across_the_swap(compressed_run):
     monitor, compression, run = compressed_run
     steps = [h["step"] for h in monitor.history]

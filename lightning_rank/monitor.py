@@ -23,19 +23,26 @@ from typing_extensions import override
 from lightning_rank import tensorboard as views
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
-from lightning_rank.checks import check_positive_int, collection_arguments, collection_of
-from lightning_rank.epoch_statistics import EpochStatistics, can_run_eagerly, is_compiled
+from lightning_rank.checks import StatisticsArguments, check_positive_int
+from lightning_rank.epoch_statistics import (
+    REPORTS_FOLDER,
+    EpochStatistics,
+    StatisticsArgumentsMixin,
+    can_run_eagerly,
+    is_compiled,
+    reports_dir,
+)
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import MaskFn, warn_about_rows
 from lightning_rank.targets import ModuleSelector
 
 
-class RankMonitor(Callback):
+class RankMonitor(StatisticsArgumentsMixin, Callback):
     r"""Measure how much of its input and output space every layer uses, epoch by epoch.
 
     On each analyzed validation epoch (every ``every_n_epochs``-th epoch of ``trainer.fit``, and every
     ``trainer.validate``; never the sanity check) the inputs of the target layers are counted through
-    the user's own ``validation_step`` over every validation dataloader. Afterwards, on every process:
+    the user's own ``validation_step`` over every validation dataloader (or the one ``dataloader_idx`` names). Afterwards, on every process:
 
     - ``monitor.report`` holds the :class:`~lightning_rank.RankReport`, ``monitor.history`` one
       ``{"epoch", "step", "stage", "report"}`` entry per analyzed epoch (``report`` is ``to_dict()``);
@@ -44,7 +51,7 @@ class RankMonitor(Callback):
 
     and on global rank zero: every logger receives ``rank/mlu``, ``rank/weighted_mlu`` and, per layer,
     ``rank/utilization/<layer>``, ``rank/in_rank/<layer>`` and ``rank/out_rank/<layer>`` at step
-    ``trainer.global_step``; ``<trainer.log_dir>/lightning_rank/epoch_{E:03d}.json`` holds the report;
+    ``trainer.global_step``; ``<trainer.log_dir>/rank_reports/epoch_{E:03d}.json`` holds the report;
     each ``TensorBoardLogger`` also gets a custom-scalars layout, a utilization heatmap (layers x
     analyzed epochs), eigen-spectrum histograms, cumulative-energy figures and the report as a table.
 
@@ -67,6 +74,7 @@ class RankMonitor(Callback):
         tensorboard: write the TensorBoard views to each ``TensorBoardLogger``.
         seed: seed of the row subsampling.
         eig_dtype: precision of the epoch-end eigenproblems (float32 is about 2-3x faster on CPU).
+        dataloader_idx: the validation dataloader whose batches are counted (None: all of them, pooled).
 
     Example::
 
@@ -86,12 +94,13 @@ class RankMonitor(Callback):
         tensorboard: bool = True,
         seed: int = 0,
         eig_dtype: torch.dtype = torch.float64,
+        dataloader_idx: int | None = None,
     ) -> None:
         self.threshold = check_threshold(threshold)
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
-        checked = collection_arguments(target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed)
-        for name, value in checked.items():
-            setattr(self, name, value)
+        self.statistics_arguments = StatisticsArguments(
+            target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed, dataloader_idx
+        )
         for name, flag in (("centered", centered), ("tensorboard", tensorboard)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
@@ -133,7 +142,7 @@ class RankMonitor(Callback):
             self._warned_no_logger = True
             rank_zero_warn(
                 "RankMonitor: the Trainer has no logger, so rank scalars are not logged; reports are kept in "
-                f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / 'lightning_rank'}."
+                f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / REPORTS_FOLDER}."
             )
         if is_compiled(pl_module):
             if not can_run_eagerly():
@@ -156,14 +165,14 @@ class RankMonitor(Callback):
         self._release()
         if not self._should_observe(trainer):
             return
-        self._statistics = EpochStatistics(pl_module, **collection_of(self))
+        self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
 
     @override
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self._statistics is not None:
-            self._statistics.batch_start(batch)
+            self._statistics.batch_start(batch, dataloader_idx)
 
     @override
     def on_validation_batch_end(
@@ -219,10 +228,10 @@ class RankMonitor(Callback):
         self.report = report
         pl_module.log("rank/mlu", report.mlu, logger=False, sync_dist=trainer.world_size > 1)
 
-        log_dir = trainer.log_dir  # a collective under DDP: read it on every process
+        folder = reports_dir(trainer)  # a collective under DDP: on every process
         if not trainer.is_global_zero:
             return
-        report.save(Path(log_dir or trainer.default_root_dir) / "lightning_rank" / f"epoch_{epoch:03d}.json")
+        report.save(folder / f"epoch_{epoch:03d}.json")
         metrics = report_scalars(report)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

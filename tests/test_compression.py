@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
+from lightning_rank.compression import Phase
 
 DIM, HIDDEN, CLASSES, SUBSPACE = 32, 64, 4, 3
 
@@ -81,20 +82,21 @@ def make_trainer(tmp_path: Path, epochs: int, callbacks: list[Callback], **kwarg
 
 @pytest.fixture(scope="module")
 def compressed_run(tmp_path_factory: pytest.TempPathFactory):
-    """One fit: 3 planned epochs, then compression and 2 fine-tuning epochs, checkpoints every epoch."""
+    """One fit of 5 epochs: 3 dense, the swap when epoch 3 starts, 2 fine-tuning; checkpoints every epoch."""
     tmp_path = tmp_path_factory.mktemp("compress")
     L.seed_everything(0)
     model = Classifier()
-    compression = lr.RankCompression(method="whiten", finetune_epochs=2, monitor="val_acc")
+    compression = lr.RankCompression(compress_at_epoch=3, method="whiten", monitor="val_acc")
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
-    trainer = make_trainer(tmp_path, 3, [compression, checkpoints])
+    trainer = make_trainer(tmp_path, 5, [compression, checkpoints])
     trainer.fit(model)
     return tmp_path, trainer, model, compression
 
 
 def test_swap_then_finetune_within_one_fit(compressed_run) -> None:
     tmp_path, trainer, model, compression = compressed_run
-    assert trainer.current_epoch == 5  # 3 planned + 2 fine-tuning
+    assert trainer.current_epoch == 5 == trainer.max_epochs  # 3 dense + 2 fine-tuning, max_epochs unchanged
+    assert compression.swap_epoch == 3 and compression.phase == Phase.FINISHED and compression.compressed
     replaced = compression.result.layers
     assert set(replaced) == {"net.0", "net.2", "net.4"}
     assert all(rank <= SUBSPACE + 1 for rank in replaced.values())  # inputs span 3 dims (4 with the bias)
@@ -112,7 +114,8 @@ def test_swap_then_finetune_within_one_fit(compressed_run) -> None:
     assert metrics["finetuned"] >= metrics["before"] - 0.03
     assert metrics["finetuned"] == pytest.approx(float(trainer.callback_metrics["val_acc"]))
 
-    summary = json.loads((tmp_path / "version_0" / "lightning_rank" / "compression.json").read_text())
+    summary = json.loads((tmp_path / "version_0" / "rank_reports" / "compression.json").read_text())
+    assert not (tmp_path / "version_0" / "lightning_rank").exists()
     assert summary["params_before"] == compression.result.params_before
     assert summary["params_after"] == compression.result.params_after
     assert summary["layers"] == replaced
@@ -144,30 +147,31 @@ def test_checkpoints_after_the_swap_load_for_inference(compressed_run) -> None:
     restored.eval()
     torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
     before_swap = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=True)["state_dict"]
-    assert "net.0.weight" in before_swap  # the checkpoint of the last planned epoch is still dense
+    assert "net.0.weight" in before_swap  # the checkpoint of the last dense epoch is still dense
 
 
 def test_resume_from_a_post_swap_checkpoint(compressed_run, tmp_path: Path) -> None:
     first_dir, _, model, compression = compressed_run
     resumed_model = Classifier()
-    resumed = lr.RankCompression(method="whiten", finetune_epochs=2, monitor="val_acc")
-    trainer = make_trainer(tmp_path, 3, [resumed])
+    resumed = lr.RankCompression(compress_at_epoch=3, method="whiten", monitor="val_acc")
+    trainer = make_trainer(tmp_path, 5, [resumed])
     trainer.fit(resumed_model, ckpt_path=first_dir / "ckpt" / "epoch=3.ckpt")
     assert trainer.current_epoch == 5
     assert isinstance(resumed_model.net[0], lr.LowRankLinear)
     assert resumed.metrics["before"] == compression.metrics["before"]  # restored with the callback state
     assert resumed.metrics["finetuned"] is not None
-    summary = json.loads((tmp_path / "version_0" / "lightning_rank" / "compression.json").read_text())
+    assert resumed.phase == Phase.FINISHED
+    summary = json.loads((tmp_path / "version_0" / "rank_reports" / "compression.json").read_text())
     assert summary["layers"] == compression.result.layers
 
 
 def test_resume_from_the_end_of_a_finished_dense_run_compresses_first(compressed_run, tmp_path: Path) -> None:
     first_dir, _, _, _ = compressed_run
     model = Classifier()
-    compression = lr.RankCompression(method="whiten", finetune_epochs=1, monitor="val_acc")
-    trainer = make_trainer(tmp_path, 3, [compression])
-    trainer.fit(model, ckpt_path=first_dir / "ckpt" / "epoch=2.ckpt")  # the planned 3 epochs are done
-    assert compression.planned_epochs == 3 and trainer.current_epoch == 4
+    compression = lr.RankCompression(compress_at_epoch=3, method="whiten", monitor="val_acc")
+    trainer = make_trainer(tmp_path, 4, [compression])
+    trainer.fit(model, ckpt_path=first_dir / "ckpt" / "epoch=2.ckpt")  # the 3 dense epochs are done
+    assert compression.swap_epoch == 3 and trainer.current_epoch == 4
     assert isinstance(model.net[0], lr.LowRankLinear)
     assert None not in compression.metrics.values()
 
@@ -175,8 +179,8 @@ def test_resume_from_the_end_of_a_finished_dense_run_compresses_first(compressed
 def test_dense_checkpoints_load_into_the_original_structure(tmp_path: Path) -> None:
     L.seed_everything(0)
     model = Classifier()
-    compression = lr.RankCompression(finetune_epochs=1, monitor="val_acc", dense_checkpoints=True)
-    trainer = make_trainer(tmp_path, 2, [compression], logger=False)
+    compression = lr.RankCompression(compress_at_epoch=2, monitor="val_acc", dense_checkpoints=True)
+    trainer = make_trainer(tmp_path, 3, [compression], logger=False)
     trainer.fit(model)
     path = tmp_path / "dense.ckpt"
     trainer.save_checkpoint(path)
@@ -186,37 +190,95 @@ def test_dense_checkpoints_load_into_the_original_structure(tmp_path: Path) -> N
     model.eval()
     dense.eval()
     torch.testing.assert_close(dense(x), model(x), rtol=1e-5, atol=1e-5)
-    assert (tmp_path / "lightning_rank" / "compression.json").exists()  # no logger: default_root_dir
+    assert (tmp_path / "rank_reports" / "compression.json").exists()  # no logger: default_root_dir
+    assert not (tmp_path / "lightning_rank").exists()  # never a folder that shadows the package
 
 
 def test_nothing_to_shrink_warns_and_ends_normally(tmp_path: Path) -> None:
     model = Classifier()
     full_ranks = {"net.0": DIM, "net.2": HIDDEN, "net.4": CLASSES}  # no layer saves parameters at full rank
-    compression = lr.RankCompression(monitor="val_acc", ranks=full_ranks, finetune_epochs=3)
-    trainer = make_trainer(tmp_path, 2, [compression])
+    compression = lr.RankCompression(compress_at_epoch=2, monitor="val_acc", ranks=full_ranks)
+    trainer = make_trainer(tmp_path, 5, [compression])
     with pytest.warns(UserWarning, match="replaced no layer"):
         trainer.fit(model)
-    assert trainer.current_epoch == 2
+    assert trainer.current_epoch == 5  # the dense model trains on to max_epochs
+    assert compression.phase == Phase.FINISHED and not compression.compressed
     assert not any(isinstance(m, lr.LowRankLinear) for m in model.modules())
 
 
 def test_monitored_metric_missing_lists_logged_metrics(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, 1, [lr.RankCompression(monitor="val_accuracy")])
+    trainer = make_trainer(tmp_path, 2, [lr.RankCompression(compress_at_epoch=1, monitor="val_accuracy")])
     with pytest.raises(MisconfigurationException, match=r"val_accuracy.*Logged metrics: \['val_acc', 'val_loss'\]"):
         trainer.fit(Classifier())
 
 
-def test_no_validation_data(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, 1, [lr.RankCompression()], limit_val_batches=0)
-    with pytest.raises(MisconfigurationException, match="needs validation data"):
-        trainer.fit(Classifier())
+class Counting(Classifier):
+    """Counts its training steps, so a test can assert that a check came before any training."""
 
-    class NoValidation(Classifier):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_no_validation_data(tmp_path: Path) -> None:
+    model = Counting()
+    trainer = make_trainer(tmp_path, 2, [lr.RankCompression()], limit_val_batches=0)
+    with pytest.raises(MisconfigurationException, match="needs validation data"):
+        trainer.fit(model)
+
+    class NoValidation(Counting):
         validation_step = L.LightningModule.validation_step
 
-    trainer = make_trainer(tmp_path, 1, [lr.RankCompression()])
+    trainer = make_trainer(tmp_path, 2, [lr.RankCompression()])
     with pytest.raises(MisconfigurationException, match="needs validation data"):
         trainer.fit(NoValidation())
+
+    class EmptyValidation(Counting):
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(torch.zeros(0, DIM), torch.zeros(0, dtype=torch.long)), batch_size=8)
+
+    empty = EmptyValidation()
+    trainer = make_trainer(tmp_path, 2, [lr.RankCompression()])
+    with pytest.raises(MisconfigurationException, match="validation dataloaders are empty") as error:
+        trainer.fit(empty)
+    assert "metric" not in str(error.value)
+    assert model.steps == empty.steps == 0 and trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "epochs", "match"),
+    [
+        ({"ranks": {"nonexistent": 3}}, 4, r"`ranks` key 'nonexistent' matches no selected layer"),
+        ({"target_modules": "nomatch"}, 4, r"`target_modules`='nomatch' matches no module"),
+        ({"param_budget": 0.01}, 4, r"`param_budget`=0.01 keeps .* even rank 1 .* at least 0\.\d+"),
+        ({"compress_at_epoch": 4}, 4, r"compress_at_epoch=4\) swaps .* epoch 4 .*max_epochs=4\) allows epochs 1 to 3"),
+        ({"compress_at_epoch": 0.2}, 4, r"compress_at_epoch=0.2\) swaps .* epoch 0 .* allows epochs 1 to 3"),
+        ({"compress_at_epoch": 0.5}, -1, r"fraction of max_epochs, but max_epochs is -1"),
+        ({"dataloader_idx": 1}, 4, r"dataloader_idx=1\): the fit has 1 validation dataloader"),
+    ],
+)
+def test_what_can_be_checked_fails_before_training(kwargs: dict, epochs: int, match: str, tmp_path: Path) -> None:
+    model = Counting()
+    trainer = make_trainer(tmp_path, epochs, [lr.RankCompression(**kwargs)], logger=False, max_steps=100)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(model)
+    assert model.steps == 0 and trainer.global_step == 0
+    assert all(type(m) is nn.Linear for m in model.net if not isinstance(m, nn.ReLU))
+
+
+def test_strategies_other_than_single_device_and_ddp_are_rejected() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class Fake:  # Lightning refuses FSDP without a GPU, so the trainer is a stand-in
+        strategy = FSDPStrategy()
+        fast_dev_run = False
+
+    with pytest.raises(MisconfigurationException, match=r"single-device training and DDP .* not FSDPStrategy"):
+        lr.RankCompression(compress_at_epoch=1).setup(Fake(), Classifier(), "fit")
 
 
 @pytest.mark.parametrize(
@@ -226,7 +288,10 @@ def test_no_validation_data(tmp_path: Path) -> None:
         ({"param_budget": 1.5}, "param_budget"),
         ({"param_budget": 0.5, "ranks": 3}, "either `ranks` or `param_budget`"),
         ({"method": "qr"}, "method"),
-        ({"finetune_epochs": -1}, "finetune_epochs"),
+        ({"compress_at_epoch": 0}, "compress_at_epoch"),
+        ({"compress_at_epoch": 1.0}, "compress_at_epoch"),
+        ({"compress_at_epoch": -0.5}, "compress_at_epoch"),
+        ({"dataloader_idx": -1}, "dataloader_idx"),
         ({"monitor": ""}, "monitor"),
         ({"max_rows_per_batch": 0}, "max_rows_per_batch"),
         ({"dtype": torch.float16}, "dtype"),
@@ -257,7 +322,7 @@ class ParameterCheck(Callback):
 def test_ddp_parameters_identical_after_finetuning(tmp_path: Path) -> None:
     L.seed_everything(0)
     trainer = make_trainer(
-        tmp_path, 2, [lr.RankCompression(finetune_epochs=1, monitor="val_acc"), ParameterCheck(tmp_path)],
+        tmp_path, 3, [lr.RankCompression(compress_at_epoch=2, monitor="val_acc"), ParameterCheck(tmp_path)],
         strategy="ddp_spawn", devices=2, logger=False,
     )
     trainer.fit(Classifier(lr_=0.2))
@@ -268,5 +333,5 @@ def test_ddp_parameters_identical_after_finetuning(tmp_path: Path) -> None:
         assert result["types"].count("LowRankLinear") == 3
         assert result["ddp_wrappers"] == 1  # the wrapper from before the swap is gone, not left for exit
     assert results[0]["numel"] == results[1]["numel"]
-    summary = json.loads((tmp_path / "lightning_rank" / "compression.json").read_text())
+    summary = json.loads((tmp_path / "rank_reports" / "compression.json").read_text())
     assert summary["params_after"] == results[0]["numel"]

@@ -176,6 +176,94 @@ def test_resume_from_the_end_of_a_finished_dense_run_compresses_first(compressed
     assert None not in compression.metrics.values()
 
 
+def test_resume_before_and_at_the_swap(compressed_run, tmp_path: Path) -> None:
+    first_dir, _, _, first = compressed_run
+    for epoch, phase in ((1, Phase.TRAINING), (2, Phase.PLANNED)):  # before the swap's epoch; its last dense epoch
+        checkpoint = torch.load(first_dir / "ckpt" / f"epoch={epoch}.ckpt", weights_only=False)
+        (state,) = [v for k, v in checkpoint["callbacks"].items() if "RankCompression" in k]
+        assert state["phase"] == phase.value and state["factorization"] is None
+        model = Classifier()
+        compression = lr.RankCompression(compress_at_epoch=3, method="whiten", monitor="val_acc")
+        trainer = make_trainer(tmp_path / str(epoch), 5, [compression], logger=False)
+        trainer.fit(model, ckpt_path=first_dir / "ckpt" / f"epoch={epoch}.ckpt")
+        assert trainer.current_epoch == 5 and compression.phase == Phase.FINISHED
+        assert isinstance(model.net[0], lr.LowRankLinear) and None not in compression.metrics.values()
+        if epoch == 2:  # the same dense weights and validation data: the same plan as the first run
+            assert compression.result.layers == first.result.layers
+            assert compression.metrics["before"] == first.metrics["before"]
+
+
+def test_checkpoints_written_before_phases_still_load(compressed_run, tmp_path: Path) -> None:
+    first_dir, _, _, first = compressed_run
+    checkpoint = torch.load(first_dir / "ckpt" / "epoch=3.ckpt", weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if "RankCompression" in k]
+    new = checkpoint["callbacks"][key]
+    checkpoint["callbacks"][key] = {"compressed": True, "planned_epochs": 3, "metrics": new["metrics"],
+                                    "macs": new["macs"], "factorization": new["factorization"]}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    compression = lr.RankCompression(compress_at_epoch=3, monitor="val_acc")
+    trainer = make_trainer(tmp_path, 5, [compression], logger=False)
+    trainer.fit(Classifier(), ckpt_path=tmp_path / "old.ckpt")
+    assert compression.phase == Phase.FINISHED and compression.summary()["layers"] == first.result.layers
+    assert compression.metrics["before"] == first.metrics["before"]
+
+
+class LayerTypes(Callback):
+    """Records, at the end of each training epoch, whether the first layer is low-rank."""
+
+    def __init__(self) -> None:
+        self.low_rank: list[bool] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.low_rank.append(isinstance(pl_module.net[0], lr.LowRankLinear))
+
+
+@pytest.mark.parametrize("compress_at_epoch", [3, 0.6])
+def test_compress_at_epoch_as_index_or_fraction_of_max_epochs(compress_at_epoch: int | float, tmp_path: Path) -> None:
+    L.seed_everything(0)
+    compression = lr.RankCompression(compress_at_epoch=compress_at_epoch, method="whiten", monitor="val_acc")
+    types = LayerTypes()
+    trainer = make_trainer(tmp_path, 5, [compression, types], logger=False)
+    trainer.fit(Classifier())
+    assert compression.swap_epoch == 3  # int(0.6 * 5)
+    assert types.low_rank == [False, False, False, True, True]
+    assert trainer.max_epochs == 5 and trainer.current_epoch == 5
+
+
+class OneCycle(Classifier):
+    """A schedule sized by ``estimated_stepping_batches``: over the whole run, and after the swap over the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.schedules: list[tuple[int, int, int]] = []  # (global_step, estimated_stepping_batches, total_steps)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        estimated = int(self.trainer.estimated_stepping_batches)
+        total = estimated - self.trainer.global_step
+        self.schedules.append((self.trainer.global_step, estimated, total))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_schedule_sized_by_estimated_stepping_batches_ends_at_max_epochs(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model = OneCycle()
+    compression = lr.RankCompression(compress_at_epoch=3, method="whiten", monitor="val_acc")
+    trainer = make_trainer(tmp_path, 5, [compression], logger=False)
+    trainer.fit(model)  # OneCycleLR raises when stepped past total_steps
+    steps = 5 * 8  # 512 training examples in batches of 64
+    assert model.schedules == [(0, steps, steps), (3 * 8, steps, 2 * 8)]  # estimated_stepping_batches never stretched
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.total_steps == 16 and scheduler.last_epoch == 16 == trainer.global_step - 3 * 8
+    reference = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05, momentum=0.9)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.05, total_steps=16)
+    for _ in range(16):
+        reference.step()
+        cycle.step()
+    assert trainer.optimizers[0].param_groups[0]["lr"] == reference.param_groups[0]["lr"]  # the cycle's end
+
+
 def test_dense_checkpoints_load_into_the_original_structure(tmp_path: Path) -> None:
     L.seed_everything(0)
     model = Classifier()
@@ -300,6 +388,40 @@ def test_strategies_other_than_single_device_and_ddp_are_rejected() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         lr.RankCompression(**kwargs)
+
+
+class TwoSubspaces(Classifier):
+    """Two validation dataloaders whose inputs lie in different subspaces (3 and 5 dimensions)."""
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y), add_dataloader_idx=False)
+
+    def val_dataloader(self):
+        other = torch.randn(96, 5, generator=torch.Generator().manual_seed(3)) @ torch.randn(
+            5, DIM, generator=torch.Generator().manual_seed(4)
+        )
+        wide = TensorDataset(other, torch.zeros(96, dtype=torch.long))
+        return [DataLoader(low_rank_dataset(96, 2), batch_size=32), DataLoader(wide, batch_size=32)]
+
+
+def test_dataloader_idx_picks_the_validation_dataloader(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitors = {idx: lr.RankMonitor(threshold=0.999, dataloader_idx=idx) for idx in (0, 1, None)}
+    trainer = make_trainer(tmp_path, 1, list(monitors.values()), logger=False)
+    trainer.validate(TwoSubspaces(), verbose=False)
+    in_ranks = {idx: monitor.report.layers["net.0"].in_rank for idx, monitor in monitors.items()}
+    rows = {idx: monitor.report.layers["net.0"].rows for idx, monitor in monitors.items()}
+    assert in_ranks == {0: SUBSPACE, 1: 5, None: SUBSPACE + 5}  # two generic subspaces pooled: the sum
+    assert rows == {0: 96, 1: 96, None: 192}
+
+    ranks = {}
+    for idx in (0, 1):
+        compression = lr.RankCompression(compress_at_epoch=1, threshold=0.999, dataloader_idx=idx)
+        trainer = make_trainer(tmp_path / str(idx), 2, [compression], logger=False)
+        trainer.fit(TwoSubspaces())
+        ranks[idx] = compression.result.layers["net.0"]
+    assert ranks[0] in (SUBSPACE, SUBSPACE + 1) and ranks[1] in (5, 6)  # (+1: the bias direction of the output)
 
 
 class ParameterCheck(Callback):

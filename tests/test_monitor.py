@@ -137,7 +137,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     assert [h["epoch"] for h in monitor.history] == [1, 3]
     steps = [h["step"] for h in monitor.history]
     assert steps == [6, 12]  # 3 training batches an epoch
-    json_dir = Path(tb.log_dir) / "lightning_rank"
+    json_dir = Path(tb.log_dir) / "rank_reports"
     assert sorted(p.name for p in json_dir.iterdir()) == ["epoch_001.json", "epoch_003.json"]
 
     # Each epoch's JSON is the independent analysis of that epoch's weights over both dataloaders.
@@ -213,7 +213,7 @@ def test_validate_without_logger_with_mask(tmp_path):
     assert monitor.history[0]["report"] == expected
     assert expected["layers"]["blocks.0.0"]["rows"] == 24
     assert "head" not in expected["layers"]
-    saved = json.loads((tmp_path / "lightning_rank" / "epoch_000.json").read_text())
+    saved = json.loads((tmp_path / "rank_reports" / "epoch_000.json").read_text())
     assert saved == expected
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
 
@@ -310,7 +310,7 @@ def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):
         trainer(tmp_path, fast_dev_run=True, callbacks=[monitor]).fit(Blocks(), datamodule=Data())
     assert monitor.history == [] and monitor.report is None
     assert sum("fast_dev_run" in r.getMessage() and "RankMonitor" in r.getMessage() for r in caplog.records) == 1
-    assert not (tmp_path / "lightning_rank").exists()
+    assert not (tmp_path / "rank_reports").exists()
 
 
 class Inner(Blocks):
@@ -472,7 +472,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     run.validate(model, loader)
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    saved = tmp_path / "lightning_rank" / "epoch_000.json"
+    saved = tmp_path / "rank_reports" / "epoch_000.json"
     for report in (*reports, json.loads(saved.read_text())):
         assert_same_report(report, expected)
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])

@@ -24,12 +24,15 @@ __all__ = [
     "check_bool",
     "check_budget",
     "check_compress_at_epoch",
+    "check_forward",
     "check_method",
+    "check_monitor",
     "check_optional_index",
     "check_positive_int",
     "check_ranks",
     "check_selector",
     "check_threshold",
+    "resolve_compress_at_epoch",
 ]
 
 Method = Literal["projection", "whiten", "svd"]
@@ -56,6 +59,18 @@ def check_bool(value: Any, argument: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{argument}` must be a bool, got {value!r}")
     return value
+
+
+def check_monitor(monitor: Any) -> str:
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
+    return monitor
+
+
+def check_forward(forward: Any) -> Callable[[Any, Any], Any] | None:
+    if forward is not None and not callable(forward):
+        raise TypeError(f"`forward` must be a callable (model, batch) -> output or None, got {type(forward).__name__}")
+    return forward
 
 
 def check_method(method: Any) -> Method:
@@ -103,6 +118,25 @@ def check_compress_at_epoch(value: Any) -> int | float:
     if isinstance(value, float) and not 0 < value < 1:
         raise ValueError(f"`compress_at_epoch` as a fraction of max_epochs must be in (0, 1), got {value}")
     return value
+
+
+def resolve_compress_at_epoch(compress_at_epoch: int | float, max_epochs: int | None) -> int:
+    """The epoch whose start swaps the layers in: ``compress_at_epoch`` itself, or ``int(fraction * max_epochs)``;
+    it must leave at least one dense and one fine-tuning epoch inside ``max_epochs`` (-1 or None: unbounded)."""
+    finite = max_epochs is not None and max_epochs >= 0
+    if isinstance(compress_at_epoch, float) and not finite:
+        raise ValueError(
+            f"`compress_at_epoch`={compress_at_epoch} is a fraction of max_epochs, but max_epochs is {max_epochs}: "
+            "pass an epoch index instead"
+        )
+    epoch = int(compress_at_epoch * max_epochs) if isinstance(compress_at_epoch, float) else compress_at_epoch
+    if finite and not 1 <= epoch < max_epochs:
+        raise ValueError(
+            f"`compress_at_epoch`={compress_at_epoch} swaps the layers when epoch {epoch} starts, but max_epochs="
+            f"{max_epochs} allows epochs 1 to {max_epochs - 1}: at least one epoch trains the dense model and one "
+            "fine-tunes the compressed one"
+        )
+    return epoch
 
 
 def check_selector(selector: Any, argument: str) -> ModuleSelector:

@@ -21,21 +21,17 @@ after ``c - 1`` counts the inputs and plans again before the swap.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
 from lightning_rank import _lightning
@@ -44,16 +40,24 @@ from lightning_rank.checks import (
     check_bool,
     check_budget,
     check_compress_at_epoch,
+    check_forward,
     check_method,
+    check_monitor,
     check_ranks,
     check_threshold,
+    resolve_compress_at_epoch,
 )
-from lightning_rank.epoch_statistics import EpochStatistics, StatisticsArgumentsMixin, reports_dir
+from lightning_rank.compression_summary import compression_summary, count_macs, monitored_value, publish
+from lightning_rank.epoch_statistics import (
+    EpochStatistics,
+    ValidationStatisticsCallback,
+    check_validation_batches,
+    check_validation_data,
+    reports_dir,
+)
 from lightning_rank.factorize import FactorizationPlan, FactorizationResult, check_factorization, plan_factorization
-from lightning_rank.layers import LOW_RANK_TYPES
-from lightning_rank.report import write_json_atomic
-from lightning_rank.statistics import ForwardFn, MaskFn, default_forward
-from lightning_rank.structure import rebuild_factorized_
+from lightning_rank.statistics import ForwardFn, MaskFn
+from lightning_rank.structure import dense_state_dict, rebuild_factorized_
 from lightning_rank.targets import ModuleSelector
 
 
@@ -66,23 +70,36 @@ class Phase(str, Enum):
     FINISHED = "finished"  # the fit ended after compression, or there was nothing to replace
 
 
-class RankCompression(StatisticsArgumentsMixin, Callback):
+@dataclass
+class _Run:
+    """What one ``fit`` keeps and a checkpoint does not."""
+
+    disabled: bool = False  # fast_dev_run
+    plan: FactorizationPlan | None = None
+    sample_batch: Any = None  # a counted validation batch, to count multiply-adds
+    validated_epoch: int = -1
+    unwrap_load_hook: Callable[[], None] | None = None
+
+
+def _saved_phase(state_dict: dict[str, Any]) -> Phase:
+    """The phase a resumed fit starts in: a planned swap is planned again (its modules are not saved)."""
+    if "phase" not in state_dict:  # written before phases: {"compressed", "planned_epochs", "metrics", "macs", ...}
+        return Phase.COMPRESSED if state_dict.get("compressed") else Phase.TRAINING
+    phase = Phase(state_dict["phase"])
+    return Phase.TRAINING if phase == Phase.PLANNED else phase
+
+
+class RankCompression(ValidationStatisticsCallback):
     r"""Compress the model to its utilized rank at ``compress_at_epoch``, then fine-tune it, within ``max_epochs``.
 
-    The layers are factorized by :func:`~lightning_rank.plan_factorization` with statistics counted over
-    the validation of epoch ``compress_at_epoch - 1`` and swapped in when epoch ``compress_at_epoch``
-    starts (so the checkpoints of the epoch before still hold the trained dense model); the remaining
-    epochs fine-tune the smaller model with optimizers and schedulers rebuilt from ``configure_optimizers``
-    (called again after the swap, when ``compressed`` is True; a schedule sized by
-    ``trainer.estimated_stepping_batches - trainer.global_step`` then ends exactly at ``max_epochs``). If
-    training stops before the swap (early stopping), nothing is compressed.
-
-    The monitored metric is validated "before" the swap, right after it ("compressed") and after
-    fine-tuning ("finetuned"). These, the parameter and multiply-add counts and the per-layer ranks go
-    to every logger (``compression/*``), to ``compression.result``/``.metrics``, and to
-    ``<trainer.log_dir>/rank_reports/compression.json``; a ``TensorBoardLogger`` also gets the
-    per-layer table as text. Every argument, layer name, rank and budget that can be checked against the
-    model is checked in ``setup``; the validation data before the first training step.
+    Statistics come from the validation of epoch ``compress_at_epoch - 1``; the plan made from them is
+    applied when epoch ``compress_at_epoch`` starts, and the remaining epochs fine-tune with optimizers and
+    schedulers rebuilt from ``configure_optimizers`` (called again, with ``compressed`` True; a schedule of
+    ``trainer.estimated_stepping_batches - trainer.global_step`` steps ends exactly at ``max_epochs``). If
+    training stops before the swap, nothing is compressed. The metric ``monitor`` "before" the swap, right
+    after it ("compressed") and after fine-tuning ("finetuned"), the parameter and multiply-add counts and
+    the ranks go to every logger (``compression/*``), to ``.result``/``.metrics``, and to
+    ``<trainer.log_dir>/rank_reports/compression.json``. What can be checked is checked in ``setup``.
 
     Args:
         compress_at_epoch: the epoch whose start swaps the layers in: an epoch index in ``[1, max_epochs - 1]``,
@@ -134,34 +151,20 @@ class RankCompression(StatisticsArgumentsMixin, Callback):
         self.param_budget = check_budget(param_budget)
         self.ranks = check_ranks(ranks, self.param_budget)
         self.method = check_method(method)
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
-        if forward is not None and not callable(forward):
-            raise TypeError(f"`forward` must be a callable (model, batch) -> output or None, got {type(forward).__name__}")
-        self.monitor = monitor
+        self.monitor = check_monitor(monitor)
         self.statistics_arguments = StatisticsArguments(
             target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed, dataloader_idx
         )
         self.dense_checkpoints = check_bool(dense_checkpoints, "dense_checkpoints")
-        self.forward = forward
+        self.forward = check_forward(forward)
 
         self.phase = Phase.TRAINING
+        self.swap_epoch: int | None = None  # compress_at_epoch resolved against max_epochs in `setup`
         self.result: FactorizationResult | None = None
         self.metrics: dict[str, float | None] = {"before": None, "compressed": None, "finetuned": None}
         self.macs: dict[str, float | None] = {"before": None, "after": None}
-        self._swap_epoch: int | None = None
         self._factorization: dict[str, Any] | None = None  # result.to_dict(), kept across a resume
-        self._plan: FactorizationPlan | None = None
-        self._statistics: EpochStatistics | None = None
-        self._sample_batch: Any = None  # a validation batch, to count multiply-adds
-        self._validated_epoch = -1
-        self._disabled = False
-        self._unwrap_load_hook: Callable[[], None] | None = None
-
-    @property
-    def swap_epoch(self) -> int | None:
-        """The epoch at whose start the layers are swapped (``compress_at_epoch`` resolved in ``setup``)."""
-        return self._swap_epoch
+        self._run = _Run()
 
     @property
     def compressed(self) -> bool:
@@ -173,43 +176,25 @@ class RankCompression(StatisticsArgumentsMixin, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:
             return
-        self._disabled = bool(trainer.fast_dev_run)
-        if self._disabled:
+        self._run = _Run(disabled=bool(trainer.fast_dev_run))
+        if self._run.disabled:
             rank_zero_info("RankCompression: `fast_dev_run` is on, so nothing is compressed.")
             return
         _lightning.check_strategy(trainer, "RankCompression")
-        self._swap_epoch = self._resolve_epoch(trainer.max_epochs)
         needs = f"RankCompression needs validation data: the statistics and the metric {self.monitor!r} come from"
-        if not is_overridden("validation_step", pl_module):
-            raise MisconfigurationException(f"{needs} `validation_step`, which {type(pl_module).__name__} does not define.")
-        if trainer.limit_val_batches == 0 or not _lightning.has_validation_dataloader(trainer):
-            raise MisconfigurationException(f"{needs} validation: pass a `val_dataloader` and `limit_val_batches` > 0.")
-        if self.phase == Phase.TRAINING and not is_overridden("configure_model", pl_module):
-            self._check_model(pl_module)
-        self._unwrap_load_hook = _lightning.before_weights_load(pl_module, lambda ckpt: self._rebuild(pl_module, ckpt))
+        check_validation_data(trainer, pl_module, needs)
+        self._check(trainer, None if is_overridden("configure_model", pl_module) else pl_module)
+        self._run.unwrap_load_hook = _lightning.before_weights_load(pl_module, lambda ckpt: self._rebuild(pl_module, ckpt))
 
-    def _resolve_epoch(self, max_epochs: int | None) -> int:
-        given, finite = self.compress_at_epoch, max_epochs is not None and max_epochs >= 0
-        if isinstance(given, float) and not finite:
-            raise MisconfigurationException(
-                f"RankCompression(compress_at_epoch={given}) is a fraction of max_epochs, but max_epochs is {max_epochs}: "
-                "pass an epoch index instead."
-            )
-        epoch = int(given * max_epochs) if isinstance(given, float) else given
-        if finite and not 1 <= epoch < max_epochs:
-            raise MisconfigurationException(
-                f"RankCompression(compress_at_epoch={given}) swaps the layers when epoch {epoch} starts, but "
-                f"Trainer(max_epochs={max_epochs}) allows epochs 1 to {max_epochs - 1}: at least one epoch trains the "
-                "dense model and one fine-tunes the compressed one."
-            )
-        return epoch
-
-    def _check_model(self, pl_module: LightningModule) -> None:
+    def _check(self, trainer: Trainer, pl_module: LightningModule | None) -> None:
+        """What needs ``max_epochs`` or the model's layers, as an error naming the argument."""
         try:
-            check_factorization(
-                pl_module, ranks=self.ranks, param_budget=self.param_budget,
-                target_modules=self.target_modules, exclude_modules=self.exclude_modules,
-            )  # fmt: skip
+            self.swap_epoch = resolve_compress_at_epoch(self.compress_at_epoch, trainer.max_epochs)
+            if pl_module is not None and self.phase == Phase.TRAINING:
+                check_factorization(
+                    pl_module, ranks=self.ranks, param_budget=self.param_budget,
+                    target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+                )  # fmt: skip
         except ValueError as err:
             raise MisconfigurationException(f"RankCompression: {err}") from err
 
@@ -220,233 +205,129 @@ class RankCompression(StatisticsArgumentsMixin, Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._unwrap()
-        if self._disabled:
+        if self._run.disabled:
             return
-        if self.phase == Phase.TRAINING and is_overridden("configure_model", pl_module):
-            self._check_model(pl_module)  # its layers exist only now
+        if is_overridden("configure_model", pl_module):
+            self._check(trainer, pl_module)  # its layers exist only now
         if self.phase == Phase.FINISHED and self.compressed:
             self.phase = Phase.COMPRESSED  # a new fit from a finished run fine-tunes further
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._disabled:
-            return
-        batches = _lightning.validation_batches(trainer)
-        index = self.dataloader_idx
-        if index is not None and index >= len(batches):
-            raise MisconfigurationException(
-                f"RankCompression(dataloader_idx={index}): the fit has {len(batches)} validation dataloader(s)."
-            )
-        if sum(batches if index is None else batches[index : index + 1]) == 0:
-            which = "validation dataloaders are" if index is None else f"validation dataloader {index} is"
-            raise MisconfigurationException(
-                f"RankCompression needs validation batches to count the layer inputs, but the {which} empty."
-            )
+        if not self._run.disabled:
+            check_validation_batches(trainer, "RankCompression", self.dataloader_idx)
 
     # -- counting over the validation before the swap ----------------------------------------
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._disabled or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        if self.phase == Phase.TRAINING and trainer.current_epoch == self._swap_epoch - 1 and self._statistics is None:
+        counts = self._fit_validation(trainer) and self.phase == Phase.TRAINING and self._statistics is None
+        if counts and trainer.current_epoch == self.swap_epoch - 1:
             self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
 
     @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._statistics is not None:
-            self._statistics.batch_start(batch, dataloader_idx)
-
-    @override
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._statistics is not None:
-            self._statistics.batch_end()
-
-    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._disabled or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if not self._fit_validation(trainer):
             return
-        self._validated_epoch = trainer.current_epoch
+        self._run.validated_epoch = trainer.current_epoch
         if self.phase in (Phase.TRAINING, Phase.COMPRESSED):
-            self.metrics["before" if self.phase == Phase.TRAINING else "finetuned"] = self._metric(trainer)
+            self.metrics["before" if self.phase == Phase.TRAINING else "finetuned"] = monitored_value(trainer, self.monitor)
 
-    def _metric(self, trainer: Trainer) -> float:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            raise MisconfigurationException(
-                f"RankCompression(monitor={self.monitor!r}): the validation logged no such metric. Logged metrics: "
-                f"{sorted(trainer.callback_metrics)}. Log it with `self.log({self.monitor!r}, ...)` in `validation_step`."
-            )
-        return float(value)
+    def _fit_validation(self, trainer: Trainer) -> bool:
+        return not (self._run.disabled or trainer.sanity_checking) and trainer.state.fn == TrainerFn.FITTING
 
     # -- plan, then swap ---------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.phase == Phase.TRAINING and not self._disabled and epoch == self._swap_epoch - 1:
+        if self.phase == Phase.TRAINING and not self._run.disabled and epoch == self.swap_epoch - 1:
             self._make_plan(trainer, pl_module)
-        elif self.phase == Phase.COMPRESSED and epoch == trainer.max_epochs - 1 and self._validated_epoch != epoch:
+        elif self.phase == Phase.COMPRESSED and epoch == trainer.max_epochs - 1 and self._run.validated_epoch != epoch:
             _lightning.run_validation(trainer)  # the last epoch did not validate: "finetuned" needs one
-            self.metrics["finetuned"] = self._metric(trainer)
+            self.metrics["finetuned"] = monitored_value(trainer, self.monitor)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._disabled:
+        if self._run.disabled:
             return
-        if self.phase == Phase.TRAINING and trainer.current_epoch >= self._swap_epoch:
+        if self.phase == Phase.TRAINING and trainer.current_epoch >= self.swap_epoch:
             self._make_plan(trainer, pl_module)  # resumed at or past the swap from a dense checkpoint
         if self.phase == Phase.PLANNED:
             self._swap(trainer, pl_module)
 
     def _make_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Plan the factorization from this epoch's validation (run one if it had none); the model is not changed."""
-        if self._statistics is None or self._validated_epoch != trainer.current_epoch:
+        if self._statistics is None or self._run.validated_epoch != trainer.current_epoch:
             self._release()
             self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
             _lightning.run_validation(trainer, listener=self)
-            self.metrics["before"] = self._metric(trainer)
+            self.metrics["before"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None
         stats = statistics.finish(trainer)
-        self._sample_batch = statistics.first_batch
-        self.macs["before"] = self._count_macs(pl_module)
-        self._plan = plan_factorization(
+        self._run.sample_batch = statistics.first_batch
+        self.macs["before"] = count_macs(pl_module, self._run.sample_batch, self.forward)
+        self._run.plan = plan_factorization(
             pl_module, stats, threshold=self.threshold, method=self.method, ranks=self.ranks,
             param_budget=self.param_budget, target_modules=self.target_modules, exclude_modules=self.exclude_modules,
         )  # fmt: skip
-        self.result = self._plan.result
+        self.result = self._run.plan.result
         self._factorization = self.result.to_dict()
         self.phase = Phase.PLANNED
-        if not self._plan.layers:
+        if not self._run.plan.layers:
             reasons = "; ".join(f"{n}: {r}" for n, r in list(self.result.not_replaced.items())[:5])
             rank_zero_warn(f"RankCompression replaced no layer, so the model stays dense and trains on ({reasons}).")
-            self._plan, self.phase = None, Phase.FINISHED
+            self._run.plan, self.phase = None, Phase.FINISHED
 
     def _swap(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._plan.apply_(pl_module)
-        self._plan, self.phase = None, Phase.COMPRESSED
+        self._run.plan.apply_(pl_module)
+        self._run.plan, self.phase = None, Phase.COMPRESSED
         _lightning.rebuild_training_state(trainer)
-        self.macs["after"] = self._count_macs(pl_module)
+        self.macs["after"] = count_macs(pl_module, self._run.sample_batch, self.forward)
         _lightning.run_validation(trainer)
-        self.metrics["compressed"] = self._metric(trainer)
-        rank_zero_info(
-            f"RankCompression: {len(self.result.layers)} layers replaced, parameters {self.result.params_before:,} -> "
-            f"{self.result.params_after:,}; {self.monitor} {self.metrics['before']:.4g} -> "
-            f"{self.metrics['compressed']:.4g}; fine-tuning {trainer.max_epochs - trainer.current_epoch} epochs."
-        )
-
-    def _count_macs(self, pl_module: LightningModule) -> float | None:
-        """Multiply-adds per example of one forward over a counted validation batch (None if it cannot run)."""
-        batch = self._sample_batch
-        if batch is None:
-            return None
-        training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                (self.forward or default_forward)(pl_module, batch)
-            return counter.get_total_flops() / 2 / extract_batch_size(batch)
-        except Exception as err:  # a forward that does not take the batch as `collect` passes it
-            rank_zero_warn(f"RankCompression could not count multiply-adds ({err}); pass `forward=` to count them.")
-            return None
-        finally:
-            pl_module.train(training)
+        self.metrics["compressed"] = monitored_value(trainer, self.monitor)
+        result, before, after = self.result, self.metrics["before"], self.metrics["compressed"]
+        rank_zero_info(f"RankCompression: {len(result.layers)} layers replaced, parameters {result.params_before:,} -> "
+                       f"{result.params_after:,}; {self.monitor} {before:.4g} -> {after:.4g}; fine-tuning begins.")
 
     # -- results -----------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release()
-        if self._disabled:
+        if self._run.disabled:
             return
         if self.phase in (Phase.TRAINING, Phase.PLANNED):
-            self._plan, self.phase = None, Phase.TRAINING
-            rank_zero_warn(
-                f"RankCompression: training stopped at epoch {trainer.current_epoch}, before the swap planned at epoch "
-                f"{self._swap_epoch}, so nothing was compressed."
-            )
+            self._run.plan, self.phase = None, Phase.TRAINING
+            rank_zero_warn(f"RankCompression: training stopped at epoch {trainer.current_epoch}, before the swap "
+                           f"planned at epoch {self.swap_epoch}, so nothing was compressed.")
             return
         self.phase = Phase.FINISHED
         folder = reports_dir(trainer)  # a collective under DDP: on every process
         if trainer.is_global_zero:
-            self._publish(trainer, folder)
-
-    def _publish(self, trainer: Trainer, folder: Any) -> None:
-        summary = self.summary()
-        write_json_atomic(folder / "compression.json", summary)
-        scalars = {
-            f"compression/{key}": float(value)
-            for key, value in (
-                ("params_before", summary["params_before"]),
-                ("params_after", summary["params_after"]),
-                ("macs_before", summary["macs_before"]),
-                ("macs_after", summary["macs_after"]),
-                *((f"{self.monitor}/{stage}", v) for stage, v in summary["metrics"].items()),
-                *((f"rank/{name}", rank) for name, rank in summary["layers"].items()),
-            )
-            if value is not None
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("compression", self._markdown(), global_step=trainer.global_step)
-                logger.experiment.flush()
+            publish(trainer, folder, self.summary())
 
     def summary(self) -> dict[str, Any]:
-        """What ``compression.json`` holds: ``params_before``/``after``, ``macs_before``/``after`` (per example),
-        ``layers`` ({name: rank}), ``metrics`` ({"before", "compressed", "finetuned"}), and the factorization details."""
+        """What ``compression.json`` holds (see :func:`~lightning_rank.compression_summary.compression_summary`)."""
         if self._factorization is None:
             raise RuntimeError("RankCompression has not planned a compression yet")
-        factorization = self._factorization
-        return {
-            "params_before": factorization["params_before"],
-            "params_after": factorization["params_after"],
-            "macs_before": self.macs["before"],
-            "macs_after": self.macs["after"],
-            "layers": factorization["layers"],
-            "metrics": dict(self.metrics),
-            "monitor": self.monitor,
-            **{k: v for k, v in factorization.items() if k not in ("params_before", "params_after", "layers")},
-        }
-
-    def _markdown(self) -> str:
-        metrics = ", ".join(f"{stage} {'n/a' if v is None or math.isnan(v) else f'{v:.4g}'}" for stage, v in self.metrics.items())
-        lines = [f"**{self.monitor}**: {metrics}", "", "| layer | rank |", "|---|---:|"]
-        lines += [f"| {name} | {rank} |" for name, rank in self._factorization["layers"].items()]
-        return "\n".join(lines) + "\n"
+        return compression_summary(self._factorization, self.metrics, self.macs, self.monitor)
 
     # -- checkpoints and clean-up ------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.dense_checkpoints and self.compressed:
-            checkpoint["state_dict"] = _dense_state_dict(pl_module, checkpoint["state_dict"])
+            checkpoint["state_dict"] = dense_state_dict(pl_module, checkpoint["state_dict"])
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        done = self.phase in (Phase.COMPRESSED, Phase.FINISHED)
-        return {
-            "phase": self.phase.value,
-            "swap_epoch": self._swap_epoch,
-            "metrics": dict(self.metrics),
-            "macs": dict(self.macs),
-            "factorization": self._factorization if done else None,  # a plan is made again on resume
-        }
+        factorization = self._factorization if self.phase in (Phase.COMPRESSED, Phase.FINISHED) else None
+        return {"phase": self.phase.value, "swap_epoch": self.swap_epoch, "metrics": dict(self.metrics),
+                "macs": dict(self.macs), "factorization": factorization}  # a plan is made again on resume
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "phase" in state_dict:
-            phase = Phase(state_dict["phase"])
-        else:  # written before phases: {"compressed", "planned_epochs", "metrics", "macs", "factorization"}
-            phase = Phase.COMPRESSED if state_dict.get("compressed") else Phase.TRAINING
-        self.phase = Phase.TRAINING if phase == Phase.PLANNED else phase  # the plan's modules are not saved
+        self.phase = _saved_phase(state_dict)
         self.metrics.update(state_dict["metrics"])
         self.macs.update(state_dict["macs"])
         self._factorization = state_dict["factorization"] if self.phase != Phase.TRAINING else None
-
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -454,24 +335,6 @@ class RankCompression(StatisticsArgumentsMixin, Callback):
         self._release()
 
     def _unwrap(self) -> None:
-        if self._unwrap_load_hook is not None:
-            self._unwrap_load_hook()
-            self._unwrap_load_hook = None
-
-    def _release(self) -> None:
-        if self._statistics is not None:
-            self._statistics.release()
-            self._statistics = None
-
-
-def _dense_state_dict(pl_module: LightningModule, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with each low-rank layer's ``first``/``second`` entries replaced by its dense weights."""
-    dense = dict(state_dict)
-    for name, module in pl_module.named_modules():
-        if not isinstance(module, LOW_RANK_TYPES):
-            continue
-        for key in [k for k in dense if k.startswith(f"{name}.first.") or k.startswith(f"{name}.second.")]:
-            del dense[key]
-        for key, value in module.to_dense().state_dict().items():
-            dense[f"{name}.{key}"] = value.detach()
-    return dense
+        unwrap, self._run.unwrap_load_hook = self._run.unwrap_load_hook, None
+        if unwrap is not None:
+            unwrap()

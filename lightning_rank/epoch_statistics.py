@@ -15,8 +15,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_rank import _lightning
 from lightning_rank._lightning import is_compiled  # noqa: F401  (re-exported for the callbacks)
 from lightning_rank.checks import StatisticsArguments
 from lightning_rank.statistics import UNREACHED, ActivationStatistics, InputStatistics, StatisticsCollector
@@ -32,6 +37,29 @@ def reports_dir(trainer: Trainer) -> Path:
     """``<trainer.log_dir>/rank_reports`` (``default_root_dir`` without a logger). Call it on every process:
     under DDP ``trainer.log_dir`` is a collective."""
     return Path(trainer.log_dir or trainer.default_root_dir) / REPORTS_FOLDER
+
+
+def check_validation_data(trainer: Trainer, pl_module: LightningModule, needs: str) -> None:
+    """Raise unless the fit validates: a ``validation_step``, a validation dataloader, ``limit_val_batches`` > 0.
+
+    ``needs`` starts the message: what needs the validation and why.
+    """
+    if not is_overridden("validation_step", pl_module):
+        raise MisconfigurationException(f"{needs} `validation_step`, which {type(pl_module).__name__} does not define.")
+    if trainer.limit_val_batches == 0 or not _lightning.has_validation_dataloader(trainer):
+        raise MisconfigurationException(f"{needs} validation: pass a `val_dataloader` and `limit_val_batches` > 0.")
+
+
+def check_validation_batches(trainer: Trainer, who: str, dataloader_idx: int | None) -> None:
+    """Raise when the validation dataloader(s) counted have no batch, or ``dataloader_idx`` names none."""
+    batches = _lightning.validation_batches(trainer)
+    if dataloader_idx is not None and dataloader_idx >= len(batches):
+        raise MisconfigurationException(
+            f"{who}(dataloader_idx={dataloader_idx}): the fit has {len(batches)} validation dataloader(s)."
+        )
+    if sum(batches if dataloader_idx is None else batches[dataloader_idx : dataloader_idx + 1]) == 0:
+        which = "validation dataloaders are" if dataloader_idx is None else f"validation dataloader {dataloader_idx} is"
+        raise MisconfigurationException(f"{who} needs validation batches to count the layer inputs, but the {which} empty.")
 
 
 class EpochStatistics:
@@ -83,10 +111,12 @@ class EpochStatistics:
         return stats
 
 
-class StatisticsArgumentsMixin:
-    """The checked :class:`StatisticsArguments` of a callback, readable as flat attributes (``target_modules``, ...)."""
+class ValidationStatisticsCallback(Callback):
+    """What both callbacks share: checked :class:`StatisticsArguments`, readable as flat attributes
+    (``target_modules``, ...), and the validation batch hooks that feed an open :class:`EpochStatistics`."""
 
     statistics_arguments: StatisticsArguments
+    _statistics: EpochStatistics | None = None
 
     @property
     def target_modules(self) -> ModuleSelector:
@@ -115,6 +145,30 @@ class StatisticsArgumentsMixin:
     @property
     def dataloader_idx(self) -> int | None:
         return self.statistics_arguments.dataloader_idx
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._statistics is not None:
+            self._statistics.batch_start(batch, dataloader_idx)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._statistics is not None:
+            self._statistics.batch_end()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Leave a pass left open (an exception in ``validation_step``) and remove the hooks."""
+        if self._statistics is not None:
+            self._statistics.release()
+            self._statistics = None
 
 
 def sum_over_processes(collector: StatisticsCollector, stats: ActivationStatistics, trainer: Trainer) -> ActivationStatistics:

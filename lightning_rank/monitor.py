@@ -27,7 +27,7 @@ from lightning_rank.checks import StatisticsArguments, check_positive_int
 from lightning_rank.epoch_statistics import (
     REPORTS_FOLDER,
     EpochStatistics,
-    StatisticsArgumentsMixin,
+    ValidationStatisticsCallback,
     can_run_eagerly,
     is_compiled,
     reports_dir,
@@ -37,7 +37,7 @@ from lightning_rank.statistics import MaskFn, warn_about_rows
 from lightning_rank.targets import ModuleSelector
 
 
-class RankMonitor(StatisticsArgumentsMixin, Callback):
+class RankMonitor(ValidationStatisticsCallback):
     r"""Measure how much of its input and output space every layer uses, epoch by epoch.
 
     On each analyzed validation epoch (every ``every_n_epochs``-th epoch of ``trainer.fit``, and every
@@ -129,6 +129,7 @@ class RankMonitor(StatisticsArgumentsMixin, Callback):
             every_n_epochs=self.every_n_epochs,
             target_modules=stable(self.target_modules),
             exclude_modules=stable(self.exclude_modules),
+            **({"dataloader_idx": self.dataloader_idx} if self.dataloader_idx is not None else {}),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,26 +169,6 @@ class RankMonitor(StatisticsArgumentsMixin, Callback):
         self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
 
     @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._statistics is not None:
-            self._statistics.batch_start(batch, dataloader_idx)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._statistics is not None:
-            self._statistics.batch_end()
-
-    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         statistics, self._statistics = self._statistics, None
         if statistics is None:
@@ -206,18 +187,8 @@ class RankMonitor(StatisticsArgumentsMixin, Callback):
         self._publish(trainer, pl_module, report)
 
     @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
-
-    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()
-
-    def _release(self) -> None:
-        """Leave a pass left open (an exception in ``validation_step``) and remove the hooks."""
-        if self._statistics is not None:
-            self._statistics.release()
-            self._statistics = None
 
     # -- results -----------------------------------------------------------------------------
     def _publish(self, trainer: Trainer, pl_module: LightningModule, report: RankReport) -> None:

@@ -1,4 +1,4 @@
-"""Module structure: the one module setter, and rebuilding a factorized structure from a state dict."""
+"""Module structure: the one module setter, rebuilding a factorized structure from a state dict, and back."""
 
 from __future__ import annotations
 
@@ -83,3 +83,16 @@ def _read_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> Mapping[s
     if isinstance(source.get("state_dict"), Mapping):
         return source["state_dict"]
     return source
+
+
+def dense_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` of ``model`` with each low-rank layer's ``first``/``second`` entries replaced by its dense weights."""
+    dense = dict(state_dict)
+    for name, module in model.named_modules():
+        if not isinstance(module, LOW_RANK_TYPES):
+            continue
+        for key in [k for k in dense if k.startswith(f"{name}.first.") or k.startswith(f"{name}.second.")]:
+            del dense[key]
+        for key, value in module.to_dense().state_dict().items():
+            dense[f"{name}.{key}"] = value.detach()
+    return dense

@@ -343,9 +343,9 @@ def test_no_validation_data(tmp_path: Path) -> None:
         ({"ranks": {"nonexistent": 3}}, 4, r"`ranks` key 'nonexistent' matches no selected layer"),
         ({"target_modules": "nomatch"}, 4, r"`target_modules`='nomatch' matches no module"),
         ({"param_budget": 0.01}, 4, r"`param_budget`=0.01 keeps .* even rank 1 .* at least 0\.\d+"),
-        ({"compress_at_epoch": 4}, 4, r"compress_at_epoch=4\) swaps .* epoch 4 .*max_epochs=4\) allows epochs 1 to 3"),
-        ({"compress_at_epoch": 0.2}, 4, r"compress_at_epoch=0.2\) swaps .* epoch 0 .* allows epochs 1 to 3"),
-        ({"compress_at_epoch": 0.5}, -1, r"fraction of max_epochs, but max_epochs is -1"),
+        ({"compress_at_epoch": 4}, 4, r"`compress_at_epoch`=4 swaps .* epoch 4 .*max_epochs=4 allows epochs 1 to 3"),
+        ({"compress_at_epoch": 0.2}, 4, r"`compress_at_epoch`=0.2 swaps .* epoch 0 .* allows epochs 1 to 3"),
+        ({"compress_at_epoch": 0.5}, -1, r"`compress_at_epoch`=0.5 is a fraction of max_epochs, but max_epochs is -1"),
         ({"dataloader_idx": 1}, 4, r"dataloader_idx=1\): the fit has 1 validation dataloader"),
     ],
 )
@@ -395,7 +395,7 @@ class TwoSubspaces(Classifier):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y), add_dataloader_idx=False)
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))  # "val_loss/dataloader_idx_{i}"
 
     def val_dataloader(self):
         other = torch.randn(96, 5, generator=torch.Generator().manual_seed(3)) @ torch.randn(
@@ -417,7 +417,9 @@ def test_dataloader_idx_picks_the_validation_dataloader(tmp_path: Path) -> None:
 
     ranks = {}
     for idx in (0, 1):
-        compression = lr.RankCompression(compress_at_epoch=1, threshold=0.999, dataloader_idx=idx)
+        compression = lr.RankCompression(
+            compress_at_epoch=1, threshold=0.999, dataloader_idx=idx, monitor=f"val_loss/dataloader_idx_{idx}"
+        )
         trainer = make_trainer(tmp_path / str(idx), 2, [compression], logger=False)
         trainer.fit(TwoSubspaces())
         ranks[idx] = compression.result.layers["net.0"]

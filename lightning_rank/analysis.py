@@ -26,7 +26,7 @@ from lightning_rank.spectrum import (
     utilization,
 )
 from lightning_rank.statistics import ActivationStatistics
-from lightning_rank.targets import Target, parameter_count, select_targets, weight_matrix
+from lightning_rank.targets import Target, layer_kind, parameter_count, select_targets, weight_matrix
 
 
 def analyze(
@@ -157,7 +157,7 @@ def _skipped_layer(model: nn.Module, name: str, reason: str) -> LayerRank:
     if module is not None and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() >= 2:
         weight = module.weight
         out_features, in_features = weight.shape[0], weight[0].numel()
-        kind = type(module).__name__
+        kind = layer_kind(module)  # the report's one vocabulary of kinds
     elif name.endswith(".in_proj") and isinstance(modules.get(name[: -len(".in_proj")]), nn.MultiheadAttention):
         mha = modules[name[: -len(".in_proj")]]
         kind, out_features, in_features = "mha_in_proj", 3 * mha.embed_dim, mha.embed_dim

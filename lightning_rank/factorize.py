@@ -39,7 +39,15 @@ from lightning_rank.ranks import (
 )
 from lightning_rank.statistics import ActivationStatistics
 from lightning_rank.structure import load_factorized, rebuild_factorized_, set_submodule  # noqa: F401
-from lightning_rank.targets import ModuleSelector, Target, layer_kind, parameter_count, select_targets, weight_matrix
+from lightning_rank.targets import (
+    LayerKind,
+    ModuleSelector,
+    Target,
+    layer_kind,
+    parameter_count,
+    select_targets,
+    weight_matrix,
+)
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -53,7 +61,7 @@ class LayerFactorization:
     """
 
     name: str
-    kind: str | None
+    kind: LayerKind | None
     out_features: int | None
     in_features: int | None
     replaced: bool

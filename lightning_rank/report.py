@@ -12,13 +12,19 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_rank.targets import LayerKind
+
 
 @dataclass(frozen=True)
 class LayerRank:
-    """Utilized rank of one layer; every number but ``name``, ``kind`` and ``skipped`` is ``None`` when skipped."""
+    """Utilized rank of one layer; every number but ``name``, ``kind`` and ``skipped`` is ``None`` when skipped.
+
+    ``kind`` is one of :data:`~lightning_rank.targets.LayerKind` (``"linear"``, ``"conv2d"``, ...), for
+    analyzed and skipped layers alike; ``None`` for a module that is no supported layer.
+    """
 
     name: str
-    kind: str | None
+    kind: LayerKind | None
     in_features: int | None
     out_features: int | None
     in_rank: int | None = None
@@ -79,7 +85,7 @@ class RankReport:
         return sum(layer.utilization * layer.parameters for layer in layers) / total if total else math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON layout of DESIGN.md: threshold, mlu, weighted_mlu and one entry per layer."""
+        """The JSON layout of ``docs/design.md``: threshold, mlu, weighted_mlu and one entry per layer."""
         return {
             "threshold": self.threshold,
             "centered": self.centered,

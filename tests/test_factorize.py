@@ -520,3 +520,27 @@ def test_load_factorized_from_a_lightning_checkpoint(tmp_path) -> None:
     assert isinstance(fresh.net.head, lr.LowRankLinear) and type(fresh.net.proj) is Conv1D
     module.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), module(x))
+
+
+def test_one_vocabulary_of_layer_kinds_for_analyzed_skipped_and_kept_layers() -> None:
+    from lightning_rank.targets import KINDS
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.grouped = nn.Conv2d(2, 2, 1, groups=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    net = Net()
+    stats = lr.collect(net, [torch.randn(3, 4)])
+    report = lr.analyze(net, stats)
+    assert {name: layer.kind for name, layer in report.layers.items()} == {
+        "used": "linear", "unused": "linear", "grouped": "conv2d"
+    }  # fmt: skip
+    assert report.layers["unused"].skipped and report.layers["grouped"].skipped
+    result = lr.plan_factorization(net, stats, method="whiten", ranks=1).result
+    assert {name: d.kind for name, d in result.details.items()} == {"used": "linear", "unused": "linear", "grouped": "conv2d"}
+    assert set(KINDS) >= {layer.kind for layer in report.layers.values()}

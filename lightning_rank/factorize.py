@@ -246,19 +246,8 @@ def plan_factorization(
         if reason is not None:
             details[name] = _kept(model, name, layer.target, reason, layer)
             continue
-        new = low_rank_from_dense(layer.target.module, *factors(layer, method))
-        modules[name] = new
-        details[name] = LayerFactorization(
-            name=name,
-            kind=layer.target.kind,
-            out_features=layer.shape[0],
-            in_features=layer.shape[1],
-            replaced=True,
-            rank=layer.rank,
-            relative_error=relative_error(layer, new.dense_weight().detach().to(layer.weight)),
-            params_before=parameter_count(layer.target),
-            params_after=sum(p.numel() for p in new.parameters()),
-        )
+        modules[name] = low_rank_from_dense(layer.target.module, *factors(layer, method))
+        details[name] = _replaced(layer, modules[name])
 
     params_before = _count_parameters(model)
     removed = sum(p.numel() for name in modules for p in targets[name].module.parameters())
@@ -395,6 +384,21 @@ def _why_not_replaceable(
                 "pass the statistics collected on this model"
             )
     return None
+
+
+def _replaced(layer: Replaceable, new: nn.Module) -> LayerFactorization:
+    """The entry of a layer the plan replaces by ``new``."""
+    return LayerFactorization(
+        name=layer.target.name,
+        kind=layer.target.kind,
+        out_features=layer.shape[0],
+        in_features=layer.shape[1],
+        replaced=True,
+        rank=layer.rank,
+        relative_error=relative_error(layer, new.dense_weight().detach().to(layer.weight)),
+        params_before=parameter_count(layer.target),
+        params_after=sum(p.numel() for p in new.parameters()),
+    )
 
 
 def _kept(

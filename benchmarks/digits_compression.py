@@ -50,12 +50,12 @@ def run(seed: int, args: argparse.Namespace) -> dict:
     compression = lr.RankCompression(
         param_budget=args.param_budget,
         method=args.method,
-        finetune_epochs=args.finetune_epochs,
+        compress_at_epoch=args.epochs,
         monitor="val_acc",
         exclude_modules=["embed", "head"],
     )
     trainer = L.Trainer(
-        max_epochs=args.epochs,
+        max_epochs=args.epochs + args.finetune_epochs,
         accelerator="cpu",
         default_root_dir=args.out / f"seed_{seed}",
         logger=False,
@@ -64,8 +64,8 @@ def run(seed: int, args: argparse.Namespace) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(DigitsViT(dim=args.dim, finetune_lr=args.finetune_lr), DigitsDataModule())
-    return json.loads((args.out / f"seed_{seed}" / "lightning_rank" / "compression.json").read_text())
+    trainer.fit(DigitsViT(dim=args.dim, finetune_lr=args.finetune_lr, dense_epochs=args.epochs), DigitsDataModule())
+    return json.loads((args.out / f"seed_{seed}" / "rank_reports" / "compression.json").read_text())
 
 
 def validation_images() -> int:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30, help="training epochs before compression")
-    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--finetune-epochs", type=int, default=20, help="epochs after the swap (max_epochs: the sum)")
     parser.add_argument("--finetune-lr", type=float, default=DigitsViT().hparams.finetune_lr)
     parser.add_argument("--dim", type=int, default=64, help="width of the ViT")
     parser.add_argument("--param-budget", type=float, default=0.5)

@@ -3,8 +3,9 @@ then compress it to half the parameters of its blocks and fine-tune.
 
 - ``lr.RankMonitor`` measures every layer's utilized rank on each analyzed validation epoch; a small callback
   prints the table under the progress bar, and TensorBoard gets scalars, a heatmap and spectra.
-- ``lr.RankCompression`` factorizes the trained model when the planned ``max_epochs`` end (keeping half the
-  parameters of the layers it may touch, ``param_budget=0.5``) and fine-tunes it for a few more epochs.
+- ``lr.RankCompression`` factorizes the trained model after ``--epochs`` dense epochs (keeping half the
+  parameters of the layers it may touch, ``param_budget=0.5``) and fine-tunes it for the remaining
+  ``--finetune-epochs`` of ``max_epochs``.
 - At the end the dense and the compressed model are compared side by side: parameters, multiply-adds,
   accuracy, and CPU latency on the validation set. The utilization heatmap is saved as a PNG.
 
@@ -87,15 +88,15 @@ class KeepDense(Callback):
             self.weights = copy.deepcopy(pl_module.state_dict())
 
 
-def save_heatmap(history: list[dict[str, Any]], planned_epochs: int, paths: list[Path]) -> None:
+def save_heatmap(history: list[dict[str, Any]], dense_epochs: int, paths: list[Path]) -> None:
     """Utilization of every layer (rows) at every analyzed epoch (columns), as a PNG at each of ``paths``.
 
     One panel for the dense training and one for the fine-tuning after the swap, where the two factors of a
     replaced layer (``<layer>.first``, ``<layer>.second``) are layers of their own.
     """
     phases = [
-        ("training: dense layers", [h for h in history if h["epoch"] < planned_epochs]),
-        ("fine-tuning: low-rank factors", [h for h in history if h["epoch"] >= planned_epochs]),
+        ("training: dense layers", [h for h in history if h["epoch"] < dense_epochs]),
+        ("fine-tuning: low-rank factors", [h for h in history if h["epoch"] >= dense_epochs]),
     ]
     phases = [(title, entries) for title, entries in phases if entries]
     rows = max(len(utilization_matrix([h["report"] for h in entries])[0]) for _, entries in phases)
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", default=bool(os.environ.get("DEMO_FAST")),
                         help="a smoke run of a few seconds (also: DEMO_FAST=1); the docs figure is left alone")
-    parser.add_argument("--epochs", type=int, default=30, help="planned training epochs, before compression")
-    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of dense training, before compression")
+    parser.add_argument("--finetune-epochs", type=int, default=5, help="epochs after the swap (max_epochs: the sum)")
     parser.add_argument("--param-budget", type=float, default=0.5, help="fraction of the blocks' parameters kept")
     parser.add_argument("--root", type=Path, default=Path("."), help="where runs/ and docs/ are")
     parser.add_argument("--seed", type=int, default=0)
@@ -150,18 +151,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
     L.seed_everything(args.seed)
-    data, model = DigitsDataModule(), DigitsViT()
+    data, model = DigitsDataModule(), DigitsViT(dense_epochs=args.epochs)
     monitor = lr.RankMonitor(every_n_epochs=1 if args.fast else 2)
     compression = lr.RankCompression(
         param_budget=args.param_budget,
         method="whiten",
-        finetune_epochs=args.finetune_epochs,
+        compress_at_epoch=args.epochs,
         monitor="val_acc",
         exclude_modules=["embed", "head"],  # the tiny patch embedding and head stay dense
     )
     dense = KeepDense()
     trainer = L.Trainer(
-        max_epochs=args.epochs,
+        max_epochs=args.epochs + args.finetune_epochs,
         accelerator="cpu",
         logger=TensorBoardLogger(args.root / "runs", name="digits_vit"),
         callbacks=[monitor, PrintRanks(monitor), compression, dense],
@@ -170,10 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     trainer.fit(model, data)
 
-    # The dense model as it was when the planned epochs ended, next to the compressed, fine-tuned one.
+    # The dense model as it was when the dense epochs ended, next to the compressed, fine-tuned one.
     dense_model = DigitsViT(**model.hparams)
     dense_model.load_state_dict(dense.weights)
-    summary = json.loads((Path(trainer.log_dir) / "lightning_rank" / "compression.json").read_text())
+    summary = json.loads((Path(trainer.log_dir) / "rank_reports" / "compression.json").read_text())
     seconds = latency({"dense": dense_model, "compressed": model}, data.val_dataloader(), repeats=5 if args.fast else 30)
     acc = {"dense": accuracy(dense_model, data.val_dataloader()), "compressed": accuracy(model, data.val_dataloader())}
     metrics, images = summary["metrics"], len(data.val_set)
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures.append(args.root / "docs" / "utilization_heatmap.png")
     save_heatmap(history, args.epochs, figures)
     print(f"\nUtilization heatmap: {', '.join(map(str, figures))}")
-    print(f"Reports and compression.json: {Path(trainer.log_dir) / 'lightning_rank'}")
+    print(f"Reports and compression.json: {Path(trainer.log_dir) / 'rank_reports'}")
     print(f"TensorBoard: .venv/bin/tensorboard --logdir {args.root / 'runs'}  (then open http://localhost:6006)")
     return {"log_dir": Path(trainer.log_dir), "summary": summary, "accuracy": acc, "latency": seconds,
             "figures": figures, "history": history}

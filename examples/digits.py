@@ -77,10 +77,11 @@ class Block(nn.Module):
 class DigitsViT(L.LightningModule):
     """A small ViT for 8x8 digits: 2x2 patches (16 tokens) embedded by a Conv2d, ``depth`` blocks, a mean-pooled head.
 
-    Trained with AdamW, a warm-up and a cosine decay over the planned epochs. When ``RankCompression`` has
-    swapped in low-rank layers, Lightning calls ``configure_optimizers`` again: the model then fine-tunes with
-    a cosine decay from ``finetune_lr`` over the remaining steps, gentle enough to keep the factors close to
-    the trained weights.
+    Trained with AdamW, a warm-up and a cosine decay over the first ``dense_epochs`` epochs (all of
+    ``max_epochs`` when None; ``RankCompression(compress_at_epoch=dense_epochs)`` swaps right after them). When
+    ``RankCompression`` has swapped in low-rank layers, it calls ``configure_optimizers`` again: the model then
+    fine-tunes with a cosine decay from ``finetune_lr`` over the remaining steps, gentle enough to keep the
+    factors close to the trained weights.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class DigitsViT(L.LightningModule):
         lr: float = 3e-3,
         finetune_lr: float = 5e-4,
         weight_decay: float = 0.05,
+        dense_epochs: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -125,11 +127,9 @@ class DigitsViT(L.LightningModule):
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.finetune_lr, weight_decay=hp.weight_decay)
             steps = int(trainer.estimated_stepping_batches) - trainer.global_step
             schedule = warmup_cosine(steps, warmup=0)
-        else:
-            # RankCompression adds its fine-tuning epochs to the trainer's max_epochs: anneal by the planned end.
-            compression = next((c for c in trainer.callbacks if isinstance(c, lr.RankCompression)), None)
-            planned = (compression.planned_epochs if compression is not None else None) or trainer.max_epochs
-            steps = int(trainer.estimated_stepping_batches) * planned // trainer.max_epochs
+        else:  # anneal by the end of the dense epochs
+            dense_epochs = hp.dense_epochs or trainer.max_epochs
+            steps = int(trainer.estimated_stepping_batches) * dense_epochs // trainer.max_epochs
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
             schedule = warmup_cosine(steps, warmup=steps // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--root", type=Path, default=Path("runs/masked_transformer"),
-                        help="where the reports are written (<root>/lightning_rank/epoch_*.json)")
+                        help="where the reports are written (<root>/rank_reports/epoch_*.json)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # a model this small runs fastest on one thread

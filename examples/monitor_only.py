@@ -2,7 +2,7 @@
 
 After each analyzed validation epoch the monitor holds the report (``monitor.report``), keeps its history,
 puts ``rank/mlu`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or ``EarlyStopping`` can use it),
-logs scalars and TensorBoard views, and writes ``<log_dir>/lightning_rank/epoch_{E:03d}.json``.
+logs scalars and TensorBoard views, and writes ``<log_dir>/rank_reports/epoch_{E:03d}.json``.
 
 Run::
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> lr.RankMonitor:
 
     print("\n" + monitor.report.to_markdown())
     print("MLU per analyzed epoch: " + ", ".join(f"epoch {h['epoch']}: {h['report']['mlu']:.1%}" for h in monitor.history))
-    print(f"JSON reports: {Path(trainer.log_dir) / 'lightning_rank'}")
+    print(f"JSON reports: {Path(trainer.log_dir) / 'rank_reports'}")
     return monitor
 
 

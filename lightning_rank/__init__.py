@@ -7,7 +7,14 @@ Measure utilized ranks with :func:`collect` and :func:`analyze`, watch them duri
 
 from lightning_rank.analysis import analyze
 from lightning_rank.compression import RankCompression
-from lightning_rank.factorize import FactorizationResult, LayerFactorization, factorize_, load_factorized
+from lightning_rank.factorize import (
+    FactorizationPlan,
+    FactorizationResult,
+    LayerFactorization,
+    factorize_,
+    load_factorized,
+    plan_factorization,
+)
 from lightning_rank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from lightning_rank.monitor import RankMonitor
 from lightning_rank.report import LayerRank, RankReport
@@ -15,6 +22,7 @@ from lightning_rank.statistics import ActivationStatistics, InputStatistics, Sta
 
 __all__ = [
     "ActivationStatistics",
+    "FactorizationPlan",
     "FactorizationResult",
     "InputStatistics",
     "LayerFactorization",
@@ -30,5 +38,6 @@ __all__ = [
     "collect",
     "factorize_",
     "load_factorized",
+    "plan_factorization",
 ]
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ from lightning_rank.spectrum import (
     utilization,
 )
 from lightning_rank.statistics import ActivationStatistics, InputStatistics
-from lightning_rank.targets import Target, get_submodule, parameter_count, select_targets, weight_matrix
+from lightning_rank.targets import Target, get_submodule, layer_kind, parameter_count, select_targets, weight_matrix
 
 
 @dataclass
@@ -316,7 +316,7 @@ def _skipped_layer(model: nn.Module, name: str, reason: str) -> LayerRank:
     if module is not None and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() >= 2:
         weight = module.weight
         out_features, in_features = weight.shape[0], weight[0].numel()
-        kind = type(module).__name__
+        kind = layer_kind(module)  # the report's one vocabulary of kinds
     elif name.endswith(".in_proj"):
         try:
             mha = get_submodule(model, name[: -len(".in_proj")])

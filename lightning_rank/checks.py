@@ -1,12 +1,44 @@
-"""Eager argument checks shared by the callbacks, with messages that name the argument."""
+"""Argument checks shared by the functions and the callbacks, with messages that name the argument.
+
+Every check that needs only the value lives here; checks against a model (do these names exist, can
+this budget be met) live next to the code that selects layers (``targets.py``, ``factorize.py``).
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
+import torch
+from torch import Tensor
+
+from lightning_rank.spectrum import check_threshold
 from lightning_rank.targets import ModuleSelector, float_dtype
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "StatisticsArguments",
+    "check_bool",
+    "check_budget",
+    "check_compress_at_epoch",
+    "check_forward",
+    "check_method",
+    "check_monitor",
+    "check_optional_index",
+    "check_positive_int",
+    "check_ranks",
+    "check_selector",
+    "check_threshold",
+    "resolve_compress_at_epoch",
+]
+
+Method = Literal["projection", "whiten", "svd"]
+METHODS: tuple[str, ...] = get_args(Method)
+RankSpec = int | Mapping[str, int] | None
+MaskFn = Callable[[Any], Tensor | None]  # also in statistics.py, which imports this module
 
 
 def check_positive_int(value: Any, argument: str) -> int:
@@ -16,10 +48,95 @@ def check_positive_int(value: Any, argument: str) -> int:
     return value
 
 
-def check_mask_fn(mask_fn: Any) -> None:
-    """A ``TypeError`` naming ``mask_fn`` unless it is None or callable."""
-    if mask_fn is not None and not callable(mask_fn):
-        raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
+def check_optional_index(value: Any, argument: str) -> int | None:
+    """``value`` if it is None or an int >= 0, else a ``ValueError`` naming ``argument``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"`{argument}` must be None or an int >= 0, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, argument: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{argument}` must be a bool, got {value!r}")
+    return value
+
+
+def check_monitor(monitor: Any) -> str:
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
+    return monitor
+
+
+def check_forward(forward: Any) -> Callable[[Any, Any], Any] | None:
+    if forward is not None and not callable(forward):
+        raise TypeError(f"`forward` must be a callable (model, batch) -> output or None, got {type(forward).__name__}")
+    return forward
+
+
+def check_method(method: Any) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    return method
+
+
+def check_budget(param_budget: Any) -> float | None:
+    """``param_budget`` as a float in (0, 1], or None."""
+    if param_budget is None:
+        return None
+    if isinstance(param_budget, bool) or not isinstance(param_budget, (int, float)) or not 0 < param_budget <= 1:
+        raise ValueError(
+            f"`param_budget` must be a fraction in (0, 1] of the selected layers' parameters to keep, got {param_budget!r}"
+        )
+    return float(param_budget)
+
+
+def check_ranks(ranks: Any, param_budget: float | None) -> RankSpec:
+    """The form of ``ranks`` (None, an int, or ``{name or regex: int}``); keys and ranks are checked against the
+    selected layers later (``[1, min(out, fan_in)]`` each)."""
+    if ranks is not None and param_budget is not None:
+        raise ValueError("pass either `ranks` or `param_budget`, not both")
+    if ranks is None or (isinstance(ranks, int) and not isinstance(ranks, bool)):
+        return ranks
+    if not isinstance(ranks, Mapping):
+        raise TypeError(f"`ranks` must be None, an int or a dict {{name or regex: rank}}, got {type(ranks).__name__}")
+    for key, rank in ranks.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`ranks` keys must be layer names or regexes (str), got {key!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"`ranks` gives {key!r} rank {rank!r}; ranks must be ints")
+    return dict(ranks)
+
+
+def check_compress_at_epoch(value: Any) -> int | float:
+    """An epoch index (int >= 1) or a fraction of ``max_epochs`` (float in (0, 1)), as ``StochasticWeightAveraging``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`compress_at_epoch` must be an int epoch index or a float fraction of max_epochs, got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(
+            f"`compress_at_epoch` must be an epoch index >= 1 (at least one epoch trains the dense model), got {value}"
+        )
+    if isinstance(value, float) and not 0 < value < 1:
+        raise ValueError(f"`compress_at_epoch` as a fraction of max_epochs must be in (0, 1), got {value}")
+    return value
+
+
+def resolve_compress_at_epoch(compress_at_epoch: int | float, max_epochs: int | None) -> int:
+    """The epoch whose start swaps the layers in: ``compress_at_epoch`` itself, or ``int(fraction * max_epochs)``;
+    it must leave at least one dense and one fine-tuning epoch inside ``max_epochs`` (-1 or None: unbounded)."""
+    finite = max_epochs is not None and max_epochs >= 0
+    if isinstance(compress_at_epoch, float) and not finite:
+        raise ValueError(
+            f"`compress_at_epoch`={compress_at_epoch} is a fraction of max_epochs, but max_epochs is {max_epochs}: "
+            "pass an epoch index instead"
+        )
+    epoch = int(compress_at_epoch * max_epochs) if isinstance(compress_at_epoch, float) else compress_at_epoch
+    if finite and not 1 <= epoch < max_epochs:
+        raise ValueError(
+            f"`compress_at_epoch`={compress_at_epoch} swaps the layers when epoch {epoch} starts, but max_epochs="
+            f"{max_epochs} allows epochs 1 to {max_epochs - 1}: at least one epoch trains the dense model and one "
+            "fine-tunes the compressed one"
+        )
+    return epoch
 
 
 def check_selector(selector: Any, argument: str) -> ModuleSelector:
@@ -42,33 +159,48 @@ def check_selector(selector: Any, argument: str) -> ModuleSelector:
     )
 
 
-COLLECTION_ARGUMENTS = ("target_modules", "exclude_modules", "mask_fn", "max_rows_per_batch", "dtype", "seed")
+def check_mask_fn(mask_fn: Any) -> MaskFn | None:
+    """``mask_fn`` unless it is neither None nor callable (a ``TypeError`` naming it)."""
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"`mask_fn` must be a callable batch -> bool mask or None, got {type(mask_fn).__name__}")
+    return mask_fn
 
 
-def collection_arguments(
-    target_modules: Any,
-    exclude_modules: Any,
-    mask_fn: Any,
-    max_rows_per_batch: Any,
-    dtype: Any,
-    seed: Any,
-) -> dict[str, Any]:
-    """The statistics arguments both callbacks take, checked now: keyword arguments of ``StatisticsCollector``."""
-    check_mask_fn(mask_fn)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"`seed` must be an int, got {seed!r}")
-    return {
-        "target_modules": check_selector(target_modules, "target_modules"),
-        "exclude_modules": check_selector(exclude_modules, "exclude_modules"),
-        "mask_fn": mask_fn,
-        "max_rows_per_batch": None if max_rows_per_batch is None else check_positive_int(
-            max_rows_per_batch, "max_rows_per_batch"
-        ),
-        "dtype": float_dtype(dtype),
-        "seed": seed,
-    }
+@dataclass(frozen=True)
+class StatisticsArguments:
+    """How both callbacks count layer inputs during a validation epoch, checked when constructed.
 
+    ``dataloader_idx`` picks the validation dataloader whose batches are counted (None: all of them);
+    the other fields are the keyword arguments of :class:`~lightning_rank.StatisticsCollector`.
+    """
 
-def collection_of(callback: Any) -> dict[str, Any]:
-    """A callback's statistics arguments (its attributes of those names), as keyword arguments of ``StatisticsCollector``."""
-    return {name: getattr(callback, name) for name in COLLECTION_ARGUMENTS}
+    target_modules: ModuleSelector = None
+    exclude_modules: ModuleSelector = None
+    mask_fn: MaskFn | None = None
+    max_rows_per_batch: int | None = None
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+    dataloader_idx: int | None = None
+
+    def __post_init__(self) -> None:
+        check_mask_fn(self.mask_fn)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"`seed` must be an int, got {self.seed!r}")
+        if self.max_rows_per_batch is not None:
+            check_positive_int(self.max_rows_per_batch, "max_rows_per_batch")
+        float_dtype(self.dtype)
+        check_optional_index(self.dataloader_idx, "dataloader_idx")
+        # normalized forms (a list for a sequence of names)
+        object.__setattr__(self, "target_modules", check_selector(self.target_modules, "target_modules"))
+        object.__setattr__(self, "exclude_modules", check_selector(self.exclude_modules, "exclude_modules"))
+
+    def collector_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~lightning_rank.StatisticsCollector`."""
+        return {
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "mask_fn": self.mask_fn,
+            "max_rows_per_batch": self.max_rows_per_batch,
+            "dtype": self.dtype,
+            "seed": self.seed,
+        }

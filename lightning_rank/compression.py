@@ -1,75 +1,113 @@
-"""``RankCompression``: when the planned epochs end, swap layers for low-rank ones and fine-tune, in one ``fit``.
+"""``RankCompression``: compress the model to its utilized rank inside ``max_epochs``, then fine-tune it.
 
-Timeline inside ``trainer.fit`` with ``max_epochs=E`` and ``finetune_epochs=F`` (the fit loop is
-extended to ``E + F`` epochs in ``setup``):
+Timeline inside ``trainer.fit`` with ``max_epochs=E`` and ``compress_at_epoch=c`` (an epoch index, or a
+fraction ``f`` of ``E`` giving ``c = int(f * E)``, as ``StochasticWeightAveraging`` counts):
 
-1. the validation of epoch ``E - 1`` is run as usual, with hooks counting the layer inputs, and
-   gives the metric "before";
-2. at the end of that epoch the statistics are summed over processes and ``factorize_`` builds the
-   low-rank layers; the dense ones stay in place for that epoch's checkpoints;
-3. when epoch ``E`` starts the layers are swapped, DDP is set up again around the new parameters,
-   the optimizers and schedulers are rebuilt from ``configure_optimizers``, and a validation run
-   gives "compressed";
-4. epochs ``E .. E + F - 1`` fine-tune; their last validation gives "finetuned".
+1. epochs ``0 .. c - 1`` train the dense model; the validation of epoch ``c - 1`` counts the layer
+   inputs and gives the metric "before";
+2. when epoch ``c - 1`` ends, the statistics are summed over processes and ``plan_factorization``
+   decides the ranks and builds the low-rank layers (phase ``PLANNED``); the dense layers stay in
+   place for that epoch's checkpoints;
+3. when epoch ``c`` starts, the plan is applied (phase ``COMPRESSED``), DDP is set up again around the
+   new parameters, the optimizers and schedulers are rebuilt from ``configure_optimizers``, and a
+   validation gives "compressed";
+4. epochs ``c .. E - 1`` fine-tune; the last validation gives "finetuned". ``trainer.max_epochs`` is
+   never changed, so ``trainer.estimated_stepping_batches`` counts the whole run.
 
-Checkpoints written after the swap hold the factorized structure; resuming from one rebuilds it in
-``setup``, before Lightning loads the weights.
+Checkpoints written after the swap hold the factorized structure; resuming from one rebuilds it before
+Lightning loads the weights. A plan is not saved: resuming from a checkpoint of a dense epoch at or
+after ``c - 1`` counts the inputs and plans again before the swap.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
-from lightning_rank.epoch_statistics import EpochStatistics
-from lightning_rank.factorize import METHODS, FactorizationResult, factorize_, rebuild_factorized_
-from lightning_rank.layers import LOW_RANK_TYPES
-from lightning_rank.checks import collection_arguments, collection_of
-from lightning_rank.report import write_json_atomic
-from lightning_rank.spectrum import check_threshold
-from lightning_rank.tensorboard import compression_scalars, write_compression
-from lightning_rank.statistics import ForwardFn, MaskFn, default_forward
+from lightning_rank import _lightning
+from lightning_rank.checks import (
+    StatisticsArguments,
+    check_bool,
+    check_budget,
+    check_compress_at_epoch,
+    check_forward,
+    check_method,
+    check_monitor,
+    check_ranks,
+    check_threshold,
+    resolve_compress_at_epoch,
+)
+from lightning_rank.compression_summary import compression_summary, count_macs, monitored_value, publish
+from lightning_rank.epoch_statistics import (
+    EpochStatistics,
+    ValidationStatisticsCallback,
+    check_validation_batches,
+    check_validation_data,
+    reports_dir,
+)
+from lightning_rank.factorize import FactorizationPlan, FactorizationResult, check_factorization, plan_factorization
+from lightning_rank.statistics import ForwardFn, MaskFn
+from lightning_rank.structure import dense_state_dict, rebuild_factorized_
 from lightning_rank.targets import ModuleSelector
 
 
-class RankCompression(Callback):
-    r"""Compress the model to its utilized rank when the planned training ends, then fine-tune it.
+class Phase(str, Enum):
+    """Where a :class:`RankCompression` is: saved in its ``state_dict``."""
 
-    With ``Trainer(max_epochs=E)``, the fit loop runs ``E + finetune_epochs`` epochs: the layers are
-    factorized by :func:`~lightning_rank.factorize_` with statistics counted over the validation of
-    epoch ``E - 1``, swapped in when epoch ``E`` starts (so the checkpoints of epoch ``E - 1`` still hold
-    the trained dense model), and the remaining epochs fine-tune the smaller model with optimizers and
-    schedulers rebuilt from ``configure_optimizers``. If training stops before epoch ``E - 1`` ends
-    (early stopping), nothing is compressed.
+    TRAINING = "training"  # the dense model trains
+    PLANNED = "planned"  # the plan is made; the swap happens when the next epoch starts
+    COMPRESSED = "compressed"  # the low-rank layers are in place and fine-tune
+    FINISHED = "finished"  # the fit ended after compression, or there was nothing to replace
 
-    The monitored metric is validated three times: "before" the swap, right after it ("compressed")
-    and after fine-tuning ("finetuned"). These, the parameter and multiply-add counts and the
-    per-layer ranks go to every logger (``compression/*``), to ``compression.result``/``.metrics``, and
-    to ``<trainer.log_dir>/lightning_rank/compression.json``; a ``TensorBoardLogger`` also gets the
-    per-layer table as text.
+
+@dataclass
+class _Run:
+    """What one ``fit`` keeps and a checkpoint does not."""
+
+    disabled: bool = False  # fast_dev_run
+    plan: FactorizationPlan | None = None
+    sample_batch: Any = None  # a counted validation batch, to count multiply-adds
+    validated_epoch: int = -1
+    unwrap_load_hook: Callable[[], None] | None = None
+
+
+def _saved_phase(state_dict: dict[str, Any]) -> Phase:
+    """The phase a resumed fit starts in: a planned swap is planned again (its modules are not saved)."""
+    if "phase" not in state_dict:  # written before phases: {"compressed", "planned_epochs", "metrics", "macs", ...}
+        return Phase.COMPRESSED if state_dict.get("compressed") else Phase.TRAINING
+    phase = Phase(state_dict["phase"])
+    return Phase.TRAINING if phase == Phase.PLANNED else phase
+
+
+class RankCompression(ValidationStatisticsCallback):
+    r"""Compress the model to its utilized rank at ``compress_at_epoch``, then fine-tune it, within ``max_epochs``.
+
+    Statistics come from the validation of epoch ``compress_at_epoch - 1``; the plan made from them is
+    applied when epoch ``compress_at_epoch`` starts, and the remaining epochs fine-tune with optimizers and
+    schedulers rebuilt from ``configure_optimizers`` (called again, with ``compressed`` True; a schedule of
+    ``trainer.estimated_stepping_batches - trainer.global_step`` steps ends exactly at ``max_epochs``). If
+    training stops before the swap, nothing is compressed. The metric ``monitor`` "before" the swap, right
+    after it ("compressed") and after fine-tuning ("finetuned"), the parameter and multiply-add counts and
+    the ranks go to every logger (``compression/*``), to ``.result``/``.metrics``, and to
+    ``<trainer.log_dir>/rank_reports/compression.json``. What can be checked is checked in ``setup``.
 
     Args:
+        compress_at_epoch: the epoch whose start swaps the layers in: an epoch index in ``[1, max_epochs - 1]``,
+            or a float in (0, 1), the fraction of ``max_epochs`` trained dense (``int(f * max_epochs)``).
         threshold: energy threshold of the utilized ranks (used when neither ``ranks`` nor ``param_budget`` is).
         param_budget: fraction in (0, 1] of the selected layers' parameters to keep; ranks are allocated where
             they lose the least output energy.
         method: ``"whiten"`` (least output error on the data), ``"projection"`` (the paper's ``P_T W P_S``) or ``"svd"``.
-        finetune_epochs: epochs of fine-tuning after the swap (0: none).
         monitor: the validation metric reported before, right after, and after fine-tuning.
         ranks: explicit ranks, one int or ``{name or regex: rank}``.
         target_modules: which layers may be replaced (None: all supported; a regex, a list of names, a callable).
@@ -77,6 +115,7 @@ class RankCompression(Callback):
         mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (padding rows are not counted).
         max_rows_per_batch: count at most this many random rows of each input per batch.
         dtype: accumulation dtype of the statistics.
+        dataloader_idx: the validation dataloader whose batches are counted (None: all of them).
         dense_checkpoints: write checkpoints after the swap with dense layers (the original structure, loadable
             by the original model; resuming from them continues with dense layers).
         forward: ``forward(model, batch)`` used to count multiply-adds on one validation batch (default: as in
@@ -85,16 +124,16 @@ class RankCompression(Callback):
 
     Example::
 
-        trainer = Trainer(max_epochs=10, callbacks=[lr.RankCompression(param_budget=0.5, finetune_epochs=2,
+        trainer = Trainer(max_epochs=12, callbacks=[lr.RankCompression(compress_at_epoch=10, param_budget=0.5,
                                                                        monitor="val_acc")])
     """
 
     def __init__(
         self,
+        compress_at_epoch: int | float = 0.8,
         threshold: float = 0.99,
         param_budget: float | None = None,
         method: str = "whiten",
-        finetune_epochs: int = 1,
         monitor: str = "val_loss",
         ranks: int | dict[str, int] | None = None,
         target_modules: ModuleSelector = None,
@@ -102,402 +141,200 @@ class RankCompression(Callback):
         mask_fn: MaskFn | None = None,
         max_rows_per_batch: int | None = None,
         dtype: torch.dtype = torch.float32,
+        dataloader_idx: int | None = None,
         dense_checkpoints: bool = False,
         forward: ForwardFn | None = None,
         seed: int = 0,
     ) -> None:
+        self.compress_at_epoch = check_compress_at_epoch(compress_at_epoch)
         self.threshold = check_threshold(threshold)
-        if param_budget is not None and (
-            isinstance(param_budget, bool) or not isinstance(param_budget, (int, float)) or not 0 < param_budget <= 1
-        ):
-            raise ValueError(f"`param_budget` must be a fraction in (0, 1] or None, got {param_budget!r}")
-        if param_budget is not None and ranks is not None:
-            raise ValueError("pass either `ranks` or `param_budget`, not both")
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-        if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-            raise ValueError(f"`finetune_epochs` must be an int >= 0, got {finetune_epochs!r}")
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be the name of a logged validation metric, got {monitor!r}")
-        if forward is not None and not callable(forward):
-            raise TypeError(f"`forward` must be a callable (model, batch) -> output or None, got {type(forward).__name__}")
-        if not isinstance(dense_checkpoints, bool):
-            raise TypeError(f"`dense_checkpoints` must be a bool, got {dense_checkpoints!r}")
-        self.param_budget = param_budget
-        self.method = method
-        self.finetune_epochs = finetune_epochs
-        self.monitor = monitor
-        self.ranks = ranks
-        checked = collection_arguments(target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed)
-        for name, value in checked.items():
-            setattr(self, name, value)
-        self.dense_checkpoints = dense_checkpoints
-        self.forward = forward
+        self.param_budget = check_budget(param_budget)
+        self.ranks = check_ranks(ranks, self.param_budget)
+        self.method = check_method(method)
+        self.monitor = check_monitor(monitor)
+        self.statistics_arguments = StatisticsArguments(
+            target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed, dataloader_idx
+        )
+        self.dense_checkpoints = check_bool(dense_checkpoints, "dense_checkpoints")
+        self.forward = check_forward(forward)
 
+        self.phase = Phase.TRAINING
+        self.swap_epoch: int | None = None  # compress_at_epoch resolved against max_epochs in `setup`
         self.result: FactorizationResult | None = None
         self.metrics: dict[str, float | None] = {"before": None, "compressed": None, "finetuned": None}
         self.macs: dict[str, float | None] = {"before": None, "after": None}
-        self.compressed = False
-        self._planned_epochs: int | None = None
-        self._statistics: EpochStatistics | None = None
-        self._first_batch: Any = None
-        self._validated_epoch = -1
-        self._summary: dict[str, Any] | None = None  # what factorize_ did, kept across a resume
-        self._pending: dict[str, torch.nn.Module] = {}  # factorized layers waiting for the next epoch
-        self._skip = False
-        self._restore_hook: Callable[[], Any] | None = None
+        self._factorization: dict[str, Any] | None = None  # result.to_dict(), kept across a resume
+        self._run = _Run()
 
     @property
-    def planned_epochs(self) -> int | None:
-        """The ``max_epochs`` the Trainer was given, before the fine-tuning epochs were added (None before ``fit``).
+    def compressed(self) -> bool:
+        """Whether the low-rank layers are in place."""
+        return self.phase in (Phase.COMPRESSED, Phase.FINISHED) and bool((self._factorization or {}).get("layers"))
 
-        ``trainer.max_epochs`` and ``trainer.estimated_stepping_batches`` include the fine-tuning epochs;
-        a ``configure_optimizers`` that sizes a schedule for the planned training can use this instead
-        (it is called again after the swap, when ``compressed`` is True).
-        """
-        return self._planned_epochs
-
-    # -- set-up ------------------------------------------------------------------------------
+    # -- checks and set-up -------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:
             return
-        self._skip = bool(trainer.fast_dev_run)
-        if self._skip:
+        self._run = _Run(disabled=bool(trainer.fast_dev_run))
+        if self._run.disabled:
             rank_zero_info("RankCompression: `fast_dev_run` is on, so nothing is compressed.")
             return
-        planned = trainer.fit_loop.max_epochs
-        if planned is None or planned < 1:
-            raise MisconfigurationException(
-                "RankCompression compresses when the planned epochs end: set `Trainer(max_epochs=...)` to a positive number."
-            )
-        if self._planned_epochs is None:
-            self._planned_epochs = planned
-            trainer.fit_loop.max_epochs = planned + self.finetune_epochs
-        if not is_overridden("validation_step", pl_module):
-            raise MisconfigurationException(
-                "RankCompression needs validation data: the statistics and the metric "
-                f"{self.monitor!r} come from `validation_step`, which {type(pl_module).__name__} does not define."
-            )
-        self._rebuild_before_weights_load(pl_module)
+        _lightning.check_strategy(trainer, "RankCompression")
+        needs = f"RankCompression needs validation data: the statistics and the metric {self.monitor!r} come from"
+        check_validation_data(trainer, pl_module, needs)
+        self._check(trainer, None if is_overridden("configure_model", pl_module) else pl_module)
+        self._run.unwrap_load_hook = _lightning.before_weights_load(pl_module, lambda ckpt: self._rebuild(pl_module, ckpt))
 
-    def _rebuild_before_weights_load(self, pl_module: LightningModule) -> None:
-        """Give ``pl_module`` the factorized structure of a post-swap checkpoint before Lightning loads its weights.
+    def _check(self, trainer: Trainer, pl_module: LightningModule | None) -> None:
+        """What needs ``max_epochs`` or the model's layers, as an error naming the argument."""
+        try:
+            self.swap_epoch = resolve_compress_at_epoch(self.compress_at_epoch, trainer.max_epochs)
+            if pl_module is not None and self.phase == Phase.TRAINING:
+                check_factorization(
+                    pl_module, ranks=self.ranks, param_budget=self.param_budget,
+                    target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+                )  # fmt: skip
+        except ValueError as err:
+            raise MisconfigurationException(f"RankCompression: {err}") from err
 
-        The checkpoint path of ``fit(ckpt_path=...)`` is not known in ``setup``, and the callbacks' own
-        checkpoint hooks run after the weights load, so the module's ``on_load_checkpoint`` (called with
-        the loaded checkpoint right before its state dict is loaded) is wrapped until ``on_fit_start``.
-        """
-        user_hook = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            if rebuild_factorized_(pl_module, checkpoint["state_dict"]):
-                rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
-            user_hook(checkpoint)
-
-        own_attribute = vars(pl_module).get("on_load_checkpoint")
-
-        def restore() -> None:
-            if own_attribute is None:
-                del pl_module.on_load_checkpoint
-            else:
-                pl_module.on_load_checkpoint = own_attribute
-
-        pl_module.on_load_checkpoint = on_load_checkpoint
-        self._restore_hook = restore
+    def _rebuild(self, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if rebuild_factorized_(pl_module, checkpoint["state_dict"]):
+            rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._unwrap_hook()
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._unwrap_hook()  # also when fit failed before it started
-        self._release()
-
-    def _unwrap_hook(self) -> None:
-        if self._restore_hook is not None:
-            self._restore_hook()
-            self._restore_hook = None
+        self._unwrap()
+        if self._run.disabled:
+            return
+        if is_overridden("configure_model", pl_module):
+            self._check(trainer, pl_module)  # its layers exist only now
+        if self.phase == Phase.FINISHED and self.compressed:
+            self.phase = Phase.COMPRESSED  # a new fit from a finished run fine-tunes further
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._skip:
-            return
-        if trainer.limit_val_batches == 0 or not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined():
-            raise MisconfigurationException(
-                "RankCompression needs validation data (a `val_dataloader` and `limit_val_batches` > 0): the statistics "
-                f"and the metric {self.monitor!r} come from validation."
-            )
+        if not self._run.disabled:
+            check_validation_batches(trainer, "RankCompression", self.dataloader_idx)
 
-    # -- collecting over the last planned validation -----------------------------------------
-    def _is_compression_epoch(self, trainer: Trainer) -> bool:
-        return not (self._skip or self.compressed) and trainer.current_epoch == self._planned_epochs - 1
-
+    # -- counting over the validation before the swap ----------------------------------------
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        if self._is_compression_epoch(trainer) and self._statistics is None:
-            self._start_collecting(pl_module)
-
-    def _start_collecting(self, pl_module: LightningModule) -> None:
-        self._statistics = EpochStatistics(pl_module, **collection_of(self))
-        self._first_batch = None
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._statistics is not None:
-            if self._first_batch is None:
-                self._first_batch = batch
-            self._statistics.batch_start(batch)
-
-    @override
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._statistics is not None:
-            self._statistics.batch_end()
+        counts = self._fit_validation(trainer) and self.phase == Phase.TRAINING and self._statistics is None
+        if counts and trainer.current_epoch == self.swap_epoch - 1:
+            self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if not self._fit_validation(trainer):
             return
-        self._validated_epoch = trainer.current_epoch
-        metric = self._metric(trainer)
-        if self.compressed and trainer.current_epoch == trainer.fit_loop.max_epochs - 1:
-            self.metrics["finetuned"] = metric
-        elif not self.compressed:
-            self.metrics["before"] = metric
+        self._run.validated_epoch = trainer.current_epoch
+        if self.phase in (Phase.TRAINING, Phase.COMPRESSED):
+            self.metrics["before" if self.phase == Phase.TRAINING else "finetuned"] = monitored_value(trainer, self.monitor)
 
-    def _metric(self, trainer: Trainer) -> float:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            logged = sorted(trainer.callback_metrics)
-            raise MisconfigurationException(
-                f"RankCompression(monitor={self.monitor!r}): the validation logged no such metric. "
-                f"Logged metrics: {logged}. Log it with `self.log({self.monitor!r}, ...)` in `validation_step`."
-            )
-        return float(value)
+    def _fit_validation(self, trainer: Trainer) -> bool:
+        return not (self._run.disabled or trainer.sanity_checking) and trainer.state.fn == TrainerFn.FITTING
 
-    # -- the swap ----------------------------------------------------------------------------
+    # -- plan, then swap ---------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.compressed:
-            if trainer.current_epoch == trainer.fit_loop.max_epochs - 1 and self._validated_epoch != trainer.current_epoch:
-                self._run_validation(trainer)
-                self.metrics["finetuned"] = self._metric(trainer)
-            return
-        if not self._is_compression_epoch(trainer):
-            return
-        if self._statistics is None or self._validated_epoch != trainer.current_epoch:
-            self._collect_now(trainer, pl_module)  # this epoch had no validation: run one to count the inputs
-        if not self._plan(trainer, pl_module):
-            trainer.fit_loop.max_epochs = trainer.current_epoch + 1
-
-    def _collect_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Run a validation that counts the layer inputs and gives the metric "before"."""
-        self._release()
-        self._start_collecting(pl_module)
-        self._run_validation(trainer, listen=True)
-        self.metrics["before"] = self._metric(trainer)
-
-    def _plan(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        """Factorize now, but keep the trained dense layers in place until the next epoch starts; whether any was replaced.
-
-        So this epoch's checkpoints and early-stopping checks still see the model as trained, and a
-        compression that replaces nothing can end training right here.
-        """
-        statistics, self._statistics = self._statistics, None
-        stats = statistics.finish(trainer)
-        self.macs["before"] = self._count_macs(pl_module)
-        dense = dict(pl_module.named_modules())
-        self.result = factorize_(
-            pl_module,
-            stats,
-            threshold=self.threshold,
-            method=self.method,
-            ranks=self.ranks,
-            param_budget=self.param_budget,
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
-        )
-        self._summary = self.result.to_dict()
-        if not self.result.layers:
-            reasons = "; ".join(f"{n}: {r}" for n, r in list(self.result.not_replaced.items())[:5])
-            rank_zero_warn(f"RankCompression replaced no layer, so the model is kept as it is and training ends ({reasons}).")
-            return False
-        self._pending = {name: pl_module.get_submodule(name) for name in self.result.layers}
-        for name in self._pending:
-            _set_submodule(pl_module, name, dense[name])
-        return True
+        epoch = trainer.current_epoch
+        if self.phase == Phase.TRAINING and not self._run.disabled and epoch == self.swap_epoch - 1:
+            self._make_plan(trainer, pl_module)
+        elif self.phase == Phase.COMPRESSED and epoch == trainer.max_epochs - 1 and self._run.validated_epoch != epoch:
+            _lightning.run_validation(trainer)  # the last epoch did not validate: "finetuned" needs one
+            self.metrics["finetuned"] = monitored_value(trainer, self.monitor)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        resumed_past_plan = self._summary is None and trainer.current_epoch >= (self._planned_epochs or math.inf)
-        if resumed_past_plan and not self._skip:  # e.g. resumed from the last checkpoint of a finished dense run
-            self._collect_now(trainer, pl_module)
-            if not self._plan(trainer, pl_module):
-                trainer.should_stop = True
-                return
-        if not self._pending:
+        if self._run.disabled:
             return
-        for name, module in self._pending.items():
-            _set_submodule(pl_module, name, module)
-        self._pending = {}
-        self.compressed = True
-        _rebuild_training_state(trainer)
-        self.macs["after"] = self._count_macs(pl_module)
-        self._run_validation(trainer)
-        self.metrics["compressed"] = self._metric(trainer)
-        if self.finetune_epochs == 0:
-            self.metrics["finetuned"] = self.metrics["compressed"]
-        rank_zero_info(
-            f"RankCompression: {len(self.result.layers)} layers replaced, parameters "
-            f"{self.result.params_before:,} -> {self.result.params_after:,}; {self.monitor} "
-            f"{self.metrics['before']:.4g} -> {self.metrics['compressed']:.4g}; fine-tuning {self.finetune_epochs} epochs."
-        )
+        if self.phase == Phase.TRAINING and trainer.current_epoch >= self.swap_epoch:
+            self._make_plan(trainer, pl_module)  # resumed at or past the swap from a dense checkpoint
+        if self.phase == Phase.PLANNED:
+            self._swap(trainer, pl_module)
 
-    def _run_validation(self, trainer: Trainer, listen: bool = False) -> None:
-        """Run the fit loop's validation now, heard only by progress bars (and this callback if ``listen``).
+    def _make_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Plan the factorization from this epoch's validation (run one if it had none); the model is not changed."""
+        if self._statistics is None or self._run.validated_epoch != trainer.current_epoch:
+            self._release()
+            self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
+            _lightning.run_validation(trainer, listener=self)
+            self.metrics["before"] = monitored_value(trainer, self.monitor)
+        statistics, self._statistics = self._statistics, None
+        stats = statistics.finish(trainer)
+        self._run.sample_batch = statistics.first_batch
+        self.macs["before"] = count_macs(pl_module, self._run.sample_batch, self.forward)
+        self._run.plan = plan_factorization(
+            pl_module, stats, threshold=self.threshold, method=self.method, ranks=self.ranks,
+            param_budget=self.param_budget, target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+        )  # fmt: skip
+        self.result = self._run.plan.result
+        self._factorization = self.result.to_dict()
+        self.phase = Phase.PLANNED
+        if not self._run.plan.layers:
+            reasons = "; ".join(f"{n}: {r}" for n, r in list(self.result.not_replaced.items())[:5])
+            rank_zero_warn(f"RankCompression replaced no layer, so the model stays dense and trains on ({reasons}).")
+            self._run.plan, self.phase = None, Phase.FINISHED
 
-        Checkpointing, early stopping and monitors do not see this extra run, so it cannot overwrite a
-        checkpoint of this epoch or count as one more check.
-        """
-        connector = trainer._logger_connector
-        first_loop_iter = connector._first_loop_iter
-        callbacks = trainer.callbacks
-        trainer.callbacks = [c for c in callbacks if isinstance(c, ProgressBar) or (listen and c is self)]
-        trainer.validating = True
-        try:
-            trainer.fit_loop.epoch_loop.val_loop.run()
-        finally:
-            trainer.callbacks = callbacks
-            trainer.training = True
-            connector._first_loop_iter = first_loop_iter
-
-    def _count_macs(self, pl_module: LightningModule) -> float | None:
-        """Multiply-adds per example of one forward over the first validation batch (None if it cannot run)."""
-        batch = self._first_batch
-        if batch is None:
-            return None
-        forward = self.forward or default_forward
-        training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                forward(pl_module, batch)
-            return counter.get_total_flops() / 2 / extract_batch_size(batch)
-        except Exception as err:  # a forward that does not take the batch as `collect` passes it
-            rank_zero_warn(f"RankCompression could not count multiply-adds ({err}); pass `forward=` to count them.")
-            return None
-        finally:
-            pl_module.train(training)
+    def _swap(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._run.plan.apply_(pl_module)
+        self._run.plan, self.phase = None, Phase.COMPRESSED
+        _lightning.rebuild_training_state(trainer)
+        self.macs["after"] = count_macs(pl_module, self._run.sample_batch, self.forward)
+        _lightning.run_validation(trainer)
+        self.metrics["compressed"] = monitored_value(trainer, self.monitor)
+        result, before, after = self.result, self.metrics["before"], self.metrics["compressed"]
+        rank_zero_info(f"RankCompression: {len(result.layers)} layers replaced, parameters {result.params_before:,} -> "
+                       f"{result.params_after:,}; {self.monitor} {before:.4g} -> {after:.4g}; fine-tuning begins.")
 
     # -- results -----------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release()
-        if self._skip:
+        if self._run.disabled:
             return
-        if self._summary is None:
-            rank_zero_warn(
-                f"RankCompression: training stopped at epoch {trainer.current_epoch} before the planned "
-                f"{self._planned_epochs} epochs ended, so nothing was compressed."
-            )
-        log_dir = trainer.log_dir  # a collective under DDP: read it on every process
-        if self._summary is None or not trainer.is_global_zero:
+        if self.phase in (Phase.TRAINING, Phase.PLANNED):
+            self._run.plan, self.phase = None, Phase.TRAINING
+            rank_zero_warn(f"RankCompression: training stopped at epoch {trainer.current_epoch}, before the swap "
+                           f"planned at epoch {self.swap_epoch}, so nothing was compressed.")
             return
-        summary = self.summary()
-        write_json_atomic(Path(log_dir or trainer.default_root_dir) / "lightning_rank" / "compression.json", summary)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                write_compression(logger.experiment, summary, trainer.global_step)
-            else:
-                logger.log_metrics(compression_scalars(summary), step=trainer.global_step)
+        self.phase = Phase.FINISHED
+        folder = reports_dir(trainer)  # a collective under DDP: on every process
+        if trainer.is_global_zero:
+            publish(trainer, folder, self.summary())
 
     def summary(self) -> dict[str, Any]:
-        """What ``compression.json`` holds: ``params_before``/``after``, ``macs_before``/``after`` (per example),
-        ``layers`` ({name: rank}), ``metrics`` ({"before", "compressed", "finetuned"}), and the factorization details."""
-        if self._summary is None:
-            raise RuntimeError("RankCompression has not compressed anything yet")
-        return {
-            "params_before": self._summary["params_before"],
-            "params_after": self._summary["params_after"],
-            "macs_before": self.macs["before"],
-            "macs_after": self.macs["after"],
-            "layers": self._summary["layers"],
-            "metrics": dict(self.metrics),
-            "monitor": self.monitor,
-            **{k: v for k, v in self._summary.items() if k not in ("params_before", "params_after", "layers")},
-        }
+        """What ``compression.json`` holds (see :func:`~lightning_rank.compression_summary.compression_summary`)."""
+        if self._factorization is None:
+            raise RuntimeError("RankCompression has not planned a compression yet")
+        return compression_summary(self._factorization, self.metrics, self.macs, self.monitor)
 
-    def _markdown(self) -> str:
-        metrics = ", ".join(
-            f"{stage} {'n/a' if v is None or math.isnan(v) else f'{v:.4g}'}" for stage, v in self.metrics.items()
-        )
-        lines = [f"**{self.monitor}**: {metrics}", "", "| layer | rank |", "|---|---:|"]
-        lines += [f"| {name} | {rank} |" for name, rank in self._summary["layers"].items()]
-        return "\n".join(lines) + "\n"
-
+    # -- checkpoints and clean-up ------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.dense_checkpoints and self.compressed:
-            checkpoint["state_dict"] = _dense_state_dict(pl_module, checkpoint["state_dict"])
+            checkpoint["state_dict"] = dense_state_dict(pl_module, checkpoint["state_dict"])
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "compressed": self.compressed,
-            "planned_epochs": self._planned_epochs,
-            "metrics": dict(self.metrics),
-            "macs": dict(self.macs),
-            "factorization": self._summary if self.compressed else None,  # a planned swap is redone on resume
-        }
+        factorization = self._factorization if self.phase in (Phase.COMPRESSED, Phase.FINISHED) else None
+        return {"phase": self.phase.value, "swap_epoch": self.swap_epoch, "metrics": dict(self.metrics),
+                "macs": dict(self.macs), "factorization": factorization}  # a plan is made again on resume
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.compressed = state_dict["compressed"]
+        self.phase = _saved_phase(state_dict)
         self.metrics.update(state_dict["metrics"])
         self.macs.update(state_dict["macs"])
-        self._summary = state_dict["factorization"]
+        self._factorization = state_dict["factorization"] if self.phase != Phase.TRAINING else None
 
     @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._unwrap()  # also when fit failed before it started
         self._release()
 
-    def _release(self) -> None:
-        if self._statistics is not None:
-            self._statistics.release()
-            self._statistics = None
-
-
-def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
-def _rebuild_training_state(trainer: Trainer) -> None:
-    """After a swap: wrap the model in DDP again (so the new parameters' gradients are synchronized) and
-    rebuild optimizers and schedulers from ``configure_optimizers``."""
-    strategy = trainer.strategy
-    if isinstance(strategy.model, DistributedDataParallel):
-        strategy.model = strategy.model.module
-        strategy.configure_ddp()
-    strategy.setup_optimizers(trainer)
-    _optimizers_to_device(strategy.optimizers, strategy.root_device)
-
-
-def _dense_state_dict(pl_module: LightningModule, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with each low-rank layer's ``first``/``second`` entries replaced by its dense weights."""
-    dense = dict(state_dict)
-    for name, module in pl_module.named_modules():
-        if not isinstance(module, LOW_RANK_TYPES):
-            continue
-        for key in [k for k in dense if k.startswith(f"{name}.first.") or k.startswith(f"{name}.second.")]:
-            del dense[key]
-        for key, value in module.to_dense().state_dict().items():
-            dense[f"{name}.{key}"] = value.detach()
-    return dense
+    def _unwrap(self) -> None:
+        unwrap, self._run.unwrap_load_hook = self._run.unwrap_load_hook, None
+        if unwrap is not None:
+            unwrap()

@@ -1,40 +1,91 @@
 """Statistics of one validation epoch inside a Trainer: hooks per batch, then a sum over processes.
 
 Both callbacks count layer inputs the same way: a :class:`StatisticsCollector` attached for the epoch,
-one ``observe`` block per validation batch (run eagerly when the model is compiled, since hooks do
-not fire inside compiled code), and at the end a reduction over processes in an order every process
-agrees on.
+one ``observe`` block per validation batch of the chosen dataloader (run eagerly when the model is
+compiled, since hooks do not fire inside compiled code), and at the end a reduction over processes in
+an order every process agrees on. Both write their reports under :func:`reports_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor, nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+from typing_extensions import override
 
+from lightning_rank import _lightning
+from lightning_rank._lightning import is_compiled  # noqa: F401  (re-exported for the callbacks)
+from lightning_rank.checks import StatisticsArguments
 from lightning_rank.statistics import UNREACHED, ActivationStatistics, InputStatistics, StatisticsCollector
-from lightning_rank.targets import weight_matrix
+from lightning_rank.targets import ModuleSelector, weight_matrix
 
 _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+
+
+REPORTS_FOLDER = "rank_reports"  # never the package's own name: a folder named so would shadow it on import
+
+
+def reports_dir(trainer: Trainer) -> Path:
+    """``<trainer.log_dir>/rank_reports`` (``default_root_dir`` without a logger). Call it on every process:
+    under DDP ``trainer.log_dir`` is a collective."""
+    return Path(trainer.log_dir or trainer.default_root_dir) / REPORTS_FOLDER
+
+
+def check_validation_data(trainer: Trainer, pl_module: LightningModule, needs: str) -> None:
+    """Raise unless the fit validates: a ``validation_step``, a validation dataloader, ``limit_val_batches`` > 0.
+
+    ``needs`` starts the message: what needs the validation and why.
+    """
+    if not is_overridden("validation_step", pl_module):
+        raise MisconfigurationException(f"{needs} `validation_step`, which {type(pl_module).__name__} does not define.")
+    if trainer.limit_val_batches == 0 or not _lightning.has_validation_dataloader(trainer):
+        raise MisconfigurationException(f"{needs} validation: pass a `val_dataloader` and `limit_val_batches` > 0.")
+
+
+def check_validation_batches(trainer: Trainer, who: str, dataloader_idx: int | None) -> None:
+    """Raise when the validation dataloader(s) counted have no batch, or ``dataloader_idx`` names none."""
+    batches = _lightning.validation_batches(trainer)
+    if dataloader_idx is not None and dataloader_idx >= len(batches):
+        raise MisconfigurationException(
+            f"{who}(dataloader_idx={dataloader_idx}): the fit has {len(batches)} validation dataloader(s)."
+        )
+    if sum(batches if dataloader_idx is None else batches[dataloader_idx : dataloader_idx + 1]) == 0:
+        which = "validation dataloaders are" if dataloader_idx is None else f"validation dataloader {dataloader_idx} is"
+        raise MisconfigurationException(f"{who} needs validation batches to count the layer inputs, but the {which} empty.")
 
 
 class EpochStatistics:
     """Count the inputs of ``pl_module``'s target layers over the validation batches of one epoch.
 
     Call :meth:`batch_start` / :meth:`batch_end` from the callback's validation batch hooks,
-    :meth:`finish` at the epoch's end (on every process), and :meth:`release` on exceptions.
+    :meth:`finish` at the epoch's end (on every process), and :meth:`release` on exceptions. Only the
+    batches of ``arguments.dataloader_idx`` are counted (all dataloaders' when it is None).
     """
 
-    def __init__(self, pl_module: LightningModule, **collector_kwargs: Any) -> None:
-        self.collector = StatisticsCollector(pl_module, **collector_kwargs)
+    def __init__(self, pl_module: LightningModule, arguments: StatisticsArguments) -> None:
+        self.collector = StatisticsCollector(pl_module, **arguments.collector_kwargs())
+        self.dataloader_idx = arguments.dataloader_idx
+        self.first_batch: Any = None  # the first batch counted
         self.collector.attach()
         self._observing: contextlib.ExitStack | None = None
 
-    def batch_start(self, batch: Any) -> None:
+    def counts(self, dataloader_idx: int) -> bool:
+        """Whether batches of the validation dataloader ``dataloader_idx`` are counted."""
+        return self.dataloader_idx is None or dataloader_idx == self.dataloader_idx
+
+    def batch_start(self, batch: Any, dataloader_idx: int = 0) -> None:
+        if not self.counts(dataloader_idx):
+            return
+        if self.first_batch is None:
+            self.first_batch = batch
         stack = contextlib.ExitStack()
         if _set_stance is not None:
             stack.enter_context(_set_stance("force_eager"))
@@ -58,6 +109,66 @@ class EpochStatistics:
         if trainer.world_size > 1:
             stats = sum_over_processes(self.collector, stats, trainer)
         return stats
+
+
+class ValidationStatisticsCallback(Callback):
+    """What both callbacks share: checked :class:`StatisticsArguments`, readable as flat attributes
+    (``target_modules``, ...), and the validation batch hooks that feed an open :class:`EpochStatistics`."""
+
+    statistics_arguments: StatisticsArguments
+    _statistics: EpochStatistics | None = None
+
+    @property
+    def target_modules(self) -> ModuleSelector:
+        return self.statistics_arguments.target_modules
+
+    @property
+    def exclude_modules(self) -> ModuleSelector:
+        return self.statistics_arguments.exclude_modules
+
+    @property
+    def mask_fn(self) -> Any:
+        return self.statistics_arguments.mask_fn
+
+    @property
+    def max_rows_per_batch(self) -> int | None:
+        return self.statistics_arguments.max_rows_per_batch
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.statistics_arguments.dtype
+
+    @property
+    def seed(self) -> int:
+        return self.statistics_arguments.seed
+
+    @property
+    def dataloader_idx(self) -> int | None:
+        return self.statistics_arguments.dataloader_idx
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._statistics is not None:
+            self._statistics.batch_start(batch, dataloader_idx)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._statistics is not None:
+            self._statistics.batch_end()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Leave a pass left open (an exception in ``validation_step``) and remove the hooks."""
+        if self._statistics is not None:
+            self._statistics.release()
+            self._statistics = None
 
 
 def sum_over_processes(collector: StatisticsCollector, stats: ActivationStatistics, trainer: Trainer) -> ActivationStatistics:
@@ -115,13 +226,6 @@ def sum_reducer(trainer: Trainer) -> Callable[[Tensor], None]:
             tensor.copy_(out)
 
     return reduce
-
-
-def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` was given to the Trainer compiled, or holds a compiled submodule."""
-    if getattr(module, "_compiler_ctx", None) is not None:
-        return True
-    return any(type(m).__name__ == "OptimizedModule" for m in module.modules())
 
 
 def can_run_eagerly() -> bool:

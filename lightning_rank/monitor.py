@@ -24,20 +24,27 @@ from typing_extensions import override
 from lightning_rank import tensorboard as views_module
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
-from lightning_rank.checks import check_positive_int, collection_arguments, collection_of
-from lightning_rank.epoch_statistics import EpochStatistics, can_run_eagerly, is_compiled
+from lightning_rank.checks import StatisticsArguments, check_positive_int
+from lightning_rank.epoch_statistics import (
+    REPORTS_FOLDER,
+    EpochStatistics,
+    ValidationStatisticsCallback,
+    can_run_eagerly,
+    is_compiled,
+    reports_dir,
+)
 from lightning_rank.layers import LOW_RANK_TYPES
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import MaskFn, warn_about_rows
 from lightning_rank.targets import ModuleSelector
 
 
-class RankMonitor(Callback):
+class RankMonitor(ValidationStatisticsCallback):
     r"""Measure how much of its input and output space every layer uses, epoch by epoch.
 
     On each analyzed validation epoch (every ``every_n_epochs``-th epoch of ``trainer.fit``, and every
     ``trainer.validate``; never the sanity check) the inputs of the target layers are counted through
-    the user's own ``validation_step`` over every validation dataloader. Afterwards, on every process:
+    the user's own ``validation_step`` over every validation dataloader (or the one ``dataloader_idx`` names). Afterwards, on every process:
 
     - ``monitor.report`` holds the :class:`~lightning_rank.RankReport`, ``monitor.history`` one
       ``{"epoch", "step", "stage", "factorized", "report"}`` entry per analyzed epoch (``report`` is
@@ -76,6 +83,7 @@ class RankMonitor(Callback):
             every logger, ``"spectra"`` writes eigenvalue histograms ``rank_detail/spectrum/<layer>``.
         seed: seed of the row subsampling.
         eig_dtype: precision of the epoch-end eigenproblems (float32 is about 2-3x faster on CPU).
+        dataloader_idx: the validation dataloader whose batches are counted (None: all of them, pooled).
 
     Example::
 
@@ -96,12 +104,13 @@ class RankMonitor(Callback):
         views: Sequence[str] = views_module.DEFAULT_VIEWS,
         seed: int = 0,
         eig_dtype: torch.dtype = torch.float64,
+        dataloader_idx: int | None = None,
     ) -> None:
         self.threshold = check_threshold(threshold)
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
-        checked = collection_arguments(target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed)
-        for name, value in checked.items():
-            setattr(self, name, value)
+        self.statistics_arguments = StatisticsArguments(
+            target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed, dataloader_idx
+        )
         for name, flag in (("centered", centered), ("tensorboard", tensorboard)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
@@ -131,6 +140,7 @@ class RankMonitor(Callback):
             every_n_epochs=self.every_n_epochs,
             target_modules=stable(self.target_modules),
             exclude_modules=stable(self.exclude_modules),
+            **({"dataloader_idx": self.dataloader_idx} if self.dataloader_idx is not None else {}),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -144,7 +154,7 @@ class RankMonitor(Callback):
             self._warned_no_logger = True
             rank_zero_warn(
                 "RankMonitor: the Trainer has no logger, so rank scalars are not logged; reports are kept in "
-                f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / 'rank_reports'}."
+                f"`monitor.report`/`monitor.history` and written to {Path(trainer.default_root_dir) / REPORTS_FOLDER}."
             )
         if is_compiled(pl_module):
             if not can_run_eagerly():
@@ -167,27 +177,7 @@ class RankMonitor(Callback):
         self._release()
         if not self._should_observe(trainer):
             return
-        self._statistics = EpochStatistics(pl_module, **collection_of(self))
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._statistics is not None:
-            self._statistics.batch_start(batch)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._statistics is not None:
-            self._statistics.batch_end()
+        self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -208,18 +198,8 @@ class RankMonitor(Callback):
         self._publish(trainer, pl_module, report)
 
     @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
-
-    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()
-
-    def _release(self) -> None:
-        """Leave a pass left open (an exception in ``validation_step``) and remove the hooks."""
-        if self._statistics is not None:
-            self._statistics.release()
-            self._statistics = None
 
     # -- results -----------------------------------------------------------------------------
     def _publish(self, trainer: Trainer, pl_module: LightningModule, report: RankReport) -> None:
@@ -231,10 +211,10 @@ class RankMonitor(Callback):
         self.report = report
         pl_module.log("rank/mlu", report.mlu, logger=False, sync_dist=trainer.world_size > 1)
 
-        log_dir = trainer.log_dir  # a collective under DDP: read it on every process
+        folder = reports_dir(trainer)  # a collective under DDP: on every process
         if not trainer.is_global_zero:
             return
-        report.save(Path(log_dir or trainer.default_root_dir) / "rank_reports" / f"epoch_{epoch:03d}.json")
+        report.save(folder / f"epoch_{epoch:03d}.json")
         metrics = report_scalars(report, ranks="ranks" in self.views)
         writers = []
         for logger in trainer.loggers:

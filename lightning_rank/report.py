@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_rank.targets import LayerKind
+
 
 @dataclass(frozen=True)
 class LayerRank:
@@ -19,10 +21,12 @@ class LayerRank:
 
     ``rows_limited``: fewer rows than ``in_features`` were seen, so ``in_rank`` is bounded by the data, not
     by the layer. ``factorized``: the layer is a low-rank pair ``A B``, analyzed as the one map it replaced.
+    ``kind`` is one of :data:`~lightning_rank.targets.LayerKind` (``"linear"``, ``"conv2d"``, ...), for
+    analyzed and skipped layers alike; ``None`` for a module that is no supported layer.
     """
 
     name: str
-    kind: str | None
+    kind: LayerKind | None
     in_features: int | None
     out_features: int | None
     in_rank: int | None = None
@@ -85,7 +89,7 @@ class RankReport:
         return sum(layer.utilization * layer.parameters for layer in layers) / total if total else math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON layout of DESIGN.md: threshold, mlu, weighted_mlu and one entry per layer."""
+        """The JSON layout of ``docs/design.md``: threshold, mlu, weighted_mlu and one entry per layer."""
         return {
             "threshold": self.threshold,
             "centered": self.centered,

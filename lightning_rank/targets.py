@@ -6,13 +6,16 @@ import difflib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 ModuleSelector = str | Sequence[str] | Callable[[nn.Module, str], bool] | None
 
-KINDS = ("linear", "conv1d", "conv2d", "hf_conv1d", "mha_in_proj")
+# The one vocabulary of layer kinds, in reports (analyzed and skipped layers alike) and factorization results.
+LayerKind = Literal["linear", "conv1d", "conv2d", "hf_conv1d", "mha_in_proj"]
+KINDS: tuple[LayerKind, ...] = get_args(LayerKind)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -22,12 +25,12 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     )
 
 
-def factorized_kind(module: nn.Module) -> str | None:
+def factorized_kind(module: nn.Module) -> LayerKind | None:
     """The kind of the dense layer a low-rank pair (``LowRankLinear``, ``LowRankConv1d/2d``) stands for, else ``None``."""
     return getattr(type(module), "factorized_kind", None)
 
 
-def layer_kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module) -> LayerKind | None:
     """The kind of a supported layer (a low-rank pair counts as the layer it replaced), or ``None`` for anything else."""
     kind = factorized_kind(module)
     if kind is not None:
@@ -56,7 +59,7 @@ class Target:
 
     name: str
     module: nn.Module
-    kind: str
+    kind: LayerKind
 
     @property
     def factorized(self) -> bool:

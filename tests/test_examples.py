@@ -43,10 +43,10 @@ def test_demo_fast(example, tmp_path) -> None:
     assert out["accuracy"]["compressed"] == pytest.approx(summary["metrics"]["finetuned"], abs=1e-6)
     assert all(seconds > 0 for seconds in out["latency"].values())
 
-    assert [h["epoch"] for h in out["history"]] == [0, 1, 2]  # 2 planned epochs, 1 of fine-tuning
+    assert [h["epoch"] for h in out["history"]] == [0, 1, 2]  # 2 dense epochs, 1 of fine-tuning
     reports = out["log_dir"] / "rank_reports"
     assert sorted(p.name for p in reports.glob("epoch_*.json")) == ["epoch_000.json", "epoch_001.json", "epoch_002.json"]
-    assert json.loads((out["log_dir"] / "lightning_rank" / "compression.json").read_text()) == summary
+    assert json.loads((out["log_dir"] / "rank_reports" / "compression.json").read_text()) == summary
     assert list(out["log_dir"].glob("events.out.tfevents.*"))
     heatmap = tmp_path / "runs" / "utilization_heatmap.png"
     assert out["figures"] == [heatmap] and heatmap.read_bytes().startswith(PNG)
@@ -88,7 +88,7 @@ def test_cli_with_both_callbacks_from_yaml(example, tmp_path) -> None:
     cli = example("cli").main([
         "fit",
         "--config", str(EXAMPLES / "cli_config.yaml"),
-        "--trainer.max_epochs=5",
+        "--trainer.max_epochs=8",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=4",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
@@ -101,11 +101,12 @@ def test_cli_with_both_callbacks_from_yaml(example, tmp_path) -> None:
 
     reports = Path(cli.trainer.log_dir) / "rank_reports"
     assert reports.parent.parent == tmp_path / "cli"
-    assert sorted(p.name for p in reports.iterdir()) == ["epoch_004.json"]
+    assert sorted(p.name for p in reports.iterdir()) == ["compression.json", "epoch_004.json"]
     assert lr.RankReport.load(reports / "epoch_004.json").layers.keys() >= {"embed", "blocks.0.q", "head"}
-    summary = json.loads((reports.parent / "lightning_rank" / "compression.json").read_text())
+    summary = json.loads((reports / "compression.json").read_text())
     assert summary["params_after"] < summary["params_before"]
-    assert cli.trainer.current_epoch == 5 + 3  # planned epochs, then finetune_epochs from the YAML
+    assert cli.trainer.current_epoch == 8 == cli.trainer.max_epochs  # max_epochs is never stretched
+    assert compression.swap_epoch == 6  # compress_at_epoch: 0.87 of the 8 epochs, from the YAML
 
 
 def test_plain_pytorch(example) -> None:

@@ -308,13 +308,106 @@ def test_attention_unreached_and_tied_layers_are_reported_not_replaced() -> None
     assert net.tied_too.weight is net.tied.weight
 
 
-def test_factors_of_an_already_factorized_layer_are_left_alone() -> None:
+def test_a_second_factorization_of_a_factorized_layer_raises_and_changes_nothing() -> None:
     model = TwoLayer()
     lr.factorize_(model, None, method="svd", ranks={"fc1": 6}, target_modules=["fc1"])
-    again = lr.factorize_(model, None, method="svd", ranks=2)
-    assert again.layers == {"fc2": 2}
-    assert "already factorized" in again.not_replaced["fc1"]
-    assert model.fc1.rank == 6
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 'fc1' is already factorized \(rank 6\).*exclude_modules=\['fc1'\]"):
+        lr.factorize_(model, None, method="svd", ranks=2)
+    stats = lr.collect(model, batches(torch.randn(64, 24)))  # the factors are plain Linear layers to collect
+    with pytest.raises(ValueError, match="already factorized"):
+        lr.factorize_(model, stats, method="whiten")
+    assert model.fc1.rank == 6 and type(model.fc2) is nn.Linear
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    again = lr.factorize_(model, None, method="svd", ranks=2, exclude_modules=["fc1"])  # the rest may still be
+    assert again.layers == {"fc2": 2} and model.fc1.rank == 6
+
+
+# -- plan, then apply ------------------------------------------------------------------------------
+def snapshot(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+    return dict(model.named_modules()), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: tuple[dict[str, nn.Module], dict[str, torch.Tensor]]) -> None:
+    modules, state = before
+    now = dict(model.named_modules())
+    assert now.keys() == modules.keys() and all(now[name] is modules[name] for name in modules)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_plan_leaves_the_model_alone_and_apply_gives_what_factorize_gives() -> None:
+    torch.manual_seed(0)
+    base = Mixed()
+    x = torch.randn(16, 3, 6, 6)
+    stats = lr.collect(base, batches(x, 4))
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    plan = lr.plan_factorization(model, stats, method="whiten", param_budget=0.6)
+    assert_unchanged(model, before)
+    assert isinstance(plan, lr.FactorizationPlan) and set(plan.modules) == set(plan.layers) and plan.layers
+    result = plan.apply_(model)
+    reference = copy.deepcopy(base)
+    expected = lr.factorize_(reference, stats, method="whiten", param_budget=0.6)
+    assert result.layers == expected.layers and result.to_dict() == expected.to_dict()
+    assert result.params_after == sum(p.numel() for p in model.parameters()) < result.params_before
+    assert all(model.get_submodule(name) is module for name, module in plan.modules.items())
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="holds another module"):
+        plan.apply_(copy.deepcopy(base))  # a plan applies to the model it was made from
+
+
+@pytest.mark.parametrize("failing_at", [1, 2, 3])
+def test_apply_swaps_all_or_none(failing_at: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_rank.factorize as factorize_module
+
+    torch.manual_seed(0)
+    model = Mixed()
+    stats = lr.collect(model, batches(torch.randn(16, 3, 6, 6), 4))
+    plan = lr.plan_factorization(model, stats, method="whiten", ranks={"conv": 4, "proj": 3, "head": 2})
+    assert len(plan.modules) == 3
+    before = snapshot(model)
+    calls = []
+    real = factorize_module.set_submodule
+
+    def flaky(root: nn.Module, name: str, module: nn.Module) -> None:
+        calls.append(name)
+        if len(calls) == failing_at:
+            raise RuntimeError(f"injected failure at layer {failing_at}")
+        real(root, name, module)
+
+    monkeypatch.setattr(factorize_module, "set_submodule", flaky)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        plan.apply_(model)
+    assert_unchanged(model, before)
+    assert len(calls) == failing_at + (failing_at - 1)  # the swaps tried, then the ones done put back
+    monkeypatch.setattr(factorize_module, "set_submodule", real)
+    plan.apply_(model)  # still the same model: the plan applies now
+    assert {name: model.get_submodule(name).rank for name in plan.modules} == {"conv": 4, "proj": 3, "head": 2}
+
+
+def test_without_target_modules_the_layers_in_stats_are_selected() -> None:
+    torch.manual_seed(0)
+    model = TwoLayer()
+    partial = lr.collect(model, batches(torch.randn(100, 24)), target_modules=["fc1"])
+    result = lr.factorize_(model, partial, method="whiten", ranks=3)
+    assert result.layers == {"fc1": 3} and set(result.details) == {"fc1"}
+    assert isinstance(model.fc1, lr.LowRankLinear) and type(model.fc2) is nn.Linear
+
+
+def test_check_factorization_raises_what_planning_would() -> None:
+    model = TwoLayer()
+    lr.factorize.check_factorization(model, ranks={"fc1": 3}, param_budget=None)  # fine: nothing raised, nothing changed
+    cases = [
+        (dict(target_modules="nomatch"), r"`target_modules`='nomatch' matches no module"),
+        (dict(ranks={"nonexistent": 3}), r"`ranks` key 'nonexistent' matches no selected layer"),
+        (dict(ranks={"fc2": 13}), r"`ranks`.*'fc2'.*\[1, 12\]"),
+        (dict(param_budget=0.01), r"`param_budget`=0.01.*at least"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            lr.factorize.check_factorization(model, **kwargs)
+    assert type(model.fc1) is nn.Linear
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -339,7 +432,9 @@ def test_bad_input_raises_clear_errors() -> None:
             lr.factorize_(copy.deepcopy(model), stats, **kwargs)
     partial = lr.collect(model, batches(torch.randn(100, 24)), target_modules=["fc1"])
     with pytest.raises(ValueError, match=r"no statistics for the selected layer 'fc2'"):
-        lr.factorize_(copy.deepcopy(model), partial)
+        lr.factorize_(copy.deepcopy(model), partial, target_modules=["fc1", "fc2"])
+    with pytest.raises(ValueError, match=r"`stats` has layers that `model` does not have: \['fc1'\]"):
+        lr.factorize_(nn.Sequential(nn.Linear(24, 4)), partial)
     with pytest.raises(ValueError, match=r"needs `stats`"):
         lr.factorize_(copy.deepcopy(model), None, method="whiten")
     assert all(type(m) is nn.Linear for m in (model.fc1, model.fc2))
@@ -425,3 +520,27 @@ def test_load_factorized_from_a_lightning_checkpoint(tmp_path) -> None:
     assert isinstance(fresh.net.head, lr.LowRankLinear) and type(fresh.net.proj) is Conv1D
     module.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), module(x))
+
+
+def test_one_vocabulary_of_layer_kinds_for_analyzed_skipped_and_kept_layers() -> None:
+    from lightning_rank.targets import KINDS
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.grouped = nn.Conv2d(2, 2, 1, groups=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    net = Net()
+    stats = lr.collect(net, [torch.randn(3, 4)])
+    report = lr.analyze(net, stats)
+    assert {name: layer.kind for name, layer in report.layers.items()} == {
+        "used": "linear", "unused": "linear", "grouped": "conv2d"
+    }  # fmt: skip
+    assert report.layers["unused"].skipped and report.layers["grouped"].skipped
+    result = lr.plan_factorization(net, stats, method="whiten", ranks=1).result
+    assert {name: d.kind for name, d in result.details.items()} == {"used": "linear", "unused": "linear", "grouped": "conv2d"}
+    assert set(KINDS) >= {layer.kind for layer in report.layers.values()}

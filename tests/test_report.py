@@ -1,4 +1,4 @@
-"""RankReport: the JSON layout of DESIGN.md, an exact save/load round trip, and the markdown table."""
+"""RankReport: the JSON layout of docs/design.md, an exact save/load round trip, and the markdown table."""
 
 from __future__ import annotations
 

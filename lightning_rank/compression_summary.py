@@ -1,0 +1,76 @@
+"""What ``RankCompression`` measures and reports: multiply-adds per example, ``compression.json``, logger scalars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_rank.report import write_json_atomic
+from lightning_rank.statistics import ForwardFn, default_forward
+from lightning_rank.tensorboard import compression_scalars, write_compression
+
+
+def count_macs(model: nn.Module, batch: Any, forward: ForwardFn | None) -> float | None:
+    """Multiply-adds per example of one forward of ``model`` (in eval mode) over ``batch`` (None if it cannot run)."""
+    if batch is None:
+        return None
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            (forward or default_forward)(model, batch)
+        return counter.get_total_flops() / 2 / extract_batch_size(batch)
+    except Exception as err:  # a forward that does not take the batch as `collect` passes it
+        rank_zero_warn(f"RankCompression could not count multiply-adds ({err}); pass `forward=` to count them.")
+        return None
+    finally:
+        model.train(training)
+
+
+def monitored_value(trainer: Trainer, monitor: str) -> float:
+    """The value of the metric ``monitor`` the last validation logged; a clear error naming what was logged."""
+    value = trainer.callback_metrics.get(monitor)
+    if value is None:
+        raise MisconfigurationException(
+            f"RankCompression(monitor={monitor!r}): the validation logged no such metric. Logged metrics: "
+            f"{sorted(trainer.callback_metrics)}. Log it with `self.log({monitor!r}, ...)` in `validation_step`."
+        )
+    return float(value)
+
+
+def compression_summary(
+    factorization: dict[str, Any], metrics: dict[str, float | None], macs: dict[str, float | None], monitor: str
+) -> dict[str, Any]:
+    """What ``compression.json`` holds: ``params_before``/``after``, ``macs_before``/``after`` (per example),
+    ``layers`` ({name: rank}), ``metrics`` ({"before", "compressed", "finetuned"}), and the factorization details
+    (``factorization`` is ``FactorizationResult.to_dict()``)."""
+    return {
+        "params_before": factorization["params_before"],
+        "params_after": factorization["params_after"],
+        "macs_before": macs["before"],
+        "macs_after": macs["after"],
+        "layers": factorization["layers"],
+        "metrics": dict(metrics),
+        "monitor": monitor,
+        **{k: v for k, v in factorization.items() if k not in ("params_before", "params_after", "layers")},
+    }
+
+
+def publish(trainer: Trainer, folder: Path, summary: dict[str, Any]) -> None:
+    """Write ``folder/compression.json`` and the headline scalars to every logger; each ``TensorBoardLogger``
+    also gets the one results table (see :func:`~lightning_rank.tensorboard.write_compression`). Global rank zero only."""
+    write_json_atomic(folder / "compression.json", summary)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            write_compression(logger.experiment, summary, trainer.global_step)
+        else:
+            logger.log_metrics(compression_scalars(summary), step=trainer.global_step)

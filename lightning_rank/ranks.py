@@ -1,0 +1,252 @@
+"""Per-layer spectra, ranks and factors: what ``plan_factorization`` decides for each replaceable layer.
+
+``decompositions`` is the one place where factorization obtains spectra; the rank of each layer is
+then the one asked for, the utilized rank at the threshold, or the one a parameter budget allocates;
+its factors follow from the method. Pure math is in :mod:`lightning_rank.factors`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rank.analysis import analyze
+from lightning_rank.checks import RankSpec
+from lightning_rank.factors import (
+    _balanced,
+    allocate_ranks,
+    break_even_rank,
+    descending_eigh,
+    output_error,
+    projection_factors,
+    svd_factors,
+    tail_curve,
+    whitened_weight,
+)
+from lightning_rank.spectrum import energy_rank, output_factor, output_moment
+from lightning_rank.statistics import ActivationStatistics
+from lightning_rank.targets import Target, weight_matrix
+
+
+@dataclass
+class Decomposition:
+    """The float64 matrices one layer's factors come from; everything but ``weight`` is None without statistics.
+
+    ``values``/``vectors``: eigenpairs of the input moment ``C``, largest first, round-off removed;
+    ``out_vectors``: eigenvectors of the output moment ``C_y`` (``projection`` only); ``in_rank``,
+    ``out_rank``, ``rank``: the utilized ranks at the threshold (when asked for).
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    moment: Tensor | None = None
+    mean: Tensor | None = None
+    values: Tensor | None = None
+    vectors: Tensor | None = None
+    out_vectors: Tensor | None = None
+    in_rank: int | None = None
+    out_rank: int | None = None
+    rank: int | None = None
+
+
+def decompositions(
+    model: nn.Module,
+    stats: ActivationStatistics | None,
+    targets: dict[str, Target],
+    threshold: float,
+    with_ranks: bool,
+    with_output_basis: bool,
+) -> dict[str, Decomposition]:
+    """Every spectrum factorization uses, per layer: the ONE place where factorization decomposes moments.
+
+    Note for the spectral core (issue 10 item 4): the utilized ranks come from ``analyze`` and the
+    eigenvectors from a second ``eigh`` of the same moments (one per distinct input). When
+    ``analysis.py`` returns each layer's decompositions, switch this function to them; nothing else
+    in factorization decomposes a moment.
+    """
+    out: dict[str, Decomposition] = {}
+    if stats is None:
+        return {name: Decomposition(weight_matrix(t)[0].detach().double()) for name, t in targets.items()}
+    report = analyze(model, stats, threshold=threshold) if targets and (with_ranks or with_output_basis) else None
+    eigen: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, target in targets.items():
+        key = stats.sources[name]
+        inputs = stats.inputs[key]
+        moment = inputs.second_moment()
+        if key not in eigen:
+            eigen[key] = descending_eigh(moment, inputs.dim * torch.finfo(inputs.gram.dtype).eps)
+        weight, bias = weight_matrix(target)
+        weight = weight.detach().to(moment)
+        bias = bias.detach().to(moment) if bias is not None else None
+        spectra = Decomposition(weight, bias, moment, inputs.mean(), *eigen[key])
+        if report is not None:
+            analyzed = report.layers[name]
+            spectra.in_rank, spectra.out_rank, spectra.rank = analyzed.in_rank, analyzed.out_rank, analyzed.rank
+        if with_output_basis:
+            spectra.out_vectors = _output_basis(spectra)
+        out[name] = spectra
+    return out
+
+
+def _output_basis(spectra: Decomposition) -> Tensor:
+    """Eigenvectors of the output moment ``C_y``, largest first (from its factor's SVD when the layer widens)."""
+    out, fan_in = spectra.weight.shape
+    if out > fan_in + 1:
+        factor = output_factor(spectra.weight, spectra.bias, spectra.values, spectra.vectors, spectra.mean)
+        return torch.linalg.svd(factor, full_matrices=False).U
+    moment = output_moment(spectra.weight, spectra.bias, spectra.moment, spectra.mean)
+    return torch.linalg.eigh(moment).eigenvectors.flip(-1)
+
+
+@dataclass
+class Replaceable:
+    """One layer that may be replaced: its target, spectra (see ``_decompositions``) and planned rank."""
+
+    target: Target
+    spectra: Decomposition
+    rank: int | None = None
+    _whitened_svd: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.spectra.weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
+
+    def whitened(self) -> tuple[Tensor, Tensor]:
+        """Left singular vectors and singular values of ``W S`` (computed once)."""
+        if self._whitened_svd is None:
+            spectra = self.spectra
+            u, s, _ = torch.linalg.svd(whitened_weight(self.weight, spectra.values, spectra.vectors), full_matrices=False)
+            self._whitened_svd = (u, s)
+        return self._whitened_svd
+
+    def error_curve(self) -> Tensor:
+        """Relative output error at each rank: the least achievable (whiten) with statistics, else ``||W - W_r||_F^2``."""
+        size = min(self.shape)
+        if self.spectra.moment is None:
+            return tail_curve(torch.linalg.svdvals(self.weight), size)
+        return tail_curve(self.whitened()[1], size)
+
+
+def resolve_ranks(ranks: RankSpec, targets: dict[str, Target]) -> dict[str, int]:
+    """``{layer: rank}`` from an int or ``{name or regex: rank}`` (an exact or dotted-suffix name wins,
+    else the first regex in order that fully matches); every key must match a selected layer."""
+    if ranks is None:
+        return {}
+    if isinstance(ranks, int):
+        chosen = {name: ranks for name in targets}
+    else:
+        patterns = []
+        for key in ranks:
+            try:
+                patterns.append((key, re.compile(key)))
+            except re.error:
+                patterns.append((key, None))
+        for key, pattern in patterns:
+            if not any(_key_matches(name, key, pattern) for name in targets):
+                raise ValueError(
+                    f"`ranks` key {key!r} matches no selected layer (exact name, dotted suffix or full regex match). "
+                    f"Selected layers: {', '.join(targets) or 'none'}"
+                )
+        chosen = {}
+        for name in targets:
+            exact = [key for key, _ in patterns if name == key or name.endswith("." + key)]
+            regex = [key for key, pattern in patterns if pattern is not None and pattern.fullmatch(name)]
+            key = (exact or regex or [None])[0]
+            if key is not None:
+                chosen[name] = ranks[key]
+    for name, rank in chosen.items():
+        out, fan_in = weight_matrix(targets[name])[0].shape
+        if not 1 <= rank <= min(out, fan_in):
+            raise ValueError(
+                f"`ranks` gives layer {name!r} rank {rank!r}; it must be an int in [1, min(out, fan_in)] = "
+                f"[1, {min(out, fan_in)}] for its {out} x {fan_in} weight"
+            )
+    return chosen
+
+
+def _key_matches(name: str, key: str, pattern: re.Pattern | None) -> bool:
+    return name == key or name.endswith("." + key) or (pattern is not None and pattern.fullmatch(name) is not None)
+
+
+# -- ranks ---------------------------------------------------------------------------------------
+def plan_ranks(layers: dict[str, Replaceable], wanted: dict[str, int], threshold: float) -> None:
+    """Set each layer's rank: the one asked for, else the analyzed utilized rank (data-free: of ``W W^T``)."""
+    for name, layer in layers.items():
+        if name in wanted:
+            layer.rank = wanted[name]
+        elif layer.spectra.rank is not None:
+            layer.rank = layer.spectra.rank
+        else:
+            layer.rank = int(energy_rank(torch.linalg.svdvals(layer.weight).square(), threshold))
+
+
+def check_budget_feasible(shapes: dict[str, tuple[int, int]], budget: float, base: int) -> None:
+    """Raise unless rank 1 in every layer that can save parameters keeps at most ``budget * base`` of them."""
+    allowed = math.floor(budget * base)
+    smallest = base - sum(o * i - (o + i) for o, i in shapes.values() if break_even_rank(o, i) >= 1)
+    if smallest > allowed:
+        raise ValueError(
+            f"`param_budget`={budget} keeps {allowed:,} of the selected layers' {base:,} parameters, but even rank 1 "
+            f"in every replaceable layer leaves {smallest:,}; use a param_budget of at least {smallest / base:.4f}"
+        )
+
+
+def plan_budget(layers: dict[str, Replaceable], budget: float, base: int) -> None:
+    """Set each layer's rank so that the replaceable layers keep at most ``budget * base`` parameters."""
+    needed = base - math.floor(budget * base)
+    if needed <= 0:
+        return
+    check_budget_feasible({name: layer.shape for name, layer in layers.items()}, budget, base)
+    fits = {name: layer for name, layer in layers.items() if break_even_rank(*layer.shape) >= 1}
+    chosen = allocate_ranks(
+        {name: layer.error_curve().tolist() for name, layer in fits.items()},
+        {name: layer.shape for name, layer in fits.items()},
+        needed,
+    )
+    for name, layer in layers.items():
+        layer.rank = chosen[name] if name in fits else 1  # rank 1 does not save: reported as such
+
+
+def why_not_at_rank(layer: Replaceable, threshold: float, explicit: bool) -> str | None:
+    out, fan_in = layer.shape
+    if layer.rank is None:
+        return "the parameter budget is met without factorizing this layer"
+    if layer.rank == 0:
+        return f"utilized rank 0 at threshold {threshold}: the layer's output carries no energy on the collected data"
+    if layer.rank * (out + fan_in) >= out * fan_in:
+        source = "" if explicit else f" (utilized rank at threshold {threshold})"
+        return (
+            f"rank {layer.rank}{source} needs {layer.rank * (out + fan_in):,} weight parameters as factors, "
+            f"not fewer than the {out * fan_in:,} of the dense {out} x {fan_in} weight"
+        )
+    return None
+
+
+# -- factors -------------------------------------------------------------------------------------
+def factors(layer: Replaceable, method: str) -> tuple[Tensor, Tensor]:
+    rank, spectra = layer.rank, layer.spectra
+    if method == "svd":
+        return svd_factors(layer.weight, rank)
+    if method == "whiten":
+        u = layer.whitened()[0][:, :rank]
+        return _balanced(u, u.t() @ layer.weight)
+    in_rank = min(max(spectra.in_rank, rank), layer.shape[1])
+    out_rank = min(max(spectra.out_rank, rank), spectra.out_vectors.shape[1])
+    return projection_factors(layer.weight, spectra.vectors, spectra.out_vectors, in_rank, out_rank, rank)
+
+
+def relative_error(layer: Replaceable, approx: Tensor) -> float | None:
+    moment = layer.spectra.moment
+    if moment is None:
+        return None
+    energy = output_error(layer.weight, torch.zeros_like(layer.weight), moment)
+    error = output_error(layer.weight, approx, moment).clamp(min=0)  # float32 sums make C slightly indefinite
+    return float(error / energy) if energy > 0 else 0.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +61,7 @@ class LayerSpectra:
 
 
 @dataclass
-class Decomposition:
+class Analysis:
     """What :func:`decompose` computed: the report and, per analyzed layer, its :class:`LayerSpectra`."""
 
     report: RankReport
@@ -93,8 +93,14 @@ def decompose(
     centered: bool = False,
     eig_dtype: torch.dtype = torch.float64,
     vectors: bool = False,
-) -> Decomposition:
-    """:func:`analyze`, also returning each layer's matrices and spectra (with eigenvectors if ``vectors``)."""
+    output_vectors: bool = False,
+    layers: Collection[str] | None = None,
+) -> Analysis:
+    """:func:`analyze`, also returning each layer's matrices and spectra: the one place moments are decomposed.
+
+    ``vectors`` / ``output_vectors`` keep the eigenvectors of the input / output moments (factorization
+    needs them; a report does not). ``layers`` restricts the work to those layers of ``stats``.
+    """
     threshold = check_threshold(threshold)
     if eig_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype}")
@@ -103,6 +109,9 @@ def decompose(
     if not stats.sources and not stats.skipped:
         raise ValueError("`stats` holds no layer: collect statistics with lr.collect(model, batches) first")
     targets, empty = _targets_of(model, stats)
+    if layers is not None:
+        targets = {name: target for name, target in targets.items() if name in layers}
+        empty = {name: reason for name, reason in empty.items() if name in layers}
     keys = dict.fromkeys(stats.sources[name] for name in targets)
 
     widening = {name for name, target in targets.items() if _widens(target)}
@@ -118,7 +127,7 @@ def decompose(
         for key in keys
     }
 
-    layers: dict[str, LayerSpectra] = {}
+    spectra: dict[str, LayerSpectra] = {}
     output_matrices: dict[str, Tensor] = {}
     factors: dict[str, Tensor] = {}
     for name, target in targets.items():
@@ -126,7 +135,7 @@ def decompose(
         weight, bias = (t.detach().to(device=stats.device, dtype=eig_dtype) if t is not None else None
                         for t in weight_matrix(target))
         mean = stats.inputs[key].mean().to(eig_dtype)
-        layers[name] = LayerSpectra(target, weight, bias, moments[key], mean, in_spectra[key], Spectrum(torch.empty(0)))
+        spectra[name] = LayerSpectra(target, weight, bias, moments[key], mean, in_spectra[key], Spectrum(torch.empty(0)))
         if name in widening:
             spectrum = in_spectra[key]
             factors[name] = output_factor(weight, bias, spectrum.values.to(weight), spectrum.vectors.to(weight), mean,
@@ -134,19 +143,21 @@ def decompose(
             output_matrices[name] = factors[name].t() @ factors[name]
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
-    raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if vectors else _values_only)
-    for name, layer in layers.items():
+    raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only)
+    for name, layer in spectra.items():
         inputs = stats.inputs[stats.sources[name]]
         # W dC W^T with independent entry errors r s_j s_k errs by about r t_a t_b, t = sqrt(W^2 s^2)
         scales = (layer.weight.double().square() @ _scales(inputs).to(layer.weight.device).square()).sqrt()
         if name in widening:
             factor = factors[name]
-            layer.outputs = _settle(raw_out[name], lambda f=factor: f, inputs, scales, threshold, vectors, factor=True)
+            layer.outputs = _settle(raw_out[name], lambda f=factor: f, inputs, scales, threshold, output_vectors,
+                                    factor=True)
         else:
-            layer.outputs = _settle(raw_out[name], lambda m=output_matrices[name]: m, inputs, scales, threshold, vectors)
+            layer.outputs = _settle(raw_out[name], lambda m=output_matrices[name]: m, inputs, scales, threshold,
+                                    output_vectors)
 
-    report = _report(model, stats, layers, empty, threshold, centered)
-    return Decomposition(report, layers)
+    report = _report(model, stats, spectra, empty, threshold, centered)
+    return Analysis(report, spectra)
 
 
 def _report(

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from lightning_rank.checks import RankSpec, check_budget, check_method, check_ranks, check_threshold
 from lightning_rank.factors import (  # noqa: F401  (re-exported: their home before the split)
     allocate_ranks,
-    descending_eigh,
     output_error,
     projection_factors,
     svd_factors,

@@ -24,19 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_rank.spectrum import clean_spectrum
-
 
 def output_error(weight: Tensor, approx: Tensor, moment: Tensor) -> Tensor:
     """``E||(W - W') x||^2 = tr((W - W') C (W - W')^T)`` for ``C = E[x x^T]``."""
     delta = weight - approx
     return ((delta @ moment) * delta).sum()
-
-
-def descending_eigh(moment: Tensor, rtol: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (largest first, those below ``rtol * max`` set to 0) and eigenvectors of a PSD matrix."""
-    values, vectors = torch.linalg.eigh(moment)
-    return clean_spectrum(values.flip(-1), rtol * values.clamp(min=0).max()), vectors.flip(-1)
 
 
 def whitened_weight(weight: Tensor, values: Tensor, vectors: Tensor) -> Tensor:

@@ -14,20 +14,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_rank.analysis import analyze
+from lightning_rank.analysis import decompose
 from lightning_rank.checks import RankSpec
 from lightning_rank.factors import (
     _balanced,
     allocate_ranks,
     break_even_rank,
-    descending_eigh,
     output_error,
     projection_factors,
     svd_factors,
     tail_curve,
     whitened_weight,
 )
-from lightning_rank.spectrum import energy_rank, output_factor, output_moment
+from lightning_rank.spectrum import energy_rank
 from lightning_rank.statistics import ActivationStatistics
 from lightning_rank.targets import Target, weight_matrix
 
@@ -61,45 +60,24 @@ def decompositions(
     with_ranks: bool,
     with_output_basis: bool,
 ) -> dict[str, Decomposition]:
-    """Every spectrum factorization uses, per layer: the ONE place where factorization decomposes moments.
-
-    Note for the spectral core (issue 10 item 4): the utilized ranks come from ``analyze`` and the
-    eigenvectors from a second ``eigh`` of the same moments (one per distinct input). When
-    ``analysis.py`` returns each layer's decompositions, switch this function to them; nothing else
-    in factorization decomposes a moment.
-    """
-    out: dict[str, Decomposition] = {}
+    """Every spectrum factorization uses, per layer, from :func:`~lightning_rank.analysis.decompose`: the
+    moments are decomposed once, with the round-off rule of the reports, and the ranks are the report's."""
     if stats is None:
         return {name: Decomposition(weight_matrix(t)[0].detach().double()) for name, t in targets.items()}
-    report = analyze(model, stats, threshold=threshold) if targets and (with_ranks or with_output_basis) else None
-    eigen: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, target in targets.items():
-        key = stats.sources[name]
-        inputs = stats.inputs[key]
-        moment = inputs.second_moment()
-        if key not in eigen:
-            eigen[key] = descending_eigh(moment, inputs.dim * torch.finfo(inputs.gram.dtype).eps)
-        weight, bias = weight_matrix(target)
-        weight = weight.detach().to(moment)
-        bias = bias.detach().to(moment) if bias is not None else None
-        spectra = Decomposition(weight, bias, moment, inputs.mean(), *eigen[key])
-        if report is not None:
-            analyzed = report.layers[name]
-            spectra.in_rank, spectra.out_rank, spectra.rank = analyzed.in_rank, analyzed.out_rank, analyzed.rank
-        if with_output_basis:
-            spectra.out_vectors = _output_basis(spectra)
-        out[name] = spectra
+    if not targets:
+        return {}
+    analysis = decompose(model, stats, threshold=threshold, vectors=True, output_vectors=with_output_basis,
+                         layers=targets)
+    out: dict[str, Decomposition] = {}
+    for name in targets:
+        layer = analysis.layers[name]
+        entry = Decomposition(layer.weight, layer.bias, layer.moment, layer.mean, layer.inputs.values,
+                              layer.inputs.vectors, layer.outputs.vectors)
+        if with_ranks or with_output_basis:
+            analyzed = analysis.report.layers[name]
+            entry.in_rank, entry.out_rank, entry.rank = analyzed.in_rank, analyzed.out_rank, analyzed.rank
+        out[name] = entry
     return out
-
-
-def _output_basis(spectra: Decomposition) -> Tensor:
-    """Eigenvectors of the output moment ``C_y``, largest first (from its factor's SVD when the layer widens)."""
-    out, fan_in = spectra.weight.shape
-    if out > fan_in + 1:
-        factor = output_factor(spectra.weight, spectra.bias, spectra.values, spectra.vectors, spectra.mean)
-        return torch.linalg.svd(factor, full_matrices=False).U
-    moment = output_moment(spectra.weight, spectra.bias, spectra.moment, spectra.mean)
-    return torch.linalg.eigh(moment).eigenvectors.flip(-1)
 
 
 @dataclass

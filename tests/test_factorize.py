@@ -15,7 +15,6 @@ from torch import nn
 import lightning_rank as lr
 from lightning_rank.factorize import (
     allocate_ranks,
-    descending_eigh,
     output_error,
     projection_factors,
     rebuild_factorized_,
@@ -149,7 +148,8 @@ def test_whiten_minimum_property(out: int, d: int, n: int, data: st.DataObject) 
     w = torch.randn(out, d, generator=g, dtype=torch.float64)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)  # n < d: a singular moment
     moment = x.t() @ x / n
-    values, vectors = descending_eigh(moment, 1e-12)
+    values, vectors = torch.linalg.eigh(moment)
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(-1)
     a, b = whiten_factors(w, values, vectors, rank)
     best = torch.linalg.svdvals(x @ w.t()).square()[rank:].sum() / n
     error = output_error(w, a @ b, moment)
@@ -544,3 +544,24 @@ def test_one_vocabulary_of_layer_kinds_for_analyzed_skipped_and_kept_layers() ->
     result = lr.plan_factorization(net, stats, method="whiten", ranks=1).result
     assert {name: d.kind for name, d in result.details.items()} == {"used": "linear", "unused": "linear", "grouped": "conv2d"}
     assert set(KINDS) >= {layer.kind for layer in report.layers.values()}
+
+
+@pytest.mark.parametrize("method", ["projection", "whiten"])
+def test_each_moment_is_decomposed_once(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """One spectral core: factorization decomposes each distinct input moment and each output moment once,
+    with the report's round-off rule (no second eigendecomposition of the same matrix)."""
+    torch.manual_seed(0)
+    model = TwoLayer()  # fc1 widens (24 -> 40), fc2 narrows
+    stats = lr.collect(model, batches(subspace(256, 24, 6, seed=0)))
+    decomposed: list[tuple[int, ...]] = []
+    for name in ("eigh", "eigvalsh"):
+        original = getattr(torch.linalg, name)
+
+        def counting(matrix, *args, _original=original, **kwargs):
+            decomposed.extend([tuple(matrix.shape[-2:])] * (matrix[..., 0, 0].numel()))
+            return _original(matrix, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counting)
+    lr.factorize_(model, stats, method=method)
+    # inputs 24 and 40, output moments: fc1 widens (25 x 25 from its factor), fc2 is 12 x 12
+    assert sorted(decomposed) == sorted([(24, 24), (40, 40), (25, 25), (12, 12)])

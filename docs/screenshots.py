@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import inspect
 import json
 import os
 import re
@@ -77,10 +76,10 @@ def make_logs(root: Path, epochs: int, finetune_epochs: int) -> Path:
     torch.set_num_threads(1)
     L.seed_everything(0)
     monitor = lr.RankMonitor()
-    compression = _compression(epochs, finetune_epochs, param_budget=0.5, method="whiten", monitor="val_acc",
-                               exclude_modules=["embed", "head"])
+    compression = lr.RankCompression(compress_at_epoch=epochs, param_budget=0.5, method="whiten", monitor="val_acc",
+                                     exclude_modules=["embed", "head"])
     trainer = L.Trainer(
-        max_epochs=_max_epochs(epochs, finetune_epochs),
+        max_epochs=epochs + finetune_epochs,
         accelerator="cpu",
         logger=TensorBoardLogger(root, name="digits_vit"),
         callbacks=[monitor, compression],
@@ -89,23 +88,8 @@ def make_logs(root: Path, epochs: int, finetune_epochs: int) -> Path:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(DigitsViT(), DigitsDataModule())
+    trainer.fit(DigitsViT(dense_epochs=epochs), DigitsDataModule())
     return Path(trainer.log_dir)
-
-
-def _compression(epochs: int, finetune_epochs: int, **kwargs):
-    """RankCompression that swaps after ``epochs`` and fine-tunes ``finetune_epochs`` (either API generation)."""
-    import lightning_rank as lr
-
-    if "compress_at_epoch" in inspect.signature(lr.RankCompression).parameters:
-        return lr.RankCompression(compress_at_epoch=epochs, **kwargs)
-    return lr.RankCompression(finetune_epochs=finetune_epochs, **kwargs)
-
-
-def _max_epochs(epochs: int, finetune_epochs: int) -> int:
-    import lightning_rank as lr
-
-    return epochs + finetune_epochs if "compress_at_epoch" in inspect.signature(lr.RankCompression).parameters else epochs
 
 
 # -- TensorBoard ----------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ tensor form the dashboards get), ordered with TensorBoard's own tag comparators.
 from __future__ import annotations
 
 import functools
-import inspect
 import re
 import sys
 
@@ -424,20 +423,12 @@ def test_opt_in_views_and_none(tmp_path):
     assert len(rank_tags(run)) == 2 + len(LAYERS)
 
 
-def make_compression(**kwargs) -> lr.RankCompression:
-    """Compress after the first epoch and fine-tune one more (the callback's API before or after compress_at_epoch)."""
-    if "compress_at_epoch" in inspect.signature(lr.RankCompression).parameters:
-        return lr.RankCompression(compress_at_epoch=1, **kwargs)
-    return lr.RankCompression(finetune_epochs=1, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def compressed_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("compressed")
     monitor = lr.RankMonitor()
-    compression = make_compression(ranks=2, monitor="val_acc", exclude_modules=["head"])
-    max_epochs = 2 if "compress_at_epoch" in inspect.signature(lr.RankCompression).parameters else 1
-    trainer, tb = fit(tmp_path, [monitor, compression], max_epochs=max_epochs)
+    compression = lr.RankCompression(compress_at_epoch=1, ranks=2, monitor="val_acc", exclude_modules=["head"])
+    trainer, tb = fit(tmp_path, [monitor, compression], max_epochs=2)
     return monitor, compression, Events(tb.log_dir)
 
 

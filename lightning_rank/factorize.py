@@ -37,12 +37,15 @@ from lightning_rank.ranks import (
     why_not_at_rank,
 )
 from lightning_rank.statistics import ActivationStatistics
-from lightning_rank.structure import load_factorized, rebuild_factorized_, set_submodule  # noqa: F401
+from lightning_rank.structure import load_factorized, rebuild_factorized_  # noqa: F401
 from lightning_rank.targets import (
     LayerKind,
     ModuleSelector,
     Target,
+    get_submodule,
     layer_kind,
+    named_modules,
+    set_submodule,
     parameter_count,
     select_targets,
     weight_matrix,
@@ -162,7 +165,7 @@ class FactorizationPlan:
         """
         for name, original in self.replaced.items():
             try:
-                current = model.get_submodule(name)
+                current = get_submodule(model, name)
             except AttributeError:
                 current = None
             if current is not original:
@@ -324,7 +327,7 @@ def _select(
     """The selected layers ``(targets, unselectable name -> reason)``: those in ``stats`` unless ``target_modules``
     is given, every supported layer without statistics; raises for a layer that is already factorized."""
     targets, unselectable = select_targets(model, target_modules, exclude_modules)
-    factorized = {name: m for name, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
+    factorized = {name: m for name, m in named_modules(model) if isinstance(m, LOW_RANK_TYPES)}
 
     def check_not_factorized(name: str) -> None:
         owner = name if name in factorized else name.rpartition(".")[0]
@@ -408,7 +411,7 @@ def _kept(
         (out, fan_in), kind, params = weight_matrix(target)[0].shape, target.kind, parameter_count(target)
     else:
         try:
-            module = model.get_submodule(name)
+            module = get_submodule(model, name)
         except AttributeError:  # e.g. "attn.in_proj", which names no module
             module = None
         weight = getattr(module, "weight", None)
@@ -434,7 +437,7 @@ def _kept(
 def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
     """``id(parameter) -> names of the modules holding it``, to spot tied weights."""
     owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in named_modules(model, remove_duplicate=False):
         for param in module.parameters(recurse=False):
             owners.setdefault(id(param), []).append(name)
     return owners

@@ -119,12 +119,12 @@ def _join(prefix: str, name: str) -> str:
 _COMPILED = "_orig_mod"  # the attribute torch.compile's OptimizedModule keeps the original module under
 
 
-def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def named_modules(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` seen through ``torch.compile`` wrappers: each wrapper is left out and the
     ``_orig_mod`` level is dropped from names, so a compiled model reports the names of the original one."""
     return [
         (".".join(part for part in name.split(".") if part != _COMPILED), module)
-        for name, module in model.named_modules()
+        for name, module in model.named_modules(remove_duplicate=remove_duplicate)
         if not _is_compiled_wrapper(module)
     ]
 

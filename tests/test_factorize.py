@@ -565,3 +565,18 @@ def test_each_moment_is_decomposed_once(monkeypatch: pytest.MonkeyPatch, method:
     lr.factorize_(model, stats, method=method)
     # inputs 24 and 40, output moments: fc1 widens (25 x 25 from its factor), fc2 is 12 x 12
     assert sorted(decomposed) == sorted([(24, 24), (40, 40), (25, 25), (12, 12)])
+
+
+def test_a_compiled_model_is_factorized_inside_its_wrapper() -> None:
+    """Names of a ``torch.compile``d model carry no ``_orig_mod.``, and the swap lands in the original module."""
+    torch.manual_seed(0)
+    model = TwoLayer()
+    compiled = torch.compile(model)
+    x = subspace(256, 24, 6, seed=0)
+    stats = lr.collect(model, batches(x))
+    result = lr.factorize_(compiled, stats, method="whiten", ranks={"fc1": 6})
+    assert set(result.details) == {"fc1", "fc2"} and result.layers["fc1"] == 6
+    assert isinstance(model.fc1, lr.LowRankLinear)  # inside the wrapper, not beside it
+    assert "fc1" not in compiled._modules
+    report = lr.analyze(compiled, lr.collect(model, batches(x)))
+    assert list(report.layers) == ["fc1", "fc2"] and report.layers["fc1"].factorized

@@ -119,3 +119,149 @@ def test_a_warning_when_the_compressed_model_cannot_be_saved(tmp_path: Path) -> 
     with pytest.warns(UserWarning, match=r"ModelCheckpoint\(monitor='never_logged'\) could not save the final model"):
         trainer.fit(FrozenAfterSwap())
     assert checkpoint.best_model_path == "" and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_under_ddp_spawn_the_checkpoints_hold_the_compressed_model(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "a", monitor="size", mode="max", save_last=True, filename="{epoch}")
+    never_due = ModelCheckpoint(dirpath=tmp_path / "b", monitor="size", mode="max", every_n_epochs=5, filename="{epoch}")
+    trainer = make_trainer(tmp_path, 2, [lr.RankCompression(compress_at_epoch=1), every_epoch, never_due],
+                           strategy="ddp_spawn", devices=2, logger=False)
+    trainer.fit(FrozenAfterSwap())  # the launching process's model is not the trained one: Lightning loads it non-strictly
+    best = Path(trainer.checkpoint_callback.best_model_path)  # sent back from the first process
+    assert best == tmp_path / "a" / "epoch=1.ckpt" and low_rank_keys(best)
+    assert not low_rank_keys(tmp_path / "a" / "epoch=0.ckpt")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["epoch=2.ckpt"]  # saved at the end, on every process
+    trained = lr.load_factorized(Classifier(), tmp_path / "a" / "last.ckpt")
+    for path in (best, tmp_path / "b" / "epoch=2.ckpt"):
+        assert_loads_as(path, trained)  # fine-tuning at learning rate 0: every compressed checkpoint is the final model
+
+
+# -- loading a checkpoint written after the swap ---------------------------------------------------
+class Reloadable(lr.FactorizedCheckpointMixin, FrozenAfterSwap):
+    pass
+
+
+@pytest.fixture(scope="module")
+def post_swap(tmp_path_factory: pytest.TempPathFactory):
+    """A fit of 3 epochs, the swap at 2; returns the trained model and its last checkpoint (after the swap)."""
+    tmp_path = tmp_path_factory.mktemp("post_swap")
+    L.seed_everything(0)
+    model = Reloadable()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, 3, [lr.RankCompression(compress_at_epoch=2), checkpoint], logger=False)
+    trainer.fit(model)
+    return model, tmp_path / "last.ckpt"
+
+
+def test_a_plain_load_from_checkpoint_fails_and_the_checkpoint_says_how_to_load_it(post_swap) -> None:
+    model, path = post_swap
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"net.0.first.weight\""):
+        FrozenAfterSwap.load_from_checkpoint(path)  # Lightning's own error: a LightningModule we cannot change
+    metadata = torch.load(path, weights_only=True)["lightning_rank"]
+    assert metadata["factorized_layers"] == {name: m.rank for name, m in model.named_modules()
+                                             if isinstance(m, lr.LowRankLinear)}
+    assert "lr.load_factorized(Model(...), path)" in metadata["how_to_load"]
+    assert "lr.FactorizedCheckpointMixin" in metadata["how_to_load"]
+
+
+def test_load_from_checkpoint_with_the_mixin_and_load_factorized_give_the_trained_model(post_swap) -> None:
+    model, path = post_swap
+    x = low_rank_dataset(32, 9).tensors[0]
+    model.eval()
+    for restored in (Reloadable.load_from_checkpoint(path), lr.load_factorized(FrozenAfterSwap(), path)):
+        restored.eval()
+        assert isinstance(restored.net[0], lr.LowRankLinear)
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+
+
+def test_trainer_validate_with_ckpt_path_rebuilds_when_rank_compression_is_a_callback(post_swap, tmp_path: Path) -> None:
+    model, path = post_swap
+    trainer = make_trainer(tmp_path, 1, [], logger=False)
+    (expected,) = trainer.validate(model, verbose=False)
+    fresh = FrozenAfterSwap()
+    trainer = make_trainer(tmp_path, 1, [lr.RankCompression()], logger=False)
+    (metrics,) = trainer.validate(fresh, ckpt_path=path, verbose=False)
+    assert isinstance(fresh.net[0], lr.LowRankLinear) and metrics == expected
+    assert "on_load_checkpoint" not in vars(fresh)  # the hook is unwrapped after the run
+
+
+# -- load_factorized with tied weights, strict and not ----------------------------------------------
+class TiedLM(nn.Module):
+    """An embedding tied to the output layer, as in GPT-2: ``head.weight is embed.weight``."""
+
+    def __init__(self, vocab: int = 40, d: int = 16, hidden: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return self.head(h + self.mlp(h))
+
+
+@pytest.fixture()
+def tied():
+    """A factorized TiedLM and its state dict without the tied ``head.weight`` (as ``save_pretrained`` writes it)."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    tokens = torch.randint(0, 40, (8, 12))
+    result = lr.factorize_(model, lr.collect(model, [tokens]), method="whiten", ranks=4)
+    assert set(result.layers) == {"mlp.0", "mlp.2"}  # the tied head is never factorized
+    state = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    return model, state, tokens
+
+
+def snapshot(model: nn.Module) -> tuple[list[type], dict[str, torch.Tensor]]:
+    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_load_factorized_fills_a_tied_weight_the_state_dict_omits(tied) -> None:
+    model, state, tokens = tied
+    fresh = lr.load_factorized(TiedLM(), state)
+    assert fresh.head.weight is fresh.embed.weight  # still tied
+    assert isinstance(fresh.mlp[0], lr.LowRankLinear) and fresh.mlp[0].rank == 4
+    torch.testing.assert_close(fresh(tokens), model(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda s: s.pop("mlp.2.second.bias"), r"Missing keys: \['mlp.2.second.bias'\]; unexpected keys: \[\]"),
+        (lambda s: s.update(extra=torch.zeros(1)), r"Missing keys: \[\]; unexpected keys: \['extra'\]"),
+        (lambda s: s.update({"embed.weight": torch.zeros(41, 16)}), r"Size mismatch: \['embed.weight: \(41, 16\)"),
+    ],
+)
+def test_load_factorized_changes_nothing_when_the_state_dict_does_not_fit(tied, change, match: str) -> None:
+    _, state, _ = tied
+    change(state)
+    fresh = TiedLM()
+    before = snapshot(fresh)
+    with pytest.raises(RuntimeError, match=r"nothing was changed\..*" + match):
+        lr.load_factorized(fresh, state)
+    after = snapshot(fresh)
+    assert after[0] == before[0] and type(fresh.mlp[0]) is nn.Linear
+    assert after[1].keys() == before[1].keys()
+    assert all(torch.equal(after[1][k], before[1][k]) for k in before[1])
+    if "Size" in match:  # shapes must fit even with strict=False
+        with pytest.raises(RuntimeError, match=match):
+            lr.load_factorized(fresh, state, strict=False)
+        assert type(fresh.mlp[0]) is nn.Linear
+
+
+def test_load_factorized_strict_false_loads_what_fits_and_warns_about_the_rest(tied) -> None:
+    model, state, _ = tied
+    del state["mlp.2.second.bias"]
+    state["extra"] = torch.zeros(1)
+    fresh = TiedLM()
+    dense_bias = fresh.mlp[2].bias.detach().clone()
+    with pytest.warns(UserWarning, match=r"missing keys \['mlp.2.second.bias'\].*unexpected keys \['extra'\]"):
+        returned = lr.load_factorized(fresh, state, strict=False)
+    assert returned is fresh and isinstance(fresh.mlp[2], lr.LowRankLinear)
+    assert torch.equal(fresh.mlp[2].second.bias, dense_bias)  # left as it was
+    for key, value in model.state_dict().items():
+        if key != "mlp.2.second.bias":
+            assert torch.equal(fresh.state_dict()[key], value), key

@@ -19,11 +19,13 @@ from lightning_rank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from lightning_rank.monitor import RankMonitor
 from lightning_rank.report import LayerRank, RankReport
 from lightning_rank.statistics import ActivationStatistics, InputStatistics, StatisticsCollector, collect
+from lightning_rank.structure import FactorizedCheckpointMixin
 
 __all__ = [
     "ActivationStatistics",
     "FactorizationPlan",
     "FactorizationResult",
+    "FactorizedCheckpointMixin",
     "InputStatistics",
     "LayerFactorization",
     "LayerRank",

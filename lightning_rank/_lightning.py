@@ -11,9 +11,11 @@ from typing import Any
 
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -127,3 +129,54 @@ def is_compiled(module: nn.Module) -> bool:
     if getattr(module, "_compiler_ctx", None) is not None:
         return True
     return any(type(m).__name__ == "OptimizedModule" for m in module.modules())
+
+
+def restart_ranking(checkpoint: ModelCheckpoint) -> str:
+    """Make ``checkpoint`` forget the checkpoints it ranked so far, so the next one it considers is its best.
+
+    Stands in for: a ``ModelCheckpoint`` method that starts its top-k ranking again (here: after the model
+    changed structure). Resets the attributes ``__init__`` sets (``best_k_models``, ``best_model_path``,
+    ``best_model_score``, ``kth_best_model_path``, ``kth_value``, ``current_score``); ``last_model_path`` is
+    kept, so ``last.ckpt`` keeps its name. The files already written stay on disk, untracked (never removed
+    by later saves). Returns the best model path it had.
+    """
+    previous = checkpoint.best_model_path
+    checkpoint.best_k_models = {}
+    checkpoint.best_model_path = ""
+    checkpoint.best_model_score = None
+    checkpoint.kth_best_model_path = ""
+    checkpoint.kth_value = torch.tensor(torch.inf if checkpoint.mode == "min" else -torch.inf)
+    checkpoint.current_score = None
+    return previous
+
+
+def restart_early_stopping(early_stopping: EarlyStopping) -> None:
+    """Make ``early_stopping`` forget the best score and the patience used so far.
+
+    Stands in for: an ``EarlyStopping`` method that starts counting again; resets ``best_score`` and
+    ``wait_count`` to what ``__init__`` sets.
+    """
+    early_stopping.wait_count = 0
+    early_stopping.best_score = torch.tensor(torch.inf if early_stopping.monitor_op == torch.lt else -torch.inf)
+
+
+def save_checkpoint_now(checkpoint: ModelCheckpoint, trainer: Trainer) -> bool:
+    """Have ``checkpoint`` consider the model now, as it does after a validation: rank it among its top-k
+    (saving it if it ranks), then write ``last.ckpt`` with it when ``save_last`` is set. Call on every process.
+
+    Stands in for: a public ``ModelCheckpoint.save(trainer)``; uses what its ``on_validation_end`` calls
+    (``_monitor_candidates``, ``_save_topk_checkpoint``, ``_save_last_checkpoint``), so file names, the
+    version counter, top-k bookkeeping, ``best_model_path`` and the loggers' ``after_save_checkpoint`` are
+    Lightning's own. Returns False, with a warning, when the monitored metric is missing, so nothing is saved.
+    """
+    candidates = checkpoint._monitor_candidates(trainer)
+    if checkpoint.monitor is not None and checkpoint.monitor not in candidates:
+        rank_zero_warn(
+            f"ModelCheckpoint(monitor={checkpoint.monitor!r}) could not save the final model: the metric is not "
+            f"among the logged metrics {sorted(candidates)}. Save it with `trainer.save_checkpoint(path)`."
+        )
+        return False
+    checkpoint._save_topk_checkpoint(trainer, candidates)
+    if checkpoint.save_last:
+        checkpoint._save_last_checkpoint(trainer, candidates)
+    return True

@@ -14,9 +14,14 @@ fraction ``f`` of ``E`` giving ``c = int(f * E)``, as ``StochasticWeightAveragin
 4. epochs ``c .. E - 1`` fine-tune; the last validation gives "finetuned". ``trainer.max_epochs`` is
    never changed, so ``trainer.estimated_stepping_batches`` counts the whole run.
 
-Checkpoints written after the swap hold the factorized structure; resuming from one rebuilds it before
-Lightning loads the weights. A plan is not saved: resuming from a checkpoint of a dense epoch at or
-after ``c - 1`` counts the inputs and plans again before the swap.
+Checkpoints written after the swap hold the factorized structure (and, under the key ``"lightning_rank"``,
+its layers and how to load it); resuming from one, or ``trainer.validate/test/predict(ckpt_path=...)`` with
+this callback in the Trainer, rebuilds it before Lightning loads the weights. At the swap every
+``ModelCheckpoint`` starts its ranking again and every ``EarlyStopping`` its patience: the compressed model
+competes only with compressed models (the dense model's checkpoints stay on disk, untracked). When training
+ends, a ``ModelCheckpoint`` that saved nothing since the swap saves the final model, so ``best_model_path``
+(and ``last.ckpt``) hold the compressed model. A plan is not saved: resuming from a checkpoint of a dense
+epoch at or after ``c - 1`` counts the inputs and plans again before the swap.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -57,7 +63,7 @@ from lightning_rank.epoch_statistics import (
 )
 from lightning_rank.factorize import FactorizationPlan, FactorizationResult, check_factorization, plan_factorization
 from lightning_rank.statistics import ForwardFn, MaskFn
-from lightning_rank.structure import dense_state_dict, rebuild_factorized_
+from lightning_rank.structure import CHECKPOINT_KEY, LOAD_HINT, dense_state_dict, factorized_layers, rebuild_factorized_
 from lightning_rank.targets import ModuleSelector
 
 
@@ -174,7 +180,8 @@ class RankCompression(ValidationStatisticsCallback):
     # -- checks and set-up -------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != TrainerFn.FITTING.value:
+        if stage != TrainerFn.FITTING.value:  # trainer.validate/test/predict(model, ckpt_path=<after the swap>)
+            self._run = _Run(unwrap_load_hook=_lightning.before_weights_load(pl_module, self._rebuilder(pl_module)))
             return
         self._run = _Run(disabled=bool(trainer.fast_dev_run))
         if self._run.disabled:
@@ -184,7 +191,7 @@ class RankCompression(ValidationStatisticsCallback):
         needs = f"RankCompression needs validation data: the statistics and the metric {self.monitor!r} come from"
         check_validation_data(trainer, pl_module, needs)
         self._check(trainer, None if is_overridden("configure_model", pl_module) else pl_module)
-        self._run.unwrap_load_hook = _lightning.before_weights_load(pl_module, lambda ckpt: self._rebuild(pl_module, ckpt))
+        self._run.unwrap_load_hook = _lightning.before_weights_load(pl_module, self._rebuilder(pl_module))
 
     def _check(self, trainer: Trainer, pl_module: LightningModule | None) -> None:
         """What needs ``max_epochs`` or the model's layers, as an error naming the argument."""
@@ -198,9 +205,13 @@ class RankCompression(ValidationStatisticsCallback):
         except ValueError as err:
             raise MisconfigurationException(f"RankCompression: {err}") from err
 
-    def _rebuild(self, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if rebuild_factorized_(pl_module, checkpoint["state_dict"]):
-            rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
+    @staticmethod
+    def _rebuilder(pl_module: LightningModule) -> Callable[[dict[str, Any]], None]:
+        def rebuild(checkpoint: dict[str, Any]) -> None:
+            if rebuild_factorized_(pl_module, checkpoint["state_dict"]):
+                rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
+
+        return rebuild
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -287,6 +298,42 @@ class RankCompression(ValidationStatisticsCallback):
         result, before, after = self.result, self.metrics["before"], self.metrics["compressed"]
         rank_zero_info(f"RankCompression: {len(result.layers)} layers replaced, parameters {result.params_before:,} -> "
                        f"{result.params_after:,}; {self.monitor} {before:.4g} -> {after:.4g}; fine-tuning begins.")
+        self._restart_checkpointing(trainer)
+
+    def _restart_checkpointing(self, trainer: Trainer) -> None:
+        """The compressed model competes only with compressed models: every ``ModelCheckpoint`` starts its
+        ranking again (the dense model's checkpoints stay on disk, untracked), every ``EarlyStopping`` its patience."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, EarlyStopping):
+                _lightning.restart_early_stopping(callback)
+        for checkpoint in trainer.checkpoint_callbacks:
+            if not isinstance(checkpoint, ModelCheckpoint):
+                continue
+            dense_best = _lightning.restart_ranking(checkpoint)
+            if dense_best:
+                rank_zero_info(f"RankCompression: ModelCheckpoint(monitor={checkpoint.monitor!r}) now ranks the compressed "
+                               f"model only; the dense model's best checkpoint stays at {dense_best}.")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._run.disabled or self.phase != Phase.COMPRESSED:
+            return
+        for checkpoint in trainer.checkpoint_callbacks:  # runs before them: Lightning puts checkpoint callbacks last
+            if isinstance(checkpoint, ModelCheckpoint):
+                self._save_compressed(trainer, checkpoint)
+
+    def _save_compressed(self, trainer: Trainer, checkpoint: ModelCheckpoint) -> None:
+        """See that ``checkpoint`` holds the compressed model: save it now if it saved nothing since the swap."""
+        if checkpoint.save_top_k == 0:
+            if not checkpoint.save_last:
+                rank_zero_info("RankCompression: ModelCheckpoint(save_top_k=0, save_last=False) writes no checkpoint, so "
+                               "the compressed model is in none; save it with `trainer.save_checkpoint(path)`.")
+            return  # with save_last, its own `on_train_end` writes last.ckpt, which holds the compressed model
+        if checkpoint.best_model_path:
+            return  # its ranking restarted at the swap: whatever it holds now is compressed
+        if _lightning.save_checkpoint_now(checkpoint, trainer):
+            rank_zero_info(f"RankCompression: saved the compressed model to {checkpoint.best_model_path}, since "
+                           f"ModelCheckpoint(monitor={checkpoint.monitor!r}) had saved nothing since the swap.")
 
     # -- results -----------------------------------------------------------------------------
     @override
@@ -313,8 +360,11 @@ class RankCompression(ValidationStatisticsCallback):
     # -- checkpoints and clean-up ------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.dense_checkpoints and self.compressed:
+        layers = factorized_layers(pl_module)
+        if self.dense_checkpoints and layers:
             checkpoint["state_dict"] = dense_state_dict(pl_module, checkpoint["state_dict"])
+        elif layers:  # for whoever opens the file: which layers are low-rank, and how to load it
+            checkpoint[CHECKPOINT_KEY] = {"factorized_layers": layers, "how_to_load": LOAD_HINT}
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from lightning_rank import _lightning
 from lightning_rank._lightning import is_compiled  # noqa: F401  (re-exported for the callbacks)
 from lightning_rank.checks import StatisticsArguments
 from lightning_rank.statistics import UNREACHED, ActivationStatistics, InputStatistics, StatisticsCollector
-from lightning_rank.targets import ModuleSelector, weight_matrix
+from lightning_rank.targets import ModuleSelector, select_targets, weight_matrix
 
 _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
 
@@ -60,6 +60,15 @@ def check_validation_batches(trainer: Trainer, who: str, dataloader_idx: int | N
     if sum(batches if dataloader_idx is None else batches[dataloader_idx : dataloader_idx + 1]) == 0:
         which = "validation dataloaders are" if dataloader_idx is None else f"validation dataloader {dataloader_idx} is"
         raise MisconfigurationException(f"{who} needs validation batches to count the layer inputs, but the {which} empty.")
+
+
+def check_selection(pl_module: LightningModule, arguments: StatisticsArguments, who: str) -> None:
+    """Raise now, naming the argument, when ``target_modules``/``exclude_modules`` select nothing countable in
+    ``pl_module`` (what :class:`EpochStatistics` would raise at the first counted validation)."""
+    try:
+        select_targets(pl_module, arguments.target_modules, arguments.exclude_modules)
+    except ValueError as err:
+        raise MisconfigurationException(f"{who}: {err}") from err
 
 
 class EpochStatistics:

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_rank import tensorboard as views_module
@@ -30,6 +31,7 @@ from lightning_rank.epoch_statistics import (
     EpochStatistics,
     ValidationStatisticsCallback,
     can_run_eagerly,
+    check_selection,
     is_compiled,
     reports_dir,
 )
@@ -125,6 +127,7 @@ class RankMonitor(ValidationStatisticsCallback):
         self.history: list[dict[str, Any]] = []
         self._statistics: EpochStatistics | None = None
         self._skip = False
+        self._selection_checked = False
         self._layouts_written: dict[str, tuple[str, ...]] = {}  # log dir -> its layout's layers (picklable)
         self._told_no_matplotlib = False
         self._warned_no_logger = False
@@ -150,6 +153,9 @@ class RankMonitor(ValidationStatisticsCallback):
         if self._skip:
             rank_zero_info("RankMonitor: `fast_dev_run` is on, so no rank analysis is run.")
             return
+        self._selection_checked = stage not in (TrainerFn.FITTING.value, TrainerFn.VALIDATING.value)
+        if not is_overridden("configure_model", pl_module):
+            self._check_selection(pl_module)  # else its layers exist only after `configure_model`: at the start
         if not trainer.loggers and not self._warned_no_logger:
             self._warned_no_logger = True
             rank_zero_warn(
@@ -164,6 +170,21 @@ class RankMonitor(ValidationStatisticsCallback):
                 )
             else:
                 rank_zero_info("RankMonitor: the model is compiled; analyzed validation epochs run it eagerly.")
+
+    def _check_selection(self, pl_module: LightningModule) -> None:
+        if not self._selection_checked:
+            self._selection_checked = True
+            check_selection(pl_module, self.statistics_arguments, "RankMonitor")
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._skip:
+            self._check_selection(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._skip:
+            self._check_selection(pl_module)  # trainer.validate of a model that builds its layers in configure_model
 
     def _should_observe(self, trainer: Trainer) -> bool:
         if self._skip or trainer.sanity_checking:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,17 +21,42 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def load_factorized(model: nn.Module, state_dict_or_path: Mapping[str, Any] | str | os.PathLike) -> nn.Module:
-    """Swap in low-rank layers wherever the state dict has ``<layer>.first.weight`` / ``<layer>.second.weight``,
-    with the ranks its shapes say, then load it strictly; returns ``model``.
+CHECKPOINT_KEY = "lightning_rank"  # what RankCompression writes into a checkpoint of a factorized model
+LOAD_HINT = (
+    "A checkpoint of a factorized model holds low-rank layers (`<layer>.first.weight`, `<layer>.second.weight`) "
+    "that a freshly built model does not have: load it with `model = lr.load_factorized(Model(...), path)`, or mix "
+    "`lr.FactorizedCheckpointMixin` into the LightningModule so `Model.load_from_checkpoint(path)` rebuilds them."
+)
 
-    Accepts a state dict, a checkpoint dict, or a path to either (a Lightning checkpoint's
-    ``"state_dict"`` is used as-is, so load it into the LightningModule itself). Files are read with
-    ``torch.load(..., weights_only=True)``.
+
+def load_factorized(
+    model: nn.Module, state_dict_or_path: Mapping[str, Any] | str | os.PathLike, *, strict: bool = True
+) -> nn.Module:
+    """Swap in low-rank layers wherever the state dict has ``<layer>.first.weight`` / ``<layer>.second.weight``,
+    with the ranks its shapes say, then load the state dict; returns ``model``.
+
+    Accepts a state dict, a checkpoint dict, or a path to either (a Lightning checkpoint's ``"state_dict"``
+    is used as-is, so load it into the LightningModule itself). Files are read with
+    ``torch.load(..., weights_only=True)``; for a safetensors file pass ``safetensors.torch.load_file(path)``.
+
+    Everything is checked before ``model`` is touched: on an error nothing is changed. A key the state dict
+    omits because its weight is tied to one it holds (``save_pretrained`` and safetensors files keep one
+    name per tied tensor) is filled by loading that one. ``strict=True`` (default) raises for any other
+    missing or unexpected key; ``strict=False`` loads what fits and warns about the rest, as
+    ``load_state_dict(strict=False)`` and ``LightningModule.load_from_checkpoint`` do. Shapes must fit
+    either way.
     """
     state = _read_state_dict(state_dict_or_path)
-    rebuild_factorized_(model, state)
-    model.load_state_dict(state, strict=True)
+    modules = factorized_modules(model, state)
+    missing, unexpected = _check_fit(model, modules, state, strict)
+    _install(model, modules)
+    model.load_state_dict(state, strict=False)  # every key was checked above; tied twins load through their twin
+    if missing or unexpected:
+        warnings.warn(
+            f"load_factorized(strict=False) into {type(model).__name__}: missing keys {_listed(missing)} (left as they "
+            f"were), unexpected keys {_listed(unexpected)} (ignored).",
+            stacklevel=2,
+        )
     return model
 
 
@@ -41,8 +67,18 @@ def rebuild_factorized_(model: nn.Module, state_dict: Mapping[str, Any]) -> dict
     low-rank layer of the rank their shapes say (placeholder zeros until the state dict is loaded).
     Returns ``{name: rank}`` of the layers swapped; layers already of that structure are left as they are.
     """
+    modules = factorized_modules(model, state_dict)
+    _install(model, modules)
+    return {name: module.rank for name, module in modules.items()}
+
+
+def factorized_modules(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, nn.Module]:
+    """The low-rank layers (placeholder zeros) ``model`` needs to take ``state_dict``, by name; ``model`` is untouched.
+
+    Raises a ``ValueError`` naming the layer when the state dict's factors do not fit the model's layer.
+    """
     modules = dict(model.named_modules())
-    rebuilt: dict[str, int] = {}
+    planned: dict[str, nn.Module] = {}
     for key in list(state_dict):
         if not key.endswith(".first.weight"):
             continue
@@ -50,7 +86,7 @@ def rebuild_factorized_(model: nn.Module, state_dict: Mapping[str, Any]) -> dict
         second = state_dict.get(f"{name}.second.weight")
         module = modules.get(name)
         if second is None or module is None:
-            continue  # not ours: a strict load reports what does not fit
+            continue  # not ours: the key check reports what does not fit
         first = state_dict[key]
         if isinstance(module, LOW_RANK_TYPES):
             if module.first.weight.shape == first.shape and module.second.weight.shape == second.shape:
@@ -68,9 +104,75 @@ def rebuild_factorized_(model: nn.Module, state_dict: Mapping[str, Any]) -> dict
                 f"fit the model's {type(module).__name__} with out={out}, fan_in={fan_in}: is it the right model?"
             )
         placeholder = dense_weight.new_zeros(out, rank), dense_weight.new_zeros(rank, fan_in)
-        set_submodule(model, name, low_rank_from_dense(module, *placeholder))
-        rebuilt[name] = rank
-    return rebuilt
+        planned[name] = low_rank_from_dense(module, *placeholder)
+    return planned
+
+
+def factorized_layers(model: nn.Module) -> dict[str, int]:
+    """``{name: rank}`` of the low-rank layers ``model`` holds."""
+    return {name: module.rank for name, module in model.named_modules() if isinstance(module, LOW_RANK_TYPES)}
+
+
+class FactorizedCheckpointMixin:
+    """Mix into a LightningModule, before ``LightningModule``, so loading a checkpoint of its factorized form works:
+    ``Model.load_from_checkpoint(path)``, ``trainer.test(model, ckpt_path=...)`` and resuming rebuild the low-rank
+    layers the checkpoint holds before its weights load. A subclass that overrides ``on_load_checkpoint`` calls
+    ``super().on_load_checkpoint(checkpoint)``.
+
+    Example::
+
+        class Model(lr.FactorizedCheckpointMixin, L.LightningModule): ...
+
+        model = Model.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rebuild_factorized_(self, checkpoint["state_dict"])  # type: ignore[arg-type]
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def _install(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        set_submodule(model, name, module)
+
+
+def _check_fit(
+    model: nn.Module, modules: Mapping[str, nn.Module], state: Mapping[str, Any], strict: bool
+) -> tuple[list[str], list[str]]:
+    """Raise, before anything changes, unless ``state`` fits ``model`` with ``modules`` swapped in; with
+    ``strict=False`` return the ``(missing, unexpected)`` keys instead of raising for them."""
+    expected = {
+        key: value for key, value in model.state_dict(keep_vars=True).items()
+        if not any(key.startswith(f"{name}.") for name in modules)
+    }  # fmt: skip
+    for name, module in modules.items():
+        expected.update({f"{name}.{key}": value for key, value in module.state_dict(keep_vars=True).items()})
+    present = {id(expected[key]) for key in state if key in expected}
+    missing = [key for key in expected if key not in state and id(expected[key]) not in present]  # tied twins load
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: {tuple(state[key].shape)} in the state dict, {tuple(expected[key].shape)} in the model"
+        for key in state
+        if key in expected and isinstance(state[key], torch.Tensor) and state[key].shape != expected[key].shape
+    ]
+    rebuilt = f" after rebuilding its low-rank layers {sorted(modules)}" if modules else ""
+    if mismatched:
+        raise RuntimeError(
+            f"load_factorized: the state dict does not fit {type(model).__name__}{rebuilt}; nothing was changed. "
+            f"Size mismatch: {_listed(mismatched)}. Is it the right model?"
+        )
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            f"load_factorized: the state dict does not fit {type(model).__name__}{rebuilt}; nothing was changed. "
+            f"Missing keys: {_listed(missing)}; unexpected keys: {_listed(unexpected)}. Pass `strict=False` to load "
+            "what fits."
+        )
+    return missing, unexpected
+
+
+def _listed(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''}]"
 
 
 def _read_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> Mapping[str, Any]:

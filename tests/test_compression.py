@@ -459,3 +459,42 @@ def test_ddp_parameters_identical_after_finetuning(tmp_path: Path) -> None:
     assert results[0]["numel"] == results[1]["numel"]
     summary = json.loads((tmp_path / "rank_reports" / "compression.json").read_text())
     assert summary["params_after"] == results[0]["numel"]
+
+
+class BuiltInConfigureModel(Counting):
+    """Builds its layers in ``configure_model``, after the callbacks' ``setup``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.net
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "net"):
+            self.net = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+@pytest.mark.parametrize("model_class", [Counting, BuiltInConfigureModel])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_modules": "nomatch"}, r"RankMonitor: `target_modules`='nomatch' matches no module"),
+        ({"target_modules": ["net.9"]}, r"RankMonitor: `target_modules` names 'net.9', which matches no module"),
+        ({"exclude_modules": "net.*"}, r"RankMonitor: \w+ has no layer to analyze"),
+    ],
+)
+def test_rank_monitor_checks_its_selectors_before_training(model_class, kwargs: dict, match: str, tmp_path: Path) -> None:
+    model = model_class()
+    trainer = make_trainer(tmp_path, 2, [lr.RankMonitor(**kwargs)], logger=False)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(model)
+    assert model.steps == 0 and trainer.global_step == 0
+    trainer = make_trainer(tmp_path, 2, [lr.RankMonitor(**kwargs)], logger=False)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.validate(model_class(), verbose=False)
+
+
+def test_rank_monitor_selectors_of_layers_built_in_configure_model_are_checked_once_they_exist(tmp_path: Path) -> None:
+    monitor = lr.RankMonitor(target_modules=["net.2"])  # no `net` before configure_model
+    trainer = make_trainer(tmp_path, 1, [monitor], logger=False, limit_train_batches=2, limit_val_batches=2)
+    trainer.fit(BuiltInConfigureModel())
+    assert list(monitor.report.analyzed) == ["net.2"]

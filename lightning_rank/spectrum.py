@@ -69,12 +69,15 @@ def energy_rank_interval(eigenvalues: Tensor, bounds: Tensor | float, threshold:
     order = values.argsort(descending=True)
     values, bounds = values[order], bounds[order]
     lower, upper = (values - bounds).clamp(min=0), values + bounds
+    scale = upper.amax().clamp(min=torch.finfo(torch.float64).tiny) if upper.numel() else 1.0
+    lower, upper = lower / scale, upper / scale  # as energy_rank does: no under/overflow
 
     def first_rank(top: Tensor, rest: Tensor) -> int:
         """The energy rank when the top eigenvalues take their ``top`` values and the others their ``rest`` ones."""
-        held = top.cumsum(0)
-        remaining = rest.sum() - rest.cumsum(0)
+        held, rest_held = top.cumsum(0), rest.cumsum(0)
+        remaining = rest_held[-1] - rest_held  # exactly 0 after the last
         reached = (1 - threshold) * held >= threshold * remaining - 1e-12 * threshold * (held + remaining)
+        reached[-1] = True
         return int(reached.int().argmax()) + 1
 
     least = 0 if float(lower.sum()) == 0 else first_rank(upper, lower)
@@ -85,8 +88,9 @@ def energy_rank_interval(eigenvalues: Tensor, bounds: Tensor | float, threshold:
 def energy_rank(eigenvalues: Tensor, threshold: float) -> Tensor:
     """The smallest ``k`` whose top-``k`` eigenvalues hold at least ``threshold`` of the trace (0 for a zero matrix)."""
     threshold = check_threshold(threshold)
-    descending = eigenvalues.clamp(min=0).sort(dim=-1, descending=True).values
-    cumulative = descending.double().cumsum(dim=-1)
+    descending = eigenvalues.double().clamp(min=0).sort(dim=-1, descending=True).values
+    descending = descending / descending[..., :1].clamp(min=torch.finfo(torch.float64).tiny)  # no under/overflow
+    cumulative = descending.cumsum(dim=-1)
     total = cumulative[..., -1:]
     # A relative slack keeps threshold=1.0 from counting eigenvalues lost to summation round-off.
     target = threshold * total * (1 - 1e-12)

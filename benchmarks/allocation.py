@@ -21,7 +21,10 @@ Also printed: what each rule cost (forward passes over a calibration batch, seco
 ``lr.analyze`` on the same model, how that grows with depth and width, and for the CNN what a
 ``param_budget`` and a ``macs_budget`` of 50% keep of each.
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/allocation.py   (about 6 minutes on two busy CPU cores)
+Timings are CPU seconds on one thread (``torch.set_num_threads(1)``), so they do not swing with other jobs.
+
+Run: PYTHONPATH=. .venv/bin/python benchmarks/allocation.py   (about 8 minutes on two busy CPU cores;
+``--cache DIR`` keeps the trained models for the next run)
 """
 
 from __future__ import annotations
@@ -52,18 +55,19 @@ def apply(task: models.Task, stats, candidates, ranks: dict) -> torch.nn.Module:
     return model
 
 
-def timed(fn, repeat: int = 3) -> float:
-    best = float("inf")
+def timed(fn, repeat: int = 3) -> tuple[float, object]:
+    """Least CPU seconds of ``repeat`` calls (one thread: CPU time does not depend on other jobs' load) and a result."""
+    best, result = float("inf"), None
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        start = time.process_time()
+        result = fn()
+        best = min(best, time.process_time() - start)
+    return best, result
 
 
-def run(task: models.Task, budgets: tuple[float, ...]) -> list[dict]:
+def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> list[dict]:
     stats = lr.collect(task.model, task.calibration)
-    analyze_s = timed(lambda: lr.analyze(task.model, stats))
+    analyze_s, _ = timed(lambda: lr.analyze(task.model, stats))
     candidates, left_out = layer_candidates(task.model, stats)
     dense = models.evaluate(task, task.model)
     rows = []
@@ -74,12 +78,12 @@ def run(task: models.Task, budgets: tuple[float, ...]) -> list[dict]:
         row["greedy"] = models.evaluate(task, greedy, dense["logits"])
         row["greedy_kept"] = result.layer_params_after / result.layer_params_before
         for rule, options in (("uniform", {"rule": "uniform"}), ("linear", {"measure_layers": False}), ("probe", {})):
-            probe = Probe(task.model, task.calibration)  # fresh: its cost is counted in full
-            allocation = allocate(candidates, param_budget=budget, probe=probe, **options)
+            probe = Probe(task.model, task.calibration[:probe_batches])  # fresh: its cost is counted in full
+            seconds, allocation = timed(lambda: allocate(candidates, param_budget=budget, probe=probe, **options), 1)
             compressed = apply(task, stats, candidates, allocation.ranks)
             row[rule] = models.evaluate(task, compressed, dense["logits"])
             row[f"{rule}_kept"] = allocation.kept / allocation.base
-            row[f"{rule}_cost"] = (allocation.probe_passes, allocation.seconds)
+            row[f"{rule}_cost"] = (allocation.probe_passes, seconds)
             row[f"{rule}_chosen"] = allocation.rule
         rows.append(row)
     return rows
@@ -97,7 +101,7 @@ def table(rows: list[dict]) -> str:
         best = min(row[r]["error"] for r in RULES)
         for rule in RULES:
             mark = "**" if row[rule]["error"] == best else ""
-            cells.append(f"{mark}{row[rule]['error']:.4f}{mark} / {fmt(row[rule]['score'])}")
+            cells.append(f"{mark}{row[rule]['error']:.3g}{mark} / {fmt(row[rule]['score'])}")
         gain = 1 - row["probe"]["error"] / row["uniform"]["error"]
         lines.append(
             f"| {row['task']} | {row['budget']:.0%} | {fmt(row['dense'])} | " + " | ".join(cells) + f" | {-gain:+.0%} |"
@@ -106,7 +110,7 @@ def table(rows: list[dict]) -> str:
 
 
 def cost_table(rows: list[dict]) -> str:
-    lines = ["| model | kept | analyze s | probe passes | probe s | probe / analyze | linear passes | linear / analyze | chosen |",
+    lines = ["| model | kept | analyze CPU s | probe passes | probe CPU s | probe / analyze | linear passes | linear / analyze | chosen |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         (passes, seconds), (lpasses, lseconds) = row["probe_cost"], row["linear_cost"]
@@ -120,17 +124,17 @@ def cost_table(rows: list[dict]) -> str:
 def scaling() -> str:
     """Cost of the probe rule against ``analyze`` on random-init digits ViTs of growing depth and width."""
     calibration, _ = models._split_batches(models._digits(0))
-    lines = ["| depth | dim | layers | analyze s | probe s | ratio |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| depth | dim | layers | probe passes | analyze s | probe s | ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for depth, dim in ((2, 64), (4, 64), (8, 64), (2, 128), (2, 256)):
         L.seed_everything(0, verbose=False)
         model = models.DigitsViT(dim=dim, depth=depth).eval()
         stats = lr.collect(model, calibration)
-        analyze_s = timed(lambda: lr.analyze(model, stats))
+        analyze_s, _ = timed(lambda: lr.analyze(model, stats))
         candidates, _ = layer_candidates(model, stats)
-        allocation = allocate(candidates, param_budget=0.5, probe=Probe(model, calibration))
+        seconds, allocation = timed(lambda: allocate(candidates, param_budget=0.5, probe=Probe(model, calibration)), 1)
         lines.append(
-            f"| {depth} | {dim} | {len(candidates)} | {analyze_s:.3f} | {allocation.seconds:.2f} | "
-            f"{allocation.seconds / analyze_s:.1f}x |"
+            f"| {depth} | {dim} | {len(candidates)} | {allocation.probe_passes} | {analyze_s:.3f} | {seconds:.2f} | "
+            f"{seconds / analyze_s:.1f}x |"
         )
     return "\n".join(lines)
 
@@ -157,10 +161,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--probe-batches", type=int, default=4, help="calibration batches the probe runs on (of 4)")
     parser.add_argument("--models", nargs="+", default=["digits_vit", "digits_cnn", "char_lm"])
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the trained models in between runs")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)  # two busy cores: more threads only spin, and CPU times stay comparable
     started = time.perf_counter()
     rows = []
     tasks = []
@@ -174,7 +180,7 @@ def main() -> None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(task, cached)
         tasks.append(task)
-        rows += run(task, tuple(args.budgets))
+        rows += run(task, tuple(args.budgets), args.probe_batches)
         print(f"[{time.perf_counter() - started:.0f}s] {task.name} done", flush=True)
     print("\nModel-output error (relative squared error of the logits vs dense, held-out) / task score "
           "(top-1, or perplexity for the LM); best error in bold\n")

@@ -26,12 +26,14 @@ Contract (what the factorization planner calls):
   One forward and backward pass per calibration batch gives, for every layer and every rank at once,
   the linearized damage ``D_l(r) = E[(z . (f(W_r) - f(W)))^2]`` of truncating that layer alone (``z`` a
   random direction over the output; see :func:`linear_damage`). Each layer is then truncated for real,
-  one at a time, at the rank uniform tolerance would give it (its weight overwritten in place under
-  ``no_grad`` and restored bit-exactly), which corrects the linearization by a per-layer factor.
-  Ranks are allocated greedily on those curves (lower convex hull of damage against cost saved).
+  one at a time, on the first calibration batch, at the rank uniform tolerance would give it (its
+  weight overwritten in place under ``no_grad`` and restored bit-exactly), which corrects the
+  linearization by a per-layer factor where truncation is heavy. Ranks are allocated greedily on
+  those curves (lower convex hull of damage against cost saved), leftover budget spent back.
   Finally both this allocation and uniform tolerance's are evaluated on the calibration batches and
   the one with the lower output error is returned, so the result is never worse than the floor
-  there. Cost: about ``(layers + 4) x batches`` forward passes and ``batches`` backward passes.
+  there. Cost, in forward passes over one calibration batch (a backward counts as two):
+  ``5 x batches + layers``: linear in depth and in the calibration data, independent of the ranks.
 """
 
 from __future__ import annotations
@@ -422,26 +424,31 @@ class Probe:
         self.seed = seed
         self.passes = 0
         self._reference: list[Tensor] | None = None
-        self._energy = 0.0
+        self.energies: list[float] = []
 
     def _run(self, batch: Any) -> Tensor:
         self.passes += 1
         return self.output(self.forward(self.model, batch))
 
     def reference(self) -> list[Tensor]:
-        """The dense model's outputs (computed once)."""
+        """The dense model's outputs, one per batch (computed once)."""
         if self._reference is None:
             with _eval(self.model), torch.no_grad():
-                self._reference = [self._run(b).detach().double() for b in self.batches]
-            self._energy = sum(float(r.square().sum()) for r in self._reference)
+                self._set_reference([self._run(b).detach().double() for b in self.batches])
         return self._reference
 
-    def error(self, weights: Mapping[Target, Tensor]) -> float:
-        """The model's relative output error with each target's weight (as ``(out, fan_in)``) replaced."""
-        reference = self.reference()
+    def _set_reference(self, outputs: list[Tensor]) -> None:
+        self._reference = outputs
+        self.energies = [float(r.square().sum()) for r in outputs]
+
+    def error(self, weights: Mapping[Target, Tensor], batches: int | None = None) -> float:
+        """The model's relative output error with each target's weight (as ``(out, fan_in)``) replaced,
+        over all calibration batches or the first ``batches``."""
+        reference = self.reference()[:batches]
         with _eval(self.model), torch.no_grad(), overwritten(weights):
             diff = sum(float((self._run(b).double() - r).square().sum()) for b, r in zip(self.batches, reference))
-        return diff / self._energy if self._energy > 0 else 0.0
+        energy = sum(self.energies[: len(reference)])
+        return diff / energy if energy > 0 else 0.0
 
     def positions(self, targets: Mapping[str, Target], batch_size: Callable[[Any], int] | None = None) -> dict[str, float]:
         """Output positions per example of each target, from hooks on one forward pass (rows / batch size)."""
@@ -463,12 +470,16 @@ class Probe:
         size = batch_size(batch) if batch_size is not None else _batch_size(batch)
         return {name: count / size for name, count in rows.items()}
 
-    def linear_damage(self, candidates: Mapping[str, LayerCandidate], samples: int = 1) -> dict[str, Tensor]:
+    def linear_damage(
+        self, candidates: Mapping[str, LayerCandidate], samples: int = 1, batches: int | None = None
+    ) -> dict[str, Tensor]:
         """See :func:`linear_damage`."""
-        return linear_damage(self, candidates, samples)
+        return linear_damage(self, candidates, samples, batches)
 
 
-def linear_damage(probe: Probe, candidates: Mapping[str, LayerCandidate], samples: int = 1) -> dict[str, Tensor]:
+def linear_damage(
+    probe: Probe, candidates: Mapping[str, LayerCandidate], samples: int = 1, batches: int | None = None
+) -> dict[str, Tensor]:
     """Linearized relative output error of truncating each layer alone, at every rank: ``{name: D[r]}``.
 
     With ``g_p`` the gradient of ``z . f`` (``z`` a standard normal direction over the output) w.r.t.
@@ -477,11 +488,19 @@ def linear_damage(probe: Probe, candidates: Mapping[str, LayerCandidate], sample
     Its square, averaged over examples (grouped by the leading dim) and ``z``, estimates ``E||f' - f||^2``
     for every ``r`` from one backward pass. ``samples`` directions ``z`` are drawn per batch. Entries
     above a layer's ``max_rank`` are not computed (0). The forward passes also give the probe its dense
-    reference outputs when it has none yet.
+    reference outputs when it has none yet. ``batches``: the curves over the first ``batches`` only, from
+    the sums kept by the last call (one backward pass serves both).
     """
+    if batches is not None:
+        sums = getattr(probe, "_linear_sums", None)
+        if sums is None or set(sums[0]) != set(candidates):
+            linear_damage(probe, candidates, samples)
+        sums = probe._linear_sums[:batches]
+        energy = sum(probe.energies[: len(sums)])
+        return {name: sum(batch[name] for batch in sums) / (energy if energy > 0 else 1.0) for name in candidates}
     reference: list[Tensor] = []
+    per_batch: list[dict[str, Tensor]] = []
     generator = torch.Generator().manual_seed(probe.seed)
-    sums = {name: torch.zeros(len(c.curve), dtype=torch.float64) for name, c in candidates.items()}
     captured: dict[str, list[Tensor]] = {name: [] for name in candidates}
     handles = []
     for name, c in candidates.items():
@@ -499,6 +518,7 @@ def linear_damage(probe: Probe, candidates: Mapping[str, LayerCandidate], sample
                 out = probe._run(batch)
                 reference.append(out.detach().double())
                 outputs = [t for name in candidates for t in captured[name]]
+                sums = {name: torch.zeros(len(c.curve), dtype=torch.float64) for name, c in candidates.items()}
                 for _ in range(samples):
                     z = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
                     grads = torch.autograd.grad((out * z).sum(), outputs, retain_graph=True, allow_unused=True)
@@ -509,20 +529,20 @@ def linear_damage(probe: Probe, candidates: Mapping[str, LayerCandidate], sample
                         for y in captured[name]:
                             g = grads[k]
                             k += 1
-                            if g is None:
-                                continue
-                            coefficients = coefficients + _coefficients(c, y.detach(), g)
+                            if g is not None:
+                                coefficients = coefficients + _coefficients(c, y.detach(), g)
                         if isinstance(coefficients, Tensor):  # (examples, max_rank + 2): tails sum_{i >= r} c_i
                             tails = coefficients.flip(1).cumsum(1).flip(1)[:, : c.max_rank + 1]
                             sums[name][: tails.shape[1]] += tails.square().sum(0) / samples
+                per_batch.append(sums)
     finally:
         for handle in handles:
             handle.remove()
     if probe._reference is None:
-        probe._reference = reference
-        probe._energy = sum(float(r.square().sum()) for r in reference)
-    energy = probe._energy
-    return {name: s / energy if energy > 0 else s for name, s in sums.items()}
+        probe._set_reference(reference)
+    probe._linear_sums = per_batch
+    energy = sum(probe.energies)
+    return {name: sum(batch[name] for batch in per_batch) / (energy if energy > 0 else 1.0) for name in candidates}
 
 
 def _coefficients(c: LayerCandidate, y: Tensor, g: Tensor) -> Tensor:
@@ -627,13 +647,14 @@ def allocate(
     rule: str | None = None,
     samples: int = 1,
     measure_layers: bool = True,
+    layer_batches: int = 1,
 ) -> Allocation:
     """Ranks for ``candidates`` that keep ``param_budget`` of their parameters or ``macs_budget`` of their
     multiply-adds per example (exactly one), by ``rule`` (default: ``"probe"`` with a probe, else
     ``"uniform"``). See the module docstring for both rules and their cost. ``samples``: random output
     directions per calibration batch for the linearized curves; ``measure_layers=False`` skips the
     one-layer-at-a-time truncations and trusts the linearization alone (cheaper, less exact where
-    truncation is heavy)."""
+    truncation is heavy); ``layer_batches``: calibration batches each of those truncations runs on."""
     started = time.perf_counter()
     if (param_budget is None) == (macs_budget is None):
         raise ValueError("pass exactly one of `param_budget` and `macs_budget`")
@@ -662,6 +683,7 @@ def allocate(
         return _result(candidates, uniform, "uniform", unit, budget, base, tolerance, started=started)
 
     linear = probe.linear_damage(candidates, samples=samples)
+    first = probe.linear_damage(candidates, batches=layer_batches)  # the same sums, over the probed batches
     sensitivity: dict[str, float] = {}
     damage: dict[str, Tensor] = {}
     for name, c in candidates.items():
@@ -669,8 +691,8 @@ def allocate(
         if not measure_layers:
             damage[name] = linear[name]
             continue
-        measured = probe.error({c.target: c.weight_at(rank)})
-        predicted = float(linear[name][rank])
+        measured = probe.error({c.target: c.weight_at(rank)}, batches=layer_batches)
+        predicted = float(first[name][rank])
         if predicted > 0 and measured > 0:
             factor = measured / predicted
         else:  # no linear signal: fall back on the layer's own error curve, scaled by the measurement

@@ -316,6 +316,10 @@ def test_probe_gives_the_sensitive_layer_more_rank_and_the_model_less_error() ->
     assert probed.ranks["loud"] > uniform.ranks["loud"] and probed.ranks.get("quiet", 0) < uniform.ranks["quiet"]
     assert probed.layers["loud"].sensitivity > 10 * probed.layers["quiet"].sensitivity
     assert probed.calibration_error["probe"] < 0.5 * probed.calibration_error["uniform"]
+    measured = allocate(candidates, param_budget=0.45, probe=Probe(model, batches), measure_layers=True)
+    assert measured.probe_passes == probed.probe_passes + 2  # one truncation per layer, on one batch
+    assert measured.ranks["loud"] > uniform.ranks["loud"]
+    assert measured.calibration_error["probe"] < 0.5 * measured.calibration_error["uniform"]
     # judged on fresh data with the real factorized layers
     fresh = torch.randn(512, 16, generator=g) * scales
     with torch.no_grad():

@@ -425,6 +425,7 @@ class Probe:
         self.passes = 0
         self._reference: list[Tensor] | None = None
         self.energies: list[float] = []
+        self._linear_sums: list[dict[str, Tensor]] | None = None  # per batch, from the last linear_damage
 
     def _run(self, batch: Any) -> Tensor:
         self.passes += 1
@@ -492,7 +493,7 @@ def linear_damage(
     the sums kept by the last call (one backward pass serves both).
     """
     if batches is not None:
-        sums = getattr(probe, "_linear_sums", None)
+        sums = probe._linear_sums
         if sums is None or set(sums[0]) != set(candidates):
             linear_damage(probe, candidates, samples)
         sums = probe._linear_sums[:batches]

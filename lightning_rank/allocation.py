@@ -38,7 +38,6 @@ Contract (what the factorization planner calls):
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field

@@ -1,0 +1,392 @@
+"""Rank allocation: the pure budget rules against brute-force references, and the probe on real models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lightning_rank as lr
+from lightning_rank.allocation import (
+    LayerCandidate,
+    Probe,
+    allocate,
+    allocate_on_curves,
+    layer_candidates,
+    linear_damage,
+    uniform_tolerance,
+)
+from tests.test_layers import Conv1D
+
+
+# -- pure rules on synthetic candidates ---------------------------------------------------------
+@st.composite
+def candidate_sets(draw: st.DrawFn) -> dict[str, LayerCandidate]:
+    """2-5 layers of random shapes, spectra (some exactly zero) and output positions."""
+    layers = {}
+    for i in range(draw(st.integers(2, 5))):
+        out, fan_in = draw(st.integers(2, 24)), draw(st.integers(2, 24))
+        size = min(out, fan_in)
+        values = draw(st.lists(st.floats(0.0, 10.0, allow_subnormal=False), min_size=size, max_size=size))
+        s = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+        candidate = LayerCandidate(
+            name=f"layer{i}",
+            weight=torch.zeros(out, fan_in, dtype=torch.float64),
+            basis=torch.eye(out, size, dtype=torch.float64),
+            singular_values=s,
+            bias_params=draw(st.sampled_from([0, out])),
+            positions=float(draw(st.sampled_from([1, 4, 16, 64]))),
+        )
+        if candidate.max_rank >= 1:
+            layers[candidate.name] = candidate
+    return layers
+
+
+def total_cost(candidates: dict[str, LayerCandidate], ranks: dict, unit: str) -> float:
+    return sum(c.params(ranks[n]) if unit == "params" else c.macs(ranks[n]) for n, c in candidates.items())
+
+
+def floor_cost(candidates: dict[str, LayerCandidate], unit: str) -> float:
+    return total_cost(candidates, {n: 1 for n in candidates}, unit)
+
+
+def dense_cost(candidates: dict[str, LayerCandidate], unit: str) -> float:
+    return total_cost(candidates, {n: None for n in candidates}, unit)
+
+
+def check_ranks(candidates: dict[str, LayerCandidate], ranks: dict) -> None:
+    assert set(ranks) == set(candidates)
+    for name, rank in ranks.items():
+        assert rank is None or 1 <= rank <= candidates[name].max_rank
+        if rank is not None:  # below break-even: the factors are smaller than the dense weight
+            out, fan_in = candidates[name].shape
+            assert rank * (out + fan_in) < out * fan_in
+
+
+@settings(max_examples=60, deadline=None)
+@given(candidates=candidate_sets(), fraction=st.floats(0.0, 1.0), unit=st.sampled_from(["params", "macs"]))
+def test_uniform_tolerance_meets_budget_with_the_smallest_tolerance(candidates, fraction, unit) -> None:
+    if not candidates:
+        return
+    low, high = floor_cost(candidates, unit), dense_cost(candidates, unit)
+    allowed = low + fraction * (high - low)
+    ranks, tolerance = uniform_tolerance(candidates, allowed, unit)
+    check_ranks(candidates, ranks)
+    assert total_cost(candidates, ranks, unit) <= allowed + 1e-9
+    # every layer is at the least rank whose error is within the tolerance (or dense when that does not save)
+    for name, c in candidates.items():
+        fits = [r for r in range(1, len(c.curve)) if float(c.curve[r]) <= tolerance]
+        least = fits[0] if fits else len(c.curve) - 1
+        assert ranks[name] == (least if least <= c.max_rank else None)
+    # exact bisection: any smaller level the curves take breaks the budget
+    levels = sorted({float(v) for c in candidates.values() for v in c.curve[1 : c.max_rank + 1]} | {0.0})
+    smaller = [v for v in levels if v < tolerance]
+    if smaller:
+        tighter, _ = uniform_tolerance(candidates, float("inf"), unit)  # dense-most allocation as a sanity anchor
+        assert total_cost(candidates, tighter, unit) >= total_cost(candidates, ranks, unit)
+        at = {n: _least_rank(c, smaller[-1]) for n, c in candidates.items()}
+        assert total_cost(candidates, at, unit) > allowed
+
+
+def _least_rank(c: LayerCandidate, tolerance: float) -> int | None:
+    fits = [r for r in range(1, len(c.curve)) if float(c.curve[r]) <= tolerance]
+    least = fits[0] if fits else len(c.curve) - 1
+    return least if least <= c.max_rank else None
+
+
+@settings(max_examples=40, deadline=None)
+@given(candidates=candidate_sets(), fractions=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)))
+def test_uniform_tolerance_is_monotone_in_the_budget(candidates, fractions) -> None:
+    if not candidates:
+        return
+    low, high = floor_cost(candidates, "params"), dense_cost(candidates, "params")
+    small, large = sorted(low + f * (high - low) for f in fractions)
+    ranks_small, t_small = uniform_tolerance(candidates, small)
+    ranks_large, t_large = uniform_tolerance(candidates, large)
+    assert t_large <= t_small
+    for name in candidates:  # dense (None) counts as the highest rank
+        big = ranks_large[name] if ranks_large[name] is not None else 10**9
+        assert big >= (ranks_small[name] if ranks_small[name] is not None else 10**9) or ranks_large[name] is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    candidates=candidate_sets(),
+    fractions=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
+    unit=st.sampled_from(["params", "macs"]),
+)
+def test_greedy_meets_budget_and_more_budget_never_costs_output(candidates, fractions, unit) -> None:
+    if not candidates:
+        return
+    damage = {n: c.curve * (1.0 + i) for i, (n, c) in enumerate(candidates.items())}  # unequal sensitivities
+    low, high = floor_cost(candidates, unit), dense_cost(candidates, unit)
+    small, large = sorted(low + f * (high - low) for f in fractions)
+    results = []
+    for allowed in (small, large):
+        ranks = allocate_on_curves(candidates, damage, allowed, unit)
+        check_ranks(candidates, ranks)
+        assert total_cost(candidates, ranks, unit) <= allowed + 1e-9
+        results.append(sum(0.0 if r is None else float(damage[n][r]) for n, r in ranks.items()))
+    assert results[1] <= results[0] + 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(candidates=candidate_sets(), fraction=st.floats(0.0, 1.0))
+def test_greedy_is_close_to_the_brute_force_optimum(candidates, fraction) -> None:
+    names = list(candidates)[:3]
+    candidates = {n: candidates[n] for n in names}
+    if not candidates:
+        return
+    damage = {n: c.curve * (1.0 + 3 * i) for i, (n, c) in enumerate(candidates.items())}
+    low, high = floor_cost(candidates, "params"), dense_cost(candidates, "params")
+    allowed = low + fraction * (high - low)
+    ranks = allocate_on_curves(candidates, damage, allowed)
+    got = sum(0.0 if r is None else float(damage[n][r]) for n, r in ranks.items())
+    best = _brute_force(candidates, damage, allowed)
+    # hull greedy is optimal up to the one hull step it cannot split: bounded by the largest single-layer loss
+    worst_step = max(float(d[1]) for d in damage.values())
+    assert best - 1e-12 <= got <= best + worst_step + 1e-12
+
+
+def _brute_force(candidates, damage, allowed) -> float:
+    import itertools
+
+    options = [[None, *range(1, c.max_rank + 1)] for c in candidates.values()]
+    best = float("inf")
+    for combo in itertools.product(*options):
+        ranks = dict(zip(candidates, combo))
+        if total_cost(candidates, ranks, "params") <= allowed:
+            best = min(best, sum(0.0 if r is None else float(damage[n][r]) for n, r in ranks.items()))
+    return best
+
+
+def test_budgets_that_cannot_be_met_or_are_malformed_fail_with_the_argument_named() -> None:
+    c = LayerCandidate("fc", torch.zeros(8, 8, dtype=torch.float64), torch.eye(8, dtype=torch.float64),
+                       torch.linspace(2, 1, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`param_budget`.*rank 1"):
+        allocate({"fc": c}, param_budget=0.1)
+    with pytest.raises(ValueError, match="`macs_budget`"):
+        allocate({"fc": c}, macs_budget=0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        allocate({"fc": c}, param_budget=0.5, macs_budget=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        allocate({"fc": c})
+    with pytest.raises(ValueError, match="`param_budget` must be a fraction"):
+        allocate({"fc": c}, param_budget=1.5)
+    with pytest.raises(ValueError, match="`rule`"):
+        allocate({"fc": c}, param_budget=0.5, rule="fisher")
+    with pytest.raises(ValueError, match="needs a `probe`"):
+        allocate({"fc": c}, param_budget=0.5, rule="probe")
+    allocation = allocate({"fc": c}, param_budget=0.5)
+    assert allocation.rule == "uniform" and allocation.ranks == {"fc": 2}  # 2 * 16 = 32 of 64 parameters
+
+
+# -- candidates from a real model ---------------------------------------------------------------
+class Mixed(nn.Module):
+    """A Conv2d, a Linear, a Hugging Face style Conv1D, an attention module and a tied pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 12)
+        self.hf = Conv1D(10, 12)
+        self.attn = nn.MultiheadAttention(10, 2, batch_first=True)
+        self.tied_a, self.tied_b = nn.Linear(10, 10), nn.Linear(10, 10)
+        self.tied_b.weight = self.tied_a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)  # (B, 16, 6)
+        h = self.hf(torch.tanh(self.fc(h)))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.tied_b(torch.relu(self.tied_a(h)))
+
+
+def mixed_data(seed: int = 0, n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 2, 4, 4, generator=g) for _ in range(n)]
+
+
+def test_candidates_leave_out_what_cannot_be_factorized_and_hold_the_whitened_curve() -> None:
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    batches = mixed_data()
+    stats = lr.collect(model, batches, dtype=torch.float64)
+    candidates, left_out = layer_candidates(model, stats)
+    assert set(candidates) == {"conv", "fc", "hf"}
+    assert {"attn.in_proj", "attn.out_proj", "tied_a", "tied_b"} <= set(left_out)
+    assert "tied" in left_out["tied_a"] and "MultiheadAttention" in left_out["attn.in_proj"]
+    # reference: the relative output error of W_r measured by running the layer on its recorded inputs
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, name=n: inputs.setdefault(name, []).append(a[0]))
+             for n, m in (("fc", model.fc), ("hf", model.hf))]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    for name in ("fc", "hf"):
+        c = candidates[name]
+        x = torch.cat(inputs[name]).reshape(-1, c.shape[1]).double()
+        y = x @ c.weight.t()
+        for rank in (1, 3, c.max_rank):
+            error = float((x @ (c.weight - c.weight_at(rank)).t()).square().sum() / y.square().sum())
+            assert error == pytest.approx(c.error(rank), rel=1e-5, abs=1e-9)
+            rows = torch.linalg.svdvals(x @ c.weight.t())  # the least error of any rank-r map on these rows
+            assert c.error(rank) == pytest.approx(float(rows[rank:].square().sum() / rows.square().sum()), abs=1e-6)
+
+
+def test_probe_restores_every_weight_bit_exactly_even_when_the_forward_raises() -> None:
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    batches = mixed_data()
+    stats = lr.collect(model, batches)
+    candidates, _ = layer_candidates(model, stats)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    allocation = allocate(candidates, param_budget=0.5, probe=Probe(model, batches))
+    assert allocation.probe_passes > 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.conv.weight.data_ptr() == model.conv.weight.data_ptr()  # same parameters, nothing swapped
+    assert not model.training
+
+    calls = {"n": 0}
+
+    def failing(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > len(batches) + 1:
+            raise RuntimeError("boom")
+        return module(batch)
+
+    probe = Probe(model, batches, forward=failing)
+    probe.reference()
+    with pytest.raises(RuntimeError, match="boom"):
+        probe.error({c.target: c.weight_at(1) for c in candidates.values()})
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_linearized_damage_matches_real_truncation_where_the_model_is_linear() -> None:
+    """On a linear model the first-order damage is exact: it must equal the measured error at every rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 8)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 12, generator=g) * torch.linspace(3, 0.1, 12) for _ in range(2)]
+    stats = lr.collect(model, batches)
+    candidates, _ = layer_candidates(model, stats)
+    probe = Probe(model, batches)
+    curves = linear_damage(probe, candidates, samples=64)
+    for name, c in candidates.items():
+        for rank in (1, 2, 4, c.max_rank):
+            truth = probe.error({c.target: c.weight_at(rank)})
+            assert float(curves[name][rank]) == pytest.approx(truth, rel=0.25), (name, rank)
+
+
+class TwoBranches(nn.Module):
+    """Two layers with the same input and the same weights; the model's output amplifies one of them."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.loud, self.quiet = nn.Linear(d, d), nn.Linear(d, d)
+        self.quiet.load_state_dict(self.loud.state_dict())
+        self.mix = nn.Linear(2 * d, 4)
+        with torch.no_grad():
+            self.mix.weight[:, d:] *= 0.02
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(torch.cat([torch.tanh(self.loud(x)), torch.tanh(self.quiet(x))], dim=-1))
+
+
+def test_probe_gives_the_sensitive_layer_more_rank_and_the_model_less_error() -> None:
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    g = torch.Generator().manual_seed(2)
+    scales = torch.logspace(0, -1.5, 16)
+    batches = [torch.randn(128, 16, generator=g) * scales for _ in range(3)]
+    stats = lr.collect(model, batches)
+    candidates, _ = layer_candidates(model, stats, exclude_modules=["mix"])
+    assert set(candidates) == {"loud", "quiet"}
+    uniform = allocate(candidates, param_budget=0.45, rule="uniform")
+    assert uniform.ranks["loud"] == uniform.ranks["quiet"]  # same curves, same rank
+    probed = allocate(candidates, param_budget=0.45, probe=Probe(model, batches))
+    assert probed.rule == "probe"
+    assert probed.ranks["loud"] > uniform.ranks["loud"] and probed.ranks.get("quiet", 0) < uniform.ranks["quiet"]
+    assert probed.layers["loud"].sensitivity > 10 * probed.layers["quiet"].sensitivity
+    assert probed.calibration_error["probe"] < 0.5 * probed.calibration_error["uniform"]
+    measured = allocate(candidates, param_budget=0.45, probe=Probe(model, batches), measure_layers=True)
+    assert measured.probe_passes == probed.probe_passes + 2  # one truncation per layer, on one batch
+    assert measured.ranks["loud"] > uniform.ranks["loud"]
+    assert measured.calibration_error["probe"] < 0.5 * measured.calibration_error["uniform"]
+    # judged on fresh data with the real factorized layers
+    fresh = torch.randn(512, 16, generator=g) * scales
+    with torch.no_grad():
+        reference = model(fresh)
+    errors = {}
+    for label, allocation in (("uniform", uniform), ("probe", probed)):
+        compressed = copy.deepcopy(model)
+        lr.factorize_(compressed, stats, ranks=allocation.ranks, method="whiten", exclude_modules=["mix"])
+        with torch.no_grad():
+            errors[label] = float((compressed(fresh) - reference).square().sum() / reference.square().sum())
+    assert errors["probe"] < 0.5 * errors["uniform"]
+
+
+def test_the_result_is_never_worse_than_uniform_tolerance_on_the_calibration_batches() -> None:
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    batches = mixed_data()
+    stats = lr.collect(model, batches)
+    candidates, _ = layer_candidates(model, stats)
+    for budget in (0.3, 0.6):
+        allocation = allocate(candidates, param_budget=budget, probe=Probe(model, batches))
+        errors = allocation.calibration_error
+        assert set(errors) == {"probe", "uniform"}
+        assert errors[allocation.rule] == min(errors.values())
+        assert allocation.kept <= budget * allocation.base
+        d = allocation.layers["fc"]
+        assert d.energy_kept == pytest.approx(1 - d.relative_error)
+        assert d.sensitivity is not None and d.output_error is not None
+
+
+# -- multiply-adds ------------------------------------------------------------------------------
+class WideConvNet(nn.Module):
+    """Two 3x3 convolutions on 8x8 maps (many positions, few parameters), then a large linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(nn.functional.avg_pool2d(x, 2).flatten(1))
+
+
+def test_halving_parameters_leaves_multiply_adds_almost_unchanged_but_a_macs_budget_halves_them() -> None:
+    torch.manual_seed(0)
+    model = WideConvNet().eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(2)]
+    stats = lr.collect(model, batches)
+    candidates, _ = layer_candidates(model, stats)
+    probe = Probe(model, batches)
+    positions = probe.positions({n: c.target for n, c in candidates.items()})
+    assert positions == {"conv1": 64.0, "conv2": 64.0, "fc": 1.0}
+    for name, c in candidates.items():
+        c.positions = positions[name]
+
+    def kept(allocation, unit: str) -> float:
+        layers = allocation.layers.values()
+        if unit == "params":
+            return sum(d.params for d in layers) / sum(d.dense_params for d in layers)
+        return sum(d.macs for d in layers) / sum(d.dense_macs for d in layers)
+
+    by_params = allocate(candidates, param_budget=0.5, probe=probe)
+    assert kept(by_params, "params") <= 0.5
+    assert kept(by_params, "macs") > 0.85  # the convolutions hardly change
+    by_macs = allocate(candidates, macs_budget=0.5, probe=probe)
+    assert kept(by_macs, "macs") <= 0.5
+    assert by_macs.ranks.keys() & {"conv1", "conv2"}

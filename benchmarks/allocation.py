@@ -41,7 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
 from benchmarks import allocation_models as models  # noqa: E402
-from lightning_rank.allocation import Probe, allocate, layer_candidates  # noqa: E402
+from lightning_rank.allocation import allocate  # noqa: E402
+from lightning_rank.probe import Probe  # noqa: E402
+from lightning_rank.selection import layer_candidates  # noqa: E402
 
 BUDGETS = (0.6, 0.5, 0.4, 0.25)
 RULES = ("greedy", "uniform", "probe", "probe+layers")

@@ -2,9 +2,9 @@
 
 Contract (what the factorization planner calls):
 
-    candidates, left_out = layer_candidates(model, stats)           # or build LayerCandidate itself
-    allocation = allocate(candidates, param_budget=0.5,             # or macs_budget=...
-                          probe=Probe(model, calibration_batches))  # probe=None: uniform tolerance
+    candidates, left_out = selection.layer_candidates(model, stats)  # or build LayerCandidate itself
+    allocation = allocate(candidates, param_budget=0.5,              # or macs_budget=...
+                          probe=probe.Probe(model, calibration_batches))  # probe=None: uniform tolerance
     allocation.ranks       # {name: rank} of the layers to factorize (the others stay dense)
     allocation.layers      # {name: AllocatedRank}: rank, params, macs, energy kept, relative
                            # output error, and the measured end-to-end sensitivity where probed
@@ -19,7 +19,7 @@ Contract (what the factorization planner calls):
   out fan_in``) or left dense (rank ``None``).
 - Budgets are fractions of what the candidates hold (weights and biases; multiply-adds per example):
   layers that can never be factorized are not candidates, so they are out of the base (and
-  :func:`layer_candidates` lists them with the reason).
+  :func:`~lightning_rank.selection.layer_candidates` lists them with the reason).
 - ``rule="uniform"`` (the floor): one common tolerance ``t`` on every layer's relative output error,
   rank ``r_l = min{r >= 1: e_l[r] <= t}``, with ``t`` the smallest value that meets the budget.
 - ``rule="probe"`` (the default when a :class:`Probe` is given): the model's own output decides.
@@ -39,15 +39,17 @@ Contract (what the factorization planner calls):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_rank.statistics import ActivationStatistics, default_forward
-from lightning_rank.targets import ModuleSelector, Target, select_targets, weight_matrix
+from lightning_rank.targets import Target
+
+if TYPE_CHECKING:
+    from lightning_rank.probe import Probe
 
 RULES = ("probe", "uniform")
 
@@ -107,78 +109,6 @@ class LayerCandidate:
         """``W_r = U_r U_r^T W``: the rank-``rank`` weight with the least output error on the data."""
         u = self.basis[:, :rank]
         return u @ (u.t() @ self.weight)
-
-
-def layer_candidates(
-    model: nn.Module,
-    stats: ActivationStatistics,
-    *,
-    target_modules: ModuleSelector = None,
-    exclude_modules: ModuleSelector = None,
-    positions: Mapping[str, float] | None = None,
-) -> tuple[dict[str, LayerCandidate], dict[str, str]]:
-    """The replaceable layers among those ``stats`` holds (or the selection), and ``{name: reason}`` of the rest.
-
-    Left out: layers without statistics, ``nn.MultiheadAttention`` projections, layers with no low-rank
-    replacement, tied weights, and layers no rank can make smaller. ``positions`` gives output
-    positions per example; by default it is measured by :meth:`Probe.positions` or, without one,
-    taken from the statistics' row counts relative to the layer with the fewest rows (exact for
-    models whose smallest layer sees one row per example).
-    """
-    from lightning_rank.factorize import descending_eigh, whitened_weight  # factorize imports nothing from here
-    from lightning_rank.layers import low_rank_type
-
-    if target_modules is None and exclude_modules is None:
-        targets, skipped = select_targets(model, lambda module, name: name in stats.sources or name in stats.skipped)
-    else:
-        targets, skipped = select_targets(model, target_modules, exclude_modules)
-    left_out = dict(skipped)
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(name)
-    counts = {name: int(stats[name].count) for name in targets if name in stats}
-    fewest = min(counts.values(), default=1) or 1
-    eigen: dict[str, tuple[Tensor, Tensor]] = {}
-    candidates: dict[str, LayerCandidate] = {}
-    for name, target in targets.items():
-        reason = None
-        if target.kind == "mha_in_proj":
-            reason = "nn.MultiheadAttention projections are used inside the attention forward: never factorized"
-        elif low_rank_type(target.module) is None:
-            reason = f"{type(target.module).__name__} has no low-rank replacement"
-        elif len(set(owners.get(id(target.module.weight), []))) > 1:
-            reason = "its weight is tied to another layer's; factorizing it would untie them"
-        elif name in stats.skipped or name not in stats:
-            reason = f"no statistics: {stats.skipped.get(name, 'not collected')}"
-        if reason is not None:
-            left_out[name] = reason
-            continue
-        weight, bias = weight_matrix(target)
-        key = stats.sources[name]
-        inputs = stats.inputs[key]
-        if inputs.dim != weight.shape[1]:
-            raise ValueError(f"`stats` for layer {name!r} has inputs of length {inputs.dim}, not its fan_in {weight.shape[1]}")
-        if key not in eigen:
-            eigen[key] = descending_eigh(inputs.second_moment(), inputs.dim * torch.finfo(inputs.gram.dtype).eps)
-        values, vectors = eigen[key]
-        w = weight.detach().to(values)
-        u, s, _ = torch.linalg.svd(whitened_weight(w, values, vectors), full_matrices=False)
-        where = positions.get(name) if positions is not None else None
-        candidate = LayerCandidate(
-            name=name,
-            weight=w,
-            basis=u,
-            singular_values=s,
-            bias_params=bias.numel() if bias is not None else 0,
-            positions=float(where) if where is not None else counts[name] / fewest,
-            target=target,
-        )
-        if candidate.max_rank < 1:
-            left_out[name] = f"no rank saves parameters on its {w.shape[0]} x {w.shape[1]} weight"
-            continue
-        candidates[name] = candidate
-    return candidates, left_out
 
 
 # -- result ------------------------------------------------------------------------------------
@@ -264,7 +194,7 @@ def uniform_tolerance(
     cost = _cost_fn(unit)
     floor = sum(cost(c, 1) for c in candidates.values())
     if floor > allowed:
-        raise ValueError(_too_small(unit, allowed, floor))
+        raise ValueError(_too_small(unit, allowed, floor, sum(cost(c, None) for c in candidates.values())))
     levels = torch.cat([c.curve[1 : c.max_rank + 1] for c in candidates.values()] + [torch.zeros(1, dtype=torch.float64)])
     levels = torch.unique(levels)  # sorted ascending
 
@@ -304,9 +234,9 @@ def allocate_on_curves(
     cost = _cost_fn(unit)
     chosen: dict[str, int | None] = {name: None for name in candidates}
     floor = sum(cost(c, 1) for c in candidates.values())
-    if floor > allowed:
-        raise ValueError(_too_small(unit, allowed, floor))
     total = sum(cost(c, None) for c in candidates.values())
+    if floor > allowed:
+        raise ValueError(_too_small(unit, allowed, floor, total))
     points: dict[str, list[tuple[float, float, int | None]]] = {}
     hulls: dict[str, list[tuple[float, float, int | None]]] = {}
     for name, c in candidates.items():
@@ -386,255 +316,12 @@ def _cost_fn(unit: str) -> Callable[[LayerCandidate, int | None], float]:
     raise ValueError(f"unit must be 'params' or 'macs', got {unit!r}")
 
 
-def _too_small(unit: str, allowed: float, floor: float) -> str:
+def _too_small(unit: str, allowed: float, floor: float, base: float) -> str:
     argument = "param_budget" if unit == "params" else "macs_budget"
     return (
-        f"`{argument}` allows {allowed:,.0f} {unit} but rank 1 in every replaceable layer needs {floor:,.0f}: "
-        f"raise `{argument}`"
+        f"`{argument}`={allowed / base:.4g} keeps {allowed:,.0f} of the replaceable layers' {base:,.0f} {unit}, but "
+        f"rank 1 in every replaceable layer needs {floor:,.0f}: use a {argument} of at least {floor / base:.4f}"
     )
-
-
-# -- the probe ---------------------------------------------------------------------------------
-class Probe:
-    """The model's own output on a few calibration batches, to measure what truncating layers does to it.
-
-    ``forward(model, batch)`` defaults to :func:`~lightning_rank.collect`'s; ``output`` picks the tensor
-    to compare from what it returns (default: the tensor itself, ``.logits``, ``["logits"]`` or the
-    first element of a tuple). The error of a set of truncated layers is the relative squared error
-    ``sum ||f' - f||^2 / sum ||f||^2`` over all batches. Weights are overwritten in place under
-    ``no_grad`` and restored bit-exactly, even when the forward raises; no module is swapped.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        *,
-        forward: Callable[[nn.Module, Any], Any] | None = None,
-        output: Callable[[Any], Tensor] | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.model = model
-        self.batches = list(batches)
-        if not self.batches:
-            raise ValueError("`batches` of the Probe yielded no batch: pass at least one calibration batch")
-        self.forward = forward or default_forward
-        self.output = output or _output_tensor
-        self.seed = seed
-        self.passes = 0
-        self._reference: list[Tensor] | None = None
-        self.energies: list[float] = []
-        self._linear_sums: list[dict[str, Tensor]] | None = None  # per batch, from the last linear_damage
-
-    def _run(self, batch: Any) -> Tensor:
-        self.passes += 1
-        return self.output(self.forward(self.model, batch))
-
-    def reference(self) -> list[Tensor]:
-        """The dense model's outputs, one per batch (computed once)."""
-        if self._reference is None:
-            with _eval(self.model), torch.no_grad():
-                self._set_reference([self._run(b).detach().double() for b in self.batches])
-        return self._reference
-
-    def _set_reference(self, outputs: list[Tensor]) -> None:
-        self._reference = outputs
-        self.energies = [float(r.square().sum()) for r in outputs]
-
-    def error(self, weights: Mapping[Target, Tensor], batches: int | None = None) -> float:
-        """The model's relative output error with each target's weight (as ``(out, fan_in)``) replaced,
-        over all calibration batches or the first ``batches``."""
-        reference = self.reference()[:batches]
-        with _eval(self.model), torch.no_grad(), overwritten(weights):
-            diff = sum(float((self._run(b).double() - r).square().sum()) for b, r in zip(self.batches, reference))
-        energy = sum(self.energies[: len(reference)])
-        return diff / energy if energy > 0 else 0.0
-
-    def positions(self, targets: Mapping[str, Target], batch_size: Callable[[Any], int] | None = None) -> dict[str, float]:
-        """Output positions per example of each target, from hooks on one forward pass (rows / batch size)."""
-        rows: dict[str, int] = {name: 0 for name in targets}
-        handles = []
-        for name, target in targets.items():
-            def hook(module: nn.Module, args: tuple, out: Tensor, name: str = name, target: Target = target) -> None:
-                out = out[0] if isinstance(out, tuple) else out
-                channels = 1 if target.kind in ("conv1d", "conv2d") else -1
-                rows[name] += out.numel() // out.shape[channels]
-            handles.append(target.module.register_forward_hook(hook))
-        batch = self.batches[0]
-        try:
-            with _eval(self.model), torch.no_grad():
-                self._run(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        size = batch_size(batch) if batch_size is not None else _batch_size(batch)
-        return {name: count / size for name, count in rows.items()}
-
-    def linear_damage(
-        self, candidates: Mapping[str, LayerCandidate], samples: int = 1, batches: int | None = None
-    ) -> dict[str, Tensor]:
-        """See :func:`linear_damage`."""
-        return linear_damage(self, candidates, samples, batches)
-
-
-def linear_damage(
-    probe: Probe, candidates: Mapping[str, LayerCandidate], samples: int = 1, batches: int | None = None
-) -> dict[str, Tensor]:
-    """Linearized relative output error of truncating each layer alone, at every rank: ``{name: D[r]}``.
-
-    With ``g_p`` the gradient of ``z . f`` (``z`` a standard normal direction over the output) w.r.t.
-    the layer's output at position ``p``, and ``y_p = W x_p``, the first-order change of ``z . f`` when
-    ``W`` becomes ``U_r U_r^T W`` is ``-sum_{i >= r} c_i`` with ``c_i = sum_p (u_i . g_p)(u_i . y_p)``.
-    Its square, averaged over examples (grouped by the leading dim) and ``z``, estimates ``E||f' - f||^2``
-    for every ``r`` from one backward pass. ``samples`` directions ``z`` are drawn per batch. Entries
-    above a layer's ``max_rank`` are not computed (0). The forward passes also give the probe its dense
-    reference outputs when it has none yet. ``batches``: the curves over the first ``batches`` only, from
-    the sums kept by the last call (one backward pass serves both).
-    """
-    if batches is not None:
-        sums = probe._linear_sums
-        if sums is None or set(sums[0]) != set(candidates):
-            linear_damage(probe, candidates, samples)
-        sums = probe._linear_sums[:batches]
-        energy = sum(probe.energies[: len(sums)])
-        return {name: sum(batch[name] for batch in sums) / (energy if energy > 0 else 1.0) for name in candidates}
-    reference: list[Tensor] = []
-    per_batch: list[dict[str, Tensor]] = []
-    generator = torch.Generator().manual_seed(probe.seed)
-    captured: dict[str, list[Tensor]] = {name: [] for name in candidates}
-    handles = []
-    for name, c in candidates.items():
-        def hook(module: nn.Module, args: tuple, out: Tensor, name: str = name) -> Tensor:
-            if not out.requires_grad:
-                out = out.detach().requires_grad_(True)
-            captured[name].append(out)
-            return out
-        handles.append(c.target.module.register_forward_hook(hook))
-    try:
-        with _eval(probe.model), torch.enable_grad():
-            for batch in probe.batches:
-                for values in captured.values():
-                    values.clear()
-                out = probe._run(batch)
-                reference.append(out.detach().double())
-                outputs = [t for name in candidates for t in captured[name]]
-                sums = {name: torch.zeros(len(c.curve), dtype=torch.float64) for name, c in candidates.items()}
-                for _ in range(samples):
-                    z = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
-                    grads = torch.autograd.grad((out * z).sum(), outputs, retain_graph=True, allow_unused=True)
-                    probe.passes += 2
-                    k = 0
-                    for name, c in candidates.items():
-                        coefficients = 0
-                        for y in captured[name]:
-                            g = grads[k]
-                            k += 1
-                            if g is not None:
-                                coefficients = coefficients + _coefficients(c, y.detach(), g)
-                        if isinstance(coefficients, Tensor):  # (examples, max_rank + 2): tails sum_{i >= r} c_i
-                            tails = coefficients.flip(1).cumsum(1).flip(1)[:, : c.max_rank + 1]
-                            sums[name][: tails.shape[1]] += tails.square().sum(0) / samples
-                per_batch.append(sums)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if probe._reference is None:
-        probe._set_reference(reference)
-    probe._linear_sums = per_batch
-    energy = sum(probe.energies)
-    return {name: sum(batch[name] for batch in per_batch) / (energy if energy > 0 else 1.0) for name in candidates}
-
-
-def _coefficients(c: LayerCandidate, y: Tensor, g: Tensor) -> Tensor:
-    """``c[n, i] = sum_{p in example n} (u_i . g_p)(u_i . (y_p - b))`` for ``i <= max_rank``, and in the last
-    column the rest ``sum_{i > max_rank} c[n, i]`` (the full sum is ``sum_p g_p . (y_p - b)``: ``y_p - b`` lies in
-    the span of ``U``), so only ``max_rank + 1`` directions are projected."""
-    target = c.target
-    bias = weight_matrix(target)[1]
-    if target.kind in ("conv1d", "conv2d"):
-        y, g = y.movedim(1, -1), g.movedim(1, -1)
-    y, g = y.double(), g.double()
-    if bias is not None:
-        y = y - bias.detach().double()
-    y, g = y.reshape(y.shape[0], -1, y.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
-    basis = c.basis[:, : c.max_rank + 1].to(y.device)
-    head = ((y @ basis) * (g @ basis)).sum(1)
-    total = (y * g).sum((1, 2))
-    return torch.cat([head, (total - head.sum(1))[:, None]], dim=1).cpu()
-
-
-class overwritten:
-    """Context manager: each target's weight temporarily holds the given ``(out, fan_in)`` matrix."""
-
-    def __init__(self, weights: Mapping[Target, Tensor]) -> None:
-        self.weights = weights
-        self.saved: list[tuple[Tensor, Tensor]] = []
-
-    def __enter__(self) -> overwritten:
-        with torch.no_grad():
-            try:
-                for target, value in self.weights.items():
-                    param = target.module.in_proj_weight if target.kind == "mha_in_proj" else target.module.weight
-                    self.saved.append((param, param.detach().clone()))
-                    view = weight_matrix(target)[0]
-                    view.copy_(value.to(device=view.device, dtype=view.dtype))
-            except BaseException:
-                self._restore()
-                raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for param, value in reversed(self.saved):
-                param.copy_(value)
-        self.saved.clear()
-
-
-class _eval:
-    """Eval mode for the duration, every module's training flag restored after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, training in self.modes:
-            module.training = training
-
-
-def _output_tensor(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, Mapping):
-        if isinstance(output.get("logits"), Tensor):
-            return output["logits"]
-        output = list(output.values())
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"the model returned {type(output).__name__}; pass `output=` to the Probe to pick the tensor to compare"
-    )
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        for item in batch:
-            if isinstance(item, Tensor):
-                return item.shape[0]
-    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}: pass `batch_size=`")
 
 
 # -- the entry point ---------------------------------------------------------------------------

@@ -79,22 +79,32 @@ def check_method(method: Any) -> Method:
     return method
 
 
-def check_budget(param_budget: Any) -> float | None:
-    """``param_budget`` as a float in (0, 1], or None."""
-    if param_budget is None:
+def check_budget(budget: Any, argument: str = "param_budget") -> float | None:
+    """A budget (``param_budget`` or ``macs_budget``) as a float in (0, 1], or None."""
+    if budget is None:
         return None
-    if isinstance(param_budget, bool) or not isinstance(param_budget, (int, float)) or not 0 < param_budget <= 1:
-        raise ValueError(
-            f"`param_budget` must be a fraction in (0, 1] of the selected layers' parameters to keep, got {param_budget!r}"
-        )
-    return float(param_budget)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        what = "parameters" if argument == "param_budget" else "multiply-adds per example"
+        raise ValueError(f"`{argument}` must be a fraction in (0, 1] of the replaceable layers' {what} to keep, "
+                         f"got {budget!r}")
+    return float(budget)
+
+
+ALLOCATIONS = ("auto", "probe", "uniform", "greedy")
+
+
+def check_allocation(allocation: Any) -> str:
+    """``allocation`` if it names a rank-allocation rule, else a ``ValueError`` naming the argument."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"`allocation` must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
+    return allocation
 
 
 def check_ranks(ranks: Any, param_budget: float | None) -> RankSpec:
     """The form of ``ranks`` (None, an int, or ``{name or regex: int}``); keys and ranks are checked against the
     selected layers later (``[1, min(out, fan_in)]`` each)."""
     if ranks is not None and param_budget is not None:
-        raise ValueError("pass either `ranks` or `param_budget`, not both")
+        raise ValueError("pass either `ranks` or a budget (`param_budget`, `macs_budget`), not both")
     if ranks is None or (isinstance(ranks, int) and not isinstance(ranks, bool)):
         return ranks
     if not isinstance(ranks, Mapping):

@@ -44,6 +44,7 @@ from lightning_rank import _lightning
 from lightning_rank.checks import (
     StatisticsArguments,
     check_bool,
+    check_allocation,
     check_budget,
     check_compress_at_epoch,
     check_forward,
@@ -111,8 +112,12 @@ class RankCompression(ValidationStatisticsCallback):
         compress_at_epoch: the epoch whose start swaps the layers in: an epoch index in ``[1, max_epochs - 1]``,
             or a float in (0, 1), the fraction of ``max_epochs`` trained dense (``int(f * max_epochs)``).
         threshold: energy threshold of the utilized ranks (used when neither ``ranks`` nor ``param_budget`` is).
-        param_budget: fraction in (0, 1] of the selected layers' parameters to keep; ranks are allocated where
-            they lose the least output energy.
+        param_budget: fraction in (0, 1] of the replaceable layers' parameters to keep.
+        macs_budget: fraction in (0, 1] of the replaceable layers' multiply-adds per example to keep (CNNs: halving
+            parameters can leave compute almost unchanged).
+        allocation: how a budget is shared out (see :func:`~lightning_rank.plan_factorization`): ``"auto"`` lets
+            the model's own output on the first validation batches decide (uniform error tolerance under DDP,
+            where each process holds other batches), or ``"probe"``, ``"uniform"``, ``"greedy"``.
         method: ``"whiten"`` (least output error on the data), ``"projection"`` (the paper's ``P_T W P_S``) or ``"svd"``.
         monitor: the validation metric reported before, right after, and after fine-tuning.
         ranks: explicit ranks, one int or ``{name or regex: rank}``.
@@ -139,6 +144,8 @@ class RankCompression(ValidationStatisticsCallback):
         compress_at_epoch: int | float = 0.8,
         threshold: float = 0.99,
         param_budget: float | None = None,
+        macs_budget: float | None = None,
+        allocation: str = "auto",
         method: str = "whiten",
         monitor: str = "val_loss",
         ranks: int | dict[str, int] | None = None,
@@ -155,7 +162,11 @@ class RankCompression(ValidationStatisticsCallback):
         self.compress_at_epoch = check_compress_at_epoch(compress_at_epoch)
         self.threshold = check_threshold(threshold)
         self.param_budget = check_budget(param_budget)
-        self.ranks = check_ranks(ranks, self.param_budget)
+        self.macs_budget = check_budget(macs_budget, "macs_budget")
+        if self.param_budget is not None and self.macs_budget is not None:
+            raise ValueError("pass either `param_budget` or `macs_budget`, not both")
+        self.ranks = check_ranks(ranks, self.param_budget if self.param_budget is not None else self.macs_budget)
+        self.allocation = check_allocation(allocation)
         self.method = check_method(method)
         self.monitor = check_monitor(monitor)
         self.statistics_arguments = StatisticsArguments(
@@ -274,11 +285,15 @@ class RankCompression(ValidationStatisticsCallback):
             self.metrics["before"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None
         stats = statistics.finish(trainer)
-        self._run.sample_batch = statistics.first_batch
+        self._run.sample_batch = statistics.batches[0] if statistics.batches else None
         self.macs["before"] = count_macs(pl_module, self._run.sample_batch, self.forward)
+        # Each process holds its own validation batches: allocating by them would give each its own ranks.
+        calibration = statistics.batches if trainer.world_size == 1 and statistics.batches else None
         self._run.plan = plan_factorization(
             pl_module, stats, threshold=self.threshold, method=self.method, ranks=self.ranks,
-            param_budget=self.param_budget, target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+            param_budget=self.param_budget, macs_budget=self.macs_budget, target_modules=self.target_modules,
+            exclude_modules=self.exclude_modules, allocation=self.allocation, calibration=calibration,
+            forward=self.forward,
         )  # fmt: skip
         self.result = self._run.plan.result
         self._factorization = self.result.to_dict()

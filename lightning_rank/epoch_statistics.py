@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -71,6 +72,9 @@ def check_selection(pl_module: LightningModule, arguments: StatisticsArguments, 
         raise MisconfigurationException(f"{who}: {err}") from err
 
 
+CALIBRATION_BATCHES = 4  # validation batches kept for rank allocation and counting multiply-adds
+
+
 class EpochStatistics:
     """Count the inputs of ``pl_module``'s target layers over the validation batches of one epoch.
 
@@ -82,7 +86,7 @@ class EpochStatistics:
     def __init__(self, pl_module: LightningModule, arguments: StatisticsArguments) -> None:
         self.collector = StatisticsCollector(pl_module, **arguments.collector_kwargs())
         self.dataloader_idx = arguments.dataloader_idx
-        self.first_batch: Any = None  # the first batch counted
+        self.batches: list[Any] = []  # the first CALIBRATION_BATCHES counted, copied outside inference mode
         self.collector.attach()
         self._observing: contextlib.ExitStack | None = None
 
@@ -93,8 +97,9 @@ class EpochStatistics:
     def batch_start(self, batch: Any, dataloader_idx: int = 0) -> None:
         if not self.counts(dataloader_idx):
             return
-        if self.first_batch is None:
-            self.first_batch = batch
+        if len(self.batches) < CALIBRATION_BATCHES:
+            with torch.inference_mode(False):  # a later backward pass (rank allocation) may use them
+                self.batches.append(apply_to_collection(batch, Tensor, Tensor.clone))
         stack = contextlib.ExitStack()
         if _set_stance is not None:
             stack.enter_context(_set_stance("force_eager"))

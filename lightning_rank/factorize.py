@@ -10,12 +10,20 @@ and factors in :mod:`lightning_rank.ranks`; rebuilding a factorized structure fr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_rank.checks import RankSpec, check_budget, check_method, check_ranks, check_threshold
+from lightning_rank.checks import (
+    RankSpec,
+    check_allocation,
+    check_budget,
+    check_method,
+    check_ranks,
+    check_threshold,
+)
 from lightning_rank.factors import (  # noqa: F401  (re-exported: their home before the split)
     allocate_ranks,
     output_error,
@@ -24,7 +32,7 @@ from lightning_rank.factors import (  # noqa: F401  (re-exported: their home bef
     tail_curve,
     whiten_factors,
 )
-from lightning_rank.layers import LOW_RANK_TYPES, low_rank_from_dense, low_rank_type
+from lightning_rank.layers import low_rank_from_dense
 from lightning_rank.ranks import (
     Replaceable,
     check_budget_feasible,
@@ -32,11 +40,12 @@ from lightning_rank.ranks import (
     factors,
     plan_budget,
     plan_ranks,
-    relative_error,
     resolve_ranks,
+    relative_error as layer_relative_error,
     why_not_at_rank,
 )
-from lightning_rank.statistics import ActivationStatistics
+from lightning_rank.selection import select_layers, shared_weights, why_not_replaceable
+from lightning_rank.statistics import ActivationStatistics, ForwardFn
 from lightning_rank.structure import load_factorized, rebuild_factorized_  # noqa: F401
 from lightning_rank.targets import (
     LayerKind,
@@ -44,10 +53,8 @@ from lightning_rank.targets import (
     Target,
     get_submodule,
     layer_kind,
-    named_modules,
-    set_submodule,
     parameter_count,
-    select_targets,
+    set_submodule,
     weight_matrix,
 )
 
@@ -59,7 +66,9 @@ class LayerFactorization:
 
     ``rank`` is the rank planned for it (``None`` when none was), ``relative_error`` the output error
     ``E||(W - W') x||^2 / E||W x||^2`` of the layer as it now is, from the statistics (0.0 when left
-    dense, ``None`` without statistics), ``reason`` why it was not replaced.
+    dense, ``None`` without statistics), ``reason`` why it was not replaced. Under a budget,
+    ``energy_kept`` is the share of the layer's output energy its rank keeps, and ``sensitivity``
+    (``allocation="probe"``) the model's relative output error per unit of this layer's relative error.
     """
 
     name: str
@@ -72,6 +81,8 @@ class LayerFactorization:
     params_before: int | None = None
     params_after: int | None = None
     reason: str | None = None
+    energy_kept: float | None = None
+    sensitivity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -83,8 +94,9 @@ class LayerFactorization:
 class FactorizationResult:
     """What :func:`factorize_` did: whole-model parameter counts and one :class:`LayerFactorization` per layer.
 
-    ``layer_params_before`` / ``layer_params_after`` count the selected layers only (what
-    ``param_budget`` is a fraction of).
+    ``layer_params_before`` / ``layer_params_after`` count the selected layers only; a budget is a
+    fraction of the replaceable ones among them. ``allocation`` is the rule that decided the ranks under
+    a budget (``"probe"``, ``"uniform"`` or ``"greedy"``).
     """
 
     method: str
@@ -95,6 +107,8 @@ class FactorizationResult:
     layer_params_before: int
     layer_params_after: int
     details: dict[str, LayerFactorization] = field(default_factory=dict)
+    macs_budget: float | None = None
+    allocation: str | None = None
 
     @property
     def layers(self) -> dict[str, int]:
@@ -111,6 +125,8 @@ class FactorizationResult:
             "method": self.method,
             "threshold": self.threshold,
             "param_budget": self.param_budget,
+            "macs_budget": self.macs_budget,
+            "allocation": self.allocation,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "layer_params_before": self.layer_params_before,
@@ -193,17 +209,28 @@ def plan_factorization(
     method: str = "projection",
     ranks: RankSpec = None,
     param_budget: float | None = None,
+    macs_budget: float | None = None,
     target_modules: ModuleSelector = None,
     exclude_modules: ModuleSelector = None,
+    allocation: str = "auto",
+    calibration: Iterable[Any] | None = None,
+    forward: ForwardFn | None = None,
 ) -> FactorizationPlan:
     """Decide the ranks of the selected layers and build their low-rank replacements; ``model`` is not changed.
 
     Ranks are the utilized ranks :func:`~lightning_rank.analyze` reports at ``threshold`` by default,
     or ``ranks`` (one int for all, or ``{name or regex: rank}``; a layer it does not name keeps its
-    threshold rank), or chosen to keep ``param_budget`` (a fraction in (0, 1]) of the selected layers'
-    parameters, removing rank where it loses the least output energy (relative to each layer's) per
-    parameter saved. With statistics, ranks never depend on ``method``; only the factors do.
-    A layer is replaced only where ``rank * (out + fan_in) < out * fan_in``.
+    threshold rank), or allocated to keep ``param_budget`` (a fraction in (0, 1]) of the replaceable
+    layers' parameters or ``macs_budget`` of their multiply-adds per example (at most one of ``ranks``,
+    ``param_budget``, ``macs_budget``). Layers that can never be replaced (tied weights,
+    ``nn.MultiheadAttention`` projections, layers without statistics) are out of a budget's base and
+    listed with the reason in ``result.details``. ``allocation`` (see
+    :func:`~lightning_rank.ranks.plan_budget`): ``"auto"`` lets the model's own output on the
+    ``calibration`` batches (a few, run through ``forward`` as in :func:`~lightning_rank.collect`)
+    decide where rank matters, never worse there than one common error tolerance ("uniform", the rule
+    without calibration batches). ``macs_budget`` needs ``calibration`` batches to count each layer's
+    output positions. With statistics, ranks never depend on ``method``; only the factors do. A layer
+    is replaced only where ``rank * (out + fan_in) < out * fan_in``.
 
     The selected layers are those ``stats`` holds (as in ``analyze``), or every supported layer of the
     model when ``stats`` is None; ``target_modules`` / ``exclude_modules`` narrow them as in
@@ -212,7 +239,19 @@ def plan_factorization(
     method = check_method(method)
     threshold = check_threshold(threshold)
     budget = check_budget(param_budget)
-    ranks = check_ranks(ranks, budget)
+    macs = check_budget(macs_budget, "macs_budget")
+    ranks = check_ranks(ranks, budget if budget is not None else macs)
+    if budget is not None and macs is not None:
+        raise ValueError("pass either `param_budget` or `macs_budget`, not both")
+    allocation = check_allocation(allocation)
+    calibration = list(calibration) if calibration is not None else None
+    if macs is not None and not calibration:
+        raise ValueError("`macs_budget` needs `calibration` batches (e.g. a few of those given to lr.collect) to "
+                         "count each layer's output positions per example")
+    if allocation == "probe" and not calibration:
+        raise ValueError("allocation='probe' needs `calibration` batches: a few batches the model's forward takes")
+    if allocation == "greedy" and macs is not None:
+        raise ValueError("allocation='greedy' allocates parameters only: use param_budget, or another allocation")
     if stats is None and method != "svd":
         raise ValueError(
             f"method={method!r} needs `stats`: collect them with lr.collect(model, batches), or use method='svd'"
@@ -220,36 +259,41 @@ def plan_factorization(
     if stats is not None and not isinstance(stats, ActivationStatistics):
         raise TypeError(f"`stats` must be ActivationStatistics from lr.collect or None, got {type(stats).__name__}")
 
-    targets, unselectable = _select(model, stats, target_modules, exclude_modules)
+    targets, unselectable = select_layers(model, stats, target_modules, exclude_modules)
     wanted = resolve_ranks(ranks, targets)
     details = {name: _kept(model, name, None, reason) for name, reason in unselectable.items()}
-    shared = _shared_weights(model)
+    shared = shared_weights(model)
     replaceable: dict[str, Target] = {}
     for name, target in targets.items():
-        reason = _why_not_replaceable(name, target, stats, shared)
+        reason = why_not_replaceable(name, target, stats, shared)
         if reason is not None:
             details[name] = _kept(model, name, target, reason)
         else:
             replaceable[name] = target
 
-    needs_ranks = budget is None and any(name not in wanted for name in replaceable)
+    budgeted = budget is not None or macs is not None
+    needs_ranks = not budgeted and any(name not in wanted for name in replaceable)
     spectra = decompositions(model, stats, replaceable, threshold, needs_ranks, method == "projection")
     layers = {name: Replaceable(target, spectra[name]) for name, target in replaceable.items()}
     layer_params_before = sum(parameter_count(t) for t in targets.values())
-    if budget is not None:
-        base = sum(parameter_count(layer.target) for layer in layers.values())
-        plan_budget(layers, budget, base)
+    allocated = None
+    if budgeted:
+        allocated = plan_budget(model, layers, param_budget=budget, macs_budget=macs, allocation=allocation,
+                                calibration=calibration, forward=forward)
     else:
         plan_ranks(layers, wanted, threshold)
 
     modules: dict[str, nn.Module] = {}
     for name, layer in layers.items():
-        reason = why_not_at_rank(layer, threshold, explicit=name in wanted or budget is not None)
+        reason = why_not_at_rank(layer, threshold, explicit=name in wanted or budgeted)
         if reason is not None:
             details[name] = _kept(model, name, layer.target, reason, layer)
-            continue
-        modules[name] = low_rank_from_dense(layer.target.module, *factors(layer, method))
-        details[name] = _replaced(layer, modules[name])
+        else:
+            modules[name] = low_rank_from_dense(layer.target.module, *factors(layer, method))
+            details[name] = _replaced(layer, modules[name])
+        if allocated is not None and name in allocated.layers:
+            chosen = allocated.layers[name]
+            details[name] = replace(details[name], energy_kept=chosen.energy_kept, sensitivity=chosen.sensitivity)
 
     params_before = _count_parameters(model)
     removed = sum(p.numel() for name in modules for p in targets[name].module.parameters())
@@ -257,6 +301,8 @@ def plan_factorization(
         method=method,
         threshold=threshold,
         param_budget=budget,
+        macs_budget=macs,
+        allocation=(allocated.rule if allocated is not None else "greedy") if budgeted else None,
         params_before=params_before,
         params_after=params_before - removed + sum(p.numel() for m in modules.values() for p in m.parameters()),
         layer_params_before=layer_params_before,
@@ -274,8 +320,12 @@ def factorize_(
     method: str = "projection",
     ranks: RankSpec = None,
     param_budget: float | None = None,
+    macs_budget: float | None = None,
     target_modules: ModuleSelector = None,
     exclude_modules: ModuleSelector = None,
+    allocation: str = "auto",
+    calibration: Iterable[Any] | None = None,
+    forward: ForwardFn | None = None,
 ) -> FactorizationResult:
     """Replace the selected layers of ``model`` in place by low-rank factors; returns what was done.
 
@@ -289,8 +339,12 @@ def factorize_(
         method=method,
         ranks=ranks,
         param_budget=param_budget,
+        macs_budget=macs_budget,
         target_modules=target_modules,
         exclude_modules=exclude_modules,
+        allocation=allocation,
+        calibration=calibration,
+        forward=forward,
     )
     return plan.apply_(model)
 
@@ -311,81 +365,13 @@ def check_factorization(
     """
     budget = check_budget(param_budget)
     ranks = check_ranks(ranks, budget)
-    targets, _ = _select(model, None, target_modules, exclude_modules)
+    targets, _ = select_layers(model, None, target_modules, exclude_modules)
     resolve_ranks(ranks, targets)
-    shared = _shared_weights(model)
-    replaceable = {name: t for name, t in targets.items() if _why_not_replaceable(name, t, None, shared) is None}
+    shared = shared_weights(model)
+    replaceable = {name: t for name, t in targets.items() if why_not_replaceable(name, t, None, shared) is None}
     if budget is not None:
         shapes = {name: tuple(weight_matrix(t)[0].shape) for name, t in replaceable.items()}
         check_budget_feasible(shapes, budget, sum(parameter_count(t) for t in replaceable.values()))
-
-
-# -- selection -----------------------------------------------------------------------------------
-def _select(
-    model: nn.Module, stats: ActivationStatistics | None, target_modules: ModuleSelector, exclude_modules: ModuleSelector
-) -> tuple[dict[str, Target], dict[str, str]]:
-    """The selected layers ``(targets, unselectable name -> reason)``: those in ``stats`` unless ``target_modules``
-    is given, every supported layer without statistics; raises for a layer that is already factorized."""
-    targets, unselectable = select_targets(model, target_modules, exclude_modules)
-    factorized = {name: m for name, m in named_modules(model) if isinstance(m, LOW_RANK_TYPES)}
-
-    def check_not_factorized(name: str) -> None:
-        owner = name if name in factorized else name.rpartition(".")[0]
-        if owner in factorized:
-            raise ValueError(
-                f"layer {owner!r} is already factorized (rank {factorized[owner].rank}): factorization replaces dense "
-                f"layers. Start from the dense model, or leave the layer out with `exclude_modules=[{owner!r}]`."
-            )
-
-    for name in targets:
-        check_not_factorized(name)
-    if stats is None or target_modules is not None:
-        return targets, unselectable
-    in_stats = {*stats.sources, *stats.skipped}
-    everything = set().union(*select_targets(model))
-    unknown = sorted(name for name in in_stats if name not in everything)
-    for name in unknown:
-        check_not_factorized(name)
-    if unknown:
-        raise ValueError(
-            f"`stats` has layers that `model` does not have: {unknown}. Pass the model the statistics were collected on."
-        )
-    targets = {name: t for name, t in targets.items() if name in in_stats}
-    return targets, {name: reason for name, reason in unselectable.items() if name in in_stats}
-
-
-def _why_not_replaceable(
-    name: str, target: Target, stats: ActivationStatistics | None, shared: dict[int, list[str]]
-) -> str | None:
-    """Why ``target`` cannot be swapped at all, or ``None``; raises when statistics are missing for it."""
-    if target.kind == "mha_in_proj":
-        return (
-            "the packed in_proj of nn.MultiheadAttention is used inside the attention forward, not called as a "
-            "module, so it cannot be swapped for a low-rank module"
-        )
-    if low_rank_type(target.module) is None:
-        return f"{type(target.module).__name__} has no low-rank replacement"
-    owners = shared.get(id(target.module.weight), [])
-    if len(owners) > 1:
-        others = [owner for owner in owners if owner != name]
-        return f"its weight is shared with {', '.join(others)} (tied); replacing it would untie them"
-    if name == "":
-        return "the model itself is this layer: factorize a model that contains it"
-    if stats is not None:
-        if name in stats.skipped:
-            return f"no statistics: {stats.skipped[name]}"
-        if name not in stats:
-            raise ValueError(
-                f"`stats` has no statistics for the selected layer {name!r}: collect them with the same "
-                "`target_modules`/`exclude_modules`, or leave the layer out with `exclude_modules`"
-            )
-        fan_in = weight_matrix(target)[0].shape[1]
-        if stats[name].dim != fan_in:
-            raise ValueError(
-                f"`stats` for layer {name!r} has inputs of length {stats[name].dim}, but its fan_in is {fan_in}: "
-                "pass the statistics collected on this model"
-            )
-    return None
 
 
 def _replaced(layer: Replaceable, new: nn.Module) -> LayerFactorization:
@@ -397,7 +383,7 @@ def _replaced(layer: Replaceable, new: nn.Module) -> LayerFactorization:
         in_features=layer.shape[1],
         replaced=True,
         rank=layer.rank,
-        relative_error=relative_error(layer, new.dense_weight().detach().to(layer.weight)),
+        relative_error=layer_relative_error(layer, new.dense_weight().detach().to(layer.weight)),
         params_before=parameter_count(layer.target),
         params_after=sum(p.numel() for p in new.parameters()),
     )
@@ -432,15 +418,6 @@ def _kept(
         params_after=params,
         reason=reason,
     )
-
-
-def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
-    """``id(parameter) -> names of the modules holding it``, to spot tied weights."""
-    owners: dict[int, list[str]] = {}
-    for name, module in named_modules(model, remove_duplicate=False):
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(name)
-    return owners
 
 
 def _count_parameters(model: nn.Module) -> int:

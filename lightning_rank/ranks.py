@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rank.analysis import decompose
+from lightning_rank.allocation import Allocation, allocate
 from lightning_rank.checks import RankSpec
 from lightning_rank.factors import (
     _balanced,
@@ -27,8 +28,8 @@ from lightning_rank.factors import (
     whitened_weight,
 )
 from lightning_rank.spectrum import energy_rank
-from lightning_rank.statistics import ActivationStatistics
-from lightning_rank.targets import Target, weight_matrix
+from lightning_rank.statistics import ActivationStatistics, ForwardFn
+from lightning_rank.targets import Target, parameter_count, weight_matrix
 
 
 @dataclass
@@ -177,20 +178,52 @@ def check_budget_feasible(shapes: dict[str, tuple[int, int]], budget: float, bas
         )
 
 
-def plan_budget(layers: dict[str, Replaceable], budget: float, base: int) -> None:
-    """Set each layer's rank so that the replaceable layers keep at most ``budget * base`` parameters."""
-    needed = base - math.floor(budget * base)
-    if needed <= 0:
-        return
-    check_budget_feasible({name: layer.shape for name, layer in layers.items()}, budget, base)
+def plan_budget(
+    model: nn.Module,
+    layers: dict[str, Replaceable],
+    *,
+    param_budget: float | None,
+    macs_budget: float | None,
+    allocation: str,
+    calibration: list | None,
+    forward: ForwardFn | None,
+) -> Allocation | None:
+    """Set each layer's rank so that the replaceable layers keep ``param_budget`` of their parameters or
+    ``macs_budget`` of their multiply-adds per example; returns the :class:`~lightning_rank.allocation.Allocation`.
+
+    ``allocation``: ``"probe"`` (the model's own output on the ``calibration`` batches decides, never
+    worse there than ``"uniform"``), ``"uniform"`` (one common tolerance on every layer's relative
+    output error: the floor), ``"greedy"`` (least relative layer error per parameter saved, the former
+    rule, parameters only) or ``"auto"`` (``"probe"`` with calibration batches, else ``"uniform"``).
+    """
+    from lightning_rank.probe import Probe
+    from lightning_rank.selection import candidate
+
     fits = {name: layer for name, layer in layers.items() if break_even_rank(*layer.shape) >= 1}
-    chosen = allocate_ranks(
-        {name: layer.error_curve().tolist() for name, layer in fits.items()},
-        {name: layer.shape for name, layer in fits.items()},
-        needed,
-    )
     for name, layer in layers.items():
-        layer.rank = chosen[name] if name in fits else 1  # rank 1 does not save: reported as such
+        layer.rank = 1 if name not in fits else None  # rank 1 does not save: reported as such
+    if allocation == "greedy":
+        base = sum(parameter_count(layer.target) for layer in layers.values())
+        needed = base - math.floor(param_budget * base)
+        if needed > 0:
+            check_budget_feasible({name: layer.shape for name, layer in layers.items()}, param_budget, base)
+            chosen = allocate_ranks(
+                {name: layer.error_curve().tolist() for name, layer in fits.items()},
+                {name: layer.shape for name, layer in fits.items()},
+                needed,
+            )
+            for name, layer in fits.items():
+                layer.rank = chosen[name]
+        return None
+    probe = Probe(model, calibration, forward=forward) if calibration is not None else None
+    positions = probe.positions({name: layer.target for name, layer in fits.items()}) if probe else {}
+    candidates = {name: candidate(name, layer, positions.get(name, 1.0)) for name, layer in fits.items()}
+    rule = ("probe" if probe is not None else "uniform") if allocation == "auto" else allocation
+    result = allocate(candidates, param_budget=param_budget, macs_budget=macs_budget,
+                      probe=probe if rule == "probe" else None, rule=rule)
+    for name, layer in fits.items():
+        layer.rank = result.layers[name].rank
+    return result
 
 
 def why_not_at_rank(layer: Replaceable, threshold: float, explicit: bool) -> str | None:

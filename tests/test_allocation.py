@@ -11,15 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lightning_rank as lr
-from lightning_rank.allocation import (
-    LayerCandidate,
-    Probe,
-    allocate,
-    allocate_on_curves,
-    layer_candidates,
-    linear_damage,
-    uniform_tolerance,
-)
+from lightning_rank.allocation import LayerCandidate, allocate, allocate_on_curves, uniform_tolerance
+from lightning_rank.probe import Probe, linear_damage
+from lightning_rank.selection import layer_candidates
 from tests.test_layers import Conv1D
 
 
@@ -390,3 +384,35 @@ def test_halving_parameters_leaves_multiply_adds_almost_unchanged_but_a_macs_bud
     by_macs = allocate(candidates, macs_budget=0.5, probe=probe)
     assert kept(by_macs, "macs") <= 0.5
     assert by_macs.ranks.keys() & {"conv1", "conv2"}
+
+
+def test_factorize_with_calibration_batches_allocates_by_the_models_own_output() -> None:
+    """``factorize_(param_budget=..., calibration=...)``: the probe rule, its details, and less error than the floor."""
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    g = torch.Generator().manual_seed(2)
+    scales = torch.logspace(0, -1.5, 16)
+    batches = [torch.randn(128, 16, generator=g) * scales for _ in range(3)]
+    stats = lr.collect(model, batches)
+    fresh = torch.randn(512, 16, generator=g) * scales
+    with torch.no_grad():
+        reference = model(fresh)
+    errors, results = {}, {}
+    for label, kwargs in (("uniform", {}), ("probe", {"calibration": batches})):
+        compressed = copy.deepcopy(model)
+        results[label] = lr.factorize_(compressed, stats, method="whiten", param_budget=0.45, exclude_modules=["mix"],
+                                       **kwargs)
+        with torch.no_grad():
+            errors[label] = float((compressed(fresh) - reference).square().sum() / reference.square().sum())
+    assert (results["uniform"].allocation, results["probe"].allocation) == ("uniform", "probe")
+    assert errors["probe"] < 0.5 * errors["uniform"]
+    details = results["probe"].details
+    assert details["loud"].sensitivity > 10 * details["quiet"].sensitivity
+    assert 0 < details["loud"].energy_kept <= 1 and details["loud"].rank > results["uniform"].details["loud"].rank
+    assert results["probe"].to_dict()["allocation"] == "probe"
+    with pytest.raises(ValueError, match="`macs_budget` needs `calibration`"):
+        lr.factorize_(copy.deepcopy(model), stats, macs_budget=0.5)
+    with pytest.raises(ValueError, match="either `param_budget` or `macs_budget`"):
+        lr.factorize_(copy.deepcopy(model), stats, param_budget=0.5, macs_budget=0.5, calibration=batches)
+    with pytest.raises(ValueError, match="`allocation` must be one of"):
+        lr.factorize_(copy.deepcopy(model), stats, param_budget=0.5, allocation="best")

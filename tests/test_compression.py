@@ -374,7 +374,7 @@ def test_strategies_other_than_single_device_and_ddp_are_rejected() -> None:
     [
         ({"threshold": 0}, "threshold"),
         ({"param_budget": 1.5}, "param_budget"),
-        ({"param_budget": 0.5, "ranks": 3}, "either `ranks` or `param_budget`"),
+        ({"param_budget": 0.5, "ranks": 3}, "either `ranks` or a budget"),
         ({"method": "qr"}, "method"),
         ({"compress_at_epoch": 0}, "compress_at_epoch"),
         ({"compress_at_epoch": 1.0}, "compress_at_epoch"),
@@ -498,3 +498,21 @@ def test_rank_monitor_selectors_of_layers_built_in_configure_model_are_checked_o
     trainer = make_trainer(tmp_path, 1, [monitor], logger=False, limit_train_batches=2, limit_val_batches=2)
     trainer.fit(BuiltInConfigureModel())
     assert list(monitor.report.analyzed) == ["net.2"]
+
+
+@pytest.mark.parametrize("budget", ["param_budget", "macs_budget"])
+def test_budgets_are_allocated_by_the_models_own_output_on_validation_batches(tmp_path: Path, budget: str) -> None:
+    """One process: the first validation batches calibrate the allocation (the probe rule), in either unit."""
+    L.seed_everything(0)
+    model = Classifier()
+    compression = lr.RankCompression(compress_at_epoch=2, method="whiten", monitor="val_acc", **{budget: 0.3})
+    make_trainer(tmp_path, 3, [compression], logger=False).fit(model)
+    result = compression.result
+    assert result.allocation in ("probe", "uniform") and result.layers  # the better of the two on calibration
+    kept = {name: d for name, d in result.details.items() if d.energy_kept is not None}
+    assert kept and all(0 <= d.energy_kept <= 1 and d.sensitivity is not None for d in kept.values())
+    summary = json.loads((tmp_path / "rank_reports" / "compression.json").read_text())
+    if budget == "macs_budget":  # every selected layer is replaceable here, so the whole forward shrinks
+        assert summary["macs_after"] <= 0.3 * summary["macs_before"] * 1.05
+    else:
+        assert result.layer_params_after <= 0.3 * result.layer_params_before

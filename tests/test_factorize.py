@@ -240,7 +240,7 @@ def test_budget_allocation_beats_uniform_ranks_when_utilization_differs() -> Non
     uniform_result = lr.factorize_(uniform, stats, method="whiten", ranks=8)
     budget = uniform_result.layer_params_after / uniform_result.layer_params_before
     greedy = copy.deepcopy(base)
-    greedy_result = lr.factorize_(greedy, stats, method="whiten", param_budget=budget)
+    greedy_result = lr.factorize_(greedy, stats, method="whiten", param_budget=budget, allocation="greedy")
     assert greedy_result.params_after <= uniform_result.params_after
     assert greedy_result.layers["low"] == 4 and greedy_result.layers["high"] == 12
 
@@ -425,7 +425,7 @@ def test_bad_input_raises_clear_errors() -> None:
         (dict(param_budget=True), r"`param_budget`"),
         (dict(param_budget=0.001), r"`param_budget`=0.001.*at least"),
         (dict(method="pca"), r"`method` must be one of 'projection', 'whiten', 'svd', got 'pca'"),
-        (dict(ranks=2, param_budget=0.5), r"either `ranks` or `param_budget`"),
+        (dict(ranks=2, param_budget=0.5), r"either `ranks` or a budget"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -1,0 +1,139 @@
+"""Which selected layers factorization may replace, and why the others may not.
+
+Shared by the planner (:func:`~lightning_rank.factorize.plan_factorization`), its early checks, and
+:func:`layer_candidates`, which hands the replaceable layers to rank allocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lightning_rank.allocation import LayerCandidate
+from lightning_rank.layers import LOW_RANK_TYPES, low_rank_type
+from lightning_rank.ranks import Replaceable, decompositions
+from lightning_rank.statistics import ActivationStatistics
+from lightning_rank.targets import ModuleSelector, Target, named_modules, select_targets, weight_matrix
+
+
+def select_layers(
+    model: nn.Module, stats: ActivationStatistics | None, target_modules: ModuleSelector, exclude_modules: ModuleSelector
+) -> tuple[dict[str, Target], dict[str, str]]:
+    """The selected layers ``(targets, unselectable name -> reason)``: those in ``stats`` unless ``target_modules``
+    is given, every supported layer without statistics; raises for a layer that is already factorized."""
+    targets, unselectable = select_targets(model, target_modules, exclude_modules)
+    factorized = {name: m for name, m in named_modules(model) if isinstance(m, LOW_RANK_TYPES)}
+
+    def check_not_factorized(name: str) -> None:
+        owner = name if name in factorized else name.rpartition(".")[0]
+        if owner in factorized:
+            raise ValueError(
+                f"layer {owner!r} is already factorized (rank {factorized[owner].rank}): factorization replaces dense "
+                f"layers. Start from the dense model, or leave the layer out with `exclude_modules=[{owner!r}]`."
+            )
+
+    for name in targets:
+        check_not_factorized(name)
+    if stats is None or target_modules is not None:
+        return targets, unselectable
+    in_stats = {*stats.sources, *stats.skipped}
+    everything = set().union(*select_targets(model))
+    unknown = sorted(name for name in in_stats if name not in everything)
+    for name in unknown:
+        check_not_factorized(name)
+    if unknown:
+        raise ValueError(
+            f"`stats` has layers that `model` does not have: {unknown}. Pass the model the statistics were collected on."
+        )
+    targets = {name: t for name, t in targets.items() if name in in_stats}
+    return targets, {name: reason for name, reason in unselectable.items() if name in in_stats}
+
+
+def why_not_replaceable(
+    name: str, target: Target, stats: ActivationStatistics | None, shared: dict[int, list[str]]
+) -> str | None:
+    """Why ``target`` cannot be swapped at all, or ``None``; raises when statistics are missing for it."""
+    if target.kind == "mha_in_proj":
+        return (
+            "the packed in_proj of nn.MultiheadAttention is used inside the attention forward, not called as a "
+            "module, so it cannot be swapped for a low-rank module"
+        )
+    if low_rank_type(target.module) is None:
+        return f"{type(target.module).__name__} has no low-rank replacement"
+    owners = shared.get(id(target.module.weight), [])
+    if len(owners) > 1:
+        others = [owner for owner in owners if owner != name]
+        return f"its weight is shared with {', '.join(others)} (tied); replacing it would untie them"
+    if name == "":
+        return "the model itself is this layer: factorize a model that contains it"
+    if stats is not None:
+        if name in stats.skipped:
+            return f"no statistics: {stats.skipped[name]}"
+        if name not in stats:
+            raise ValueError(
+                f"`stats` has no statistics for the selected layer {name!r}: collect them with the same "
+                "`target_modules`/`exclude_modules`, or leave the layer out with `exclude_modules`"
+            )
+        fan_in = weight_matrix(target)[0].shape[1]
+        if stats[name].dim != fan_in:
+            raise ValueError(
+                f"`stats` for layer {name!r} has inputs of length {stats[name].dim}, but its fan_in is {fan_in}: "
+                "pass the statistics collected on this model"
+            )
+    return None
+
+
+def shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> names of the modules holding it``, to spot tied weights."""
+    owners: dict[int, list[str]] = {}
+    for name, module in named_modules(model, remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def candidate(name: str, layer: Replaceable, positions: float = 1.0) -> LayerCandidate:
+    """What rank allocation needs of one replaceable layer: its weight and the SVD of its whitened weight
+    (of the weight itself without statistics), from the planner's own decompositions."""
+    if layer.spectra.moment is not None:
+        basis, singular_values = layer.whitened()
+    else:
+        basis, singular_values = torch.linalg.svd(layer.weight, full_matrices=False)[:2]
+    bias = weight_matrix(layer.target)[1]
+    return LayerCandidate(name, layer.weight, basis, singular_values, bias.numel() if bias is not None else 0,
+                          positions=positions, target=layer.target)
+
+
+def layer_candidates(
+    model: nn.Module,
+    stats: ActivationStatistics,
+    *,
+    target_modules: ModuleSelector = None,
+    exclude_modules: ModuleSelector = None,
+    positions: Mapping[str, float] | None = None,
+) -> tuple[dict[str, LayerCandidate], dict[str, str]]:
+    """The replaceable layers among those ``stats`` holds (or the selection) as allocation candidates, and
+    ``{name: reason}`` of the layers left out of a budget's base (no statistics, ``nn.MultiheadAttention``
+    projections, no low-rank replacement, tied weights, no rank that saves parameters). ``positions``:
+    output positions per example (default 1; :meth:`~lightning_rank.probe.Probe.positions` measures them)."""
+    targets, left_out = select_layers(model, stats, target_modules, exclude_modules)
+    left_out = dict(left_out)
+    shared = shared_weights(model)
+    replaceable = {}
+    for name, target in targets.items():
+        reason = why_not_replaceable(name, target, stats, shared)
+        if reason is None:
+            replaceable[name] = target
+        else:
+            left_out[name] = reason
+    spectra = decompositions(model, stats, replaceable, 0.99, with_ranks=False, with_output_basis=False)
+    candidates = {}
+    for name, target in replaceable.items():
+        entry = candidate(name, Replaceable(target, spectra[name]), (positions or {}).get(name, 1.0))
+        if entry.max_rank < 1:
+            left_out[name] = f"no rank saves parameters on its {entry.shape[0]} x {entry.shape[1]} weight"
+        else:
+            candidates[name] = entry
+    return candidates, left_out

@@ -133,13 +133,14 @@ def _decompose(
         targets = {name: target for name, target in targets.items() if name in layers}
         empty = {name: reason for name, reason in empty.items() if name in layers}
     keys = dict.fromkeys(stats.sources[name] for name in targets)
-    unit = ROUNDOFF_SAFETY * torch.finfo(eig_dtype).eps  # one product or cast in the eigen dtype
 
     widening = {name for name, target in targets.items() if _widens(target)}
     with_vectors = set(keys) if vectors else set()
-    moments = {key: stats.inputs[key].second_moment(centered, dtype=eig_dtype) for key in keys}
+    # A small eigenproblem costs as little in float64 as in float32, and float64 never needs solving again.
+    dtypes = {key: torch.float64 if stats.inputs[key].dim < FLOAT32_FROM else eig_dtype for key in keys}
+    moments = {key: stats.inputs[key].second_moment(centered, dtype=dtypes[key]) for key in keys}
     scales = {key: _scales(stats.inputs[key]) for key in keys}
-    exact = _Float64(stats, centered, moments if eig_dtype == torch.float64 else {})
+    exact = _Float64(stats, centered, {key: m for key, m in moments.items() if m.dtype == torch.float64})
     raw_in = {
         **_eigen_batched({k: m for k, m in moments.items() if k in with_vectors}, torch.linalg.eigh),
         **_eigen_batched({k: m for k, m in moments.items() if k not in with_vectors}, _values_only),
@@ -147,6 +148,7 @@ def _decompose(
     refined: list[str] = []
     in_spectra = {}
     for key in keys:
+        unit = ROUNDOFF_SAFETY * torch.finfo(dtypes[key]).eps  # one product or cast in the eigen dtype
         extra = 2 * unit * float(scales[key].square().max()) if scales[key].numel() else 0.0  # cast and division
         in_spectra[key] = _settle(raw_in[key], lambda key=key: exact.moment(key), stats.inputs[key], scales[key],
                                   threshold, keep_vectors=key in with_vectors, extra=extra)
@@ -159,9 +161,10 @@ def _decompose(
     extras: dict[str, float] = {}
     for name, target in targets.items():
         key = stats.sources[name]
-        weight, bias = (t.detach().to(device=stats.device, dtype=eig_dtype) if t is not None else None
+        unit = ROUNDOFF_SAFETY * torch.finfo(dtypes[key]).eps
+        weight, bias = (t.detach().to(device=stats.device, dtype=dtypes[key]) if t is not None else None
                         for t in weight_matrix(target))
-        mean = stats.inputs[key].mean().to(eig_dtype)
+        mean = stats.inputs[key].mean().to(dtypes[key])
         spectra[name] = LayerSpectra(target, weight, bias, moments[key], mean, in_spectra[key], Spectrum(torch.empty(0)))
         # |W| s (+ |b|): the scale of each output entry, which bounds what one product in eig_dtype errs by
         reach = weight.abs().double() @ scales[key].to(weight.device)
@@ -398,16 +401,20 @@ def _values_only(matrices: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(matrices)
 
 
+# Moments smaller than this are solved in float64 whatever ``eig_dtype`` says.
+FLOAT32_FROM = 256
+
 # Large eigenproblems gain nothing from batching, and stacking them costs a copy of each.
 _BATCH_BELOW = 1024
 
 
 def _eigen_batched(matrices: dict[str, Tensor], solve: Callable[[Tensor], Any]) -> dict[str, Any]:
-    """``solve`` (``eigvalsh`` or ``eigh``) of each symmetric matrix, one batched call per size below ``_BATCH_BELOW``."""
-    groups: dict[tuple[int, str | None], list[str]] = defaultdict(list)
+    """``solve`` (``eigvalsh`` or ``eigh``) of each symmetric matrix, one batched call per size and dtype below
+    ``_BATCH_BELOW``."""
+    groups: dict[tuple[int, torch.dtype, str | None], list[str]] = defaultdict(list)
     for name, matrix in matrices.items():
         size = matrix.shape[0]
-        groups[(size, None if size < _BATCH_BELOW else name)].append(name)
+        groups[(size, matrix.dtype, None if size < _BATCH_BELOW else name)].append(name)
     out: dict[str, Any] = {}
     for names in groups.values():
         result = solve(torch.stack([matrices[name] for name in names]) if len(names) > 1 else matrices[names[0]][None])

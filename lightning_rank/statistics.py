@@ -217,6 +217,10 @@ def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
     return mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead).reshape(-1)
 
 
+# Conv patches are gathered at the kept positions when fewer than 1/GATHER_BELOW of them are kept; above
+# that, unfolding every position and selecting rows is faster (measured on CPU).
+GATHER_BELOW = 3
+
 UNREACHED = "never called during collection (not reached by the data)"
 _DIVERGED = (
     "its input was the same tensor as {key!r}'s in one batch but differed in another; "
@@ -398,6 +402,8 @@ class StatisticsCollector:
         positions = self._positions(target.name, lead, batch * lead[1], geometry.offsets.numel(), x.device)
         if positions is None:
             return conv_rows(module, x)[0]
+        if positions.numel() * GATHER_BELOW > lead[0] * lead[1]:  # most positions kept: unfold is faster
+            return conv_rows(module, x)[0].index_select(0, positions)
         if any(padding):
             batched = torch.nn.functional.pad(batched, (padding[1], padding[1], padding[0], padding[0]))
         return geometry.gather(batched, positions)

@@ -39,16 +39,19 @@ class Positions:
         dict(kernel_size=2, stride=2),
     ],
 )
-def test_conv_patches_gathered_at_kept_positions_equal_full_unfold_then_select(kwargs, monkeypatch) -> None:
+@pytest.mark.parametrize("most", [False, True])  # few positions kept: gathered; most of them: unfolded, then selected
+def test_conv_patches_gathered_at_kept_positions_equal_full_unfold_then_select(kwargs, most, monkeypatch) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, **kwargs)
     x = torch.randn(4, 3, 9, 8)
-    collector = StatisticsCollector(conv, max_rows_per_batch=7, seed=1)
+    positions = conv(x)[:, 0].numel()
+    keep = positions - 3 if most else 7
+    collector = StatisticsCollector(conv, max_rows_per_batch=keep, seed=1)
     recorder = Positions(collector, monkeypatch)
     with collector.attached(), torch.no_grad(), collector.observe(x):
         conv(x)
     (kept,) = recorder.kept
-    assert kept.numel() == 7
+    assert kept.numel() == keep
     everything = patches_reference(x, conv)  # every position, by explicit slicing
     assert_stats(collector.compute()[""], everything[kept])
 

@@ -52,7 +52,7 @@ def synthetic_stats(rows: int = 50_000) -> lr.ActivationStatistics:
             jitter = 1 + 0.01 * b
             stats.inputs[key] = lr.InputStatistics(
                 gram=moments[fan_in] * jitter * rows,
-                total=torch.full((fan_in,), 0.01) * rows,
+                total=torch.zeros(fan_in),  # a mean that data could have (C - mu mu^T must stay PSD)
                 count=torch.tensor(rows),
                 nonfinite=torch.tensor(0),
             )

@@ -161,5 +161,4 @@ def test_float32_eigenvalues_give_exactly_the_float64_ranks_and_fall_back_where_
                 refined += len(got.refined)
                 solved += 3  # one input moment, two output moments
         model.float()
-    print(f"refined {refined} of {solved}")
     assert 0 < refined < solved, (refined, solved)  # float32 settles most moments, float64 the rest

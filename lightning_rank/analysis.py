@@ -16,14 +16,16 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_rank.precision import full_precision_matmul
 from lightning_rank.report import LayerRank, RankReport
 from lightning_rank.spectrum import (
+    ROUNDOFF_SAFETY,
     check_threshold,
     clean_spectrum,
     effective_rank,
@@ -45,6 +47,7 @@ class Spectrum:
 
     values: Tensor
     vectors: Tensor | None = None
+    refined: bool = False  # solved again in float64 because the first solve's bounds left its rank open
 
 
 @dataclass
@@ -62,10 +65,12 @@ class LayerSpectra:
 
 @dataclass
 class Analysis:
-    """What :func:`decompose` computed: the report and, per analyzed layer, its :class:`LayerSpectra`."""
+    """What :func:`decompose` computed: the report, per analyzed layer its :class:`LayerSpectra`, and which moments
+    were solved again in float64 (``refined``: input keys, and layer names for outputs)."""
 
     report: RankReport
     layers: dict[str, LayerSpectra]
+    refined: list[str] = field(default_factory=list)  # input keys and layer outputs solved again in float64
 
 
 def analyze(
@@ -74,13 +79,13 @@ def analyze(
     *,
     threshold: float = 0.99,
     centered: bool = False,
-    eig_dtype: torch.dtype = torch.float64,
+    eig_dtype: torch.dtype = torch.float32,
 ) -> RankReport:
     """Utilized rank of every layer in ``stats``: in/out energy ranks at ``threshold``, utilization, MLU.
 
     ``centered=True`` uses covariances instead of (uncentered) second moments. ``eig_dtype`` is the
-    precision of the eigenvalue problems (float64 by default; a float32 result that cannot be shown
-    to give the same ranks is recomputed in float64).
+    precision of the eigenvalue problems: float32 by default, which gives exactly the ranks of float64
+    because every moment whose energy rank its error bounds leave open is solved again in float64.
     """
     return decompose(model, stats, threshold=threshold, centered=centered, eig_dtype=eig_dtype).report
 
@@ -99,7 +104,8 @@ def decompose(
     """:func:`analyze`, also returning each layer's matrices and spectra: the one place moments are decomposed.
 
     ``vectors`` / ``output_vectors`` keep the eigenvectors of the input / output moments (factorization
-    needs them; a report does not). ``layers`` restricts the work to those layers of ``stats``.
+    needs them; a report does not). ``layers`` restricts the work to those layers of ``stats``. Products
+    run at full float32 precision whatever ``torch.set_float32_matmul_precision`` says.
     """
     threshold = check_threshold(threshold)
     if eig_dtype not in (torch.float32, torch.float64):
@@ -108,6 +114,20 @@ def decompose(
         raise TypeError(f"`stats` must be ActivationStatistics from lr.collect, got {type(stats).__name__}")
     if not stats.sources and not stats.skipped:
         raise ValueError("`stats` holds no layer: collect statistics with lr.collect(model, batches) first")
+    with full_precision_matmul():
+        return _decompose(model, stats, threshold, centered, eig_dtype, vectors, output_vectors, layers)
+
+
+def _decompose(
+    model: nn.Module,
+    stats: ActivationStatistics,
+    threshold: float,
+    centered: bool,
+    eig_dtype: torch.dtype,
+    vectors: bool,
+    output_vectors: bool,
+    layers: Collection[str] | None,
+) -> Analysis:
     targets, empty = _targets_of(model, stats)
     if layers is not None:
         targets = {name: target for name, target in targets.items() if name in layers}
@@ -115,49 +135,123 @@ def decompose(
     keys = dict.fromkeys(stats.sources[name] for name in targets)
 
     widening = {name for name, target in targets.items() if _widens(target)}
-    with_vectors = set(keys) if vectors else {stats.sources[name] for name in widening}
-    moments = {key: stats.inputs[key].second_moment(centered, dtype=eig_dtype) for key in keys}
+    with_vectors = set(keys) if vectors else set()
+    # A small eigenproblem costs as little in float64 as in float32, and float64 never needs solving again.
+    dtypes = {key: torch.float64 if stats.inputs[key].dim < FLOAT32_FROM else eig_dtype for key in keys}
+    moments = {key: stats.inputs[key].second_moment(centered, dtype=dtypes[key]) for key in keys}
+    scales = {key: _scales(stats.inputs[key]) for key in keys}
+    exact = _Float64(stats, centered, {key: m for key, m in moments.items() if m.dtype == torch.float64})
     raw_in = {
         **_eigen_batched({k: m for k, m in moments.items() if k in with_vectors}, torch.linalg.eigh),
         **_eigen_batched({k: m for k, m in moments.items() if k not in with_vectors}, _values_only),
     }
-    in_spectra = {
-        key: _settle(raw_in[key], lambda key=key: stats.inputs[key].second_moment(centered, dtype=torch.float64),
-                     stats.inputs[key], _scales(stats.inputs[key]), threshold, keep_vectors=key in with_vectors)
-        for key in keys
-    }
+    refined: list[str] = []
+    in_spectra = {}
+    for key in keys:
+        unit = ROUNDOFF_SAFETY * torch.finfo(dtypes[key]).eps  # one product or cast in the eigen dtype
+        extra = 2 * unit * float(scales[key].square().max()) if scales[key].numel() else 0.0  # cast and division
+        in_spectra[key] = _settle(raw_in[key], lambda key=key: exact.moment(key), stats.inputs[key], scales[key],
+                                  threshold, keep_vectors=key in with_vectors, extra=extra)
+        if in_spectra[key].refined:
+            refined.append(key)
 
     spectra: dict[str, LayerSpectra] = {}
     output_matrices: dict[str, Tensor] = {}
     factors: dict[str, Tensor] = {}
+    extras: dict[str, float] = {}
     for name, target in targets.items():
         key = stats.sources[name]
-        weight, bias = (t.detach().to(device=stats.device, dtype=eig_dtype) if t is not None else None
+        unit = ROUNDOFF_SAFETY * torch.finfo(dtypes[key]).eps
+        weight, bias = (t.detach().to(device=stats.device, dtype=dtypes[key]) if t is not None else None
                         for t in weight_matrix(target))
-        mean = stats.inputs[key].mean().to(eig_dtype)
+        mean = stats.inputs[key].mean().to(dtypes[key])
         spectra[name] = LayerSpectra(target, weight, bias, moments[key], mean, in_spectra[key], Spectrum(torch.empty(0)))
+        # |W| s (+ |b|): the scale of each output entry, which bounds what one product in eig_dtype errs by
+        reach = weight.abs().double() @ scales[key].to(weight.device)
+        if bias is not None and not centered:
+            reach = reach + bias.abs().double()
+        fan_in = weight.shape[1]
         if name in widening:
             spectrum = in_spectra[key]
-            factors[name] = output_factor(weight, bias, spectrum.values.to(weight), spectrum.vectors.to(weight), mean,
-                                          centered)
-            output_matrices[name] = factors[name].t() @ factors[name]
+            if spectrum.vectors is not None:
+                factors[name] = output_factor(weight, bias, spectrum.values.to(weight), spectrum.vectors.to(weight),
+                                              mean, centered)
+            else:
+                factors[name] = _cholesky_factor(weight, bias, moments[key], mean, centered)
+            if factors[name] is None:  # a singular moment has no Cholesky factor: the eigen one, in float64
+                factors[name] = exact.factor(name, weight, bias, key)
+            factor = factors[name]
+            output_matrices[name] = factor.t() @ factor
+            columns = float(output_matrices[name].diagonal().double().max()) if factor.numel() else 0.0
+            extras[name] = unit * (2 * (fan_in + 1) ** 0.5 * float(reach.square().max())
+                                   + factor.shape[0] ** 0.5 * columns)
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
+            extras[name] = unit * 2 * fan_in ** 0.5 * float(reach.square().max()) if reach.numel() else 0.0
     raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only)
     for name, layer in spectra.items():
-        inputs = stats.inputs[stats.sources[name]]
+        key = stats.sources[name]
+        inputs = stats.inputs[key]
         # W dC W^T with independent entry errors r s_j s_k errs by about r t_a t_b, t = sqrt(W^2 s^2)
-        scales = (layer.weight.double().square() @ _scales(inputs).to(layer.weight.device).square()).sqrt()
+        out_scales = (layer.weight.double().square() @ scales[key].to(layer.weight.device).square()).sqrt()
         if name in widening:
-            factor = factors[name]
-            layer.outputs = _settle(raw_out[name], lambda f=factor: f, inputs, scales, threshold, output_vectors,
-                                    factor=True)
+            layer.outputs = _settle(raw_out[name], lambda name=name, layer=layer, key=key: exact.factor(
+                name, layer.weight, layer.bias, key), inputs, out_scales, threshold, output_vectors, factor=True,
+                extra=extras[name], solved_factor=factors[name])
         else:
-            layer.outputs = _settle(raw_out[name], lambda m=output_matrices[name]: m, inputs, scales, threshold,
-                                    output_vectors)
+            layer.outputs = _settle(raw_out[name], lambda layer=layer, key=key: exact.output_moment(
+                layer.weight, layer.bias, key), inputs, out_scales, threshold, output_vectors, extra=extras[name])
+        if layer.outputs.refined:
+            refined.append(name)
 
     report = _report(model, stats, spectra, empty, threshold, centered)
-    return Analysis(report, spectra)
+    return Analysis(report, spectra, refined)
+
+
+class _Float64:
+    """The float64 matrices a moment is solved again from when float32 bounds leave its rank open (made once)."""
+
+    def __init__(self, stats: ActivationStatistics, centered: bool, moments: dict[str, Tensor]) -> None:
+        self.stats, self.centered = stats, centered
+        self._moments = dict(moments)
+        self._eigen: dict[str, tuple[Tensor, Tensor]] = {}
+        self._factors: dict[str, Tensor] = {}
+
+    def moment(self, key: str) -> Tensor:
+        if key not in self._moments:
+            self._moments[key] = self.stats.inputs[key].second_moment(self.centered, dtype=torch.float64)
+        return self._moments[key]
+
+    def output_moment(self, weight: Tensor, bias: Tensor | None, key: str) -> Tensor:
+        mean = self.stats.inputs[key].mean().to(weight.device)
+        return output_moment(weight.double(), None if bias is None else bias.double(), self.moment(key), mean,
+                             self.centered)
+
+    def factor(self, name: str, weight: Tensor, bias: Tensor | None, key: str) -> Tensor:
+        """The output factor of a widening layer from the float64 eigendecomposition of its input moment."""
+        if name not in self._factors:
+            if key not in self._eigen:
+                self._eigen[key] = torch.linalg.eigh(self.moment(key))
+            values, vectors = self._eigen[key]
+            mean = self.stats.inputs[key].mean().to(weight.device)
+            self._factors[name] = output_factor(weight.double(), None if bias is None else bias.double(), values,
+                                                vectors, mean, self.centered)
+        return self._factors[name]
+
+
+def _cholesky_factor(weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Tensor, centered: bool) -> Tensor | None:
+    """``A = [W, b] L`` with ``L L^T = [[C, mu], [mu^T, 1]]`` (Cholesky), so ``A A^T`` is the output moment; None
+    when the moment is singular. Unlike an eigendecomposition it errs entrywise by ``~ sqrt(n) eps s_i s_j``."""
+    if bias is None or centered:
+        matrix, mapping = moment, weight
+    else:
+        one = torch.ones(1, 1, dtype=moment.dtype, device=moment.device)
+        matrix = torch.cat([torch.cat([moment, mean[:, None]], dim=1), torch.cat([mean[None, :], one], dim=1)])
+        mapping = torch.cat([weight, bias[:, None]], dim=1)
+    lower, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        return None
+    return mapping @ lower
 
 
 def _report(
@@ -251,36 +345,43 @@ def _settle(
     threshold: float,
     keep_vectors: bool,
     factor: bool = False,
+    extra: float = 0.0,
+    solved_factor: Tensor | None = None,
 ) -> Spectrum:
     """A :class:`Spectrum` (descending) whose round-off is removed and whose energy rank is certain.
 
-    ``solved`` is ``(values, vectors)`` or ``values`` (ascending) of ``matrix()``; with ``factor`` the
-    matrix is a factor ``A`` of the moment and ``solved`` is of ``A^T A``. Entries of the moment err by
-    at most ``roundoff * s_i s_j`` with ``s = scales``. When the bounds free of eigenvectors leave the
-    rank at ``threshold`` open (a few huge channels, or eigenvalues near the solver's precision), the
-    moment is decomposed again in float64 with eigenvectors, whose per-direction bounds are tight.
+    ``solved`` is ``(values, vectors)`` or ``values`` (ascending) of the moment as computed in the eigen
+    dtype (with ``factor``: of ``A^T A`` for a factor ``A``, ``solved_factor``, of the moment). Entries of
+    the moment err by at most ``roundoff * s_i s_j`` with ``s = scales``, and its eigenvalues by ``extra``
+    more from its products in the eigen dtype. When these bounds, free of eigenvectors, leave the rank at
+    ``threshold`` open (a few huge channels, or eigenvalues near the solver's precision), ``matrix()`` (the
+    moment, or its factor, in float64) is decomposed with eigenvectors, whose per-direction bounds are
+    tight; the result is marked ``refined``.
     """
     values, vectors = solved if isinstance(solved, tuple) else (solved, None)
     roundoff = inputs.roundoff()
     nonzero = scales[scales > 0]
     least = roundoff * float(nonzero.square().min()) if nonzero.numel() else 0.0
     greatest = roundoff * float(scales.square().max()) if scales.numel() else 0.0
-    solver = float(solver_bound(values, values.dtype))
+    solver = float(solver_bound(values, values.dtype)) + extra
     low, high = energy_rank_interval(values, greatest + solver, threshold)
-    if low != high:
-        values, vectors = _refined(matrix(), factor)
+    refined = low != high
+    if refined:
+        exact = matrix()
+        values, vectors = _refined(exact, factor)
         solver = float(solver_bound(values, torch.float64))
-        directions = _output_directions(matrix(), values, vectors) if factor else vectors
+        directions = _output_directions(exact, values, vectors) if factor else vectors
         bounds = roundoff_bounds(roundoff, scales.to(values.device), directions) + solver
         cleaned = clean_spectrum(values, bounds)
     else:
+        exact = solved_factor
         cleaned = clean_spectrum(values.double(), least + solver)
     order = cleaned.argsort(descending=True)
     if not keep_vectors or vectors is None:
-        return Spectrum(cleaned[order])
+        return Spectrum(cleaned[order], refined=refined)
     if factor:
-        vectors = _output_directions(matrix(), values, vectors)
-    return Spectrum(cleaned[order], vectors[:, order])
+        vectors = _output_directions(exact, values, vectors)
+    return Spectrum(cleaned[order], vectors[:, order], refined=refined)
 
 
 def _refined(matrix: Tensor, factor: bool) -> tuple[Tensor, Tensor]:
@@ -300,16 +401,20 @@ def _values_only(matrices: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(matrices)
 
 
+# Moments smaller than this are solved in float64 whatever ``eig_dtype`` says.
+FLOAT32_FROM = 256
+
 # Large eigenproblems gain nothing from batching, and stacking them costs a copy of each.
 _BATCH_BELOW = 1024
 
 
 def _eigen_batched(matrices: dict[str, Tensor], solve: Callable[[Tensor], Any]) -> dict[str, Any]:
-    """``solve`` (``eigvalsh`` or ``eigh``) of each symmetric matrix, one batched call per size below ``_BATCH_BELOW``."""
-    groups: dict[tuple[int, str | None], list[str]] = defaultdict(list)
+    """``solve`` (``eigvalsh`` or ``eigh``) of each symmetric matrix, one batched call per size and dtype below
+    ``_BATCH_BELOW``."""
+    groups: dict[tuple[int, torch.dtype, str | None], list[str]] = defaultdict(list)
     for name, matrix in matrices.items():
         size = matrix.shape[0]
-        groups[(size, None if size < _BATCH_BELOW else name)].append(name)
+        groups[(size, matrix.dtype, None if size < _BATCH_BELOW else name)].append(name)
     out: dict[str, Any] = {}
     for names in groups.values():
         result = solve(torch.stack([matrices[name] for name in names]) if len(names) > 1 else matrices[names[0]][None])

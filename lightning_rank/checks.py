@@ -29,6 +29,7 @@ __all__ = [
     "check_monitor",
     "check_optional_index",
     "check_positive_int",
+    "check_row_policy",
     "check_ranks",
     "check_selector",
     "check_threshold",
@@ -45,6 +46,18 @@ def check_positive_int(value: Any, argument: str) -> int:
     """``value`` if it is an int >= 1, else a ``ValueError`` naming ``argument``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{argument}` must be a positive int, got {value!r}")
+    return value
+
+
+def check_row_policy(value: Any, argument: str = "max_rows_per_batch") -> Any:
+    """``value`` if it is a row policy: ``"auto"``, ``None`` (every row) or an int >= 1, else an error naming ``argument``."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`{argument}` must be \"auto\" (rows sized by each layer's fan_in), None (every row: exact statistics) "
+            f"or a positive int (at most that many rows of each input per batch), got {value!r}"
+        )
     return value
 
 
@@ -187,7 +200,7 @@ class StatisticsArguments:
     target_modules: ModuleSelector = None
     exclude_modules: ModuleSelector = None
     mask_fn: MaskFn | None = None
-    max_rows_per_batch: int | None = None
+    max_rows_per_batch: int | str | None = "auto"
     dtype: torch.dtype = torch.float32
     seed: int = 0
     dataloader_idx: int | None = None
@@ -196,8 +209,7 @@ class StatisticsArguments:
         check_mask_fn(self.mask_fn)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"`seed` must be an int, got {self.seed!r}")
-        if self.max_rows_per_batch is not None:
-            check_positive_int(self.max_rows_per_batch, "max_rows_per_batch")
+        check_row_policy(self.max_rows_per_batch)
         float_dtype(self.dtype)
         check_optional_index(self.dataloader_idx, "dataloader_idx")
         # normalized forms (a list for a sequence of names)

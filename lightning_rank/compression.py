@@ -124,7 +124,9 @@ class RankCompression(ValidationStatisticsCallback):
         target_modules: which layers may be replaced (None: all supported; a regex, a list of names, a callable).
         exclude_modules: layers to leave dense, in the same forms.
         mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (padding rows are not counted).
-        max_rows_per_batch: count at most this many random rows of each input per batch.
+        max_rows_per_batch: the row policy: None (default: every row, exact statistics for the factors),
+            ``"auto"`` (at most ``max(512, 8 * fan_in)`` drawn rows of each input per batch) or an int
+            (at most that many).
         dtype: accumulation dtype of the statistics.
         dataloader_idx: the validation dataloader whose batches are counted (None: all of them).
         dense_checkpoints: write checkpoints after the swap with dense layers (the original structure, loadable
@@ -152,7 +154,7 @@ class RankCompression(ValidationStatisticsCallback):
         target_modules: ModuleSelector = None,
         exclude_modules: ModuleSelector = None,
         mask_fn: MaskFn | None = None,
-        max_rows_per_batch: int | None = None,
+        max_rows_per_batch: int | str | None = None,
         dtype: torch.dtype = torch.float32,
         dataloader_idx: int | None = None,
         dense_checkpoints: bool = False,

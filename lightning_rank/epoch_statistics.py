@@ -145,7 +145,7 @@ class ValidationStatisticsCallback(Callback):
         return self.statistics_arguments.mask_fn
 
     @property
-    def max_rows_per_batch(self) -> int | None:
+    def max_rows_per_batch(self) -> int | str | None:
         return self.statistics_arguments.max_rows_per_batch
 
     @property

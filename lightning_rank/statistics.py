@@ -1,8 +1,10 @@
 """Streaming input statistics of target layers: ``sum x x^T``, ``sum x`` and ``n`` per distinct input.
 
 Forward pre-hooks turn each layer's input into rows (a Linear's ``(..., d)`` input, a convolution's
-unfolded receptive-field patches) and add them to an accumulator. Layers fed the very same tensor in
-one forward pass (q, k, v) share one accumulator, so its Gram matrix is computed once.
+receptive-field patches), keep those the row policy selects (:mod:`~lightning_rank.rows`) and add them
+to an accumulator. Layers fed the very same tensor in one forward pass (q, k, v) share one accumulator,
+so its Gram matrix is computed once. Gram updates run at full float32 precision whatever
+``torch.set_float32_matmul_precision`` says (:mod:`~lightning_rank.precision`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_rank.checks import check_mask_fn, check_positive_int
+from lightning_rank.checks import check_mask_fn, check_row_policy
+from lightning_rank.precision import full_precision_matmul
+from lightning_rank.rows import ConvGeometry, RowPolicy, SharedDraws, conv_input, conv_rows, row_limit
 from lightning_rank.spectrum import sum_roundoff
 from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
 
@@ -98,7 +101,8 @@ class InputStatistics:
             self.nonfinite.add_((~finite).sum())
             rows = rows[finite]
             column_sums = rows.sum(dim=0)
-        symmetric_gram_update_(self._gram, rows)
+        with full_precision_matmul():  # a TF32/bf16 Gram would silently change the ranks
+            symmetric_gram_update_(self._gram, rows)
         self._mirrored = False
         self.total.add_(column_sums)
         self.count.add_(rows.shape[0])
@@ -184,37 +188,26 @@ def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None)
         gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:])
 
 
-def _conv_rows(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """Receptive-field patches as rows ``(B * L, C_in * prod(kernel))`` and the leading dims ``(B, L)``."""
-    spatial = 1 if isinstance(module, nn.Conv1d) else 2
-    if x.dim() == spatial + 1:
-        x = x.unsqueeze(0)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        padding = module.padding
-    else:
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * spatial
-    if spatial == 1:
-        x = x.unsqueeze(2)
-        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    batch, fan_in, positions = cols.shape
-    return cols.transpose(1, 2).reshape(batch * positions, fan_in), (batch, positions)
-
-
 def layer_rows(target: Target, x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
-    """The rows a layer multiplies by its weight for input ``x``, and the leading dims they come from
+    """Every row a layer multiplies by its weight for input ``x``, and the leading dims they come from
     (``None`` for a nested tensor, whose rows are already only the real ones: no mask applies)."""
     if x.is_nested:  # e.g. nn.TransformerEncoder with a padding mask: the values are the real rows
         rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
         return rows, None
     if target.kind in ("conv1d", "conv2d"):
-        return _conv_rows(target.module.first if target.factorized else target.module, x)
-    if target.kind == "mha_in_proj" and target.module.batch_first is False and x.dim() == 3:
-        x = x.transpose(0, 1)  # (T, B, E) -> (B, T, E), so masks read (B, T) for every layer
+        return conv_rows(_conv_module(target), x)
+    x = _token_major(target, x)
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def _conv_module(target: Target) -> nn.Conv1d | nn.Conv2d:
+    return target.module.first if target.factorized else target.module
+
+
+def _token_major(target: Target, x: Tensor) -> Tensor:
+    if target.kind == "mha_in_proj" and target.module.batch_first is False and x.dim() == 3:
+        return x.transpose(0, 1)  # (T, B, E) -> (B, T, E), so masks read (B, T) for every layer
+    return x
 
 
 def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
@@ -223,6 +216,10 @@ def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
         return None
     return mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead).reshape(-1)
 
+
+# Conv patches are gathered at the kept positions when fewer than 1/GATHER_BELOW of them are kept; above
+# that, unfolding every position and selecting rows is faster (measured on CPU).
+GATHER_BELOW = 3
 
 UNREACHED = "never called during collection (not reached by the data)"
 _DIVERGED = (
@@ -253,12 +250,11 @@ class StatisticsCollector:
         target_modules: ModuleSelector = None,
         exclude_modules: ModuleSelector = None,
         mask_fn: MaskFn | None = None,
-        max_rows_per_batch: int | None = None,
+        max_rows_per_batch: RowPolicy = "auto",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> None:
-        if max_rows_per_batch is not None:
-            check_positive_int(max_rows_per_batch, "max_rows_per_batch")
+        check_row_policy(max_rows_per_batch)
         check_mask_fn(mask_fn)
         self.targets, self._unobservable = select_targets(model, target_modules, exclude_modules)
         self.mask_fn = mask_fn
@@ -274,7 +270,8 @@ class StatisticsCollector:
         self._sources: dict[str, str] = {}
         self._diverged: dict[str, str] = {}
         self._unmasked: set[str] = set()
-        self._generator: torch.Generator | None = None
+        self._draws = SharedDraws(self.seed)
+        self._geometry: dict[tuple[str, tuple[int, ...], torch.device], ConvGeometry] = {}
         self._batches = 0
         self._in_pass = False
 
@@ -323,6 +320,8 @@ class StatisticsCollector:
     def observe(self, batch: Any) -> Iterator[None]:
         """Count the target layers' inputs during the forward pass(es) run inside this block."""
         self._mask = self._batch_mask(batch)
+        self._masks: dict[torch.device, Tensor] = {}
+        self._draws.new_batch()
         self._seen: dict[int, _SeenTensor] = {}
         self._layer_tokens: dict[str, set[int]] = {}
         self._input_tokens: dict[str, set[int]] = {}
@@ -334,6 +333,7 @@ class StatisticsCollector:
             self._check_sharing()
             self._seen.clear()
             self._mask = None
+            self._masks.clear()
         self._batches += 1
 
     def _batch_mask(self, batch: Any) -> Tensor | None:
@@ -372,27 +372,62 @@ class StatisticsCollector:
         seen.keys.append(key)
         self._input_tokens.setdefault(key, set()).add(seen.token)
         with torch.no_grad():
-            rows, lead = layer_rows(target, x.detach())
-            rows = self._select_rows(name, rows, lead)
+            rows = self._rows(target, x.detach())
             stats = self._inputs.get(key)
             if stats is None:
                 stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device)
             stats.update(rows)
 
-    def _select_rows(self, name: str, rows: Tensor, lead: tuple[int, ...] | None) -> Tensor:
+    def _rows(self, target: Target, x: Tensor) -> Tensor:
+        """The rows of ``x`` the mask and the row policy keep; conv patches are gathered only where kept."""
+        if x.is_nested:
+            rows, _ = layer_rows(target, x)
+            positions = self._positions(target.name, None, rows.shape[0], rows.shape[1], rows.device)
+            return rows if positions is None else rows.index_select(0, positions)
+        if target.kind not in ("conv1d", "conv2d"):
+            x = _token_major(target, x)
+            lead = tuple(x.shape[:-1])
+            positions = self._positions(target.name, lead, x.numel() // max(x.shape[-1], 1), x.shape[-1], x.device)
+            rows = x.reshape(-1, x.shape[-1])
+            return rows if positions is None else rows.index_select(0, positions)
+        module = _conv_module(target)
+        batched, padding = conv_input(module, x)
+        batch, channels, height, width = batched.shape
+        padded_shape = (channels, height + 2 * padding[0], width + 2 * padding[1])
+        geometry = self._geometry.get((target.name, padded_shape, x.device))
+        if geometry is None:
+            geometry = ConvGeometry(module, padded_shape, x.device)
+            self._geometry[(target.name, padded_shape, x.device)] = geometry
+        lead = (batch, geometry.out_h * geometry.out_w)
+        positions = self._positions(target.name, lead, batch * lead[1], geometry.offsets.numel(), x.device)
+        if positions is None:
+            return conv_rows(module, x)[0]
+        if positions.numel() * GATHER_BELOW > lead[0] * lead[1]:  # most positions kept: unfold is faster
+            return conv_rows(module, x)[0].index_select(0, positions)
+        if any(padding):
+            batched = torch.nn.functional.pad(batched, (padding[1], padding[1], padding[0], padding[0]))
+        return geometry.gather(batched, positions)
+
+    def _positions(
+        self, name: str, lead: tuple[int, ...] | None, n: int, fan_in: int, device: torch.device
+    ) -> Tensor | None:
+        """Flat indices of the rows to count among ``n`` rows of leading dims ``lead`` (None: every row)."""
+        valid = None
         if self._mask is not None and lead is not None:
-            mask = _expand_mask(self._mask.to(rows.device), lead)
+            mask = self._masks.get(device)
             if mask is None:
+                mask = self._masks[device] = self._mask.to(device)
+            expanded = _expand_mask(mask, lead)
+            if expanded is None:
                 self._unmasked.add(name)
-            else:
-                rows = rows[mask]
-        limit = self.max_rows_per_batch
-        if limit is not None and rows.shape[0] > limit:
-            if self._generator is None:
-                self._generator = torch.Generator().manual_seed(self.seed)
-            keep = torch.randperm(rows.shape[0], generator=self._generator)[:limit]
-            rows = rows[keep.to(rows.device)]
-        return rows
+            elif not bool(expanded.all()):
+                valid = expanded.nonzero().squeeze(1)
+        count = n if valid is None else valid.numel()
+        limit = row_limit(self.max_rows_per_batch, fan_in)
+        if limit is None or count <= limit:
+            return valid
+        keep = self._draws.positions(count, limit, device)
+        return keep if valid is None else valid[keep]
 
     def _check_sharing(self) -> None:
         """A layer that shares an accumulator must have seen exactly the inputs added to it."""
@@ -444,7 +479,7 @@ def collect(
     target_modules: ModuleSelector = None,
     exclude_modules: ModuleSelector = None,
     mask_fn: MaskFn | None = None,
-    max_rows_per_batch: int | None = None,
+    max_rows_per_batch: RowPolicy = "auto",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> ActivationStatistics:
@@ -452,6 +487,12 @@ def collect(
 
     No activation is stored: each input adds to ``sum x x^T``, ``sum x`` and ``n`` on its own device.
     Hooks are removed and every module's training flag is restored, even when the forward raises.
+
+    ``max_rows_per_batch`` is the row policy: ``"auto"`` (default) counts at most
+    ``max(512, 8 * fan_in)`` uniformly drawn rows of each input per batch, enough for ranks within +-1
+    of exact statistics at a fraction of the cost; an int counts at most that many; ``None`` counts
+    every row (exact statistics). ``seed`` seeds the draws. Each layer's rows counted are in its
+    report's ``rows``.
     """
     collector = StatisticsCollector(
         model,

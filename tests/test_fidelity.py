@@ -60,8 +60,8 @@ def test_float32_and_float64_statistics_agree_with_a_float64_reference(d, decade
     with torch.no_grad():
         layer.weight[:, :max(outliers, 1)] *= 10  # the weight maps the outlier channels strongly: output ranks too
     xs = outlier_activations(d, decades, outliers, every, mean=mean)
-    stats32 = lr.collect(layer, xs)
-    stats64 = lr.collect(layer.double(), [x.double() for x in xs], dtype=torch.float64)
+    stats32 = lr.collect(layer, xs, max_rows_per_batch=None)
+    stats64 = lr.collect(layer.double(), [x.double() for x in xs], dtype=torch.float64, max_rows_per_batch=None)
     layer.float()
     for t in (0.9, 0.99, 0.999):
         want_in, want_out = reference_ranks(xs, layer, t, centered)
@@ -77,7 +77,7 @@ def test_a_widening_layer_reads_its_output_ranks_through_outlier_channels():
     with torch.no_grad():
         layer.weight[:, :2] *= 10
     xs = outlier_activations(96, 9, 2, 2048)
-    stats = lr.collect(layer, xs)
+    stats = lr.collect(layer, xs, max_rows_per_batch=None)
     for t in (0.9, 0.99, 0.999):
         want_in, want_out = reference_ranks(xs, layer, t, centered=False)
         got = lr.analyze(layer, stats, threshold=t).layers[""]
@@ -96,7 +96,7 @@ def test_exactly_low_rank_data_keeps_its_exact_rank_at_threshold_one():
 def test_float32_gram_errors_stay_inside_the_roundoff_bound():
     """The per-entry bound ``r sqrt(C_ii C_jj)`` holds for real float32 accumulation, also with huge channels."""
     xs = outlier_activations(128, 8, 2, 64, batches=16, rows=512)
-    stats = lr.collect(nn.Linear(128, 8), xs)[""]
+    stats = lr.collect(nn.Linear(128, 8), xs, max_rows_per_batch=None)[""]
     exact = sum(x.double().t() @ x.double() for x in xs)
     error = (stats.gram.double() - exact).abs()
     scale = exact.diagonal().sqrt()
@@ -123,3 +123,42 @@ def test_energy_rank_interval_contains_every_perturbed_rank(values, bound, t, se
         assert low <= int(energy_rank(perturbed, t)) <= high
     if bound == 0:
         assert low == high == int(energy_rank(values, t))
+
+
+class NarrowAndWide(nn.Module):
+    """Two layers on one input: a narrowing one (output moment formed directly) and a widening one (through a factor)."""
+
+    def __init__(self, d: int, outliers: int) -> None:
+        super().__init__()
+        self.narrow, self.wide = nn.Linear(d, d // 2), nn.Linear(d, 2 * d)
+        with torch.no_grad():
+            self.narrow.weight[:, :max(outliers, 1)] *= 10
+            self.wide.weight[:, :max(outliers, 1)] *= 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.narrow(x).sum() + self.wide(x).sum()
+
+
+def test_float32_eigenvalues_give_exactly_the_float64_ranks_and_fall_back_where_needed():
+    """The default ``eig_dtype=float32`` of ``analyze`` gives exactly the ranks of float64 eigenproblems on every
+    outlier spectrum: moments whose rank the float32 bounds leave open are solved again in float64 (counted)."""
+    from lightning_rank.analysis import decompose
+
+    refined = solved = 0
+    for d, decades, outliers, every, centered, mean in CASES:
+        torch.manual_seed(0)
+        model = NarrowAndWide(d, outliers)
+        xs = outlier_activations(d, decades, outliers, every, mean=mean, batches=4)
+        for dtype in (torch.float32, torch.float64):
+            stats = lr.collect(model.to(dtype), [x.to(dtype) for x in xs], dtype=dtype, max_rows_per_batch=None)
+            for t in (0.9, 0.99, 0.999):
+                want = decompose(model, stats, threshold=t, centered=centered, eig_dtype=torch.float64)
+                got = decompose(model, stats, threshold=t, centered=centered, eig_dtype=torch.float32)
+                default = lr.analyze(model, stats, threshold=t, centered=centered)
+                for name in ("narrow", "wide"):
+                    ranks = [(r.layers[name].in_rank, r.layers[name].out_rank) for r in (want.report, got.report, default)]
+                    assert ranks[0] == ranks[1] == ranks[2], (d, decades, dtype, t, name, ranks)
+                refined += len(got.refined)
+                solved += 3  # one input moment, two output moments
+        model.float()
+    assert 0 < refined < solved, (refined, solved)  # float32 settles most moments, float64 the rest

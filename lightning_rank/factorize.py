@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rank.analysis import analyze
-from lightning_rank.layers import LOW_RANK_TYPES, low_rank_from_dense, low_rank_type
+from lightning_rank.layers import LOW_RANK_TYPES, disable_dense_fast_paths, low_rank_from_dense, low_rank_type
 from lightning_rank.spectrum import check_threshold, clean_spectrum, energy_rank, output_factor, output_moment
 from lightning_rank.statistics import ActivationStatistics
 from lightning_rank.targets import ModuleSelector, Target, layer_kind, parameter_count, select_targets, weight_matrix
@@ -362,6 +362,7 @@ def factorize_(
             params_before=parameter_count(layer.target),
             params_after=sum(p.numel() for p in new.parameters()),
         )
+    disable_dense_fast_paths(model)
 
     return FactorizationResult(
         method=method,
@@ -670,6 +671,7 @@ def rebuild_factorized_(model: nn.Module, state_dict: Mapping[str, Any]) -> dict
         placeholder = dense_weight.new_zeros(out, rank), dense_weight.new_zeros(rank, fan_in)
         _set_submodule(model, name, low_rank_from_dense(module, *placeholder))
         rebuilt[name] = rank
+    disable_dense_fast_paths(model)
     return rebuilt
 
 

@@ -18,12 +18,14 @@ Checkpoints written after the swap hold the factorized structure; resuming from 
 
 from __future__ import annotations
 
+import atexit
 import math
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar
@@ -161,6 +163,7 @@ class RankCompression(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:
             return
+        destroy_process_group_at_exit()
         self._skip = bool(trainer.fast_dev_run)
         if self._skip:
             rank_zero_info("RankCompression: `fast_dev_run` is on, so nothing is compressed.")
@@ -499,6 +502,25 @@ def _rebuild_training_state(trainer: Trainer) -> None:
         strategy.configure_ddp()
     strategy.setup_optimizers(trainer)
     _optimizers_to_device(strategy.optimizers, strategy.root_device)
+
+
+_destroy_at_exit_registered = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when this process exits, while Python is still fully alive.
+
+    Lightning does this for NCCL only. With gloo, a worker thread of the process group can hold the last
+    reference to a finished collective's tensors; if it drops it while the interpreter finalizes, it needs
+    the GIL, Python ends the thread with ``pthread_exit``, and the forced unwind through a ``noexcept``
+    destructor aborts the process ("terminate called without an active exception", SIGABRT), so
+    ``ddp_spawn`` raises from ``fit`` after training completed. An ``atexit`` handler runs before
+    finalization; destroying the group there joins those threads first. Needs an initialized group.
+    """
+    global _destroy_at_exit_registered
+    if not _destroy_at_exit_registered and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_dist_connection)
+        _destroy_at_exit_registered = True
 
 
 def _dense_state_dict(pl_module: LightningModule, state_dict: dict[str, Any]) -> dict[str, Any]:

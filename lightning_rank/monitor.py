@@ -24,6 +24,7 @@ from lightning_rank import tensorboard as views
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
 from lightning_rank.checks import check_positive_int, collection_arguments, collection_of
+from lightning_rank.compression import destroy_process_group_at_exit
 from lightning_rank.epoch_statistics import EpochStatistics, can_run_eagerly, is_compiled
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import MaskFn, warn_about_rows
@@ -125,6 +126,7 @@ class RankMonitor(Callback):
     # -- lifecycle ---------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        destroy_process_group_at_exit()
         self._skip = bool(trainer.fast_dev_run)
         if self._skip:
             rank_zero_info("RankMonitor: `fast_dev_run` is on, so no rank analysis is run.")

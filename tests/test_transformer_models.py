@@ -131,6 +131,20 @@ def test_nested_tensors_reach_factorized_layers_after_a_dense_first_layer(fused_
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_disable_dense_fast_paths_touches_only_what_reads_a_factorized_weight() -> None:
+    from lightning_rank.layers import disable_dense_fast_paths
+
+    dense = nn.Sequential(encoder(), encoder())
+    assert disable_dense_fast_paths(dense) == []
+    assert all(m.activation_relu_or_gelu == 1 for m in dense.modules() if isinstance(m, nn.TransformerEncoderLayer))
+    lr.factorize_(dense, None, method="svd", ranks={"0.layers.0.linear2": 4, "1.layers.1.linear1": 4})
+    flags = {name: m.activation_relu_or_gelu for name, m in dense.named_modules()
+             if isinstance(m, nn.TransformerEncoderLayer)}
+    assert flags == {"0.layers.0": 0, "0.layers.1": 1, "1.layers.0": 1, "1.layers.1": 0}
+    assert [dense[0].use_nested_tensor, dense[1].use_nested_tensor] == [False, True]
+    assert disable_dense_fast_paths(dense) == []  # already done by factorize_
+
+
 def test_single_layer_and_full_transformer(fused_calls) -> None:
     """A bare ``TransformerEncoderLayer`` and an ``nn.Transformer`` (whose encoder has the fast path)."""
     torch.manual_seed(0)

@@ -6,16 +6,18 @@ to check. Tested with lightning 2.2 to 2.6 (pinned ``<2.7`` in ``pyproject.toml`
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -180,3 +182,23 @@ def save_checkpoint_now(checkpoint: ModelCheckpoint, trainer: Trainer) -> bool:
     if checkpoint.save_last:
         checkpoint._save_last_checkpoint(trainer, candidates)
     return True
+
+
+_destroy_at_exit_registered = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when this process exits, while Python is still fully alive.
+
+    Stands in for what Lightning does for NCCL only (``_destroy_dist_connection`` at teardown). With gloo,
+    a worker thread of the process group can hold the last reference to a finished collective's tensors;
+    if it drops it while the interpreter finalizes, it needs the GIL, Python ends the thread with
+    ``pthread_exit``, and the forced unwind through a ``noexcept`` destructor aborts the process
+    ("terminate called without an active exception", SIGABRT), so ``ddp_spawn`` raises from ``fit`` after
+    training completed. An ``atexit`` handler runs before finalization; destroying the group there joins
+    those threads first. Needs an initialized group; registered once per process.
+    """
+    global _destroy_at_exit_registered
+    if not _destroy_at_exit_registered and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_dist_connection)
+        _destroy_at_exit_registered = True

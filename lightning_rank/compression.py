@@ -196,6 +196,7 @@ class RankCompression(ValidationStatisticsCallback):
         if stage != TrainerFn.FITTING.value:  # trainer.validate/test/predict(model, ckpt_path=<after the swap>)
             self._run = _Run(unwrap_load_hook=_lightning.before_weights_load(pl_module, self._rebuilder(pl_module)))
             return
+        _lightning.destroy_process_group_at_exit()
         self._run = _Run(disabled=bool(trainer.fast_dev_run))
         if self._run.disabled:
             rank_zero_info("RankCompression: `fast_dev_run` is on, so nothing is compressed.")

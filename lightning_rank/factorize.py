@@ -32,7 +32,7 @@ from lightning_rank.factors import (  # noqa: F401  (re-exported: their home bef
     tail_curve,
     whiten_factors,
 )
-from lightning_rank.layers import low_rank_from_dense
+from lightning_rank.layers import disable_dense_fast_paths, low_rank_from_dense
 from lightning_rank.ranks import (
     Replaceable,
     check_budget_feasible,
@@ -198,6 +198,7 @@ class FactorizationPlan:
             for name in reversed(done):
                 set_submodule(model, name, self.replaced[name])
             raise
+        disable_dense_fast_paths(model)
         return self.result
 
 

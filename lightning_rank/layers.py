@@ -287,3 +287,38 @@ def low_rank_from_dense(layer: nn.Module, a: Tensor, b: Tensor) -> LowRankLinear
             "and nn.Conv1d / nn.Conv2d with groups=1"
         )
     return cls.from_dense(layer, a, b)
+
+
+def _has_dense_weights(layer: nn.Module, names: tuple[str, ...]) -> bool:
+    return all(isinstance(getattr(getattr(layer, name, None), "weight", None), Tensor) for name in names)
+
+
+def disable_dense_fast_paths(model: nn.Module) -> list[str]:
+    """Make torch's fused inference paths decline wherever they would read a factorized layer's dense ``.weight``.
+
+    Call it after swapping low-rank layers into ``model`` (``factorize_`` and ``load_factorized`` do);
+    it returns the names of the modules it changed, and changes nothing else.
+
+    In eval mode without gradients, ``nn.TransformerEncoderLayer`` runs one fused kernel that takes
+    ``linear1.weight``/``linear2.weight`` directly, and ``nn.TransformerEncoder`` reads its first layer's
+    weights before packing padded inputs into nested tensors. A low-rank layer has no dense weight on
+    purpose: materializing ``A B`` on every call would cost the dense layer's time and memory (and
+    in-place writes to such a weight would be silently lost). So a layer with a factorized ``linear1`` or
+    ``linear2`` gets ``activation_relu_or_gelu = 0`` (that flag only picks the fused kernel's activation;
+    with 0 the layer runs its regular forward, which calls the low-rank layers and gives the same
+    outputs), and an encoder whose first layer is such a layer gets ``use_nested_tensor = False``
+    (torch's own switch, which its ``__init__`` sets for layers that cannot take the fast path). Later
+    factorized layers still accept the nested tensors an encoder with a dense first layer passes them.
+    """
+    changed = []
+    ffn = ("linear1", "linear2")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and not _has_dense_weights(module, ffn):
+            if module.activation_relu_or_gelu:
+                module.activation_relu_or_gelu = 0
+                changed.append(name)
+        elif isinstance(module, nn.TransformerEncoder) and len(module.layers) > 0:
+            if not _has_dense_weights(module.layers[0], ffn) and getattr(module, "use_nested_tensor", False):
+                module.use_nested_tensor = False
+                changed.append(name)
+    return changed

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_rank import _lightning
 from lightning_rank import tensorboard as views_module
 from lightning_rank.analysis import analyze
 from lightning_rank.report import RankReport
@@ -154,6 +155,7 @@ class RankMonitor(ValidationStatisticsCallback):
     # -- lifecycle ---------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _lightning.destroy_process_group_at_exit()
         self._skip = bool(trainer.fast_dev_run)
         if self._skip:
             rank_zero_info("RankMonitor: `fast_dev_run` is on, so no rank analysis is run.")

@@ -1,4 +1,5 @@
-"""Module structure: the one module setter, rebuilding a factorized structure from a state dict, and back."""
+"""Module structure: rebuilding a factorized structure from a state dict, and back (the one module setter is
+:func:`lightning_rank.targets.set_submodule`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rank.layers import LOW_RANK_TYPES, low_rank_from_dense, low_rank_type
-from lightning_rank.targets import Target, layer_kind, weight_matrix
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted ``name`` of ``model`` (the package's one module setter)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+from lightning_rank.layers import LOW_RANK_TYPES, disable_dense_fast_paths, low_rank_from_dense, low_rank_type
+from lightning_rank.targets import Target, layer_kind, set_submodule, weight_matrix
 
 
 CHECKPOINT_KEY = "lightning_rank"  # what RankCompression writes into a checkpoint of a factorized model
@@ -134,6 +128,8 @@ class FactorizedCheckpointMixin:
 def _install(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
     for name, module in modules.items():
         set_submodule(model, name, module)
+    if modules:
+        disable_dense_fast_paths(model)  # torch's fused transformer kernels read dense weights
 
 
 def _check_fit(

@@ -1,0 +1,84 @@
+"""Both callbacks under ``strategy="ddp"``: Lightning's subprocess launcher, 2 processes on CPU with gloo.
+
+The launcher re-executes the running script for the other processes, so each test runs
+``tests/ddp_scripts/run_ddp.py`` in a subprocess and reads what every process wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lightning_rank as lr
+
+SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_ddp.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_ddp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(mode: str, out: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, f"rank 0 failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert json.loads((out / "exit_codes.json").read_text()) == [0], done.stderr[-5000:]  # rank 1 exited cleanly
+    for rank in (0, 1):  # the process group was destroyed before the interpreter finalized (no SIGABRT at exit)
+        assert json.loads((out / f"exit_rank{rank}.json").read_text()) == {"initialized": False}
+
+
+def assert_same_report(actual: dict, expected: dict) -> None:
+    assert actual["layers"].keys() == expected["layers"].keys()
+    for name, layer in expected["layers"].items():
+        for key, value in layer.items():
+            if isinstance(value, float):
+                assert actual["layers"][name][key] == pytest.approx(value, rel=1e-9), (name, key)
+            else:
+                assert actual["layers"][name][key] == value, (name, key)
+    assert actual["mlu"] == pytest.approx(expected["mlu"], rel=1e-9)
+
+
+@pytest.mark.timeout(300)
+def test_rank_monitor_two_processes_report_as_one(tmp_path: Path) -> None:
+    run("monitor", tmp_path)
+    script = load_script()
+    model = script.Branchy()
+    model.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    batches = list(DataLoader(script.split_subspaces(), batch_size=4))
+    stats = lr.collect(model, batches, forward=lambda m, b: m(b[0]), dtype=torch.float64)
+    expected = lr.analyze(model, stats).to_dict()
+    assert expected["layers"]["inp"]["in_rank"] == 7  # each rank alone sees 3 or 4 dims
+    assert expected["layers"]["extra"]["rows"] == script.MONITOR_SAMPLES // 2  # all on rank 1
+    for rank in (0, 1):
+        assert_same_report(json.loads((tmp_path / f"report_rank{rank}.json").read_text()), expected)
+
+
+@pytest.mark.timeout(300)
+def test_rank_compression_two_processes_identical_after_finetuning(tmp_path: Path) -> None:
+    run("compression", tmp_path)
+    results = [json.loads((tmp_path / f"params_rank{rank}.json").read_text()) for rank in (0, 1)]
+    for result in results:
+        assert result["equal"], "ranks disagree: the new layers' gradients were not synchronized"
+        assert result["epoch"] == 2  # 1 planned + 1 fine-tuning
+        assert result["types"] == {"0": "LowRankLinear", "1": "ReLU", "2": "LowRankLinear", "3": "ReLU",
+                                   "4": "LowRankLinear"}
+        assert result["ranks"]["net.0"] == load_script().SUBSPACE  # its inputs span the 3-dim subspace
+    assert results[0]["ranks"] == results[1]["ranks"] and results[0]["numel"] == results[1]["numel"]
+    assert results[0]["metrics"] == results[1]["metrics"]
+    assert results[0]["metrics"]["finetuned"] > 0.8

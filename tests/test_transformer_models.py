@@ -241,15 +241,7 @@ class SequenceClassifier(L.LightningModule):
         return DataLoader(sequences(64, 2), batch_size=32)
 
 
-@pytest.mark.parametrize(
-    "nested",
-    [
-        False,
-        pytest.param(True, marks=pytest.mark.xfail(
-            strict=True, reason="issue 11 item 5: statistics of nested tensors (statistics.py); remove when fixed")),
-    ],
-    ids=["padded", "nested"],
-)
+@pytest.mark.parametrize("nested", [False, True], ids=["padded", "nested"])
 def test_rank_compression_fits_a_transformer_classifier(tmp_path: Path, nested: bool) -> None:
     """The validation right after the swap runs in inference mode, where the fast path used to crash."""
     L.seed_everything(0)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rank.precision import full_precision_matmul
+from lightning_rank.progress import progress_bar
 from lightning_rank.report import LayerRank, RankReport
 from lightning_rank.spectrum import (
     ROUNDOFF_SAFETY,
@@ -80,14 +81,17 @@ def analyze(
     threshold: float = 0.99,
     centered: bool = False,
     eig_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
 ) -> RankReport:
     """Utilized rank of every layer in ``stats``: in/out energy ranks at ``threshold``, utilization, MLU.
 
     ``centered=True`` uses covariances instead of (uncentered) second moments. ``eig_dtype`` is the
     precision of the eigenvalue problems: float32 by default, which gives exactly the ranks of float64
     because every moment whose energy rank its error bounds leave open is solved again in float64.
+    ``progress``: a progress bar on stderr when the analysis takes more than a few seconds.
     """
-    return decompose(model, stats, threshold=threshold, centered=centered, eig_dtype=eig_dtype).report
+    return decompose(model, stats, threshold=threshold, centered=centered, eig_dtype=eig_dtype,
+                     progress=progress).report
 
 
 def decompose(
@@ -100,6 +104,7 @@ def decompose(
     vectors: bool = False,
     output_vectors: bool = False,
     layers: Collection[str] | None = None,
+    progress: bool = False,
 ) -> Analysis:
     """:func:`analyze`, also returning each layer's matrices and spectra: the one place moments are decomposed.
 
@@ -114,8 +119,8 @@ def decompose(
         raise TypeError(f"`stats` must be ActivationStatistics from lr.collect, got {type(stats).__name__}")
     if not stats.sources and not stats.skipped:
         raise ValueError("`stats` holds no layer: collect statistics with lr.collect(model, batches) first")
-    with full_precision_matmul():
-        return _decompose(model, stats, threshold, centered, eig_dtype, vectors, output_vectors, layers)
+    with full_precision_matmul(), progress_bar("analyze", enabled=progress) as bar:
+        return _decompose(model, stats, threshold, centered, eig_dtype, vectors, output_vectors, layers, bar)
 
 
 def _decompose(
@@ -127,12 +132,14 @@ def _decompose(
     vectors: bool,
     output_vectors: bool,
     layers: Collection[str] | None,
+    bar: Any,
 ) -> Analysis:
     targets, empty = _targets_of(model, stats)
     if layers is not None:
         targets = {name: target for name, target in targets.items() if name in layers}
         empty = {name: reason for name, reason in empty.items() if name in layers}
     keys = dict.fromkeys(stats.sources[name] for name in targets)
+    bar.reset(total=len(keys) + len(targets))  # one eigenproblem per distinct input and per layer's output
 
     widening = {name for name, target in targets.items() if _widens(target)}
     with_vectors = set(keys) if vectors else set()
@@ -142,8 +149,8 @@ def _decompose(
     scales = {key: _scales(stats.inputs[key]) for key in keys}
     exact = _Float64(stats, centered, {key: m for key, m in moments.items() if m.dtype == torch.float64})
     raw_in = {
-        **_eigen_batched({k: m for k, m in moments.items() if k in with_vectors}, torch.linalg.eigh),
-        **_eigen_batched({k: m for k, m in moments.items() if k not in with_vectors}, _values_only),
+        **_eigen_batched({k: m for k, m in moments.items() if k in with_vectors}, torch.linalg.eigh, bar.update),
+        **_eigen_batched({k: m for k, m in moments.items() if k not in with_vectors}, _values_only, bar.update),
     }
     refined: list[str] = []
     in_spectra = {}
@@ -188,7 +195,7 @@ def _decompose(
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
             extras[name] = unit * 2 * fan_in ** 0.5 * float(reach.square().max()) if reach.numel() else 0.0
-    raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only)
+    raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only, bar.update)
     for name, layer in spectra.items():
         key = stats.sources[name]
         inputs = stats.inputs[key]
@@ -408,9 +415,11 @@ FLOAT32_FROM = 256
 _BATCH_BELOW = 1024
 
 
-def _eigen_batched(matrices: dict[str, Tensor], solve: Callable[[Tensor], Any]) -> dict[str, Any]:
+def _eigen_batched(
+    matrices: dict[str, Tensor], solve: Callable[[Tensor], Any], advance: Callable[[int], Any] = lambda n: None
+) -> dict[str, Any]:
     """``solve`` (``eigvalsh`` or ``eigh``) of each symmetric matrix, one batched call per size and dtype below
-    ``_BATCH_BELOW``."""
+    ``_BATCH_BELOW``; ``advance(n)`` after each call of ``n`` matrices."""
     groups: dict[tuple[int, torch.dtype, str | None], list[str]] = defaultdict(list)
     for name, matrix in matrices.items():
         size = matrix.shape[0]
@@ -420,6 +429,7 @@ def _eigen_batched(matrices: dict[str, Tensor], solve: Callable[[Tensor], Any]) 
         result = solve(torch.stack([matrices[name] for name in names]) if len(names) > 1 else matrices[names[0]][None])
         parts = zip(*result) if isinstance(result, tuple) else result
         out.update(zip(names, parts))
+        advance(len(names))
     return out
 
 

@@ -211,6 +211,9 @@ class RankCompression(ValidationStatisticsCallback):
         """What needs ``max_epochs`` or the model's layers, as an error naming the argument."""
         try:
             self.swap_epoch = resolve_compress_at_epoch(self.compress_at_epoch, trainer.max_epochs)
+            if self.allocation == "probe" and trainer.world_size > 1:
+                raise ValueError("allocation='probe' needs one process (each DDP process holds other validation "
+                                 "batches, so each would allocate its own ranks): use 'auto' or 'uniform'")
             if pl_module is not None and self.phase == Phase.TRAINING:
                 check_factorization(
                     pl_module, ranks=self.ranks, param_budget=self.param_budget,
@@ -290,13 +293,14 @@ class RankCompression(ValidationStatisticsCallback):
         stats = statistics.finish(trainer)
         self._run.sample_batch = statistics.batches[0] if statistics.batches else None
         self.macs["before"] = count_macs(pl_module, self._run.sample_batch, self.forward)
-        # Each process holds its own validation batches: allocating by them would give each its own ranks.
-        calibration = statistics.batches if trainer.world_size == 1 and statistics.batches else None
+        # Each process holds its own validation batches: allocating by them would give each its own ranks,
+        # so under DDP they only count output positions (for macs_budget) and uniform tolerance allocates.
+        allocation = "uniform" if trainer.world_size > 1 and self.allocation == "auto" else self.allocation
         self._run.plan = plan_factorization(
             pl_module, stats, threshold=self.threshold, method=self.method, ranks=self.ranks,
             param_budget=self.param_budget, macs_budget=self.macs_budget, target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules, allocation=self.allocation, calibration=calibration,
-            forward=self.forward,
+            exclude_modules=self.exclude_modules, allocation=allocation, calibration=statistics.batches or None,
+            forward=self.forward, progress=trainer.is_global_zero,
         )  # fmt: skip
         self.result = self._run.plan.result
         self._factorization = self.result.to_dict()

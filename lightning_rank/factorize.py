@@ -33,6 +33,7 @@ from lightning_rank.factors import (  # noqa: F401  (re-exported: their home bef
     whiten_factors,
 )
 from lightning_rank.layers import disable_dense_fast_paths, low_rank_from_dense
+from lightning_rank.progress import progress_bar
 from lightning_rank.ranks import (
     Replaceable,
     check_budget_feasible,
@@ -216,6 +217,7 @@ def plan_factorization(
     allocation: str = "auto",
     calibration: Iterable[Any] | None = None,
     forward: ForwardFn | None = None,
+    progress: bool = True,
 ) -> FactorizationPlan:
     """Decide the ranks of the selected layers and build their low-rank replacements; ``model`` is not changed.
 
@@ -231,7 +233,8 @@ def plan_factorization(
     decide where rank matters, never worse there than one common error tolerance ("uniform", the rule
     without calibration batches). ``macs_budget`` needs ``calibration`` batches to count each layer's
     output positions. With statistics, ranks never depend on ``method``; only the factors do. A layer
-    is replaced only where ``rank * (out + fan_in) < out * fan_in``.
+    is replaced only where ``rank * (out + fan_in) < out * fan_in``. ``progress``: progress bars on
+    stderr for the eigenproblems and the factors when they take more than a few seconds.
 
     The selected layers are those ``stats`` holds (as in ``analyze``), or every supported layer of the
     model when ``stats`` is None; ``target_modules`` / ``exclude_modules`` narrow them as in
@@ -274,7 +277,7 @@ def plan_factorization(
 
     budgeted = budget is not None or macs is not None
     needs_ranks = not budgeted and any(name not in wanted for name in replaceable)
-    spectra = decompositions(model, stats, replaceable, threshold, needs_ranks, method == "projection")
+    spectra = decompositions(model, stats, replaceable, threshold, needs_ranks, method == "projection", progress)
     layers = {name: Replaceable(target, spectra[name]) for name, target in replaceable.items()}
     layer_params_before = sum(parameter_count(t) for t in targets.values())
     allocated = None
@@ -285,16 +288,10 @@ def plan_factorization(
         plan_ranks(layers, wanted, threshold)
 
     modules: dict[str, nn.Module] = {}
-    for name, layer in layers.items():
-        reason = why_not_at_rank(layer, threshold, explicit=name in wanted or budgeted)
-        if reason is not None:
-            details[name] = _kept(model, name, layer.target, reason, layer)
-        else:
-            modules[name] = low_rank_from_dense(layer.target.module, *factors(layer, method))
-            details[name] = _replaced(layer, modules[name])
-        if allocated is not None and name in allocated.layers:
-            chosen = allocated.layers[name]
-            details[name] = replace(details[name], energy_kept=chosen.energy_kept, sensitivity=chosen.sensitivity)
+    with progress_bar("factors", enabled=progress, total=len(layers), unit="layer") as bar:
+        for name, layer in layers.items():
+            _plan_layer(model, name, layer, method, threshold, name in wanted or budgeted, allocated, modules, details)
+            bar.update()
 
     params_before = _count_parameters(model)
     removed = sum(p.numel() for name in modules for p in targets[name].module.parameters())
@@ -327,6 +324,7 @@ def factorize_(
     allocation: str = "auto",
     calibration: Iterable[Any] | None = None,
     forward: ForwardFn | None = None,
+    progress: bool = True,
 ) -> FactorizationResult:
     """Replace the selected layers of ``model`` in place by low-rank factors; returns what was done.
 
@@ -346,6 +344,7 @@ def factorize_(
         allocation=allocation,
         calibration=calibration,
         forward=forward,
+        progress=progress,
     )
     return plan.apply_(model)
 
@@ -373,6 +372,29 @@ def check_factorization(
     if budget is not None:
         shapes = {name: tuple(weight_matrix(t)[0].shape) for name, t in replaceable.items()}
         check_budget_feasible(shapes, budget, sum(parameter_count(t) for t in replaceable.values()))
+
+
+def _plan_layer(
+    model: nn.Module,
+    name: str,
+    layer: Replaceable,
+    method: str,
+    threshold: float,
+    explicit: bool,
+    allocated: Any,
+    modules: dict[str, nn.Module],
+    details: dict[str, LayerFactorization],
+) -> None:
+    """Build one layer's low-rank replacement into ``modules`` (or say why not), and its entry in ``details``."""
+    reason = why_not_at_rank(layer, threshold, explicit=explicit)
+    if reason is not None:
+        details[name] = _kept(model, name, layer.target, reason, layer)
+    else:
+        modules[name] = low_rank_from_dense(layer.target.module, *factors(layer, method))
+        details[name] = _replaced(layer, modules[name])
+    if allocated is not None and name in allocated.layers:
+        chosen = allocated.layers[name]
+        details[name] = replace(details[name], energy_kept=chosen.energy_kept, sensitivity=chosen.sensitivity)
 
 
 def _replaced(layer: Replaceable, new: nn.Module) -> LayerFactorization:

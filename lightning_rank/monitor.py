@@ -213,7 +213,8 @@ class RankMonitor(ValidationStatisticsCallback):
         if statistics is None:
             return
         stats = statistics.finish(trainer)
-        report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered, eig_dtype=self.eig_dtype)
+        report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered, eig_dtype=self.eig_dtype,
+                         progress=trainer.is_global_zero)
         if not report.analyzed:
             collector = statistics.collector
             rank_zero_warn(

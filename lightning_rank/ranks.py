@@ -60,6 +60,7 @@ def decompositions(
     threshold: float,
     with_ranks: bool,
     with_output_basis: bool,
+    progress: bool = False,
 ) -> dict[str, Decomposition]:
     """Every spectrum factorization uses, per layer, from :func:`~lightning_rank.analysis.decompose`: the
     moments are decomposed once, with the round-off rule of the reports, and the ranks are the report's."""
@@ -68,7 +69,7 @@ def decompositions(
     if not targets:
         return {}
     analysis = decompose(model, stats, threshold=threshold, vectors=True, output_vectors=with_output_basis,
-                         layers=targets)
+                         layers=targets, progress=progress)
     out: dict[str, Decomposition] = {}
     for name in targets:
         layer = analysis.layers[name]

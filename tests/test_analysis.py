@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -258,3 +259,21 @@ def test_a_compiled_model_reports_the_names_of_the_original() -> None:
     report = lr.analyze(compiled, stats)
     assert list(report.layers) == ["0", "2"]
     assert lr.StatisticsCollector(compiled).targets.keys() == {"0", "2"}
+
+
+def test_long_analyses_and_factorizations_show_progress_unless_turned_off(monkeypatch, capsys) -> None:
+    """A bar on stderr once the work takes longer than ``DELAY_SECONDS`` (0 here); nothing with ``progress=False``."""
+    import lightning_rank.progress
+
+    monkeypatch.setattr(lightning_rank.progress, "DELAY_SECONDS", 0.0)
+    net = Net()
+    stats = lr.collect(net, subspace_data(2, 64, 12, 5))
+    capsys.readouterr()
+    lr.analyze(net, stats, progress=False)
+    lr.factorize_(copy.deepcopy(net), stats, progress=False)
+    assert capsys.readouterr().err == ""
+    lr.analyze(net, stats)
+    assert "lightning_rank: analyze" in capsys.readouterr().err
+    lr.factorize_(copy.deepcopy(net), stats)
+    err = capsys.readouterr().err
+    assert "lightning_rank: analyze" in err and "lightning_rank: factors" in err

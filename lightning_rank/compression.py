@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -54,6 +53,7 @@ from lightning_rank.checks import (
     check_threshold,
     resolve_compress_at_epoch,
 )
+from lightning_rank.checkpointing import restart_checkpointing, save_compressed
 from lightning_rank.compression_summary import compression_summary, count_macs, monitored_value, publish
 from lightning_rank.epoch_statistics import (
     EpochStatistics,
@@ -320,42 +320,12 @@ class RankCompression(ValidationStatisticsCallback):
         result, before, after = self.result, self.metrics["before"], self.metrics["compressed"]
         rank_zero_info(f"RankCompression: {len(result.layers)} layers replaced, parameters {result.params_before:,} -> "
                        f"{result.params_after:,}; {self.monitor} {before:.4g} -> {after:.4g}; fine-tuning begins.")
-        self._restart_checkpointing(trainer)
-
-    def _restart_checkpointing(self, trainer: Trainer) -> None:
-        """The compressed model competes only with compressed models: every ``ModelCheckpoint`` starts its
-        ranking again (the dense model's checkpoints stay on disk, untracked), every ``EarlyStopping`` its patience."""
-        for callback in trainer.callbacks:
-            if isinstance(callback, EarlyStopping):
-                _lightning.restart_early_stopping(callback)
-        for checkpoint in trainer.checkpoint_callbacks:
-            if not isinstance(checkpoint, ModelCheckpoint):
-                continue
-            dense_best = _lightning.restart_ranking(checkpoint)
-            if dense_best:
-                rank_zero_info(f"RankCompression: ModelCheckpoint(monitor={checkpoint.monitor!r}) now ranks the compressed "
-                               f"model only; the dense model's best checkpoint stays at {dense_best}.")
+        restart_checkpointing(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._run.disabled or self.phase != Phase.COMPRESSED:
-            return
-        for checkpoint in trainer.checkpoint_callbacks:  # runs before them: Lightning puts checkpoint callbacks last
-            if isinstance(checkpoint, ModelCheckpoint):
-                self._save_compressed(trainer, checkpoint)
-
-    def _save_compressed(self, trainer: Trainer, checkpoint: ModelCheckpoint) -> None:
-        """See that ``checkpoint`` holds the compressed model: save it now if it saved nothing since the swap."""
-        if checkpoint.save_top_k == 0:
-            if not checkpoint.save_last:
-                rank_zero_info("RankCompression: ModelCheckpoint(save_top_k=0, save_last=False) writes no checkpoint, so "
-                               "the compressed model is in none; save it with `trainer.save_checkpoint(path)`.")
-            return  # with save_last, its own `on_train_end` writes last.ckpt, which holds the compressed model
-        if checkpoint.best_model_path:
-            return  # its ranking restarted at the swap: whatever it holds now is compressed
-        if _lightning.save_checkpoint_now(checkpoint, trainer):
-            rank_zero_info(f"RankCompression: saved the compressed model to {checkpoint.best_model_path}, since "
-                           f"ModelCheckpoint(monitor={checkpoint.monitor!r}) had saved nothing since the swap.")
+        if not self._run.disabled and self.phase == Phase.COMPRESSED:
+            save_compressed(trainer)  # runs before the checkpoint callbacks: Lightning puts them last
 
     # -- results -----------------------------------------------------------------------------
     @override

@@ -1,0 +1,51 @@
+"""What ``RankCompression`` does with the user's ``ModelCheckpoint`` and ``EarlyStopping`` callbacks.
+
+After the swap the dense model is no longer what is trained, so it must not stay the "best" checkpoint:
+every ``ModelCheckpoint`` ranks compressed models only, every ``EarlyStopping`` counts its patience from
+the swap, and when training ends a ``ModelCheckpoint`` that saved nothing since the swap saves the final
+(compressed) model through its own naming, top-k and ``save_last`` logic.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_rank import _lightning
+
+
+def restart_checkpointing(trainer: Trainer) -> None:
+    """At the swap: every ``ModelCheckpoint`` starts its ranking again (the dense model's checkpoints stay on
+    disk, untracked) and every ``EarlyStopping`` its patience."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping):
+            _lightning.restart_early_stopping(callback)
+    for checkpoint in trainer.checkpoint_callbacks:
+        if not isinstance(checkpoint, ModelCheckpoint):
+            continue
+        dense_best = _lightning.restart_ranking(checkpoint)
+        if dense_best:
+            rank_zero_info(f"RankCompression: ModelCheckpoint(monitor={checkpoint.monitor!r}) now ranks the compressed "
+                           f"model only; the dense model's best checkpoint stays at {dense_best}.")
+
+
+def save_compressed(trainer: Trainer) -> None:
+    """When training ends: see that every ``ModelCheckpoint`` holds the compressed model, saving it now where
+    one saved nothing since the swap."""
+    for checkpoint in trainer.checkpoint_callbacks:
+        if isinstance(checkpoint, ModelCheckpoint):
+            _save_compressed(trainer, checkpoint)
+
+
+def _save_compressed(trainer: Trainer, checkpoint: ModelCheckpoint) -> None:
+    if checkpoint.save_top_k == 0:
+        if not checkpoint.save_last:
+            rank_zero_info("RankCompression: ModelCheckpoint(save_top_k=0, save_last=False) writes no checkpoint, so "
+                           "the compressed model is in none; save it with `trainer.save_checkpoint(path)`.")
+        return  # with save_last, its own `on_train_end` writes last.ckpt, which holds the compressed model
+    if checkpoint.best_model_path:
+        return  # its ranking restarted at the swap: whatever it holds now is compressed
+    if _lightning.save_checkpoint_now(checkpoint, trainer):
+        rank_zero_info(f"RankCompression: saved the compressed model to {checkpoint.best_model_path}, since "
+                       f"ModelCheckpoint(monitor={checkpoint.monitor!r}) had saved nothing since the swap.")

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_rank.factors import lower_hull, slope
 from lightning_rank.targets import Target
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ def allocate_on_curves(
         curve = [float(d) for d in damage[name]]
         dense = cost(c, None)
         points[name] = [(0.0, 0.0, None)] + [(dense - cost(c, r), curve[r], r) for r in range(c.max_rank, 0, -1)]
-        hulls[name] = _lower_hull(points[name])
+        hulls[name] = lower_hull(points[name])
     order = {name: i for i, name in enumerate(candidates)}
     step = {name: 0 for name in candidates}
     while total > allowed:
@@ -251,7 +252,7 @@ def allocate_on_curves(
         for name, hull in hulls.items():
             i = step[name]
             if i + 1 < len(hull):
-                key = (_slope(hull[i], hull[i + 1]), order[name])
+                key = (slope(hull[i], hull[i + 1]), order[name])
                 if best is None or key < best[0]:
                     best = (key, name)
         name = best[1]
@@ -289,23 +290,6 @@ def _spend_slack(
         _, name, new, extra = best
         chosen[name] = new
         total += extra
-
-
-def _lower_hull(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
-    """Lower convex hull of points sorted by their first coordinate (Andrew's monotone chain)."""
-    hull: list[tuple[float, float, Any]] = []
-    for p in points:
-        while len(hull) >= 2:
-            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
-            if (x1 - x0) * (p[1] - y0) - (y1 - y0) * (p[0] - x0) > 0:
-                break
-            hull.pop()
-        hull.append(p)
-    return hull
-
-
-def _slope(a: tuple[float, float, Any], b: tuple[float, float, Any]) -> float:
-    return (b[1] - a[1]) / (b[0] - a[0])
 
 
 def _cost_fn(unit: str) -> Callable[[LayerCandidate, int | None], float]:

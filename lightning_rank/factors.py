@@ -97,13 +97,13 @@ def allocate_ranks(
         top = break_even_rank(out, fan_in)
         points = [(0, 0.0, None)] + [(dense - r * (out + fan_in), curve[r], r) for r in range(top, 0, -1)]
         points_of[name] = points
-        hulls[name] = _lower_hull(points)
+        hulls[name] = lower_hull(points)
     if sum(points[-1][0] for points in points_of.values()) < savings:
         raise ValueError(f"rank 1 in every layer saves fewer than the {savings} parameters needed")
 
     chosen: dict[str, int | None] = {name: None for name in shapes}
     order = {name: i for i, name in enumerate(shapes)}
-    heap = [(_slope(hull[0], hull[1]), order[name], name, 0) for name, hull in hulls.items() if len(hull) > 1]
+    heap = [(slope(hull[0], hull[1]), order[name], name, 0) for name, hull in hulls.items() if len(hull) > 1]
     heapq.heapify(heap)
     saved = 0
     while saved < savings:
@@ -117,13 +117,13 @@ def allocate_ranks(
         chosen[name] = end[2]
         saved += end[0] - start[0]
         if step + 2 < len(hulls[name]):
-            heapq.heappush(heap, (_slope(end, hulls[name][step + 2]), order[name], name, step + 1))
+            heapq.heappush(heap, (slope(end, hulls[name][step + 2]), order[name], name, step + 1))
     return chosen
 
 
-def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
+def lower_hull(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
     """Lower convex hull of points sorted by their first coordinate (Andrew's monotone chain)."""
-    hull: list[tuple[int, float, int | None]] = []
+    hull: list[tuple[float, float, Any]] = []
     for p in points:
         while len(hull) >= 2:
             (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
@@ -134,7 +134,7 @@ def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, 
     return hull
 
 
-def _slope(a: tuple[int, float, Any], b: tuple[int, float, Any]) -> float:
+def slope(a: tuple[float, float, Any], b: tuple[float, float, Any]) -> float:
     return (b[1] - a[1]) / (b[0] - a[0])
 
 

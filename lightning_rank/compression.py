@@ -56,6 +56,7 @@ from lightning_rank.checks import (
 from lightning_rank.checkpointing import restart_checkpointing, save_compressed
 from lightning_rank.compression_summary import compression_summary, count_macs, monitored_value, publish
 from lightning_rank.epoch_statistics import (
+    CALIBRATION_BATCHES,
     EpochStatistics,
     ValidationStatisticsCallback,
     check_validation_batches,
@@ -250,7 +251,7 @@ class RankCompression(ValidationStatisticsCallback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         counts = self._fit_validation(trainer) and self.phase == Phase.TRAINING and self._statistics is None
         if counts and trainer.current_epoch == self.swap_epoch - 1:
-            self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
+            self._statistics = EpochStatistics(pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -286,7 +287,7 @@ class RankCompression(ValidationStatisticsCallback):
         """Plan the factorization from this epoch's validation (run one if it had none); the model is not changed."""
         if self._statistics is None or self._run.validated_epoch != trainer.current_epoch:
             self._release()
-            self._statistics = EpochStatistics(pl_module, self.statistics_arguments)
+            self._statistics = EpochStatistics(pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES)
             _lightning.run_validation(trainer, listener=self)
             self.metrics["before"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None

@@ -83,10 +83,11 @@ class EpochStatistics:
     batches of ``arguments.dataloader_idx`` are counted (all dataloaders' when it is None).
     """
 
-    def __init__(self, pl_module: LightningModule, arguments: StatisticsArguments) -> None:
+    def __init__(self, pl_module: LightningModule, arguments: StatisticsArguments, keep_batches: int = 0) -> None:
         self.collector = StatisticsCollector(pl_module, **arguments.collector_kwargs())
         self.dataloader_idx = arguments.dataloader_idx
-        self.batches: list[Any] = []  # the first CALIBRATION_BATCHES counted, copied outside inference mode
+        self.keep_batches = keep_batches
+        self.batches: list[Any] = []  # the first `keep_batches` counted, copied outside inference mode
         self.collector.attach()
         self._observing: contextlib.ExitStack | None = None
 
@@ -97,7 +98,7 @@ class EpochStatistics:
     def batch_start(self, batch: Any, dataloader_idx: int = 0) -> None:
         if not self.counts(dataloader_idx):
             return
-        if len(self.batches) < CALIBRATION_BATCHES:
+        if len(self.batches) < self.keep_batches:
             with torch.inference_mode(False):  # a later backward pass (rank allocation) may use them
                 self.batches.append(apply_to_collection(batch, Tensor, Tensor.clone))
         stack = contextlib.ExitStack()

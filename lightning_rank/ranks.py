@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_rank.allocation import Allocation, LayerCandidate, allocate
 from lightning_rank.analysis import decompose
-from lightning_rank.allocation import Allocation, allocate
 from lightning_rank.checks import RankSpec
 from lightning_rank.factors import (
     _balanced,
@@ -27,6 +27,7 @@ from lightning_rank.factors import (
     tail_curve,
     whitened_weight,
 )
+from lightning_rank.probe import Probe
 from lightning_rank.spectrum import energy_rank
 from lightning_rank.statistics import ActivationStatistics, ForwardFn
 from lightning_rank.targets import Target, parameter_count, weight_matrix
@@ -115,6 +116,18 @@ class Replaceable:
         return tail_curve(self.whitened()[1], size)
 
 
+def candidate(name: str, layer: Replaceable, positions: float = 1.0) -> LayerCandidate:
+    """What rank allocation needs of one replaceable layer: its weight and the SVD of its whitened weight
+    (of the weight itself without statistics), from the planner's own decompositions."""
+    if layer.spectra.moment is not None:
+        basis, singular_values = layer.whitened()
+    else:
+        basis, singular_values = torch.linalg.svd(layer.weight, full_matrices=False)[:2]
+    bias = weight_matrix(layer.target)[1]
+    return LayerCandidate(name, layer.weight, basis, singular_values, bias.numel() if bias is not None else 0,
+                          positions=positions, target=layer.target)
+
+
 def resolve_ranks(ranks: RankSpec, targets: dict[str, Target]) -> dict[str, int]:
     """``{layer: rank}`` from an int or ``{name or regex: rank}`` (an exact or dotted-suffix name wins,
     else the first regex in order that fully matches); every key must match a selected layer."""
@@ -197,9 +210,6 @@ def plan_budget(
     output error: the floor), ``"greedy"`` (least relative layer error per parameter saved, the former
     rule, parameters only) or ``"auto"`` (``"probe"`` with calibration batches, else ``"uniform"``).
     """
-    from lightning_rank.probe import Probe
-    from lightning_rank.selection import candidate
-
     fits = {name: layer for name, layer in layers.items() if break_even_rank(*layer.shape) >= 1}
     for name, layer in layers.items():
         layer.rank = 1 if name not in fits else None  # rank 1 does not save: reported as such

@@ -117,11 +117,3 @@ def conv_rows(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[i
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     batch, fan_in, positions = cols.shape
     return cols.transpose(1, 2).reshape(batch * positions, fan_in), (batch, positions)
-
-
-def padded_conv_input(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """The input as ``(B, C, H, W)`` with all of its padding applied (zeros for plain zero padding)."""
-    x, padding = conv_input(module, x)
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    return x

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import nn
 
 from lightning_rank.allocation import LayerCandidate
 from lightning_rank.layers import LOW_RANK_TYPES, low_rank_type
-from lightning_rank.ranks import Replaceable, decompositions
+from lightning_rank.ranks import Replaceable, candidate, decompositions
 from lightning_rank.statistics import ActivationStatistics
 from lightning_rank.targets import ModuleSelector, Target, named_modules, select_targets, weight_matrix
 
@@ -92,18 +91,6 @@ def shared_weights(model: nn.Module) -> dict[int, list[str]]:
         for param in module.parameters(recurse=False):
             owners.setdefault(id(param), []).append(name)
     return owners
-
-
-def candidate(name: str, layer: Replaceable, positions: float = 1.0) -> LayerCandidate:
-    """What rank allocation needs of one replaceable layer: its weight and the SVD of its whitened weight
-    (of the weight itself without statistics), from the planner's own decompositions."""
-    if layer.spectra.moment is not None:
-        basis, singular_values = layer.whitened()
-    else:
-        basis, singular_values = torch.linalg.svd(layer.weight, full_matrices=False)[:2]
-    bias = weight_matrix(layer.target)[1]
-    return LayerCandidate(name, layer.weight, basis, singular_values, bias.numel() if bias is not None else 0,
-                          positions=positions, target=layer.target)
 
 
 def layer_candidates(

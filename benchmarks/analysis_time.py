@@ -29,6 +29,7 @@ from lightning_rank.spectrum import output_moment  # noqa: E402
 
 SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
 DEPTH = 12
+UPDATES = 8  # 50,000 rows as 8 batches of 32 images x 197 tokens
 
 
 def vit_b_layers() -> nn.Module:
@@ -55,6 +56,7 @@ def synthetic_stats(rows: int = 50_000) -> lr.ActivationStatistics:
                 total=torch.zeros(fan_in),  # a mean that data could have (C - mu mu^T must stay PSD)
                 count=torch.tensor(rows),
                 nonfinite=torch.tensor(0),
+                updates=torch.tensor(UPDATES),
             )
             stats.sources[key] = key
     return stats

@@ -26,16 +26,18 @@ from lightning_rank.precision import full_precision_matmul
 from lightning_rank.progress import progress_bar
 from lightning_rank.report import LayerRank, RankReport
 from lightning_rank.spectrum import (
-    ROUNDOFF_SAFETY,
     check_threshold,
     clean_spectrum,
     effective_rank,
     energy_rank,
     energy_rank_interval,
+    largest_eigenvalue,
     output_factor,
     output_moment,
+    output_moment_times,
     roundoff_bounds,
     solver_bound,
+    stand_in_error,
     utilization,
 )
 from lightning_rank.statistics import ActivationStatistics, InputStatistics
@@ -148,36 +150,41 @@ def _decompose(
     moments = {key: stats.inputs[key].second_moment(centered, dtype=dtypes[key]) for key in keys}
     scales = {key: _scales(stats.inputs[key]) for key in keys}
     exact = _Float64(stats, centered, {key: m for key, m in moments.items() if m.dtype == torch.float64})
-    raw_in = {
-        **_eigen_batched({k: m for k, m in moments.items() if k in with_vectors}, torch.linalg.eigh, bar.update),
-        **_eigen_batched({k: m for k, m in moments.items() if k not in with_vectors}, _values_only, bar.update),
-    }
+    errors = {key: 0.0 for key in keys}  # how far each float32 moment stands from the float64 one
+    raw_in = {}
+    for key in [key for key in keys if moments[key].dtype != torch.float64]:
+        reference = stats.inputs[key].second_moment(centered, dtype=torch.float64)
+        errors[key] = stand_in_error(moments[key], lambda x, m=reference: m @ x, len(reference), reference.device)
+        float32_error = float(solver_bound(largest_eigenvalue(reference).expand(len(reference)), torch.float32))
+        if float32_error > 2 * stats.inputs[key].roundoff() * float(scales[key].square().max()):
+            # float32 errs well beyond the round-off bounds, so it could not tell round-off from signal: solving in
+            # float32 first would most likely be wasted (a speed choice only: every rank is certified either way)
+            raw_in[key] = (torch.linalg.eigh if key in with_vectors else _values_only)(reference)
+            errors[key] = 0.0
+            bar.update(1)
+    unsolved = {key: m for key, m in moments.items() if key not in raw_in}
+    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k in with_vectors}, torch.linalg.eigh,
+                                 bar.update))
+    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k not in with_vectors}, _values_only,
+                                 bar.update))
     refined: list[str] = []
     in_spectra = {}
     for key in keys:
-        unit = ROUNDOFF_SAFETY * torch.finfo(dtypes[key]).eps  # one product or cast in the eigen dtype
-        extra = 2 * unit * float(scales[key].square().max()) if scales[key].numel() else 0.0  # cast and division
         in_spectra[key] = _settle(raw_in[key], lambda key=key: exact.moment(key), stats.inputs[key], scales[key],
-                                  threshold, keep_vectors=key in with_vectors, extra=extra)
+                                  threshold, keep_vectors=key in with_vectors, extra=errors[key],
+                                  trace=_trace(stats.inputs[key], centered))
         if in_spectra[key].refined:
             refined.append(key)
 
     spectra: dict[str, LayerSpectra] = {}
     output_matrices: dict[str, Tensor] = {}
     factors: dict[str, Tensor] = {}
-    extras: dict[str, float] = {}
     for name, target in targets.items():
         key = stats.sources[name]
-        unit = ROUNDOFF_SAFETY * torch.finfo(dtypes[key]).eps
         weight, bias = (t.detach().to(device=stats.device, dtype=dtypes[key]) if t is not None else None
                         for t in weight_matrix(target))
         mean = stats.inputs[key].mean().to(dtypes[key])
         spectra[name] = LayerSpectra(target, weight, bias, moments[key], mean, in_spectra[key], Spectrum(torch.empty(0)))
-        # |W| s (+ |b|): the scale of each output entry, which bounds what one product in eig_dtype errs by
-        reach = weight.abs().double() @ scales[key].to(weight.device)
-        if bias is not None and not centered:
-            reach = reach + bias.abs().double()
-        fan_in = weight.shape[1]
         if name in widening:
             spectrum = in_spectra[key]
             if spectrum.vectors is not None:
@@ -187,14 +194,10 @@ def _decompose(
                 factors[name] = _cholesky_factor(weight, bias, moments[key], mean, centered)
             if factors[name] is None:  # a singular moment has no Cholesky factor: the eigen one, in float64
                 factors[name] = exact.factor(name, weight, bias, key)
-            factor = factors[name]
-            output_matrices[name] = factor.t() @ factor
-            columns = float(output_matrices[name].diagonal().double().max()) if factor.numel() else 0.0
-            extras[name] = unit * (2 * (fan_in + 1) ** 0.5 * float(reach.square().max())
-                                   + factor.shape[0] ** 0.5 * columns)
+            output_matrices[name] = factors[name].t() @ factors[name]
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
-            extras[name] = unit * 2 * fan_in ** 0.5 * float(reach.square().max()) if reach.numel() else 0.0
+    extras = _output_errors(stats, spectra, output_matrices, factors, centered)
     raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only, bar.update)
     for name, layer in spectra.items():
         key = stats.sources[name]
@@ -244,6 +247,40 @@ class _Float64:
             self._factors[name] = output_factor(weight.double(), None if bias is None else bias.double(), values,
                                                 vectors, mean, self.centered)
         return self._factors[name]
+
+
+def _output_errors(
+    stats: ActivationStatistics,
+    layers: dict[str, LayerSpectra],
+    matrices: dict[str, Tensor],
+    factors: dict[str, Tensor],
+    centered: bool,
+) -> dict[str, float]:
+    """How far each float32 output matrix stands from its float64 reference (0 for float64 ones), by probes.
+
+    For a widening layer the matrix is ``A^T A`` of a factor ``A``: its error is that of forming ``A^T A``
+    plus that of ``A A^T`` against the output moment (their nonzero spectra are the same)."""
+    errors = {name: 0.0 for name in layers}
+    by_input: dict[str, list[str]] = defaultdict(list)
+    for name, layer in layers.items():
+        if matrices[name].dtype != torch.float64:
+            by_input[stats.sources[name]].append(name)
+    for key, names in by_input.items():
+        moment = stats.inputs[key].second_moment(centered, dtype=torch.float64)
+        mean = stats.inputs[key].mean().to(moment.device)
+        for name in names:
+            layer = layers[name]
+            weight, bias = layer.weight.double(), None if layer.bias is None else layer.bias.double()
+            times = output_moment_times(weight, bias, moment, mean, centered)
+            if name in factors:
+                factor = factors[name].double()
+                formed = stand_in_error(matrices[name], lambda x, a=factor: a.t() @ (a @ x), factor.shape[1],
+                                        factor.device)
+                errors[name] = formed + stand_in_error(lambda x, a=factor: a @ (a.t() @ x), times, factor.shape[0],
+                                                       factor.device)
+            else:
+                errors[name] = stand_in_error(matrices[name], times, len(matrices[name]), moment.device)
+    return errors
 
 
 def _cholesky_factor(weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Tensor, centered: bool) -> Tensor | None:
@@ -339,6 +376,12 @@ def _widens(target: Target) -> bool:
     return weight.shape[0] > weight.shape[1] + 1
 
 
+def _trace(inputs: InputStatistics, centered: bool) -> float:
+    """The trace of the input moment in float64, as exact as the float64 moment's own."""
+    trace = float(inputs.gram.diagonal().double().sum()) / max(int(inputs.count), 1)
+    return trace - float(inputs.mean().square().sum()) if centered else trace
+
+
 def _scales(inputs: InputStatistics) -> Tensor:
     """``sqrt(diag(C))`` of the uncentered moment in float64: the scale of each input's round-off."""
     return (inputs.gram.diagonal().double() / max(int(inputs.count), 1)).clamp(min=0).sqrt()
@@ -354,35 +397,50 @@ def _settle(
     factor: bool = False,
     extra: float = 0.0,
     solved_factor: Tensor | None = None,
+    trace: float | None = None,
 ) -> Spectrum:
     """A :class:`Spectrum` (descending) whose round-off is removed and whose energy rank is certain.
 
     ``solved`` is ``(values, vectors)`` or ``values`` (ascending) of the moment as computed in the eigen
     dtype (with ``factor``: of ``A^T A`` for a factor ``A``, ``solved_factor``, of the moment). Entries of
-    the moment err by at most ``roundoff * s_i s_j`` with ``s = scales``, and its eigenvalues by ``extra``
-    more from its products in the eigen dtype. When these bounds, free of eigenvectors, leave the rank at
-    ``threshold`` open (a few huge channels, or eigenvalues near the solver's precision), ``matrix()`` (the
-    moment, or its factor, in float64) is decomposed with eigenvectors, whose per-direction bounds are
-    tight; the result is marked ``refined``.
+    the moment err by at most ``roundoff * s_i s_j`` with ``s = scales``, which removes each eigenvalue up
+    to its own direction's bound ``roundoff * ||diag(s) v||^2`` (these bounds sum to ``roundoff * |s|^2``);
+    the eigenvalues err by the solver's bound and ``extra`` more from products in the eigen dtype; ``trace``
+    is the moment's exact trace where known. When these bounds, free of eigenvectors, leave the rank at
+    ``threshold`` open, ``matrix()`` (the moment, or its factor, in float64) is solved again: for eigenvalues
+    first, then, if still open, with eigenvectors for the per-direction bounds (marked ``refined``).
     """
     values, vectors = solved if isinstance(solved, tuple) else (solved, None)
     roundoff = inputs.roundoff()
-    nonzero = scales[scales > 0]
-    least = roundoff * float(nonzero.square().min()) if nonzero.numel() else 0.0
-    greatest = roundoff * float(scales.square().max()) if scales.numel() else 0.0
-    solver = float(solver_bound(values, values.dtype)) + extra
-    low, high = energy_rank_interval(values, greatest + solver, threshold)
-    refined = low != high
-    if refined:
-        exact = matrix()
-        values, vectors = _refined(exact, factor)
+    squares = scales.square()
+    least = roundoff * float(squares[squares > 0].min()) if bool((squares > 0).any()) else 0.0
+    rule = {  # what round-off removal may do, whatever the eigenvectors
+        "zero_below": roundoff * float(squares.min()) if squares.numel() else 0.0,
+        "keep_above": roundoff * float(squares.max()) if squares.numel() else 0.0,
+    }
+    exact, refined = solved_factor, False
+    while True:
+        reference_solver = float(solver_bound(values, torch.float64))  # the float64 solve's share of each bound
+        error = float(solver_bound(values, values.dtype)) + extra
+        low, high = energy_rank_interval(
+            values, threshold, error=error, trace=trace, zero_below=rule["zero_below"] + reference_solver,
+            keep_above=rule["keep_above"] + reference_solver,
+            zeroed_at_most=roundoff * float(squares.sum()) + values.numel() * reference_solver)
+        cleaned = clean_spectrum(values.double(), least + reference_solver)
+        if low == high and int(energy_rank(cleaned, threshold)) == low:
+            break
+        if exact is None or exact.dtype != torch.float64 or values.dtype != torch.float64:
+            exact, refined, extra = matrix(), True, 0.0
+            if values.dtype != torch.float64 and not keep_vectors:  # eigenvalues in float64 may be enough
+                values, vectors = torch.linalg.eigvalsh(_gram_of(exact, factor)), None
+                continue
+        if vectors is None or vectors.dtype != torch.float64:
+            values, vectors = torch.linalg.eigh(_gram_of(exact, factor))
         solver = float(solver_bound(values, torch.float64))
         directions = _output_directions(exact, values, vectors) if factor else vectors
-        bounds = roundoff_bounds(roundoff, scales.to(values.device), directions) + solver
-        cleaned = clean_spectrum(values, bounds)
-    else:
-        exact = solved_factor
-        cleaned = clean_spectrum(values.double(), least + solver)
+        cleaned = clean_spectrum(values, roundoff_bounds(roundoff, scales.to(values.device), directions) + solver)
+        refined = True
+        break
     order = cleaned.argsort(descending=True)
     if not keep_vectors or vectors is None:
         return Spectrum(cleaned[order], refined=refined)
@@ -391,10 +449,8 @@ def _settle(
     return Spectrum(cleaned[order], vectors[:, order], refined=refined)
 
 
-def _refined(matrix: Tensor, factor: bool) -> tuple[Tensor, Tensor]:
-    gram = matrix.double().t() @ matrix.double() if factor else matrix.double()
-    values, vectors = torch.linalg.eigh(gram)
-    return values, vectors
+def _gram_of(matrix: Tensor, factor: bool) -> Tensor:
+    return matrix.double().t() @ matrix.double() if factor else matrix.double()
 
 
 def _output_directions(factor: Tensor, values: Tensor, vectors: Tensor) -> Tensor:

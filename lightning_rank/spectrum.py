@@ -6,6 +6,9 @@ in ascending or any order; functions taking a spectrum accept leading batch dime
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -47,9 +50,48 @@ def roundoff_bounds(roundoff: float, scales: Tensor, vectors: Tensor | None = No
 
 
 def solver_bound(eigenvalues: Tensor, dtype: torch.dtype) -> Tensor:
-    """Error bound of a backward-stable symmetric eigensolver in ``dtype``: ``n * eps * max |lambda|``."""
+    """Error bound ``e`` of the eigenvalues a backward-stable symmetric eigensolver computes in ``dtype``.
+
+    ``e = 8 sqrt(n) u max |lambda|`` (``u`` the unit round-off): the solver's backward error under the
+    probabilistic model of Higham and Mary that :func:`sum_roundoff` uses too, where a sum of ``m``
+    computed eigenvalues errs by at most ``sqrt(m) e``. In float32 at ``n = 3072`` this is 3x the largest
+    eigenvalue error and 6x the largest error of a partial sum measured against float64.
+    """
     n = eigenvalues.shape[-1]
-    return n * torch.finfo(dtype).eps * eigenvalues.abs().amax(dim=-1, keepdim=True).squeeze(-1)
+    unit = torch.finfo(dtype).eps / 2
+    return ROUNDOFF_SAFETY * n**0.5 * unit * eigenvalues.abs().amax(dim=-1, keepdim=True).squeeze(-1)
+
+
+# Gaussian probes estimate the error of a float32 stand-in for a float64 matrix: E ||(A - M) w||^2 = ||A - M||_F^2.
+# The mean over 16 probes falls below 1/16 of it with probability under 1e-7 (chi-square, worst for an
+# error of rank one), so 4x its root bounds ||A - M||_F, and with it every eigenvalue's shift (Weyl) and
+# the shift of any sum of m eigenvalues (sqrt(m) times: Ky Fan), at that probability.
+PROBES, PROBE_FACTOR = 16, 4.0
+
+
+def stand_in_error(stand_in: Tensor | Callable[[Tensor], Tensor], reference: Callable[[Tensor], Tensor], size: int,
+                   device: torch.device | str = "cpu") -> float:
+    """A bound on ``||A - M||_F`` (see ``PROBES``) for ``size x size`` matrices applied in float64 by ``reference``
+    (``X -> M X``) and by ``stand_in`` (the matrix ``A`` itself, or ``X -> A X``)."""
+    if size == 0:
+        return 0.0
+    generator = torch.Generator(device=device).manual_seed(0)  # the same probes every run
+    probes = torch.randn(size, PROBES, generator=generator, dtype=torch.float64, device=device)
+    applied = stand_in.double() @ probes if isinstance(stand_in, Tensor) else stand_in(probes)
+    residual = applied - reference(probes)
+    return PROBE_FACTOR * float(residual.square().sum().div(PROBES).sqrt())
+
+
+def largest_eigenvalue(matrix: Tensor, steps: int = 3) -> Tensor:
+    """An estimate (from below) of the largest eigenvalue of a PSD matrix: a few block power steps from fixed
+    Gaussian probes, for choosing a precision, never for a rank."""
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    block = torch.randn(matrix.shape[-1], min(PROBES, matrix.shape[-1]), generator=generator, dtype=matrix.dtype,
+                        device=matrix.device)
+    for _ in range(steps):
+        block = matrix @ block
+        block = block / block.norm(dim=0, keepdim=True).clamp(min=torch.finfo(matrix.dtype).tiny)
+    return ((matrix @ block) * block).sum(dim=0).max()
 
 
 def clean_spectrum(eigenvalues: Tensor, bounds: Tensor | float) -> Tensor:
@@ -58,30 +100,64 @@ def clean_spectrum(eigenvalues: Tensor, bounds: Tensor | float) -> Tensor:
     return torch.where(eigenvalues > bounds, eigenvalues, torch.zeros_like(eigenvalues))
 
 
-def energy_rank_interval(eigenvalues: Tensor, bounds: Tensor | float, threshold: float) -> tuple[int, int]:
-    """The least and the largest :func:`energy_rank` of any spectrum within ``eigenvalues +- bounds`` (clamped at 0).
+def energy_rank_interval(
+    eigenvalues: Tensor,
+    threshold: float,
+    *,
+    error: float = 0.0,
+    trace: float | None = None,
+    zero_below: float = 0.0,
+    keep_above: float = 0.0,
+    zeroed_at_most: float = math.inf,
+) -> tuple[int, int]:
+    """The least and the largest energy rank of the round-off-free spectrum these computed ``eigenvalues`` allow.
 
-    Equal ends mean the rank is certain whatever the errors are; unequal ones, that a tighter bound is needed.
+    The exact eigenvalues ``lambda_j`` differ from the computed ones by at most ``error`` each, and a sum
+    of ``m`` of them by at most ``sqrt(m) error`` (:func:`solver_bound`); ``trace``, when given, is their
+    exact sum. Round-off removal zeroes ``lambda_j`` exactly when it is at most its own bound ``b_j``, with
+    ``zero_below <= b_j <= keep_above`` and the bounds of the zeroed ones summing to at most
+    ``zeroed_at_most``. Only the total removed mass and the eigenvalues surely kept decide the rank, so no
+    eigenvector is needed. Equal ends mean the rank is certain; unequal ones, that a sharper solve is needed.
     """
     threshold = check_threshold(threshold)
-    values = eigenvalues.double().clamp(min=0)
-    bounds = torch.as_tensor(bounds, dtype=torch.float64, device=values.device).expand_as(values)
-    order = values.argsort(descending=True)
-    values, bounds = values[order], bounds[order]
-    lower, upper = (values - bounds).clamp(min=0), values + bounds
-    scale = upper.amax().clamp(min=torch.finfo(torch.float64).tiny) if upper.numel() else 1.0
-    lower, upper = lower / scale, upper / scale  # as energy_rank does: no under/overflow
+    values = eigenvalues.double().sort(descending=True).values
+    n = values.numel()
+    if n == 0:
+        return 0, 0
+    negative = float(values.clamp(max=0).sum().neg())  # below zero only by solver error: count it as more
+    values = values.clamp(min=0)
+    error = float(error)
+    if trace is not None and abs(float(values.sum()) - negative - trace) > n**0.5 * error + 1e-12 * abs(trace):
+        return 0, n  # the computed spectrum contradicts the error model here: do not trust it
 
-    def first_rank(top: Tensor, rest: Tensor) -> int:
-        """The energy rank when the top eigenvalues take their ``top`` values and the others their ``rest`` ones."""
-        held, rest_held = top.cumsum(0), rest.cumsum(0)
-        remaining = rest_held[-1] - rest_held  # exactly 0 after the last
-        reached = (1 - threshold) * held >= threshold * remaining - 1e-12 * threshold * (held + remaining)
-        reached[-1] = True
-        return int(reached.int().argmax()) + 1
+    kept = int((values - error > keep_above).sum())  # a prefix: above every possible bound
+    zeroed = int((values + error <= zero_below).sum())  # a suffix: below every possible bound
+    removed_least = max(float(values[n - zeroed:].sum()) - zeroed**0.5 * error, 0.0)
+    removed_most = min(float(values[kept:].sum()) + (n - kept) ** 0.5 * error + negative, zeroed_at_most)
+    removed_most = max(removed_most, removed_least)
+    if zeroed == n:
+        return 0, 0
+    total = float(values.sum())
+    if removed_most >= total - n**0.5 * error:
+        least_possible = 0  # everything may be round-off
+    else:
+        least_possible = None
 
-    least = 0 if float(lower.sum()) == 0 else first_rank(upper, lower)
-    most = 0 if float(upper.sum()) == 0 else first_rank(lower, upper)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
+    held = values.cumsum(0)
+    rest = values.flip(0).cumsum(0).flip(0) - values  # the sum after each position, summed from the small end
+    held_error, rest_error = ranks.sqrt() * error, (n - ranks).sqrt() * error + negative
+    # Reached at k: (1 - t) S_k >= t (R_k - Z), S_k the top-k sum, R_k the rest, Z the removed mass.
+    margin_low = (1 - threshold) * (held - held_error) - threshold * (rest + rest_error - removed_least)
+    margin_high = (1 - threshold) * (held + held_error) - threshold * (rest - rest_error - removed_most)
+    if trace is not None:  # the same margin as S_k - t (T - Z): often tighter, the rest's error not entering
+        margin_low = torch.maximum(margin_low, held - held_error - threshold * (trace - removed_least))
+        margin_high = torch.minimum(margin_high, held + held_error - threshold * (trace - removed_most))
+    # energy_rank counts a margin down to -1e-12 t T as reached; float64 sums here err by far less than 1e-13 T
+    surely = (margin_low >= -0.9e-12 * total) & (ranks <= kept)  # beyond `kept` the top-k sum may lose removed values
+    possibly = margin_high >= -1.1e-12 * total
+    most = int(surely.int().argmax()) + 1 if bool(surely.any()) else n
+    least = least_possible if least_possible is not None else (int(possibly.int().argmax()) + 1 if bool(possibly.any()) else n)
     return least, most
 
 
@@ -118,6 +194,21 @@ def output_moment(weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Ten
         u = weight @ mean
         out = out + torch.outer(u, bias) + torch.outer(bias, u) + torch.outer(bias, bias)
     return (out + out.t()) / 2
+
+
+def output_moment_times(
+    weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Tensor, centered: bool = False
+) -> Callable[[Tensor], Tensor]:
+    """``X -> C_y X`` for the :func:`output_moment` ``C_y``, without forming it."""
+
+    def times(x: Tensor) -> Tensor:
+        out = weight @ (moment @ (weight.t() @ x))
+        if bias is not None and not centered:
+            u = weight @ mean
+            out = out + torch.outer(u, bias @ x) + torch.outer(bias, u @ x) + torch.outer(bias, bias @ x)
+        return out
+
+    return times
 
 
 def output_factor(

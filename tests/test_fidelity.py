@@ -106,23 +106,74 @@ def test_float32_gram_errors_stay_inside_the_roundoff_bound():
     assert (error > bound / 1e4).any()  # the bound is not vacuous: errors come within 4 decades of it
 
 
-@settings(max_examples=150, deadline=None)
+def allowed_errors(n: int, error: float, g: torch.Generator) -> torch.Tensor:
+    """An error pattern the model of ``energy_rank_interval`` allows: each entry at most ``error``, a sum of the
+    first or the last ``m`` at most ``sqrt(m) error`` (a mixture of the extreme patterns and small noise)."""
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    rising = i.sqrt() - (i - 1).sqrt()  # every prefix sums to sqrt(m); every suffix to at most sqrt(m)
+    weights = torch.rand(3, generator=g, dtype=torch.float64)
+    weights = weights / weights.sum() * torch.rand((), generator=g, dtype=torch.float64)
+    signs = torch.randint(0, 2, (2,), generator=g) * 2 - 1
+    noise = (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) / n**0.5
+    return error * (weights[0] * signs[0] * rising + weights[1] * signs[1] * rising.flip(0) + weights[2] * noise)
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=30),
     st.floats(min_value=0, max_value=10),
     st.floats(min_value=0.05, max_value=1.0),
+    st.floats(min_value=0, max_value=1e3),
+    st.floats(min_value=1, max_value=4),
+    st.booleans(),
     st.integers(min_value=0, max_value=2**31),
 )
-def test_energy_rank_interval_contains_every_perturbed_rank(values, bound, t, seed):
-    values = torch.tensor(values, dtype=torch.float64)
-    low, high = energy_rank_interval(values, bound, t)
-    assert low <= int(energy_rank(values, t)) <= high
+def test_energy_rank_interval_contains_the_rank_of_every_spectrum_it_allows(
+    values, error, t, zero_below, spread, with_trace, seed
+):
+    """Exact spectra within the error model, each eigenvalue removed against its own bound in
+    ``[zero_below, keep_above]``: the rank of every one lies in the interval (removal capped in total)."""
+    computed = torch.tensor(values, dtype=torch.float64).sort(descending=True).values
+    n, keep_above = len(computed), zero_below * spread
     g = torch.Generator().manual_seed(seed)
-    for _ in range(5):
-        perturbed = (values + (2 * torch.rand(len(values), generator=g, dtype=torch.float64) - 1) * bound).clamp(min=0)
-        assert low <= int(energy_rank(perturbed, t)) <= high
-    if bound == 0:
-        assert low == high == int(energy_rank(values, t))
+    samples = []
+    for _ in range(8):
+        exact = (computed - allowed_errors(n, error, g)).clamp(min=0).sort(descending=True).values
+        bounds = zero_below + (keep_above - zero_below) * torch.rand(n, generator=g, dtype=torch.float64)
+        removed = exact <= bounds
+        samples.append((exact, bounds, removed))
+    cap = max(float(bounds[removed].sum()) for _, bounds, removed in samples)  # a cap every sample respects
+    exact_trace = float(samples[0][0].sum())
+    low, high = energy_rank_interval(computed, t, error=error, trace=exact_trace if with_trace else None,
+                                     zero_below=zero_below, keep_above=keep_above, zeroed_at_most=cap)
+    for index, (exact, bounds, removed) in enumerate(samples):
+        if with_trace and index > 0:
+            continue  # the trace is that of the first sample
+        cleaned = torch.where(removed, 0.0, exact)
+        assert low <= int(energy_rank(cleaned, t)) <= high, (exact, cleaned, low, high)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=30),
+       st.floats(min_value=0.05, max_value=1.0))
+def test_energy_rank_interval_is_the_rank_itself_without_errors_or_removal(values, t):
+    values = torch.tensor(values, dtype=torch.float64)
+    rank = int(energy_rank(values, t))
+    assert energy_rank_interval(values, t) == (rank, rank)
+    assert energy_rank_interval(values, t, trace=float(values.sum())) == (rank, rank)
+
+
+def test_energy_rank_interval_opens_near_the_crossing_and_when_the_trace_disagrees():
+    values = torch.tensor([5.0, 4.0, 1.0])  # the top two hold 90% of the trace
+    assert energy_rank_interval(values, 0.9) == (2, 2)  # an exact tie is reached, as in energy_rank
+    assert energy_rank_interval(values, 0.9, error=1e-9) == (2, 3)  # but not with any error
+    assert energy_rank_interval(values, 0.89) == (2, 2)
+    assert energy_rank_interval(values, 0.89, error=0.05) == (2, 2)
+    assert energy_rank_interval(values, 0.89, error=0.2) == (2, 3)
+    removal = {"zero_below": 0.0, "keep_above": 2.0, "zeroed_at_most": 1.0}  # the 1 may go, the 4 and 5 stay
+    assert energy_rank_interval(values, 0.89, **removal) == (2, 2)
+    assert energy_rank_interval(values, 0.95, **removal) == (2, 3)
+    assert energy_rank_interval(values, 0.89, error=1e-3, trace=12.0) == (0, 3)  # 10 computed against 12
 
 
 class NarrowAndWide(nn.Module):

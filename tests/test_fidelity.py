@@ -213,3 +213,19 @@ def test_float32_eigenvalues_give_exactly_the_float64_ranks_and_fall_back_where_
                 solved += 3  # one input moment, two output moments
         model.float()
     assert 0 < refined < solved, (refined, solved)  # float32 settles most moments, float64 the rest
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_stand_in_error_bounds_the_frobenius_error_of_a_float32_matrix_without_being_vacuous(n):
+    from lightning_rank.spectrum import largest_eigenvalue, stand_in_error
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+    exact = a @ a.t()
+    stand_in = exact.float()
+    truth = float((stand_in.double() - exact).norm())
+    bound = stand_in_error(stand_in, lambda x: exact @ x, n)
+    assert truth <= bound <= 16 * truth
+    assert stand_in_error(lambda x: exact @ x, lambda x: exact @ x, n) == 0.0
+    largest = float(torch.linalg.eigvalsh(exact)[-1])
+    assert 0.5 * largest <= float(largest_eigenvalue(exact)) <= largest * (1 + 1e-12)

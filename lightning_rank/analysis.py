@@ -141,7 +141,7 @@ def _decompose(
         targets = {name: target for name, target in targets.items() if name in layers}
         empty = {name: reason for name, reason in empty.items() if name in layers}
     keys = dict.fromkeys(stats.sources[name] for name in targets)
-    bar.reset(total=len(keys) + len(targets))  # one eigenproblem per distinct input and per layer's output
+    bar.total = len(keys) + len(targets)  # an eigenproblem per distinct input and layer output (reset() would draw)
 
     widening = {name for name, target in targets.items() if _widens(target)}
     with_vectors = set(keys) if vectors else set()

@@ -94,19 +94,33 @@ class InputStatistics:
     def update(self, rows: Tensor) -> None:
         """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped."""
         rows = rows.to(self.dtype)
-        column_sums = rows.sum(dim=0)
-        # A NaN or Inf anywhere makes its column sum non-finite: one cheap check, no copy of the rows.
-        if not bool(torch.isfinite(column_sums).all()):
-            finite = torch.isfinite(rows).all(dim=1)
-            self.nonfinite.add_((~finite).sum())
-            rows = rows[finite]
+        if rows.device.type == "cpu":
+            # A NaN or Inf anywhere makes its column sum non-finite: one cheap check, no copy of the rows.
+            column_sums = rows.sum(dim=0)
+            if not bool(torch.isfinite(column_sums).all()):
+                rows, _ = self._finite_rows(rows)
+                column_sums = rows.sum(dim=0)
+            kept = rows.shape[0]
+        else:  # on an accelerator that check would wait for the device every batch: mask the rows instead
+            rows, kept = self._finite_rows(rows, masked=True)
             column_sums = rows.sum(dim=0)
         with full_precision_matmul():  # a TF32/bf16 Gram would silently change the ranks
             symmetric_gram_update_(self._gram, rows)
         self._mirrored = False
         self.total.add_(column_sums)
-        self.count.add_(rows.shape[0])
+        self.count.add_(kept)
         self.updates.add_(1)
+
+    def _finite_rows(self, rows: Tensor, masked: bool = False) -> tuple[Tensor, Tensor | int]:
+        """``rows`` without those holding NaN or Inf (counted in ``nonfinite``), and how many are kept. ``masked``
+        zeroes them in place of dropping, so that no count leaves the device."""
+        finite = torch.isfinite(rows).all(dim=1)
+        dropped = (~finite).sum()
+        self.nonfinite.add_(dropped)
+        if masked:
+            return torch.where(finite[:, None], rows, 0), rows.shape[0] - dropped
+        rows = rows[finite]
+        return rows, rows.shape[0]
 
     def roundoff(self) -> float:
         """``u`` with ``|error of C_ij| <= u * sqrt(C_ii C_jj)`` for the second moment of these sums

@@ -278,6 +278,21 @@ def test_nonfinite_rows_are_dropped_counted_and_reported() -> None:
     assert_stats(stats[""], good)
 
 
+def test_masked_nonfinite_rows_on_accelerators_give_the_sums_of_dropped_ones() -> None:
+    """The accelerator path zeroes bad rows instead of dropping them (no host sync); same sums, same counts."""
+    from lightning_rank.statistics import InputStatistics
+
+    x = torch.randn(9, 5)
+    x[2, 1], x[7, 4] = float("nan"), float("-inf")
+    dropped, masked = InputStatistics.zeros(5, torch.float32, "cpu"), InputStatistics.zeros(5, torch.float32, "cpu")
+    dropped.update(x)
+    rows, kept = masked._finite_rows(x.clone(), masked=True)
+    assert isinstance(kept, torch.Tensor) and int(kept) == 7
+    assert bool(torch.isfinite(rows).all()) and int((rows.abs().sum(dim=1) == 0).sum()) == 2
+    torch.testing.assert_close(rows.t() @ rows, dropped.gram)
+    assert int(masked.nonfinite) == int(dropped.nonfinite) == 2 and int(dropped.count) == 7
+
+
 def test_inference_mode_state_can_be_updated_later_outside_it() -> None:
     layer = nn.Linear(4, 3)
     collector = StatisticsCollector(layer)

@@ -155,7 +155,7 @@ def _decompose(
     for key in [key for key in keys if moments[key].dtype != torch.float64]:
         reference = stats.inputs[key].second_moment(centered, dtype=torch.float64)
         errors[key] = stand_in_error(moments[key], lambda x, m=reference: m @ x, len(reference), reference.device)
-        float32_error = float(solver_bound(largest_eigenvalue(reference).expand(len(reference)), torch.float32))
+        float32_error = solver_bound(float(largest_eigenvalue(reference)), len(reference), torch.float32)
         if float32_error > 2 * stats.inputs[key].roundoff() * float(scales[key].square().max()):
             # float32 errs well beyond the round-off bounds, so it could not tell round-off from signal: solving in
             # float32 first would most likely be wasted (a speed choice only: every rank is certified either way)
@@ -262,7 +262,7 @@ def _output_errors(
     plus that of ``A A^T`` against the output moment (their nonzero spectra are the same)."""
     errors = {name: 0.0 for name in layers}
     by_input: dict[str, list[str]] = defaultdict(list)
-    for name, layer in layers.items():
+    for name in layers:
         if matrices[name].dtype != torch.float64:
             by_input[stats.sources[name]].append(name)
     for key, names in by_input.items():
@@ -414,33 +414,36 @@ def _settle(
     roundoff = inputs.roundoff()
     squares = scales.square()
     least = roundoff * float(squares[squares > 0].min()) if bool((squares > 0).any()) else 0.0
-    rule = {  # what round-off removal may do, whatever the eigenvectors
-        "zero_below": roundoff * float(squares.min()) if squares.numel() else 0.0,
-        "keep_above": roundoff * float(squares.max()) if squares.numel() else 0.0,
-    }
-    exact, refined = solved_factor, False
-    while True:
-        reference_solver = float(solver_bound(values, torch.float64))  # the float64 solve's share of each bound
-        error = float(solver_bound(values, values.dtype)) + extra
+    # Whatever the eigenvectors, removal takes every eigenvalue below the least bound and none above the largest.
+    zero_below = roundoff * float(squares.min()) if squares.numel() else 0.0
+    keep_above = roundoff * float(squares.max()) if squares.numel() else 0.0
+
+    def certified(values: Tensor, extra: float) -> Tensor | None:
+        """The spectrum cleaned at the smallest possible bounds, if these bounds make its rank certain."""
+        largest, n = float(values.abs().max()) if values.numel() else 0.0, values.numel()
+        reference_solver = solver_bound(largest, n, torch.float64)  # the float64 solve's share of each bound
         low, high = energy_rank_interval(
-            values, threshold, error=error, trace=trace, zero_below=rule["zero_below"] + reference_solver,
-            keep_above=rule["keep_above"] + reference_solver,
-            zeroed_at_most=roundoff * float(squares.sum()) + values.numel() * reference_solver)
+            values, threshold, error=solver_bound(largest, n, values.dtype) + extra, trace=trace,
+            zero_below=zero_below + reference_solver, keep_above=keep_above + reference_solver,
+            zeroed_at_most=roundoff * float(squares.sum()) + n * reference_solver)
         cleaned = clean_spectrum(values.double(), least + reference_solver)
-        if low == high and int(energy_rank(cleaned, threshold)) == low:
-            break
-        if exact is None or exact.dtype != torch.float64 or values.dtype != torch.float64:
-            exact, refined, extra = matrix(), True, 0.0
-            if values.dtype != torch.float64 and not keep_vectors:  # eigenvalues in float64 may be enough
-                values, vectors = torch.linalg.eigvalsh(_gram_of(exact, factor)), None
-                continue
+        return cleaned if low == high == int(energy_rank(cleaned, threshold)) else None
+
+    exact, refined = solved_factor, False
+    cleaned = certified(values, extra)
+    if cleaned is None and values.dtype != torch.float64 and not keep_vectors:  # float64 eigenvalues may settle it
+        exact, refined = matrix(), True
+        values, vectors = torch.linalg.eigvalsh(_gram_of(exact, factor)), None
+        cleaned = certified(values, 0.0)
+    if cleaned is None:  # each eigenvalue against its own direction's bound, from float64 eigenvectors
+        if exact is None or exact.dtype != torch.float64:
+            exact = matrix()
         if vectors is None or vectors.dtype != torch.float64:
             values, vectors = torch.linalg.eigh(_gram_of(exact, factor))
-        solver = float(solver_bound(values, torch.float64))
+        solver = solver_bound(float(values.abs().max()), values.numel(), torch.float64)
         directions = _output_directions(exact, values, vectors) if factor else vectors
         cleaned = clean_spectrum(values, roundoff_bounds(roundoff, scales.to(values.device), directions) + solver)
         refined = True
-        break
     order = cleaned.argsort(descending=True)
     if not keep_vectors or vectors is None:
         return Spectrum(cleaned[order], refined=refined)

@@ -49,17 +49,16 @@ def roundoff_bounds(roundoff: float, scales: Tensor, vectors: Tensor | None = No
     return roundoff * (vectors.square() * squares[:, None]).sum(dim=0)
 
 
-def solver_bound(eigenvalues: Tensor, dtype: torch.dtype) -> Tensor:
-    """Error bound ``e`` of the eigenvalues a backward-stable symmetric eigensolver computes in ``dtype``.
+def solver_bound(largest: float, size: int, dtype: torch.dtype) -> float:
+    """Error bound ``e`` of each eigenvalue a backward-stable symmetric eigensolver computes in ``dtype`` for a
+    ``size x size`` matrix whose largest eigenvalue magnitude is ``largest``.
 
-    ``e = 8 sqrt(n) u max |lambda|`` (``u`` the unit round-off): the solver's backward error under the
+    ``e = 8 sqrt(n) u largest`` (``u`` the unit round-off): the solver's backward error under the
     probabilistic model of Higham and Mary that :func:`sum_roundoff` uses too, where a sum of ``m``
     computed eigenvalues errs by at most ``sqrt(m) e``. In float32 at ``n = 3072`` this is 3x the largest
     eigenvalue error and 6x the largest error of a partial sum measured against float64.
     """
-    n = eigenvalues.shape[-1]
-    unit = torch.finfo(dtype).eps / 2
-    return ROUNDOFF_SAFETY * n**0.5 * unit * eigenvalues.abs().amax(dim=-1, keepdim=True).squeeze(-1)
+    return ROUNDOFF_SAFETY * size**0.5 * (torch.finfo(dtype).eps / 2) * float(largest)
 
 
 # Gaussian probes estimate the error of a float32 stand-in for a float64 matrix: E ||(A - M) w||^2 = ||A - M||_F^2.

@@ -6,9 +6,11 @@ factor ``A`` (``C_y = A A^T``) whose small ``A^T A`` is decomposed when it widen
 the same size are batched, on the statistics' device.
 
 Round-off is removed by bounds, never by a blanket cut (see :mod:`~lightning_rank.spectrum`). The
-cheap bounds need no eigenvectors; only when they leave an energy rank uncertain is that moment
-decomposed again in float64 with eigenvectors, whose per-direction bounds are tight even where a few
-huge channels hold most of the energy. :func:`decompose` keeps the eigenvectors for factorization.
+bounds certify each energy rank from float32 eigenvalues without eigenvectors wherever they can
+(float32 matrices carry their error against the float64 ones, measured by Gaussian probes); a moment
+they leave open is solved again in float64, for its eigenvalues and then, if still open, with
+eigenvectors, whose per-direction bounds are tight even where a few huge channels hold most of the
+energy. :func:`decompose` keeps the eigenvectors for factorization.
 """
 
 from __future__ import annotations

@@ -27,32 +27,20 @@ from torch import Tensor, nn
 from lightning_rank.precision import full_precision_matmul
 from lightning_rank.progress import progress_bar
 from lightning_rank.report import LayerRank, RankReport
+from lightning_rank.certify import Float64Matrices, Spectrum, input_scales, input_trace, output_errors, settle
 from lightning_rank.spectrum import (
     check_threshold,
-    clean_spectrum,
     effective_rank,
     energy_rank,
-    energy_rank_interval,
     largest_eigenvalue,
     output_factor,
     output_moment,
-    output_moment_times,
-    roundoff_bounds,
     solver_bound,
     stand_in_error,
     utilization,
 )
-from lightning_rank.statistics import ActivationStatistics, InputStatistics
+from lightning_rank.statistics import ActivationStatistics
 from lightning_rank.targets import Target, get_submodule, layer_kind, parameter_count, select_targets, weight_matrix
-
-
-@dataclass
-class Spectrum:
-    """Eigenvalues of one moment (descending, round-off removed) and, when kept, its eigenvectors (columns)."""
-
-    values: Tensor
-    vectors: Tensor | None = None
-    refined: bool = False  # solved again in float64 because the first solve's bounds left its rank open
 
 
 @dataclass
@@ -150,8 +138,8 @@ def _decompose(
     # A small eigenproblem costs as little in float64 as in float32, and float64 never needs solving again.
     dtypes = {key: torch.float64 if stats.inputs[key].dim < FLOAT32_FROM else eig_dtype for key in keys}
     moments = {key: stats.inputs[key].second_moment(centered, dtype=dtypes[key]) for key in keys}
-    scales = {key: _scales(stats.inputs[key]) for key in keys}
-    exact = _Float64(stats, centered, {key: m for key, m in moments.items() if m.dtype == torch.float64})
+    scales = {key: input_scales(stats.inputs[key]) for key in keys}
+    exact = Float64Matrices(stats, centered, {key: m for key, m in moments.items() if m.dtype == torch.float64})
     errors = {key: 0.0 for key in keys}  # how far each float32 moment stands from the float64 one
     raw_in = {}
     for key in [key for key in keys if moments[key].dtype != torch.float64]:
@@ -172,9 +160,9 @@ def _decompose(
     refined: list[str] = []
     in_spectra = {}
     for key in keys:
-        in_spectra[key] = _settle(raw_in[key], lambda key=key: exact.moment(key), stats.inputs[key], scales[key],
+        in_spectra[key] = settle(raw_in[key], lambda key=key: exact.moment(key), stats.inputs[key], scales[key],
                                   threshold, keep_vectors=key in with_vectors, extra=errors[key],
-                                  trace=_trace(stats.inputs[key], centered))
+                                  trace=input_trace(stats.inputs[key], centered))
         if in_spectra[key].refined:
             refined.append(key)
 
@@ -199,7 +187,8 @@ def _decompose(
             output_matrices[name] = factors[name].t() @ factors[name]
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
-    extras = _output_errors(stats, spectra, output_matrices, factors, centered)
+    extras = output_errors(stats, {name: (layer.weight, layer.bias) for name, layer in spectra.items()},
+                           output_matrices, factors, centered)
     raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only, bar.update)
     for name, layer in spectra.items():
         key = stats.sources[name]
@@ -207,82 +196,17 @@ def _decompose(
         # W dC W^T with independent entry errors r s_j s_k errs by about r t_a t_b, t = sqrt(W^2 s^2)
         out_scales = (layer.weight.double().square() @ scales[key].to(layer.weight.device).square()).sqrt()
         if name in widening:
-            layer.outputs = _settle(raw_out[name], lambda name=name, layer=layer, key=key: exact.factor(
+            layer.outputs = settle(raw_out[name], lambda name=name, layer=layer, key=key: exact.factor(
                 name, layer.weight, layer.bias, key), inputs, out_scales, threshold, output_vectors, factor=True,
                 extra=extras[name], solved_factor=factors[name])
         else:
-            layer.outputs = _settle(raw_out[name], lambda layer=layer, key=key: exact.output_moment(
+            layer.outputs = settle(raw_out[name], lambda layer=layer, key=key: exact.output_moment(
                 layer.weight, layer.bias, key), inputs, out_scales, threshold, output_vectors, extra=extras[name])
         if layer.outputs.refined:
             refined.append(name)
 
     report = _report(model, stats, spectra, empty, threshold, centered)
     return Analysis(report, spectra, refined)
-
-
-class _Float64:
-    """The float64 matrices a moment is solved again from when float32 bounds leave its rank open (made once)."""
-
-    def __init__(self, stats: ActivationStatistics, centered: bool, moments: dict[str, Tensor]) -> None:
-        self.stats, self.centered = stats, centered
-        self._moments = dict(moments)
-        self._eigen: dict[str, tuple[Tensor, Tensor]] = {}
-        self._factors: dict[str, Tensor] = {}
-
-    def moment(self, key: str) -> Tensor:
-        if key not in self._moments:
-            self._moments[key] = self.stats.inputs[key].second_moment(self.centered, dtype=torch.float64)
-        return self._moments[key]
-
-    def output_moment(self, weight: Tensor, bias: Tensor | None, key: str) -> Tensor:
-        mean = self.stats.inputs[key].mean().to(weight.device)
-        return output_moment(weight.double(), None if bias is None else bias.double(), self.moment(key), mean,
-                             self.centered)
-
-    def factor(self, name: str, weight: Tensor, bias: Tensor | None, key: str) -> Tensor:
-        """The output factor of a widening layer from the float64 eigendecomposition of its input moment."""
-        if name not in self._factors:
-            if key not in self._eigen:
-                self._eigen[key] = torch.linalg.eigh(self.moment(key))
-            values, vectors = self._eigen[key]
-            mean = self.stats.inputs[key].mean().to(weight.device)
-            self._factors[name] = output_factor(weight.double(), None if bias is None else bias.double(), values,
-                                                vectors, mean, self.centered)
-        return self._factors[name]
-
-
-def _output_errors(
-    stats: ActivationStatistics,
-    layers: dict[str, LayerSpectra],
-    matrices: dict[str, Tensor],
-    factors: dict[str, Tensor],
-    centered: bool,
-) -> dict[str, float]:
-    """How far each float32 output matrix stands from its float64 reference (0 for float64 ones), by probes.
-
-    For a widening layer the matrix is ``A^T A`` of a factor ``A``: its error is that of forming ``A^T A``
-    plus that of ``A A^T`` against the output moment (their nonzero spectra are the same)."""
-    errors = {name: 0.0 for name in layers}
-    by_input: dict[str, list[str]] = defaultdict(list)
-    for name in layers:
-        if matrices[name].dtype != torch.float64:
-            by_input[stats.sources[name]].append(name)
-    for key, names in by_input.items():
-        moment = stats.inputs[key].second_moment(centered, dtype=torch.float64)
-        mean = stats.inputs[key].mean().to(moment.device)
-        for name in names:
-            layer = layers[name]
-            weight, bias = layer.weight.double(), None if layer.bias is None else layer.bias.double()
-            times = output_moment_times(weight, bias, moment, mean, centered)
-            if name in factors:
-                factor = factors[name].double()
-                formed = stand_in_error(matrices[name], lambda x, a=factor: a.t() @ (a @ x), factor.shape[1],
-                                        factor.device)
-                errors[name] = formed + stand_in_error(lambda x, a=factor: a @ (a.t() @ x), times, factor.shape[0],
-                                                       factor.device)
-            else:
-                errors[name] = stand_in_error(matrices[name], times, len(matrices[name]), moment.device)
-    return errors
 
 
 def _cholesky_factor(weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Tensor, centered: bool) -> Tensor | None:
@@ -376,93 +300,6 @@ def _targets_of(model: nn.Module, stats: ActivationStatistics) -> tuple[dict[str
 def _widens(target: Target) -> bool:
     weight, _ = weight_matrix(target)
     return weight.shape[0] > weight.shape[1] + 1
-
-
-def _trace(inputs: InputStatistics, centered: bool) -> float:
-    """The trace of the input moment in float64, as exact as the float64 moment's own."""
-    trace = float(inputs.gram.diagonal().double().sum()) / max(int(inputs.count), 1)
-    return trace - float(inputs.mean().square().sum()) if centered else trace
-
-
-def _scales(inputs: InputStatistics) -> Tensor:
-    """``sqrt(diag(C))`` of the uncentered moment in float64: the scale of each input's round-off."""
-    return (inputs.gram.diagonal().double() / max(int(inputs.count), 1)).clamp(min=0).sqrt()
-
-
-def _settle(
-    solved: Any,
-    matrix: Callable[[], Tensor],
-    inputs: InputStatistics,
-    scales: Tensor,
-    threshold: float,
-    keep_vectors: bool,
-    factor: bool = False,
-    extra: float = 0.0,
-    solved_factor: Tensor | None = None,
-    trace: float | None = None,
-) -> Spectrum:
-    """A :class:`Spectrum` (descending) whose round-off is removed and whose energy rank is certain.
-
-    ``solved`` is ``(values, vectors)`` or ``values`` (ascending) of the moment as computed in the eigen
-    dtype (with ``factor``: of ``A^T A`` for a factor ``A``, ``solved_factor``, of the moment). Entries of
-    the moment err by at most ``roundoff * s_i s_j`` with ``s = scales``, which removes each eigenvalue up
-    to its own direction's bound ``roundoff * ||diag(s) v||^2`` (these bounds sum to ``roundoff * |s|^2``);
-    the eigenvalues err by the solver's bound and ``extra`` more from products in the eigen dtype; ``trace``
-    is the moment's exact trace where known. When these bounds, free of eigenvectors, leave the rank at
-    ``threshold`` open, ``matrix()`` (the moment, or its factor, in float64) is solved again: for eigenvalues
-    first, then, if still open, with eigenvectors for the per-direction bounds (marked ``refined``).
-    """
-    values, vectors = solved if isinstance(solved, tuple) else (solved, None)
-    roundoff = inputs.roundoff()
-    squares = scales.square()
-    least = roundoff * float(squares[squares > 0].min()) if bool((squares > 0).any()) else 0.0
-    # Whatever the eigenvectors, removal takes every eigenvalue below the least bound and none above the largest.
-    zero_below = roundoff * float(squares.min()) if squares.numel() else 0.0
-    keep_above = roundoff * float(squares.max()) if squares.numel() else 0.0
-
-    def certified(values: Tensor, extra: float) -> Tensor | None:
-        """The spectrum cleaned at the smallest possible bounds, if these bounds make its rank certain."""
-        largest, n = float(values.abs().max()) if values.numel() else 0.0, values.numel()
-        reference_solver = solver_bound(largest, n, torch.float64)  # the float64 solve's share of each bound
-        low, high = energy_rank_interval(
-            values, threshold, error=solver_bound(largest, n, values.dtype) + extra, trace=trace,
-            zero_below=zero_below + reference_solver, keep_above=keep_above + reference_solver,
-            zeroed_at_most=roundoff * float(squares.sum()) + n * reference_solver)
-        cleaned = clean_spectrum(values.double(), least + reference_solver)
-        return cleaned if low == high == int(energy_rank(cleaned, threshold)) else None
-
-    exact, refined = solved_factor, False
-    cleaned = certified(values, extra)
-    if cleaned is None and values.dtype != torch.float64 and not keep_vectors:  # float64 eigenvalues may settle it
-        exact, refined = matrix(), True
-        values, vectors = torch.linalg.eigvalsh(_gram_of(exact, factor)), None
-        cleaned = certified(values, 0.0)
-    if cleaned is None:  # each eigenvalue against its own direction's bound, from float64 eigenvectors
-        if exact is None or exact.dtype != torch.float64:
-            exact = matrix()
-        if vectors is None or vectors.dtype != torch.float64:
-            values, vectors = torch.linalg.eigh(_gram_of(exact, factor))
-        solver = solver_bound(float(values.abs().max()), values.numel(), torch.float64)
-        directions = _output_directions(exact, values, vectors) if factor else vectors
-        cleaned = clean_spectrum(values, roundoff_bounds(roundoff, scales.to(values.device), directions) + solver)
-        refined = True
-    order = cleaned.argsort(descending=True)
-    if not keep_vectors or vectors is None:
-        return Spectrum(cleaned[order], refined=refined)
-    if factor:
-        vectors = _output_directions(exact, values, vectors)
-    return Spectrum(cleaned[order], vectors[:, order], refined=refined)
-
-
-def _gram_of(matrix: Tensor, factor: bool) -> Tensor:
-    return matrix.double().t() @ matrix.double() if factor else matrix.double()
-
-
-def _output_directions(factor: Tensor, values: Tensor, vectors: Tensor) -> Tensor:
-    """Unit eigenvectors of ``A A^T`` from those of ``A^T A``: ``A w / |A w|`` (zero where ``A w`` is zero)."""
-    directions = factor.double() @ vectors
-    norms = directions.norm(dim=0, keepdim=True)
-    return torch.where(norms > 0, directions / norms.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
 
 
 def _values_only(matrices: Tensor) -> Tensor:

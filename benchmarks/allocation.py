@@ -2,15 +2,17 @@
 
 Rules compared at 60%, 50%, 40% and 25% of the replaceable layers' parameters:
 
-- ``greedy``: today's ``lr.factorize_(model, stats, param_budget=b, method="whiten")`` (least sum of per-layer
-  relative errors);
+- ``greedy``: the first rule, ``lr.factorize_(model, stats, param_budget=b, method="whiten", allocation="greedy")``
+  (least sum of per-layer relative errors);
 - ``uniform``: one common tolerance on every layer's relative output error, bisected to meet the budget
-  (``lr.allocation.allocate(..., rule="uniform")``);
-- ``probe``: the new default, ``lr.allocation.allocate(..., probe=Probe(model, calibration))``;
-- ``probe+layers``: the same with ``measure_layers=True`` (each layer also truncated alone for real),
-  to show what those extra passes add.
+  (``allocation="uniform"``, what ``factorize_`` does without calibration batches): the floor;
+- ``probe (plain)``: the probe rule on plain whitened truncations (``allocate(..., output_weighted=False)``,
+  the default before output weighting), applied with ``factorize_(ranks=..., method="whiten")``;
+- ``probe``: the default with calibration batches, ``lr.factorize_(model, stats, param_budget=b,
+  method="whiten", calibration=batches)``: truncations weighted by the model-output gradient moment at
+  each layer's output, ranks allocated on their linearized end-to-end damage, checked against uniform.
 
-Ranks of the last three are applied with ``lr.factorize_(copy, stats, ranks=..., method="whiten")``.
+The probe runs on the first ``--probe-batches`` calibration batches (default 1: 128 images, or 64 sequences).
 Models (``benchmarks/allocation_models.py``, trained here, seeded): the digits ViT of ``examples/digits.py``,
 a CNN on digits, and a character-level transformer trained on Python's own docs (``pydoc_data.topics``).
 Statistics and probes use 512 training examples (the LM: 256 windows of 64 characters); everything is
@@ -46,8 +48,7 @@ from lightning_rank.probe import Probe  # noqa: E402
 from lightning_rank.selection import layer_candidates  # noqa: E402
 
 BUDGETS = (0.6, 0.5, 0.4, 0.25)
-RULES = ("greedy", "uniform", "probe", "probe+layers")
-RULE_OPTIONS = (("uniform", {"rule": "uniform"}), ("probe", {}), ("probe+layers", {"measure_layers": True}))
+RULES = ("greedy", "uniform", "probe (plain)", "probe")
 
 
 def apply(task: models.Task, stats, candidates, ranks: dict) -> torch.nn.Module:
@@ -69,25 +70,31 @@ def timed(fn, repeat: int = 3) -> tuple[float, object]:
 
 
 def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> list[dict]:
-    stats = lr.collect(task.model, task.calibration)
+    collect_s, stats = timed(lambda: lr.collect(task.model, task.calibration))
     analyze_s, _ = timed(lambda: lr.analyze(task.model, stats))
     candidates, left_out = layer_candidates(task.model, stats)
+    calibration = task.calibration[:probe_batches]
     dense = models.evaluate(task, task.model)
     rows = []
     for budget in budgets:
-        row = {"task": task.name, "budget": budget, "dense": dense["score"], "analyze_s": analyze_s}
-        greedy = copy.deepcopy(task.model)
-        result = lr.factorize_(greedy, stats, param_budget=budget, method="whiten")
-        row["greedy"] = models.evaluate(task, greedy, dense["logits"])
-        row["greedy_kept"] = result.layer_params_after / result.layer_params_before
-        for rule, options in RULE_OPTIONS:
-            probe = Probe(task.model, task.calibration[:probe_batches])  # fresh: its cost is counted in full
-            seconds, allocation = timed(lambda: allocate(candidates, param_budget=budget, probe=probe, **options), 1)
-            compressed = apply(task, stats, candidates, allocation.ranks)
+        row = {"task": task.name, "budget": budget, "dense": dense["score"], "analyze_s": analyze_s,
+               "collect_s": collect_s}
+        for rule, allocation in (("greedy", "greedy"), ("uniform", "uniform")):
+            compressed = copy.deepcopy(task.model)
+            lr.factorize_(compressed, stats, param_budget=budget, method="whiten", allocation=allocation)
             row[rule] = models.evaluate(task, compressed, dense["logits"])
-            row[f"{rule}_kept"] = allocation.kept / allocation.base
+        for rule, options in (("probe (plain)", {"output_weighted": False}), ("probe", {})):
+            probe = Probe(task.model, calibration)  # fresh: its cost is counted in full
+            seconds, allocation = timed(lambda: allocate(candidates, param_budget=budget, probe=probe, **options), 1)
             row[f"{rule}_cost"] = (allocation.probe_passes, seconds)
             row[f"{rule}_chosen"] = allocation.rule
+            if options:
+                compressed = apply(task, stats, candidates, allocation.ranks)
+            else:  # what a user runs; the planner allocates exactly as the timed call did
+                compressed = copy.deepcopy(task.model)
+                result = lr.factorize_(compressed, stats, param_budget=budget, method="whiten", calibration=calibration)
+                assert result.layers == allocation.ranks, (result.layers, allocation.ranks)
+            row[rule] = models.evaluate(task, compressed, dense["logits"])
         rows.append(row)
     return rows
 
@@ -113,13 +120,15 @@ def table(rows: list[dict]) -> str:
 
 
 def cost_table(rows: list[dict]) -> str:
-    lines = ["| model | kept | analyze CPU s | probe passes | probe CPU s | probe / analyze | probe+layers passes | "
-             "probe+layers / analyze | returned |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | kept | collect CPU s | analyze CPU s | plain probe passes | plain / analyze | probe passes | "
+             "probe CPU s | probe / analyze | probe / (collect + analyze) | returned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        (passes, seconds), (lpasses, lseconds) = row["probe_cost"], row["probe+layers_cost"]
+        (ppasses, pseconds), (passes, seconds) = row["probe (plain)_cost"], row["probe_cost"]
         lines.append(
-            f"| {row['task']} | {row['budget']:.0%} | {row['analyze_s']:.3f} | {passes} | {seconds:.2f} | "
-            f"{seconds / row['analyze_s']:.1f}x | {lpasses} | {lseconds / row['analyze_s']:.1f}x | {row['probe_chosen']} |"
+            f"| {row['task']} | {row['budget']:.0%} | {row['collect_s']:.3f} | {row['analyze_s']:.3f} | {ppasses} | "
+            f"{pseconds / row['analyze_s']:.1f}x | {passes} | {seconds:.2f} | {seconds / row['analyze_s']:.1f}x | "
+            f"{seconds / (row['collect_s'] + row['analyze_s']):.1f}x | {row['probe_chosen']} |"
         )
     return "\n".join(lines)
 
@@ -134,7 +143,7 @@ def scaling() -> str:
         stats = lr.collect(model, calibration)
         analyze_s, _ = timed(lambda: lr.analyze(model, stats))
         candidates, _ = layer_candidates(model, stats)
-        seconds, allocation = timed(lambda: allocate(candidates, param_budget=0.5, probe=Probe(model, calibration)), 1)
+        seconds, allocation = timed(lambda: allocate(candidates, param_budget=0.5, probe=Probe(model, calibration[:1])), 1)
         lines.append(
             f"| {depth} | {dim} | {len(candidates)} | {allocation.probe_passes} | {analyze_s:.3f} | {seconds:.2f} | "
             f"{seconds / analyze_s:.1f}x |"
@@ -151,10 +160,13 @@ def macs_versus_params(task: models.Task) -> str:
     dense = models.evaluate(task, task.model)
     lines = ["| budget | params kept | MACs kept | error | accuracy | ranks |", "|---|---:|---:|---:|---:|---|"]
     for label, kwargs in (("param_budget=0.5", {"param_budget": 0.5}), ("macs_budget=0.5", {"macs_budget": 0.5})):
-        allocation = allocate(candidates, probe=Probe(task.model, task.calibration), **kwargs)
+        allocation = allocate(candidates, probe=Probe(task.model, task.calibration[:1]), **kwargs)
         params = sum(d.params for d in allocation.layers.values()) / sum(d.dense_params for d in allocation.layers.values())
         macs = sum(d.macs for d in allocation.layers.values()) / sum(d.dense_macs for d in allocation.layers.values())
-        result = models.evaluate(task, apply(task, stats, candidates, allocation.ranks), dense["logits"])
+        compressed = copy.deepcopy(task.model)
+        planned = lr.factorize_(compressed, stats, method="whiten", calibration=task.calibration[:1], **kwargs)
+        assert planned.layers == allocation.ranks, (planned.layers, allocation.ranks)
+        result = models.evaluate(task, compressed, dense["logits"])
         ranks = ", ".join(f"{n}={d.rank if d.rank is not None else 'dense'}" for n, d in allocation.layers.items())
         lines.append(f"| {label} | {params:.1%} | {macs:.1%} | {result['error']:.4f} | {result['score']:.1%} | {ranks} |")
     return "\n".join(lines)
@@ -164,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--skip-scaling", action="store_true")
-    parser.add_argument("--probe-batches", type=int, default=4, help="calibration batches the probe runs on (of 4)")
+    parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches the probe runs on (of 4)")
     parser.add_argument("--models", nargs="+", default=["digits_vit", "digits_cnn", "char_lm"])
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the trained models in between runs")
     args = parser.parse_args()

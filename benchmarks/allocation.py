@@ -55,7 +55,7 @@ def apply(task: models.Task, stats, candidates, ranks: dict) -> torch.nn.Module:
     """A copy of the model with ``ranks`` applied (layers not given a rank stay dense)."""
     model = copy.deepcopy(task.model)
     full = {name: ranks.get(name) or min(c.shape) for name, c in candidates.items()}
-    lr.factorize_(model, stats, ranks=full, method="whiten")
+    lr.factorize_(model, stats, ranks=full, method="whiten", progress=False)
     return model
 
 
@@ -71,7 +71,7 @@ def timed(fn, repeat: int = 3) -> tuple[float, object]:
 
 def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> list[dict]:
     collect_s, stats = timed(lambda: lr.collect(task.model, task.calibration))
-    analyze_s, _ = timed(lambda: lr.analyze(task.model, stats))
+    analyze_s, _ = timed(lambda: lr.analyze(task.model, stats, progress=False))
     candidates, left_out = layer_candidates(task.model, stats)
     calibration = task.calibration[:probe_batches]
     dense = models.evaluate(task, task.model)
@@ -81,7 +81,8 @@ def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> li
                "collect_s": collect_s}
         for rule, allocation in (("greedy", "greedy"), ("uniform", "uniform")):
             compressed = copy.deepcopy(task.model)
-            lr.factorize_(compressed, stats, param_budget=budget, method="whiten", allocation=allocation)
+            lr.factorize_(compressed, stats, param_budget=budget, method="whiten", allocation=allocation,
+                          progress=False)
             row[rule] = models.evaluate(task, compressed, dense["logits"])
         for rule, options in (("probe (plain)", {"output_weighted": False}), ("probe", {})):
             probe = Probe(task.model, calibration)  # fresh: its cost is counted in full
@@ -92,7 +93,8 @@ def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> li
                 compressed = apply(task, stats, candidates, allocation.ranks)
             else:  # what a user runs; the planner allocates exactly as the timed call did
                 compressed = copy.deepcopy(task.model)
-                result = lr.factorize_(compressed, stats, param_budget=budget, method="whiten", calibration=calibration)
+                result = lr.factorize_(compressed, stats, param_budget=budget, method="whiten", calibration=calibration,
+                                       progress=False)
                 assert result.layers == allocation.ranks, (result.layers, allocation.ranks)
             row[rule] = models.evaluate(task, compressed, dense["logits"])
         rows.append(row)
@@ -133,20 +135,29 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def scaling() -> str:
-    """Cost of the probe rule against ``analyze`` on random-init digits ViTs of growing depth and width."""
+def scaling(wide: bool) -> str:
+    """Cost of the probe rule against ``analyze``: random-init digits ViTs of growing depth and width (statistics
+    on 512 images, the probe on 128), and ViT-B/16-shaped encoders with random weights (``dim`` 512 or 768, MLP
+    4x, 197 tokens; statistics on 16 sequences, the probe on 8)."""
     calibration, _ = models._split_batches(models._digits(0))
-    lines = ["| depth | dim | layers | probe passes | analyze s | probe s | ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for depth, dim in ((2, 64), (4, 64), (8, 64), (2, 128), (2, 256)):
+    configs = [("digits ViT", depth, dim) for depth, dim in ((2, 64), (4, 64), (8, 64), (2, 128), (2, 256))]
+    if wide:
+        configs += [("ViT-B-shaped", depth, dim) for depth, dim in ((1, 512), (2, 512), (1, 768), (2, 768))]
+    lines = ["| model | depth | dim | layers | probe passes | analyze CPU s | probe CPU s | probe / analyze |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for family, depth, dim in configs:
         L.seed_everything(0, verbose=False)
-        model = models.DigitsViT(dim=dim, depth=depth).eval()
-        stats = lr.collect(model, calibration)
-        analyze_s, _ = timed(lambda: lr.analyze(model, stats))
+        if family == "digits ViT":
+            model, batches = models.DigitsViT(dim=dim, depth=depth).eval(), calibration
+        else:
+            model, batches = models.WideEncoder(dim, depth, heads=dim // 64).eval(), models.wide_batches(dim, 2)
+        stats = lr.collect(model, batches)
+        analyze_s, _ = timed(lambda: lr.analyze(model, stats, progress=False), 1 if family != "digits ViT" else 3)
         candidates, _ = layer_candidates(model, stats)
-        seconds, allocation = timed(lambda: allocate(candidates, param_budget=0.5, probe=Probe(model, calibration[:1])), 1)
+        seconds, allocation = timed(lambda: allocate(candidates, param_budget=0.5, probe=Probe(model, batches[:1])), 1)
         lines.append(
-            f"| {depth} | {dim} | {len(candidates)} | {allocation.probe_passes} | {analyze_s:.3f} | {seconds:.2f} | "
-            f"{seconds / analyze_s:.1f}x |"
+            f"| {family} | {depth} | {dim} | {len(candidates)} | {allocation.probe_passes} | {analyze_s:.3f} | "
+            f"{seconds:.2f} | {seconds / analyze_s:.1f}x |"
         )
     return "\n".join(lines)
 
@@ -164,7 +175,8 @@ def macs_versus_params(task: models.Task) -> str:
         params = sum(d.params for d in allocation.layers.values()) / sum(d.dense_params for d in allocation.layers.values())
         macs = sum(d.macs for d in allocation.layers.values()) / sum(d.dense_macs for d in allocation.layers.values())
         compressed = copy.deepcopy(task.model)
-        planned = lr.factorize_(compressed, stats, method="whiten", calibration=task.calibration[:1], **kwargs)
+        planned = lr.factorize_(compressed, stats, method="whiten", calibration=task.calibration[:1], progress=False,
+                                   **kwargs)
         assert planned.layers == allocation.ranks, (planned.layers, allocation.ranks)
         result = models.evaluate(task, compressed, dense["logits"])
         ranks = ", ".join(f"{n}={d.rank if d.rank is not None else 'dense'}" for n, d in allocation.layers.items())
@@ -176,6 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-wide", action="store_true", help="no ViT-B-shaped encoders in the cost growth table")
     parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches the probe runs on (of 4)")
     parser.add_argument("--models", nargs="+", default=["digits_vit", "digits_cnn", "char_lm"])
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the trained models in between runs")
@@ -208,8 +221,8 @@ def main() -> None:
         print("\nParameters vs multiply-adds on the digits CNN (probe rule)\n")
         print(macs_versus_params(cnn[0]))
     if not args.skip_scaling:
-        print("\nCost growth with depth and width (random-init digits ViTs, param_budget=0.5)\n")
-        print(scaling())
+        print("\nCost growth with depth and width (random weights, param_budget=0.5)\n")
+        print(scaling(wide=not args.skip_wide))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
 
 

@@ -23,17 +23,23 @@ Contract (what the factorization planner calls):
 - ``rule="uniform"`` (the floor): one common tolerance ``t`` on every layer's relative output error,
   rank ``r_l = min{r >= 1: e_l[r] <= t}``, with ``t`` the smallest value that meets the budget.
 - ``rule="probe"`` (the default when a :class:`Probe` is given): the model's own output decides.
-  One forward and backward pass per calibration batch gives, for every layer and every rank at once,
-  the linearized damage ``D_l(r) = E||f(W_r) - f(W)||^2 / E||f||^2`` of truncating that layer alone
-  (estimated through a random direction ``z`` over the output; see :func:`linear_damage`). Ranks are
+  On the first calibration batch one backward pass of ``z . f`` (``z`` a random direction over the output
+  ``f``) gives each layer's output-gradient moment ``G``; each layer's truncation is then weighted by it
+  (:meth:`LayerCandidate.output_weighted`: the rank-``r`` weight of least ``tr(G (W - W_r) C (W - W_r)^T)``,
+  so the output directions the model amplifies are kept first; ``output_weighted=False`` keeps the plain
+  whitened truncation). One forward and backward pass per calibration batch then gives, for every layer
+  and every rank at once, the linearized damage ``D_l(r) = E||f(W_r) - f(W)||^2 / E||f||^2`` of truncating
+  that layer alone (estimated through ``z``; see :func:`~lightning_rank.probe.linear_damage`). Ranks are
   allocated greedily on those curves (lower convex hull of damage against cost saved, leftover budget
-  spent back). Finally both this allocation and uniform tolerance's are evaluated on the calibration
-  batches (the probe restores every weight bit-exactly after overwriting it in place under
-  ``no_grad``) and the one with the lower output error is returned, so the result is never worse than
-  the floor there. Optionally (``measure_layers=True``) each layer is also truncated alone for real and
-  its curve rescaled to that measurement. Cost, in forward passes over one calibration batch (a
-  backward counts as two): ``5 x batches`` (``+ layers x layer_batches`` with ``measure_layers``),
-  linear in depth, independent of the ranks.
+  spent back). Finally this allocation and uniform tolerance's (plain whitened truncations) are both
+  evaluated on the calibration batches (the probe restores every weight bit-exactly after overwriting
+  it in place under ``no_grad``) and the one with the lower output error is returned, so the result is
+  never worse than the floor there. Optionally (``measure_layers=True``) each layer is also truncated
+  alone for real and its curve rescaled to that measurement. Cost, in forward passes over one
+  calibration batch (a backward counts as two): ``5 x batches + 2`` (``+ layers x layer_batches`` with
+  ``measure_layers``), linear in depth, independent of the ranks; plus, per layer and pass, products of
+  its outputs with ``max_rank + 1`` directions, and once its gradient moment (``rows x out^2``), a
+  Cholesky factorization of it and an SVD of ``out x min(out, fan_in)``.
 """
 
 from __future__ import annotations

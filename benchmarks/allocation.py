@@ -25,7 +25,8 @@ Also printed: what each rule cost (forward passes over a calibration batch, seco
 
 Timings are CPU seconds on one thread (``torch.set_num_threads(1)``), so they do not swing with other jobs.
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/allocation.py   (about 8 minutes on two busy CPU cores;
+Run: PYTHONPATH=. .venv/bin/python benchmarks/allocation.py   (about 7 minutes on two busy CPU cores, 2 of them
+for the ViT-B-shaped encoders, which `--skip-wide` leaves out;
 ``--cache DIR`` keeps the trained models for the next run)
 """
 

@@ -2,15 +2,17 @@
 
 Rules compared at 60%, 50%, 40% and 25% of the replaceable layers' parameters:
 
-- ``greedy``: today's ``lr.factorize_(model, stats, param_budget=b, method="whiten")`` (least sum of per-layer
-  relative errors);
+- ``greedy``: the first rule, ``lr.factorize_(model, stats, param_budget=b, method="whiten", allocation="greedy")``
+  (least sum of per-layer relative errors);
 - ``uniform``: one common tolerance on every layer's relative output error, bisected to meet the budget
-  (``lr.allocation.allocate(..., rule="uniform")``);
-- ``probe``: the new default, ``lr.allocation.allocate(..., probe=Probe(model, calibration))``;
-- ``probe+layers``: the same with ``measure_layers=True`` (each layer also truncated alone for real),
-  to show what those extra passes add.
+  (``allocation="uniform"``, what ``factorize_`` does without calibration batches): the floor;
+- ``probe (plain)``: the probe rule on plain whitened truncations (``allocate(..., output_weighted=False)``,
+  the default before output weighting), applied with ``factorize_(ranks=..., method="whiten")``;
+- ``probe``: the default with calibration batches, ``lr.factorize_(model, stats, param_budget=b,
+  method="whiten", calibration=batches)``: truncations weighted by the model-output gradient moment at
+  each layer's output, ranks allocated on their linearized end-to-end damage, checked against uniform.
 
-Ranks of the last three are applied with ``lr.factorize_(copy, stats, ranks=..., method="whiten")``.
+The probe runs on the first ``--probe-batches`` calibration batches (default 1: 128 images, or 64 sequences).
 Models (``benchmarks/allocation_models.py``, trained here, seeded): the digits ViT of ``examples/digits.py``,
 a CNN on digits, and a character-level transformer trained on Python's own docs (``pydoc_data.topics``).
 Statistics and probes use 512 training examples (the LM: 256 windows of 64 characters); everything is
@@ -23,7 +25,8 @@ Also printed: what each rule cost (forward passes over a calibration batch, seco
 
 Timings are CPU seconds on one thread (``torch.set_num_threads(1)``), so they do not swing with other jobs.
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/allocation.py   (about 8 minutes on two busy CPU cores;
+Run: PYTHONPATH=. .venv/bin/python benchmarks/allocation.py   (about 7 minutes on two busy CPU cores, 2 of them
+for the ViT-B-shaped encoders, which `--skip-wide` leaves out;
 ``--cache DIR`` keeps the trained models for the next run)
 """
 
@@ -46,15 +49,14 @@ from lightning_rank.probe import Probe  # noqa: E402
 from lightning_rank.selection import layer_candidates  # noqa: E402
 
 BUDGETS = (0.6, 0.5, 0.4, 0.25)
-RULES = ("greedy", "uniform", "probe", "probe+layers")
-RULE_OPTIONS = (("uniform", {"rule": "uniform"}), ("probe", {}), ("probe+layers", {"measure_layers": True}))
+RULES = ("greedy", "uniform", "probe (plain)", "probe")
 
 
 def apply(task: models.Task, stats, candidates, ranks: dict) -> torch.nn.Module:
     """A copy of the model with ``ranks`` applied (layers not given a rank stay dense)."""
     model = copy.deepcopy(task.model)
     full = {name: ranks.get(name) or min(c.shape) for name, c in candidates.items()}
-    lr.factorize_(model, stats, ranks=full, method="whiten")
+    lr.factorize_(model, stats, ranks=full, method="whiten", progress=False)
     return model
 
 
@@ -69,25 +71,33 @@ def timed(fn, repeat: int = 3) -> tuple[float, object]:
 
 
 def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> list[dict]:
-    stats = lr.collect(task.model, task.calibration)
-    analyze_s, _ = timed(lambda: lr.analyze(task.model, stats))
+    collect_s, stats = timed(lambda: lr.collect(task.model, task.calibration))
+    analyze_s, _ = timed(lambda: lr.analyze(task.model, stats, progress=False))
     candidates, left_out = layer_candidates(task.model, stats)
+    calibration = task.calibration[:probe_batches]
     dense = models.evaluate(task, task.model)
     rows = []
     for budget in budgets:
-        row = {"task": task.name, "budget": budget, "dense": dense["score"], "analyze_s": analyze_s}
-        greedy = copy.deepcopy(task.model)
-        result = lr.factorize_(greedy, stats, param_budget=budget, method="whiten")
-        row["greedy"] = models.evaluate(task, greedy, dense["logits"])
-        row["greedy_kept"] = result.layer_params_after / result.layer_params_before
-        for rule, options in RULE_OPTIONS:
-            probe = Probe(task.model, task.calibration[:probe_batches])  # fresh: its cost is counted in full
-            seconds, allocation = timed(lambda: allocate(candidates, param_budget=budget, probe=probe, **options), 1)
-            compressed = apply(task, stats, candidates, allocation.ranks)
+        row = {"task": task.name, "budget": budget, "dense": dense["score"], "analyze_s": analyze_s,
+               "collect_s": collect_s}
+        for rule, allocation in (("greedy", "greedy"), ("uniform", "uniform")):
+            compressed = copy.deepcopy(task.model)
+            lr.factorize_(compressed, stats, param_budget=budget, method="whiten", allocation=allocation,
+                          progress=False)
             row[rule] = models.evaluate(task, compressed, dense["logits"])
-            row[f"{rule}_kept"] = allocation.kept / allocation.base
+        for rule, options in (("probe (plain)", {"output_weighted": False}), ("probe", {})):
+            probe = Probe(task.model, calibration)  # fresh: its cost is counted in full
+            seconds, allocation = timed(lambda: allocate(candidates, param_budget=budget, probe=probe, **options), 1)
             row[f"{rule}_cost"] = (allocation.probe_passes, seconds)
             row[f"{rule}_chosen"] = allocation.rule
+            if options:
+                compressed = apply(task, stats, candidates, allocation.ranks)
+            else:  # what a user runs; the planner allocates exactly as the timed call did
+                compressed = copy.deepcopy(task.model)
+                result = lr.factorize_(compressed, stats, param_budget=budget, method="whiten", calibration=calibration,
+                                       progress=False)
+                assert result.layers == allocation.ranks, (result.layers, allocation.ranks)
+            row[rule] = models.evaluate(task, compressed, dense["logits"])
         rows.append(row)
     return rows
 
@@ -113,31 +123,42 @@ def table(rows: list[dict]) -> str:
 
 
 def cost_table(rows: list[dict]) -> str:
-    lines = ["| model | kept | analyze CPU s | probe passes | probe CPU s | probe / analyze | probe+layers passes | "
-             "probe+layers / analyze | returned |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | kept | collect CPU s | analyze CPU s | plain probe passes | plain / analyze | probe passes | "
+             "probe CPU s | probe / analyze | probe / (collect + analyze) | returned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        (passes, seconds), (lpasses, lseconds) = row["probe_cost"], row["probe+layers_cost"]
+        (ppasses, pseconds), (passes, seconds) = row["probe (plain)_cost"], row["probe_cost"]
         lines.append(
-            f"| {row['task']} | {row['budget']:.0%} | {row['analyze_s']:.3f} | {passes} | {seconds:.2f} | "
-            f"{seconds / row['analyze_s']:.1f}x | {lpasses} | {lseconds / row['analyze_s']:.1f}x | {row['probe_chosen']} |"
+            f"| {row['task']} | {row['budget']:.0%} | {row['collect_s']:.3f} | {row['analyze_s']:.3f} | {ppasses} | "
+            f"{pseconds / row['analyze_s']:.1f}x | {passes} | {seconds:.2f} | {seconds / row['analyze_s']:.1f}x | "
+            f"{seconds / (row['collect_s'] + row['analyze_s']):.1f}x | {row['probe_chosen']} |"
         )
     return "\n".join(lines)
 
 
-def scaling() -> str:
-    """Cost of the probe rule against ``analyze`` on random-init digits ViTs of growing depth and width."""
+def scaling(wide: bool) -> str:
+    """Cost of the probe rule against ``analyze``: random-init digits ViTs of growing depth and width (statistics
+    on 512 images, the probe on 128), and ViT-B/16-shaped encoders with random weights (``dim`` 512 or 768, MLP
+    4x, 197 tokens; statistics on 16 sequences, the probe on 8)."""
     calibration, _ = models._split_batches(models._digits(0))
-    lines = ["| depth | dim | layers | probe passes | analyze s | probe s | ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for depth, dim in ((2, 64), (4, 64), (8, 64), (2, 128), (2, 256)):
+    configs = [("digits ViT", depth, dim) for depth, dim in ((2, 64), (4, 64), (8, 64), (2, 128), (2, 256))]
+    if wide:
+        configs += [("ViT-B-shaped", depth, dim) for depth, dim in ((1, 512), (2, 512), (1, 768), (2, 768))]
+    lines = ["| model | depth | dim | layers | probe passes | analyze CPU s | probe CPU s | probe / analyze |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for family, depth, dim in configs:
         L.seed_everything(0, verbose=False)
-        model = models.DigitsViT(dim=dim, depth=depth).eval()
-        stats = lr.collect(model, calibration)
-        analyze_s, _ = timed(lambda: lr.analyze(model, stats))
+        if family == "digits ViT":
+            model, batches = models.DigitsViT(dim=dim, depth=depth).eval(), calibration
+        else:
+            model, batches = models.WideEncoder(dim, depth, heads=dim // 64).eval(), models.wide_batches(dim, 2)
+        stats = lr.collect(model, batches)
+        analyze_s, _ = timed(lambda: lr.analyze(model, stats, progress=False), 1 if family != "digits ViT" else 3)
         candidates, _ = layer_candidates(model, stats)
-        seconds, allocation = timed(lambda: allocate(candidates, param_budget=0.5, probe=Probe(model, calibration)), 1)
+        seconds, allocation = timed(lambda: allocate(candidates, param_budget=0.5, probe=Probe(model, batches[:1])), 1)
         lines.append(
-            f"| {depth} | {dim} | {len(candidates)} | {allocation.probe_passes} | {analyze_s:.3f} | {seconds:.2f} | "
-            f"{seconds / analyze_s:.1f}x |"
+            f"| {family} | {depth} | {dim} | {len(candidates)} | {allocation.probe_passes} | {analyze_s:.3f} | "
+            f"{seconds:.2f} | {seconds / analyze_s:.1f}x |"
         )
     return "\n".join(lines)
 
@@ -151,10 +172,14 @@ def macs_versus_params(task: models.Task) -> str:
     dense = models.evaluate(task, task.model)
     lines = ["| budget | params kept | MACs kept | error | accuracy | ranks |", "|---|---:|---:|---:|---:|---|"]
     for label, kwargs in (("param_budget=0.5", {"param_budget": 0.5}), ("macs_budget=0.5", {"macs_budget": 0.5})):
-        allocation = allocate(candidates, probe=Probe(task.model, task.calibration), **kwargs)
+        allocation = allocate(candidates, probe=Probe(task.model, task.calibration[:1]), **kwargs)
         params = sum(d.params for d in allocation.layers.values()) / sum(d.dense_params for d in allocation.layers.values())
         macs = sum(d.macs for d in allocation.layers.values()) / sum(d.dense_macs for d in allocation.layers.values())
-        result = models.evaluate(task, apply(task, stats, candidates, allocation.ranks), dense["logits"])
+        compressed = copy.deepcopy(task.model)
+        planned = lr.factorize_(compressed, stats, method="whiten", calibration=task.calibration[:1], progress=False,
+                                   **kwargs)
+        assert planned.layers == allocation.ranks, (planned.layers, allocation.ranks)
+        result = models.evaluate(task, compressed, dense["logits"])
         ranks = ", ".join(f"{n}={d.rank if d.rank is not None else 'dense'}" for n, d in allocation.layers.items())
         lines.append(f"| {label} | {params:.1%} | {macs:.1%} | {result['error']:.4f} | {result['score']:.1%} | {ranks} |")
     return "\n".join(lines)
@@ -164,7 +189,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--skip-scaling", action="store_true")
-    parser.add_argument("--probe-batches", type=int, default=4, help="calibration batches the probe runs on (of 4)")
+    parser.add_argument("--skip-wide", action="store_true", help="no ViT-B-shaped encoders in the cost growth table")
+    parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches the probe runs on (of 4)")
     parser.add_argument("--models", nargs="+", default=["digits_vit", "digits_cnn", "char_lm"])
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the trained models in between runs")
     args = parser.parse_args()
@@ -196,8 +222,8 @@ def main() -> None:
         print("\nParameters vs multiply-adds on the digits CNN (probe rule)\n")
         print(macs_versus_params(cnn[0]))
     if not args.skip_scaling:
-        print("\nCost growth with depth and width (random-init digits ViTs, param_budget=0.5)\n")
-        print(scaling())
+        print("\nCost growth with depth and width (random weights, param_budget=0.5)\n")
+        print(scaling(wide=not args.skip_wide))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from digits import DigitsDataModule, DigitsViT, warmup_cosine  # noqa: E402
+from digits import Block, DigitsDataModule, DigitsViT, warmup_cosine  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -203,6 +203,26 @@ def char_lm(seed: int = 0, steps: int = 600, dim: int = 96, depth: int = 3, cont
 def _encode(text: str, chars: list[str]) -> Tensor:
     table = {c: i for i, c in enumerate(chars)}
     return torch.tensor([table[c] for c in text], dtype=torch.long)
+
+
+# -- cost at realistic width ---------------------------------------------------------------------
+class WideEncoder(nn.Module):
+    """ViT-B/16-shaped blocks with random weights (``dim`` 768, 12 heads, MLP 4x, 197 tokens by default) over
+    random token inputs, mean-pooled into a 1000-way head: only for timing the allocation at realistic width."""
+
+    def __init__(self, dim: int = 768, depth: int = 12, heads: int = 12, classes: int = 1000) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(Block(dim, heads, 4) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
+def wide_batches(dim: int, batches: int, size: int = 8, tokens: int = 197, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, tokens, dim, generator=g) for _ in range(batches)]
 
 
 # -- judging --------------------------------------------------------------------------------------

@@ -23,17 +23,23 @@ Contract (what the factorization planner calls):
 - ``rule="uniform"`` (the floor): one common tolerance ``t`` on every layer's relative output error,
   rank ``r_l = min{r >= 1: e_l[r] <= t}``, with ``t`` the smallest value that meets the budget.
 - ``rule="probe"`` (the default when a :class:`Probe` is given): the model's own output decides.
-  One forward and backward pass per calibration batch gives, for every layer and every rank at once,
-  the linearized damage ``D_l(r) = E||f(W_r) - f(W)||^2 / E||f||^2`` of truncating that layer alone
-  (estimated through a random direction ``z`` over the output; see :func:`linear_damage`). Ranks are
+  On the first calibration batch one backward pass of ``z . f`` (``z`` a random direction over the output
+  ``f``) gives each layer's output-gradient moment ``G``; each layer's truncation is then weighted by it
+  (:meth:`LayerCandidate.output_weighted`: the rank-``r`` weight of least ``tr(G (W - W_r) C (W - W_r)^T)``,
+  so the output directions the model amplifies are kept first; ``output_weighted=False`` keeps the plain
+  whitened truncation). One forward and backward pass per calibration batch then gives, for every layer
+  and every rank at once, the linearized damage ``D_l(r) = E||f(W_r) - f(W)||^2 / E||f||^2`` of truncating
+  that layer alone (estimated through ``z``; see :func:`~lightning_rank.probe.linear_damage`). Ranks are
   allocated greedily on those curves (lower convex hull of damage against cost saved, leftover budget
-  spent back). Finally both this allocation and uniform tolerance's are evaluated on the calibration
-  batches (the probe restores every weight bit-exactly after overwriting it in place under
-  ``no_grad``) and the one with the lower output error is returned, so the result is never worse than
-  the floor there. Optionally (``measure_layers=True``) each layer is also truncated alone for real and
-  its curve rescaled to that measurement. Cost, in forward passes over one calibration batch (a
-  backward counts as two): ``5 x batches`` (``+ layers x layer_batches`` with ``measure_layers``),
-  linear in depth, independent of the ranks.
+  spent back). Finally this allocation and uniform tolerance's (plain whitened truncations) are both
+  evaluated on the calibration batches (the probe restores every weight bit-exactly after overwriting
+  it in place under ``no_grad``) and the one with the lower output error is returned, so the result is
+  never worse than the floor there. Optionally (``measure_layers=True``) each layer is also truncated
+  alone for real and its curve rescaled to that measurement. Cost, in forward passes over one
+  calibration batch (a backward counts as two): ``5 x batches + 2`` (``+ layers x layer_batches`` with
+  ``measure_layers``), linear in depth, independent of the ranks; plus, per layer and pass, products of
+  its outputs with ``max_rank + 1`` directions, and once its gradient moment (``rows x out^2``), a
+  Cholesky factorization of it and an SVD of ``out x min(out, fan_in)``.
 """
 
 from __future__ import annotations
@@ -62,7 +68,9 @@ class LayerCandidate:
 
     ``basis`` (``(out, k)``) and ``singular_values`` (``(k,)``, largest first) are the SVD of the
     whitened weight ``W S``; ``weight`` is ``W`` as ``(out, fan_in)``. ``target`` says where a
-    :class:`Probe` writes ``W_r`` (``None``: the layer cannot be probed).
+    :class:`Probe` writes ``W_r`` (``None``: the layer cannot be probed). ``dual`` (``None`` for the plain
+    whitened truncation) makes the rank-``r`` weight the oblique projection ``W_r = B_r D_r^T W`` with
+    ``B = basis``, ``D = dual`` (``D^T B = I``); :meth:`output_weighted` builds one.
     """
 
     name: str
@@ -72,13 +80,17 @@ class LayerCandidate:
     bias_params: int = 0
     positions: float = 1.0
     target: Target | None = None
+    dual: Tensor | None = None
     curve: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         out, fan_in = self.weight.shape
         size = min(out, fan_in)
         energy = torch.zeros(size + 1, dtype=torch.float64)
-        squares = self.singular_values.detach().double().cpu().square()[:size]
+        squares = self.singular_values.detach().double().cpu().square()
+        if self.dual is not None:  # W S = sum_i b_i s_i v_i^T with orthonormal v_i: ||b_i||^2 s_i^2 each
+            squares = squares * self.basis.detach().double().cpu().square().sum(0)[: len(squares)]
+        squares = squares[:size]
         energy[: len(squares)] = squares.flip(0).cumsum(0).flip(0)
         self.energy = float(energy[0])
         self.curve = energy / energy[0] if energy[0] > 0 else energy
@@ -107,9 +119,31 @@ class LayerCandidate:
         return 0.0 if rank is None else float(self.curve[min(rank, len(self.curve) - 1)])
 
     def weight_at(self, rank: int) -> Tensor:
-        """``W_r = U_r U_r^T W``: the rank-``rank`` weight with the least output error on the data."""
+        """``W_r = U_r U_r^T W`` (the rank-``rank`` weight with the least output error on the data), or
+        ``B_r D_r^T W`` with a ``dual``."""
         u = self.basis[:, :rank]
-        return u @ (u.t() @ self.weight)
+        v = u if self.dual is None else self.dual[:, :rank]
+        return u @ (v.t() @ self.weight)
+
+    def output_weighted(self, moment: Tensor, damping: float = 1e-2) -> LayerCandidate:
+        """The candidate whose rank-``r`` weight minimizes ``tr(G (W - W_r) C (W - W_r)^T)`` instead of the
+        layer's own output error: ``G`` (``(out, out)``) is the second moment of the model-output gradient
+        at this layer's output (:meth:`~lightning_rank.probe.Probe.output_moments`), damped by ``damping``
+        times its mean eigenvalue, so output directions the model amplifies are kept first. With
+        ``R^T R = G`` and ``R W S = U' s' V'^T``: ``W_r = R^-1 U'_r U'_r^T R W``. Returns ``self`` when ``G`` is 0."""
+        if self.dual is not None:
+            raise ValueError(f"layer {self.name!r} is already output-weighted")
+        moment = moment.to(self.basis).double()
+        out = moment.shape[0]
+        trace = float(moment.diagonal().sum())
+        if not trace > 0 or not torch.isfinite(moment).all():
+            return self
+        damped = moment + (damping * trace / out) * torch.eye(out, dtype=moment.dtype, device=moment.device)
+        lower = torch.linalg.cholesky(damped)  # R = L^T: R^T R = G, and any such R gives the same W_r
+        u, s, _ = torch.linalg.svd(lower.t() @ (self.basis * self.singular_values), full_matrices=False)
+        basis = torch.linalg.solve_triangular(lower.t(), u, upper=True)
+        return LayerCandidate(self.name, self.weight, basis, s, self.bias_params, self.positions, self.target,
+                              dual=lower @ u)
 
 
 # -- result ------------------------------------------------------------------------------------
@@ -151,7 +185,8 @@ class Allocation:
     ``rule`` is the rule whose ranks were returned (``"probe"`` falls back to ``"uniform"`` when that
     did better on the calibration batches); ``calibration_error`` holds each evaluated rule's relative
     output error on them. ``probe_passes`` counts forward passes over one calibration batch (a
-    backward pass counts as two).
+    backward pass counts as two). ``candidates`` are those whose truncations ``ranks`` refer to (the
+    output-weighted ones when the probe rule won): the planner builds the factors from them.
     """
 
     rule: str
@@ -164,6 +199,7 @@ class Allocation:
     calibration_error: dict[str, float] = field(default_factory=dict)
     probe_passes: int = 0
     seconds: float = 0.0
+    candidates: dict[str, LayerCandidate] = field(default_factory=dict, repr=False)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -171,7 +207,9 @@ class Allocation:
         return {name: d.rank for name, d in self.layers.items() if d.rank is not None}
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "layers"}
+        out = {k: getattr(self, k) for k in ("rule", "unit", "budget", "base", "kept", "tolerance", "probe_passes",
+                                             "seconds")}
+        out["calibration_error"] = dict(self.calibration_error)
         out["layers"] = {name: d.to_dict() for name, d in self.layers.items()}
         return out
 
@@ -319,6 +357,7 @@ def allocate(
     samples: int = 1,
     measure_layers: bool = False,
     layer_batches: int = 1,
+    output_weighted: bool = True,
 ) -> Allocation:
     """Ranks for ``candidates`` that keep ``param_budget`` of their parameters or ``macs_budget`` of their
     multiply-adds per example (exactly one), by ``rule`` (default: ``"probe"`` with a probe, else
@@ -326,7 +365,8 @@ def allocate(
     directions per calibration batch for the linearized curves; ``measure_layers=True`` also truncates
     each layer alone for real (on ``layer_batches`` batches, at its uniform-tolerance rank) and rescales
     its linearized curve to that measurement: ``layers`` more passes, and no better on the benchmarks
-    (within 4% either way), so it is off by default."""
+    (within 4% either way), so it is off by default. ``output_weighted=False`` probes the plain whitened
+    truncations (no gradient-moment pass; the rule before output weighting)."""
     started = time.perf_counter()
     if (param_budget is None) == (macs_budget is None):
         raise ValueError("pass exactly one of `param_budget` and `macs_budget`")
@@ -354,27 +394,33 @@ def allocate(
     if rule == "uniform":
         return _result(candidates, uniform, "uniform", unit, budget, base, tolerance, started=started)
 
-    linear = probe.linear_damage(candidates, samples=samples)
-    first = probe.linear_damage(candidates, batches=layer_batches) if measure_layers else linear
+    if output_weighted:
+        probed_candidates, linear = probe.weighted_damage(candidates, samples=samples)
+    else:
+        probed_candidates, linear = candidates, probe.linear_damage(candidates, samples=samples)
+    first = probe.linear_damage(probed_candidates, batches=layer_batches) if measure_layers else linear
     sensitivity: dict[str, float] = {}
     damage: dict[str, Tensor] = {}
-    for name, c in candidates.items():
+    for name, c in probed_candidates.items():
         damage[name] = linear[name]
         if measure_layers:
             rank = uniform[name] if uniform[name] is not None else c.max_rank
             measured = probe.error({c.target: c.weight_at(rank)}, batches=layer_batches)
             damage[name] = _corrected(linear[name], c, rank, measured, float(first[name][rank]))
-    probed = allocate_on_curves(candidates, damage, allowed, unit)
-    for name, c in candidates.items():  # at the rank the layer got (its largest saving rank when dense)
+    probed = allocate_on_curves(probed_candidates, damage, allowed, unit)
+    for name, c in probed_candidates.items():  # at the rank the layer got (its largest saving rank when dense)
         rank = probed[name] if probed[name] is not None else c.max_rank
         sensitivity[name] = float(damage[name][rank]) / c.error(rank) if c.error(rank) > 0 else 0.0
     errors = {
-        "probe": probe.error(_weights(candidates, probed)),
+        "probe": probe.error(_weights(probed_candidates, probed)),
         "uniform": probe.error(_weights(candidates, uniform)),
     }
-    chosen, winner = (probed, "probe") if errors["probe"] <= errors["uniform"] else (uniform, "uniform")
+    if errors["probe"] <= errors["uniform"]:
+        chosen, winner, used = probed, "probe", probed_candidates
+    else:
+        chosen, winner, used = uniform, "uniform", candidates
     return _result(
-        candidates, chosen, winner, unit, budget, base, tolerance,
+        used, chosen, winner, unit, budget, base, tolerance,
         sensitivity=sensitivity, damage=damage, errors=errors,
         passes=probe.passes - passes_before, started=started,
     )
@@ -440,4 +486,5 @@ def _result(
         calibration_error=dict(errors or {}),
         probe_passes=passes,
         seconds=time.perf_counter() - started,
+        candidates=dict(candidates),
     )

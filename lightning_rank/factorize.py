@@ -283,7 +283,7 @@ def plan_factorization(
     allocated = None
     if budgeted:
         allocated = plan_budget(model, layers, param_budget=budget, macs_budget=macs, allocation=allocation,
-                                calibration=calibration, forward=forward)
+                                calibration=calibration, forward=forward, method=method)
     else:
         plan_ranks(layers, wanted, threshold)
 

@@ -50,6 +50,7 @@ class Probe:
         self._reference: list[Tensor] | None = None
         self.energies: list[float] = []
         self._linear_sums: list[dict[str, Tensor]] | None = None  # per batch, from the last linear_damage
+        self._linear_sums_of: tuple[int, ...] = ()  # ids of the candidates those sums belong to
 
     def _run(self, batch: Any) -> Tensor:
         self.passes += 1
@@ -101,6 +102,12 @@ class Probe:
         """See :func:`linear_damage`."""
         return linear_damage(self, candidates, samples, batches)
 
+    def weighted_damage(
+        self, candidates: Mapping[str, LayerCandidate], samples: int = 1, damping: float = 1e-2
+    ) -> tuple[dict[str, LayerCandidate], dict[str, Tensor]]:
+        """See :func:`weighted_damage`."""
+        return weighted_damage(self, candidates, samples, damping)
+
 
 def linear_damage(
     probe: Probe, candidates: Mapping[str, LayerCandidate], samples: int = 1, batches: int | None = None
@@ -109,7 +116,8 @@ def linear_damage(
 
     With ``g_p`` the gradient of ``z . f`` (``z`` a standard normal direction over the output) w.r.t.
     the layer's output at position ``p``, and ``y_p = W x_p``, the first-order change of ``z . f`` when
-    ``W`` becomes ``U_r U_r^T W`` is ``-sum_{i >= r} c_i`` with ``c_i = sum_p (u_i . g_p)(u_i . y_p)``.
+    ``W`` becomes ``U_r U_r^T W`` is ``-sum_{i >= r} c_i`` with ``c_i = sum_p (u_i . g_p)(u_i . y_p)``
+    (``(b_i . g_p)(d_i . y_p)`` for a candidate with a dual: ``W_r = B_r D_r^T W``).
     Its square, averaged over examples (grouped by the leading dim) and ``z``, estimates ``E||f' - f||^2``
     for every ``r`` from one backward pass. ``samples`` directions ``z`` are drawn per batch. Entries
     above a layer's ``max_rank`` are not computed (0). The forward passes also give the probe its dense
@@ -117,14 +125,82 @@ def linear_damage(
     the sums kept by the last call (one backward pass serves both).
     """
     if batches is not None:
-        sums = probe._linear_sums
-        if sums is None or set(sums[0]) != set(candidates):
+        if probe._linear_sums is None or probe._linear_sums_of != tuple(map(id, candidates.values())):
             linear_damage(probe, candidates, samples)
         sums = probe._linear_sums[:batches]
         energy = sum(probe.energies[: len(sums)])
         return {name: sum(batch[name] for batch in sums) / (energy if energy > 0 else 1.0) for name in candidates}
-    reference: list[Tensor] = []
+    return _damage(probe, dict(candidates), samples)
+
+
+def weighted_damage(
+    probe: Probe, candidates: Mapping[str, LayerCandidate], samples: int = 1, damping: float = 1e-2
+) -> tuple[dict[str, LayerCandidate], dict[str, Tensor]]:
+    """Output-weighted candidates and their :func:`linear_damage` curves, from the same passes: on the first
+    calibration batch one more backward pass gives each layer's gradient moment ``G = sum_p g_p g_p^T`` (``g_p``
+    as in :func:`linear_damage`, for a direction ``z`` of its own), and
+    :meth:`~lightning_rank.allocation.LayerCandidate.output_weighted` turns it into truncations that keep the
+    output directions the model amplifies; their curves then come from the usual backward passes. Cost: one
+    forward and ``samples`` backward passes per batch, plus one backward pass."""
+    weighted = dict(candidates)
+
+    def prepare(captured: dict[str, list[Tensor]], grads: dict[str, list[Tensor | None]]) -> None:
+        for name, c in candidates.items():
+            moment = None
+            for g in grads[name]:
+                if g is not None:
+                    g = _channels_last(c, g).reshape(-1, c.shape[0]).float()
+                    moment = g.t() @ g if moment is None else moment + g.t() @ g
+            if moment is not None:
+                weighted[name] = c.output_weighted(moment, damping)
+
+    curves = _damage(probe, weighted, samples, prepare)
+    return weighted, curves
+
+
+def _damage(
+    probe: Probe,
+    candidates: dict[str, LayerCandidate],
+    samples: int,
+    prepare: Callable[[dict[str, list[Tensor]], dict[str, list[Tensor | None]]], None] | None = None,
+) -> dict[str, Tensor]:
+    """The passes of :func:`linear_damage` over ``candidates`` (which ``prepare``, called after the extra
+    backward pass on the first batch, may still replace)."""
     per_batch: list[dict[str, Tensor]] = []
+
+    def accumulate(index: int, captured: dict[str, list[Tensor]], grads: dict[str, list[Tensor | None]]) -> None:
+        if len(per_batch) < index + 1:
+            per_batch.append({name: torch.zeros(len(c.curve), dtype=torch.float64) for name, c in candidates.items()})
+        sums = per_batch[-1]
+        for name, c in candidates.items():
+            coefficients = 0
+            for y, g in zip(captured[name], grads[name]):
+                if g is not None:
+                    coefficients = coefficients + _coefficients(c, y.detach(), g)
+            if isinstance(coefficients, Tensor):  # (examples, max_rank + 2): tails sum_{i >= r} c_i
+                tails = coefficients.flip(1).cumsum(1).flip(1)[:, : c.max_rank + 1]
+                sums[name][: tails.shape[1]] += tails.square().sum(0) / samples
+
+    _backward_passes(probe, candidates, accumulate, samples, prepare)
+    probe._linear_sums, probe._linear_sums_of = per_batch, tuple(map(id, candidates.values()))
+    energy = sum(probe.energies)
+    return {name: sum(batch[name] for batch in per_batch) / (energy if energy > 0 else 1.0) for name in candidates}
+
+
+def _backward_passes(
+    probe: Probe,
+    candidates: Mapping[str, LayerCandidate],
+    accumulate: Callable[[int, dict[str, list[Tensor]], dict[str, list[Tensor | None]]], None],
+    samples: int,
+    prepare: Callable[[dict[str, list[Tensor]], dict[str, list[Tensor | None]]], None] | None = None,
+) -> None:
+    """One forward pass per calibration batch with every candidate's output captured, and ``samples`` backward
+    passes of ``z . f`` (``z`` standard normal, drawn from the probe's seed) to those outputs; ``accumulate``
+    gets the batch index, the captured outputs and their gradients (``None`` where an output does not reach
+    ``f``) after each backward pass. ``prepare`` gets the same from one more backward pass on the first batch,
+    before any ``accumulate``.
+    Sets the probe's dense reference when it has none."""
+    reference: list[Tensor] = []
     generator = torch.Generator().manual_seed(probe.seed)
     captured: dict[str, list[Tensor]] = {name: [] for name in candidates}
     handles = []
@@ -137,54 +213,50 @@ def linear_damage(
         handles.append(c.target.module.register_forward_hook(hook))
     try:
         with _eval(probe.model), torch.enable_grad():
-            for batch in probe.batches:
+            for index, batch in enumerate(probe.batches):
                 for values in captured.values():
                     values.clear()
                 out = probe._run(batch)
                 reference.append(out.detach().double())
                 outputs = [t for name in candidates for t in captured[name]]
-                sums = {name: torch.zeros(len(c.curve), dtype=torch.float64) for name, c in candidates.items()}
-                for _ in range(samples):
+                first = prepare is not None and index == 0
+                for draw in range(samples + first):
                     z = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
-                    grads = torch.autograd.grad((out * z).sum(), outputs, retain_graph=True, allow_unused=True)
+                    flat = torch.autograd.grad((out * z).sum(), outputs, retain_graph=True, allow_unused=True)
                     probe.passes += 2
-                    k = 0
-                    for name, c in candidates.items():
-                        coefficients = 0
-                        for y in captured[name]:
-                            g = grads[k]
-                            k += 1
-                            if g is not None:
-                                coefficients = coefficients + _coefficients(c, y.detach(), g)
-                        if isinstance(coefficients, Tensor):  # (examples, max_rank + 2): tails sum_{i >= r} c_i
-                            tails = coefficients.flip(1).cumsum(1).flip(1)[:, : c.max_rank + 1]
-                            sums[name][: tails.shape[1]] += tails.square().sum(0) / samples
-                per_batch.append(sums)
+                    grads, k = {}, 0
+                    for name in candidates:
+                        grads[name] = list(flat[k : k + len(captured[name])])
+                        k += len(captured[name])
+                    if first and draw == 0:
+                        prepare(captured, grads)
+                    else:
+                        accumulate(index, captured, grads)
     finally:
         for handle in handles:
             handle.remove()
     if probe._reference is None:
         probe._set_reference(reference)
-    probe._linear_sums = per_batch
-    energy = sum(probe.energies)
-    return {name: sum(batch[name] for batch in per_batch) / (energy if energy > 0 else 1.0) for name in candidates}
+
+
+def _channels_last(c: LayerCandidate, t: Tensor) -> Tensor:
+    return t.movedim(1, -1) if c.target.kind in ("conv1d", "conv2d") else t
 
 
 def _coefficients(c: LayerCandidate, y: Tensor, g: Tensor) -> Tensor:
-    """``c[n, i] = sum_{p in example n} (u_i . g_p)(u_i . (y_p - b))`` for ``i <= max_rank``, and in the last
-    column the rest ``sum_{i > max_rank} c[n, i]`` (the full sum is ``sum_p g_p . (y_p - b)``: ``y_p - b`` lies in
-    the span of ``U``), so only ``max_rank + 1`` directions are projected."""
-    target = c.target
-    bias = weight_matrix(target)[1]
-    if target.kind in ("conv1d", "conv2d"):
-        y, g = y.movedim(1, -1), g.movedim(1, -1)
-    y, g = y.double(), g.double()
+    """``c[n, i] = sum_{p in example n} (b_i . g_p)(d_i . (y_p - b))`` for ``i <= max_rank`` (``b_i``, ``d_i``: the
+    candidate's basis and dual vectors, both ``u_i`` without a dual), and in the last column the rest
+    ``sum_{i > max_rank} c[n, i]`` (the full sum is ``sum_p g_p . (y_p - b)``: ``y_p - b`` lies in the span of the
+    basis), so only ``max_rank + 1`` directions are projected."""
+    bias = weight_matrix(c.target)[1]
+    y, g = _channels_last(c, y).float(), _channels_last(c, g).float()  # products in float32, sums in float64
     if bias is not None:
-        y = y - bias.detach().double()
+        y = y - bias.detach().float()
     y, g = y.reshape(y.shape[0], -1, y.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
-    basis = c.basis[:, : c.max_rank + 1].to(y.device)
-    head = ((y @ basis) * (g @ basis)).sum(1)
-    total = (y * g).sum((1, 2))
+    basis = c.basis[:, : c.max_rank + 1].to(y)
+    dual = basis if c.dual is None else c.dual[:, : c.max_rank + 1].to(y)
+    head = ((y @ dual) * (g @ basis)).double().sum(1)
+    total = (y * g).double().sum((1, 2))
     return torch.cat([head, (total - head.sum(1))[:, None]], dim=1).cpu()
 
 

@@ -85,12 +85,16 @@ def decompositions(
 
 @dataclass
 class Replaceable:
-    """One layer that may be replaced: its target, spectra (see ``_decompositions``) and planned rank."""
+    """One layer that may be replaced: its target, spectra (see ``_decompositions``) and planned rank.
+
+    ``truncation``: ``(B, D)`` with ``W_r = B D^T W`` (``(out, rank)`` each), set by a budget's allocation
+    when it chose output-weighted truncations; ``method="whiten"`` builds its factors from it."""
 
     target: Target
     spectra: Decomposition
     rank: int | None = None
     _whitened_svd: tuple[Tensor, Tensor] | None = None
+    truncation: tuple[Tensor, Tensor] | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -201,6 +205,7 @@ def plan_budget(
     allocation: str,
     calibration: list | None,
     forward: ForwardFn | None,
+    method: str = "whiten",
 ) -> Allocation | None:
     """Set each layer's rank so that the replaceable layers keep ``param_budget`` of their parameters or
     ``macs_budget`` of their multiply-adds per example; returns the :class:`~lightning_rank.allocation.Allocation`.
@@ -209,6 +214,9 @@ def plan_budget(
     worse there than ``"uniform"``), ``"uniform"`` (one common tolerance on every layer's relative
     output error: the floor), ``"greedy"`` (least relative layer error per parameter saved, the former
     rule, parameters only) or ``"auto"`` (``"probe"`` with calibration batches, else ``"uniform"``).
+    With ``method="whiten"`` the probe rule also weights each layer's truncation by how much its output
+    directions move the model's output (:meth:`~lightning_rank.allocation.LayerCandidate.output_weighted`);
+    the factors then follow those truncations.
     """
     fits = {name: layer for name, layer in layers.items() if break_even_rank(*layer.shape) >= 1}
     for name, layer in layers.items():
@@ -231,9 +239,12 @@ def plan_budget(
     candidates = {name: candidate(name, layer, positions.get(name, 1.0)) for name, layer in fits.items()}
     rule = ("probe" if probe is not None else "uniform") if allocation == "auto" else allocation
     result = allocate(candidates, param_budget=param_budget, macs_budget=macs_budget,
-                      probe=probe if rule == "probe" else None, rule=rule)
+                      probe=probe if rule == "probe" else None, rule=rule, output_weighted=method == "whiten")
     for name, layer in fits.items():
-        layer.rank = result.layers[name].rank
+        layer.rank = rank = result.layers[name].rank
+        chosen = result.candidates[name]
+        if rank is not None and chosen.dual is not None:
+            layer.truncation = (chosen.basis[:, :rank], chosen.dual[:, :rank])
     return result
 
 
@@ -258,6 +269,9 @@ def factors(layer: Replaceable, method: str) -> tuple[Tensor, Tensor]:
     if method == "svd":
         return svd_factors(layer.weight, rank)
     if method == "whiten":
+        if layer.truncation is not None:  # W_r = B D^T W: orthonormalize B, keep the product
+            q, t = torch.linalg.qr(layer.truncation[0])
+            return _balanced(q, t @ (layer.truncation[1].t() @ layer.weight))
         u = layer.whitened()[0][:, :rank]
         return _balanced(u, u.t() @ layer.weight)
     in_rank = min(max(spectra.in_rank, rank), layer.shape[1])

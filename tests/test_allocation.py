@@ -416,3 +416,101 @@ def test_factorize_with_calibration_batches_allocates_by_the_models_own_output()
         lr.factorize_(copy.deepcopy(model), stats, param_budget=0.5, macs_budget=0.5, calibration=batches)
     with pytest.raises(ValueError, match="`allocation` must be one of"):
         lr.factorize_(copy.deepcopy(model), stats, param_budget=0.5, allocation="best")
+
+
+# -- output-weighted truncations ------------------------------------------------------------------
+def test_output_weighted_truncation_is_the_least_weighted_error_of_its_rank_and_its_curve_the_layer_error() -> None:
+    """Against the closed form ``W_r = R^-1 [R W S]_r S^-1`` (``R^T R = G + damping``), computed here independently."""
+    g = torch.Generator().manual_seed(0)
+    out, fan_in = 6, 9
+    weight = torch.randn(out, fan_in, generator=g, dtype=torch.float64)
+    s_in = torch.randn(fan_in, fan_in, generator=g, dtype=torch.float64)
+    moment = s_in @ s_in.t()  # input second moment C = S S^T
+    j = torch.randn(3 * out, out, generator=g, dtype=torch.float64) * torch.logspace(1, -2, out, dtype=torch.float64)
+    sensitivity = j.t() @ j  # output gradient moment G
+    u, s, _ = torch.linalg.svd(weight @ s_in, full_matrices=False)
+    plain = LayerCandidate("fc", weight, u, s)
+    weighted = plain.output_weighted(sensitivity, damping=1e-2)
+    damped = sensitivity + 1e-2 * sensitivity.trace() / out * torch.eye(out, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(damped)
+    root, inverse_root = (vectors * values.sqrt()) @ vectors.t(), (vectors / values.sqrt()) @ vectors.t()
+
+    def weighted_error(approx: torch.Tensor) -> float:
+        return float((root @ (weight - approx) @ s_in).square().sum())
+
+    def layer_error(approx: torch.Tensor) -> float:
+        return float(((weight - approx) @ s_in).square().sum() / (weight @ s_in).square().sum())
+
+    for rank in range(1, out):
+        p, q, rh = torch.linalg.svd(root @ weight @ s_in)
+        best = inverse_root @ (p[:, :rank] * q[:rank]) @ rh[:rank] @ torch.linalg.inv(s_in)
+        assert torch.allclose(weighted.weight_at(rank), best, atol=1e-8)
+        assert weighted_error(weighted.weight_at(rank)) <= weighted_error(plain.weight_at(rank)) + 1e-9
+        assert weighted.error(rank) == pytest.approx(layer_error(best), rel=1e-9, abs=1e-12)
+    assert plain.output_weighted(torch.zeros(out, out, dtype=torch.float64)) is plain  # no signal: unchanged
+    with pytest.raises(ValueError, match="already output-weighted"):
+        weighted.output_weighted(sensitivity)
+
+
+class Amplified(nn.Module):
+    """A layer whose loudest outputs barely reach the model's output: the head reads its quiet directions."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, 4, bias=False)
+        with torch.no_grad():
+            u, _, vh = torch.linalg.svd(torch.randn(d, d))
+            self.fc.weight.copy_(u @ torch.diag(torch.logspace(0, -2, d)) @ vh)
+            self.head.weight.copy_(torch.randn(4, d) @ u.t() * torch.logspace(-2, 1, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def test_output_weighted_probe_keeps_what_the_model_reads_and_the_planner_builds_exactly_what_was_probed() -> None:
+    torch.manual_seed(0)
+    model = Amplified().eval()
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(128, 16, generator=g) for _ in range(2)]
+    stats = lr.collect(model, batches)
+    candidates, _ = layer_candidates(model, stats, exclude_modules=["head"])
+    plain = allocate(candidates, param_budget=0.4, probe=Probe(model, batches), output_weighted=False)
+    weighted = allocate(candidates, param_budget=0.4, probe=Probe(model, batches))
+    assert weighted.probe_passes == plain.probe_passes + 2  # one more backward pass, on the first batch
+    assert weighted.ranks == plain.ranks  # one layer: the budget decides its rank, the weighting its directions
+    assert weighted.rule == "probe" and weighted.candidates["fc"].dual is not None
+    assert weighted.calibration_error["probe"] < 0.2 * plain.calibration_error["probe"]
+    # the linearized curve of the weighted truncation, where the model is near linear, matches the real error
+    rank = weighted.ranks["fc"]
+    assert weighted.layers["fc"].output_error == pytest.approx(weighted.calibration_error["probe"], rel=0.3)
+    # factorize_ with calibration batches builds those very truncations: same error on the calibration batches
+    compressed = copy.deepcopy(model)
+    result = lr.factorize_(compressed, stats, method="whiten", param_budget=0.4, exclude_modules=["head"],
+                           calibration=batches)
+    assert result.layers == {"fc": rank} and result.allocation == "probe"
+    assert torch.allclose(compressed.fc.dense_weight().double(), weighted.candidates["fc"].weight_at(rank), atol=1e-5)
+    with torch.no_grad():
+        diff = sum(float((compressed(b) - model(b)).square().sum()) for b in batches)
+        energy = sum(float(model(b).square().sum()) for b in batches)
+    assert diff / energy == pytest.approx(weighted.calibration_error["probe"], rel=1e-3)
+    # method="projection" keeps its own factors: no weighted truncation is handed to it
+    other = copy.deepcopy(model)
+    lr.factorize_(other, stats, method="projection", param_budget=0.4, exclude_modules=["head"], calibration=batches)
+    assert not torch.allclose(other.fc.dense_weight().double(), weighted.candidates["fc"].weight_at(rank), atol=1e-3)
+
+
+def test_weighted_damage_matches_real_truncation_of_convolutions_and_linears_where_the_model_is_linear() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Flatten(), nn.Linear(12 * 16, 10)).eval()
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(64, 3, 4, 4, generator=g) for _ in range(2)]
+    stats = lr.collect(model, batches)
+    candidates, _ = layer_candidates(model, stats)
+    probe = Probe(model, batches)
+    weighted, curves = probe.weighted_damage(candidates, samples=64)
+    assert set(weighted) == {"0", "2"} and all(c.dual is not None for c in weighted.values())
+    for name, c in weighted.items():
+        for rank in (1, 2, c.max_rank):
+            truth = probe.error({c.target: c.weight_at(rank)})
+            assert float(curves[name][rank]) == pytest.approx(truth, rel=0.25), (name, rank)

@@ -134,7 +134,6 @@ class RankMonitor(ValidationStatisticsCallback):
         self._skip = False
         self._selection_checked = False
         self._layouts_written: dict[str, tuple[str, ...]] = {}  # log dir -> its layout's layers (picklable)
-        self._told_no_matplotlib = False
         self._warned_no_logger = False
 
     @property
@@ -259,24 +258,20 @@ class RankMonitor(ValidationStatisticsCallback):
             name for entry in self.history for name, layer in entry["report"]["layers"].items()
             if layer.get("utilization") is not None
         ))
-        drawn = views_module.has_matplotlib()
         for writer in writers:
             views_module.write_scalars(writer, metrics, step)
             if self._layouts_written.get(writer.get_logdir()) != layers:  # new layers get their charts
                 views_module.write_layout(writer, layers)
                 self._layouts_written[writer.get_logdir()] = layers
-            if "heatmap" in self.views and drawn:
+            if "heatmap" in self.views:
                 views_module.write_heatmap(writer, self.history, step)
-            if "energy" in self.views and drawn:
+            if "energy" in self.views:
                 views_module.write_energy_curves(writer, spectra, self.threshold, step, epoch=self.history[-1]["epoch"])
             if "spectra" in self.views:
                 views_module.write_spectra(writer, spectra, step)
             if "table" in self.views:
                 views_module.write_report_text(writer, report, step)
             writer.flush()
-        if not drawn and {"heatmap", "energy"} & set(self.views) and not self._told_no_matplotlib:
-            rank_zero_info("RankMonitor: matplotlib is not installed, so the heatmap and energy figures are not drawn.")
-            self._told_no_matplotlib = True
 
     # -- checkpointing -----------------------------------------------------------------------
     @override

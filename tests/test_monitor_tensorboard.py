@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import lightning_rank as lr
 from lightning_rank import drawing
+from lightning_rank import monitor as monitor_module
 from lightning_rank import tensorboard as views
 from lightning_rank.monitor import report_scalars
 
@@ -537,3 +538,85 @@ def test_a_factorized_layer_keeps_one_curve_across_the_swap(compressed_run):
     assert not [t for t in run.tags("scalars") if t.endswith((".first", ".second"))]
     for name in compression.summary()["layers"]:
         assert [step for step, _ in run.scalars(f"rank/utilization/{name}")] == steps  # before and after the swap
+
+
+# -- when the figures are drawn ------------------------------------------------------------------------
+FIGURES = ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)", "rank_energy/blocks.0", "rank_energy/blocks.1"]
+
+
+class FakeClock:
+    """The monitor's clock: each training epoch takes ``epoch_seconds``, each heatmap ``draw_seconds``."""
+
+    def __init__(self, monkeypatch, epoch_seconds: float, draw_seconds: float) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(monitor_module, "_clock", lambda: self.now)
+        write_heatmap = views.write_heatmap
+
+        def slow_heatmap(*args, **kwargs):
+            self.now += draw_seconds
+            return write_heatmap(*args, **kwargs)
+
+        monkeypatch.setattr(views, "write_heatmap", slow_heatmap)
+        self.callback = L.Callback()
+        self.callback.on_train_epoch_start = lambda trainer, module: setattr(self, "now", self.now + epoch_seconds)
+
+
+def image_steps(run: Events) -> dict[str, list[int]]:
+    return {tag: [step for step, *_ in run.images(tag)] for tag in FIGURES}
+
+
+def test_figures_within_their_budget_of_the_run_and_always_at_the_end(tmp_path, monkeypatch):
+    # Drawing takes 1 s, an epoch 10 s, the budget 5%: a drawing is due once 20 s passed since the last one.
+    clock = FakeClock(monkeypatch, epoch_seconds=10.0, draw_seconds=1.0)
+    monitor = lr.RankMonitor(figure_budget=0.05)
+    _, tb = fit(tmp_path, [monitor, clock.callback], max_epochs=6)
+    run = Events(tb.log_dir)
+    steps = [h["step"] for h in monitor.history]
+    assert [h["epoch"] for h in monitor.history] == list(range(6))
+    drawn = [steps[0], steps[2], steps[4], steps[5]]  # the first, every other one, and the last at the end of fit
+    assert image_steps(run) == {tag: drawn for tag in FIGURES}
+    assert [step for step, _ in run.scalars("0_rank_summary/mlu")] == steps  # scalars and table every epoch
+    assert [step for step, _ in run.text("rank/report")] == steps
+    assert run.images(FIGURES[0])[-1][1:] == views.heatmap_image(monitor.history).size  # every epoch's column
+
+    clock = FakeClock(monkeypatch, epoch_seconds=10.0, draw_seconds=0.4)  # now 0.4 s <= 5% of 10 s: every epoch
+    monitor = lr.RankMonitor(figure_budget=0.05)
+    _, tb = fit(tmp_path / "cheap", [monitor, clock.callback], max_epochs=3)
+    assert image_steps(Events(tb.log_dir)) == {tag: [h["step"] for h in monitor.history] for tag in FIGURES}
+
+
+def test_figure_budget_none_draws_every_analyzed_epoch_and_validate_always_draws(tmp_path, monkeypatch):
+    FakeClock(monkeypatch, epoch_seconds=0.0, draw_seconds=100.0)  # figures far over any budget
+    monitor = lr.RankMonitor(figure_budget=None)
+    trainer, tb = fit(tmp_path, [monitor], max_epochs=3)
+    assert image_steps(Events(tb.log_dir)) == {tag: [h["step"] for h in monitor.history] for tag in FIGURES}
+
+    budgeted = lr.RankMonitor()
+    trainer, tb = fit(tmp_path / "budgeted", [budgeted], max_epochs=3)
+    steps = [h["step"] for h in budgeted.history]
+    assert image_steps(Events(tb.log_dir)) == {tag: [steps[0], steps[2]] for tag in FIGURES}
+    trainer.validate(trainer.lightning_module, loaders()[1], verbose=False)  # a validate run is its own end
+    assert image_steps(Events(tb.log_dir))[FIGURES[0]] == [steps[0], steps[2], steps[2]]
+    assert len(budgeted.history) == 4
+
+
+def test_an_interrupted_fit_still_draws_its_last_analyzed_epoch(tmp_path, monkeypatch):
+    FakeClock(monkeypatch, epoch_seconds=0.0, draw_seconds=100.0)
+
+    class Stop(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("stop here")
+
+    monitor = lr.RankMonitor()
+    with pytest.raises(RuntimeError, match="stop here"):
+        fit(tmp_path, [monitor, Stop()], max_epochs=4)
+    steps = [h["step"] for h in monitor.history]
+    assert len(steps) == 2
+    assert image_steps(Events(tmp_path / "tb" / "version_0")) == {tag: steps for tag in FIGURES}
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, -0.1, True, "0.1"])
+def test_figure_budget_is_checked(budget):
+    with pytest.raises(ValueError, match=r"`figure_budget` must be a fraction in \(0, 1\]"):
+        lr.RankMonitor(figure_budget=budget)

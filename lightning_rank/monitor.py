@@ -43,6 +43,7 @@ from lightning_rank.targets import ModuleSelector
 
 
 _clock = time.perf_counter  # the figures' schedule reads this clock (tests replace it)
+FIGURE_SECONDS = 0.01  # about what drawing and encoding one figure takes on a CPU core, before one was timed
 
 
 class RankMonitor(ValidationStatisticsCallback):
@@ -93,11 +94,12 @@ class RankMonitor(ValidationStatisticsCallback):
             Opt-in: ``"ranks"`` logs ``rank_detail/in_rank/<layer>`` and ``rank_detail/out_rank/<layer>`` to
             every logger, ``"spectra"`` writes eigenvalue histograms ``rank_detail/spectrum/<layer>``.
         figure_budget: the most of the run's time the heatmap and energy figures may take. They are drawn for
-            the first analyzed epoch, then for an analyzed epoch only when their last drawing took at most
-            ``figure_budget`` of the time since it ended, and always for the last analyzed epoch (at the end of
-            ``fit``, at its step, and on every ``trainer.validate``): runs with short epochs get them less
-            often, runs with long epochs on every analyzed epoch. ``None``: on every analyzed epoch. Scalars,
-            the layout, the table and the histograms are written on every analyzed epoch whatever this says.
+            an analyzed epoch only when their last drawing took at most ``figure_budget`` of the time since it
+            ended (before the first: ``FIGURE_SECONDS`` a figure, against the time since the fit started), and
+            always for the last analyzed epoch (at the end of ``fit``, at that epoch's step, and on every
+            ``trainer.validate``): runs with epochs of seconds get them on every analyzed epoch, a fit of a few
+            seconds only at its end. ``None``: on every analyzed epoch. Scalars, the layout, the table and the
+            histograms are written on every analyzed epoch whatever this says.
         seed: seed of the row subsampling.
         eig_dtype: precision of the epoch-end eigenproblems. float32 (default) gives exactly the ranks of
             float64: a moment whose rank its float32 error bounds leave open is solved again in float64.
@@ -157,7 +159,7 @@ class RankMonitor(ValidationStatisticsCallback):
         self._warned_no_logger = False
         self._pending_figures: tuple[dict[str, Any], int, int] | None = None  # (spectra, step, epoch) not drawn yet
         self._figure_seconds: float | None = None  # how long the last drawing of the figures took
-        self._figures_drawn_at = 0.0
+        self._figures_drawn_at = 0.0  # when the figures were last drawn, or the fit started
 
     @property
     @override
@@ -206,6 +208,7 @@ class RankMonitor(ValidationStatisticsCallback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._figures_drawn_at = _clock()
         if not self._skip:
             self._check_selection(pl_module)
 
@@ -311,14 +314,19 @@ class RankMonitor(ValidationStatisticsCallback):
             writer.flush()
         if {"heatmap", "energy"} & set(self.views):
             self._pending_figures = (spectra, step, self.history[-1]["epoch"])
-            if final or self._figures_due():
+            if final or self._figures_due(spectra):
                 self._draw_figures(writers)
 
-    def _figures_due(self) -> bool:
-        """Whether the figures fit :attr:`figure_budget` now: always before their first drawing."""
-        if self.figure_budget is None or self._figure_seconds is None:
+    def _figures_due(self, spectra: dict[str, Any]) -> bool:
+        """Whether drawing the figures now keeps them within :attr:`figure_budget` of the time since they were
+        last drawn (or the fit started)."""
+        if self.figure_budget is None:
             return True
-        return self._figure_seconds <= self.figure_budget * (_clock() - self._figures_drawn_at)
+        seconds = self._figure_seconds
+        if seconds is None:  # never drawn yet: the usual cost of that many figures
+            count = ("heatmap" in self.views) + ("energy" in self.views) * len(views_module.group_layers(list(spectra)))
+            seconds = FIGURE_SECONDS * count
+        return seconds <= self.figure_budget * (_clock() - self._figures_drawn_at)
 
     def _draw_figures(self, writers: list[Any]) -> None:
         """Draw the heatmap and energy figures of the pending analyzed epoch, at its step, and time them."""

@@ -118,7 +118,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     torch.manual_seed(0)
     model = Blocks()
     val = [DataLoader(dataset(seed=1), batch_size=16), DataLoader(dataset(n=24, seed=2), batch_size=8)]
-    monitor = lr.RankMonitor(every_n_epochs=2, views=views.VIEWS)  # the opt-in views too
+    monitor = lr.RankMonitor(every_n_epochs=2, views=views.VIEWS, figure_budget=None)  # every view, every time
     snapshots = Snapshots()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="rank/mlu", mode="max", every_n_epochs=2)
     csv = CSVLogger(tmp_path, name="csv")

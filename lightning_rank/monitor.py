@@ -25,7 +25,7 @@ from typing_extensions import override
 from lightning_rank import _lightning
 from lightning_rank import tensorboard as views_module
 from lightning_rank.analysis import analyze
-from lightning_rank.report import RankReport
+from lightning_rank.report import RankReport, write_json_atomic
 from lightning_rank.checks import StatisticsArguments, check_positive_int
 from lightning_rank.epoch_statistics import (
     REPORTS_FOLDER,
@@ -279,7 +279,7 @@ class RankMonitor(ValidationStatisticsCallback):
         folder = reports_dir(trainer)  # a collective under DDP: on every process
         if not trainer.is_global_zero:
             return
-        report.save(folder / f"epoch_{epoch:03d}.json")
+        write_json_atomic(folder / f"epoch_{epoch:03d}.json", entry["report"])  # report.save(), without a second to_dict
         metrics = report_scalars(report, ranks="ranks" in self.views)
         for logger in trainer.loggers:
             if not (self.tensorboard and isinstance(logger, TensorBoardLogger)):  # those are written below, with descriptions

@@ -122,7 +122,7 @@ class RankMonitor(ValidationStatisticsCallback):
         centered: bool = False,
         tensorboard: bool = True,
         views: Sequence[str] = views_module.DEFAULT_VIEWS,
-        figure_budget: float | None = 0.02,
+        figure_budget: float | None = 0.01,
         seed: int = 0,
         eig_dtype: torch.dtype = torch.float32,
         dataloader_idx: int | None = None,

@@ -469,7 +469,7 @@ def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_pat
         assert tensorboard_order(run.tags("scalars"), legacy)[:2] == SUMMARY
 
     # The heatmap is a labelled figure, as wide as layer names and a colour bar need. The figures would not fit
-    # in 2% of this fit's time, so they are drawn once, for the last epoch, at the end.
+    # in 1% of this fit's time, so they are drawn once, for the last epoch, at the end.
     heatmaps = run.images("0_rank_summary/utilization_heatmap")
     assert [step for step, *_ in heatmaps] == steps[-1:]
     width, height = views.heatmap_image(monitor.history).size

@@ -46,12 +46,9 @@ def viridis(values: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's bundled font at ``size`` pixels (its fixed bitmap font on Pillow < 10.1)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font at ``size`` pixels (Pillow >= 10.1, built with FreeType)."""
+    return ImageFont.load_default(size=size)
 
 
 def text_width(text: str, size: int) -> int:

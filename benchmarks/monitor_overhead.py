@@ -2,10 +2,13 @@
 
 Part 1 (default), whole fits: the digits ViT (examples/digits.py) and a digits CNN, each ``fit`` (training
 and a validation every epoch, a TensorBoardLogger, checkpoints) with and without ``RankMonitor()`` at its
-defaults (row policy "auto", float32 eigenvalues, the default TensorBoard views), interleaved in one run:
-the ratio of each pair, its median and range over repetitions. Also without the TensorBoard views, and
-the last repetition's final report against exact statistics (every row, float64 eigenvalues): ranks
-within +-1 and MLU within 0.005. Goal: fit ratio <= 1.10.
+defaults (row policy "auto", float32 eigenvalues, the default TensorBoard views with their figure budget),
+interleaved in one run: the ratio of each pair, its median and range over repetitions, in wall time and in
+the process's CPU time, and as 1 + the time spent inside the monitor's callback and layer hooks over the
+plain fit (the steadiest of the three when other processes share the cores). Also with the figures drawn on
+every analyzed epoch (``figure_budget=None``), without the TensorBoard views, and the last repetition's
+final report against exact statistics (every row, float64 eigenvalues): ranks within +-1 and MLU within
+0.005. Goal: fit ratio <= 1.10.
 
 Part 2 (``--epoch``): in one run, interleaved, medians over repetitions, on a ViT-like model (6 blocks, d=256, separate
 q/k/v, 64 tokens), each epoch a ``trainer.validate`` over the same batches; epoch times are taken
@@ -43,6 +46,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
+from lightning_rank.statistics import StatisticsCollector  # noqa: E402
 from benchmarks.collect_overhead import BATCH, distinct_inputs, gram_minimum, setup, timed  # noqa: E402
 
 
@@ -76,8 +80,10 @@ class DigitsCNN(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def one_fit(make: type[L.LightningModule], monitor: lr.RankMonitor | None, epochs: int, root: str) -> tuple[float, L.LightningModule]:
-    """Seconds of one ``trainer.fit`` of a fresh ``make()`` (same seed every time) with a TensorBoardLogger."""
+def one_fit(
+    make: type[L.LightningModule], monitor: lr.RankMonitor | None, epochs: int, root: str
+) -> tuple[tuple[float, float], L.LightningModule]:
+    """Wall and CPU seconds of one ``trainer.fit`` of a fresh ``make()`` (same seed every time) with a TensorBoardLogger."""
     from examples.digits import DigitsDataModule
 
     torch.manual_seed(0)
@@ -85,9 +91,39 @@ def one_fit(make: type[L.LightningModule], monitor: lr.RankMonitor | None, epoch
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=root, logger=TensorBoardLogger(root),
                         callbacks=[monitor] if monitor else [], enable_progress_bar=False, enable_model_summary=False)
     datamodule = DigitsDataModule()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, datamodule)
-    return time.perf_counter() - start, model
+    return (time.perf_counter() - start, time.process_time() - cpu), model
+
+
+class Inside:
+    """Wall seconds spent inside one monitor: its callback hooks and its layer hooks (the statistics), timed
+    around each call. Their share of the plain fit's time is the overhead the monitor itself causes, a figure
+    that other processes on the cores disturb far less than the difference of two whole fits."""
+
+    HOOKS = ("setup", "on_fit_start", "on_validation_start", "on_validation_epoch_start", "on_validation_batch_start",
+             "on_validation_batch_end", "on_validation_epoch_end", "on_fit_end", "teardown", "state_dict")
+
+    def __init__(self, monitor: lr.RankMonitor) -> None:
+        self.seconds = 0.0
+        for name in self.HOOKS:  # Lightning looks hooks up on the instance
+            setattr(monitor, name, self._timed(getattr(monitor, name)))
+        self._observe = StatisticsCollector._observe_input
+        StatisticsCollector._observe_input = self._timed(self._observe)
+
+    def _timed(self, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+    def close(self) -> float:
+        StatisticsCollector._observe_input = self._observe
+        return self.seconds
 
 
 def exact_report(model: L.LightningModule) -> lr.RankReport:
@@ -115,10 +151,12 @@ def fit_part(repeats: int, epochs: int) -> None:
     variants = {
         "plain": lambda: None,
         "monitor": lambda: lr.RankMonitor(),
+        "figures every epoch": lambda: lr.RankMonitor(figure_budget=None),
         "monitor, no views": lambda: lr.RankMonitor(tensorboard=False),
     }
     models = {"digits ViT": DigitsViT, "digits CNN": DigitsCNN}
     times = {(m, v): [] for m in models for v in variants}
+    inside = {(m, v): [] for m in models for v in variants}
     last: dict[str, tuple[lr.RankMonitor, L.LightningModule]] = {}
     with tempfile.TemporaryDirectory() as root:
         for model_name, make in models.items():
@@ -127,19 +165,29 @@ def fit_part(repeats: int, epochs: int) -> None:
             for model_name, make in models.items():
                 for variant, monitor_of in variants.items():
                     monitor = monitor_of()
+                    timer = Inside(monitor) if monitor else None
                     seconds, model = one_fit(make, monitor, epochs, root)
                     times[(model_name, variant)].append(seconds)
+                    if timer:
+                        inside[(model_name, variant)].append(timer.close() / seconds[0])
                     if variant == "monitor":
                         last[model_name] = (monitor, model)
     for model_name in models:
         plain = times[(model_name, "plain")]
-        print(f"{model_name}: {epochs} epochs a fit; plain fit median {statistics.median(plain):.2f} s "
-              f"(range {min(plain):.2f}-{max(plain):.2f}) over {repeats} runs")
+        walls, cpus = [wall for wall, _ in plain], [cpu for _, cpu in plain]
+        print(f"{model_name}: {epochs} epochs a fit; plain fit median {statistics.median(walls):.2f} s "
+              f"(range {min(walls):.2f}-{max(walls):.2f}), CPU {statistics.median(cpus):.2f} s, over {repeats} runs")
         for variant in list(variants)[1:]:
-            ratios = [t / p for t, p in zip(times[(model_name, variant)], plain)]
+            pairs = list(zip(times[(model_name, variant)], plain))
+            ratios = [t[0] / p[0] for t, p in pairs]
+            cpu_ratios = [t[1] / p[1] for t, p in pairs]
+            # 1 + the monitor's own time over the plain fit of the same repetition
+            own = [1 + share * t[0] / p[0] for share, (t, p) in zip(inside[(model_name, variant)], pairs)]
             verdict = "" if variant != "monitor" else ("  goal <= 1.10 " + ("ok" if statistics.median(ratios) <= 1.10 else "MISSED"))
-            print(f"  {variant:<18} fit ratio median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-"
-                  f"{max(ratios):.3f}){verdict}")
+            print(f"  {variant:<20} fit ratio median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-"
+                  f"{max(ratios):.3f}); CPU {statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.3f}-"
+                  f"{max(cpu_ratios):.3f}); 1 + inside / plain {statistics.median(own):.3f} ({min(own):.3f}-"
+                  f"{max(own):.3f}){verdict}")
         monitor, model = last[model_name]
         worst, mlu = compare(monitor.report, exact_report(model))
         rows = {name: layer.rows for name, layer in monitor.report.analyzed.items()}

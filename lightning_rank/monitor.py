@@ -9,6 +9,7 @@ per epoch, and TensorBoard views.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing_extensions import override
 from lightning_rank import _lightning
 from lightning_rank import tensorboard as views_module
 from lightning_rank.analysis import analyze
-from lightning_rank.report import RankReport
+from lightning_rank.report import RankReport, write_json_atomic
 from lightning_rank.checks import StatisticsArguments, check_positive_int
 from lightning_rank.epoch_statistics import (
     REPORTS_FOLDER,
@@ -39,6 +40,10 @@ from lightning_rank.layers import LOW_RANK_TYPES
 from lightning_rank.spectrum import check_threshold
 from lightning_rank.statistics import MaskFn, warn_about_rows
 from lightning_rank.targets import ModuleSelector
+
+
+_clock = time.perf_counter  # the figures' schedule reads this clock (tests replace it)
+FIGURE_SECONDS = 0.01  # about what drawing and encoding one figure takes on a CPU core, before one was timed
 
 
 class RankMonitor(ValidationStatisticsCallback):
@@ -84,9 +89,17 @@ class RankMonitor(ValidationStatisticsCallback):
         views: which extras to write (names from ``lightning_rank.tensorboard.VIEWS``). Default
             ``("heatmap", "energy", "table")``: a labelled utilization heatmap (layers x analyzed epochs, the
             compression marked) as ``0_rank_summary/utilization_heatmap``, cumulative-energy figures per block
-            (``rank_energy/<block>``; both need matplotlib) and the report as a text table (``rank/report``).
+            (``rank_energy/<block>``; both drawn with Pillow, a few milliseconds each) and the report as a text
+            table (``rank/report``).
             Opt-in: ``"ranks"`` logs ``rank_detail/in_rank/<layer>`` and ``rank_detail/out_rank/<layer>`` to
             every logger, ``"spectra"`` writes eigenvalue histograms ``rank_detail/spectrum/<layer>``.
+        figure_budget: the most of the run's time the heatmap and energy figures may take. They are drawn for
+            an analyzed epoch only when their last drawing took at most ``figure_budget`` of the time since it
+            ended (before the first: ``FIGURE_SECONDS`` a figure, against the time since the fit started), and
+            always for the last analyzed epoch (at the end of ``fit``, at that epoch's step, and on every
+            ``trainer.validate``): runs with epochs of seconds get them on every analyzed epoch, a fit of a few
+            seconds only at its end. ``None``: on every analyzed epoch. Scalars, the layout, the table and the
+            histograms are written on every analyzed epoch whatever this says.
         seed: seed of the row subsampling.
         eig_dtype: precision of the epoch-end eigenproblems. float32 (default) gives exactly the ranks of
             float64: a moment whose rank its float32 error bounds leave open is solved again in float64.
@@ -109,6 +122,7 @@ class RankMonitor(ValidationStatisticsCallback):
         centered: bool = False,
         tensorboard: bool = True,
         views: Sequence[str] = views_module.DEFAULT_VIEWS,
+        figure_budget: float | None = 0.01,
         seed: int = 0,
         eig_dtype: torch.dtype = torch.float32,
         dataloader_idx: int | None = None,
@@ -127,6 +141,14 @@ class RankMonitor(ValidationStatisticsCallback):
         self.eig_dtype = eig_dtype
         self.tensorboard = tensorboard
         self.views = views_module.check_views(views)
+        if figure_budget is not None and (
+            isinstance(figure_budget, bool) or not isinstance(figure_budget, (int, float)) or not 0 < figure_budget <= 1
+        ):
+            raise ValueError(
+                f"`figure_budget` must be a fraction in (0, 1] of the run's time the figures may take, or None "
+                f"(draw them on every analyzed epoch), got {figure_budget!r}"
+            )
+        self.figure_budget = None if figure_budget is None else float(figure_budget)
 
         self.report: RankReport | None = None
         self.history: list[dict[str, Any]] = []
@@ -134,8 +156,10 @@ class RankMonitor(ValidationStatisticsCallback):
         self._skip = False
         self._selection_checked = False
         self._layouts_written: dict[str, tuple[str, ...]] = {}  # log dir -> its layout's layers (picklable)
-        self._told_no_matplotlib = False
         self._warned_no_logger = False
+        self._pending_figures: tuple[dict[str, Any], int, int] | None = None  # (spectra, step, epoch) not drawn yet
+        self._figure_seconds: float | None = None  # how long the last drawing of the figures took
+        self._figures_drawn_at = 0.0  # when the figures were last drawn, or the fit started
 
     @property
     @override
@@ -184,6 +208,7 @@ class RankMonitor(ValidationStatisticsCallback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._figures_drawn_at = _clock()
         if not self._skip:
             self._check_selection(pl_module)
 
@@ -226,6 +251,18 @@ class RankMonitor(ValidationStatisticsCallback):
         self._publish(trainer, pl_module, report)
 
     @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._draw_figures(self._writers(trainer))  # the last analyzed epoch's, when the budget held them back
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        try:  # an interrupted run still shows the figures of its last analyzed epoch
+            self._draw_figures(self._writers(trainer))
+        except Exception as error:  # never hide the exception that stopped the run
+            rank_zero_warn(f"RankMonitor could not draw the figures of the last analyzed epoch: {error!r}")
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()
 
@@ -242,41 +279,70 @@ class RankMonitor(ValidationStatisticsCallback):
         folder = reports_dir(trainer)  # a collective under DDP: on every process
         if not trainer.is_global_zero:
             return
-        report.save(folder / f"epoch_{epoch:03d}.json")
+        write_json_atomic(folder / f"epoch_{epoch:03d}.json", entry["report"])  # report.save(), without a second to_dict
         metrics = report_scalars(report, ranks="ranks" in self.views)
-        writers = []
         for logger in trainer.loggers:
-            if self.tensorboard and isinstance(logger, TensorBoardLogger):
-                writers.append(logger.experiment)  # written below, with descriptions
-            else:
+            if not (self.tensorboard and isinstance(logger, TensorBoardLogger)):  # those are written below, with descriptions
                 logger.log_metrics(metrics, step=step)
+        writers = self._writers(trainer)
         if writers:
-            self._write_views(writers, report, metrics, step)
+            self._write_views(writers, report, metrics, step, final=stage == TrainerFn.VALIDATING.value)
 
-    def _write_views(self, writers: list[Any], report: RankReport, metrics: dict[str, float], step: int) -> None:
+    def _writers(self, trainer: Trainer) -> list[Any]:
+        """The ``SummaryWriter`` of every ``TensorBoardLogger`` the views go to (none off global rank zero)."""
+        if not self.tensorboard or not trainer.is_global_zero:
+            return []
+        return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    def _write_views(
+        self, writers: list[Any], report: RankReport, metrics: dict[str, float], step: int, final: bool
+    ) -> None:
         spectra = {name: spectrum_in for name, (spectrum_in, _) in report.spectra.items()}
         layers = tuple(dict.fromkeys(  # every layer analyzed so far, so no chart is dropped when layers change
             name for entry in self.history for name, layer in entry["report"]["layers"].items()
             if layer.get("utilization") is not None
         ))
-        drawn = views_module.has_matplotlib()
         for writer in writers:
             views_module.write_scalars(writer, metrics, step)
             if self._layouts_written.get(writer.get_logdir()) != layers:  # new layers get their charts
                 views_module.write_layout(writer, layers)
                 self._layouts_written[writer.get_logdir()] = layers
-            if "heatmap" in self.views and drawn:
-                views_module.write_heatmap(writer, self.history, step)
-            if "energy" in self.views and drawn:
-                views_module.write_energy_curves(writer, spectra, self.threshold, step, epoch=self.history[-1]["epoch"])
             if "spectra" in self.views:
                 views_module.write_spectra(writer, spectra, step)
             if "table" in self.views:
                 views_module.write_report_text(writer, report, step)
             writer.flush()
-        if not drawn and {"heatmap", "energy"} & set(self.views) and not self._told_no_matplotlib:
-            rank_zero_info("RankMonitor: matplotlib is not installed, so the heatmap and energy figures are not drawn.")
-            self._told_no_matplotlib = True
+        if {"heatmap", "energy"} & set(self.views):
+            self._pending_figures = (spectra, step, self.history[-1]["epoch"])
+            if final or self._figures_due(spectra):
+                self._draw_figures(writers)
+
+    def _figures_due(self, spectra: dict[str, Any]) -> bool:
+        """Whether drawing the figures now keeps them within :attr:`figure_budget` of the time since they were
+        last drawn (or the fit started)."""
+        if self.figure_budget is None:
+            return True
+        seconds = self._figure_seconds
+        if seconds is None:  # never drawn yet: the usual cost of that many figures
+            count = ("heatmap" in self.views) + ("energy" in self.views) * len(views_module.group_layers(list(spectra)))
+            seconds = FIGURE_SECONDS * count
+        return seconds <= self.figure_budget * (_clock() - self._figures_drawn_at)
+
+    def _draw_figures(self, writers: list[Any]) -> None:
+        """Draw the heatmap and energy figures of the pending analyzed epoch, at its step, and time them."""
+        pending, self._pending_figures = self._pending_figures, None
+        if pending is None or not writers:
+            return
+        spectra, step, epoch = pending
+        start = _clock()
+        for writer in writers:
+            if "heatmap" in self.views:
+                views_module.write_heatmap(writer, self.history, step)
+            if "energy" in self.views:
+                views_module.write_energy_curves(writer, spectra, self.threshold, step, epoch=epoch)
+            writer.flush()
+        self._figures_drawn_at = _clock()
+        self._figure_seconds = self._figures_drawn_at - start
 
     # -- checkpointing -----------------------------------------------------------------------
     @override

@@ -7,7 +7,8 @@ headline group ``0_rank_summary`` is listed first in the Time Series, Scalars, I
 Every scalar, histogram and image carries a description (summary metadata) saying what it and its axes
 mean; the legacy Scalars, Images and Histograms tabs show it under the card's info icon.
 
-matplotlib is optional: without it the figures (heatmap, cumulative energy) are left out.
+The figures (heatmap, cumulative energy) are drawn with Pillow (:mod:`lightning_rank.drawing`), a few
+milliseconds each, so they need no matplotlib and cost the fit next to nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
+from lightning_rank import drawing
 from lightning_rank.report import RankReport
 
 SUMMARY_GROUP = "0_rank_summary"
@@ -148,36 +151,19 @@ def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> None:
         _write(writer, proto, step)
 
 
-def write_image(writer: Any, tag: str, image: np.ndarray, step: int) -> None:
-    """Write an RGB ``(H, W, 3)`` uint8 image with its description, as the tensor ``[width, height, png]``."""
+def write_image(writer: Any, tag: str, image: np.ndarray | Image.Image, step: int) -> None:
+    """Write an image (Pillow, or an RGB ``(H, W, 3)`` uint8 array) with its description, as the tensor
+    ``[width, height, png]`` TensorBoard's image plugin reads."""
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
     from tensorboard.plugins.image.metadata import create_summary_metadata
-    from torch.utils.tensorboard.summary import image as image_summary
 
-    (encoded,) = image_summary(tag, image, dataformats="HWC").value
-    png = encoded.image
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     tensor = TensorProto(dtype="DT_STRING", tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=3)]),
-                         string_val=[str(png.width).encode(), str(png.height).encode(), png.encoded_image_string])
+                         string_val=[str(image.width).encode(), str(image.height).encode(), drawing.png_bytes(image)])
     metadata = create_summary_metadata(display_name=tag, description=describe(tag) or "")
     _write(writer, Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
-
-
-def figure_to_array(figure: Any) -> np.ndarray:
-    """A matplotlib figure rendered to an RGB ``(H, W, 3)`` uint8 array (no pyplot, no global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- the custom-scalars layout ----------------------------------------------------------------
@@ -254,62 +240,31 @@ def compression_column(history: Sequence[Mapping[str, Any]]) -> int | None:
     return None
 
 
-def heatmap_figure(history: Sequence[Mapping[str, Any]], title: str = "") -> Any:
-    """A labelled matplotlib figure of utilization: layers x analyzed epochs, with the MLU as the top row.
+def heatmap_image(history: Sequence[Mapping[str, Any]], title: str = "") -> Image.Image:
+    """A labelled image of utilization: layers x analyzed epochs, with the MLU as the top row.
 
     ``history`` holds ``RankMonitor.history`` entries (``{"epoch", "report", "factorized"?}``), oldest
-    first. Cells show their value when there is room; grey marks a layer skipped or absent that epoch;
-    a dashed line marks the compression (:func:`compression_column`).
+    first. Cells show their value in percent when there is room; grey marks a layer skipped or absent that
+    epoch; a dashed red line marks the compression (:func:`compression_column`); a colour bar gives the scale.
     """
-    import matplotlib
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import PercentFormatter
-
     reports = [entry["report"] for entry in history]
     names, matrix = utilization_matrix(reports)
     mlu = np.array([np.nan if r.get("mlu") is None else r["mlu"] for r in reports], dtype=np.float64)
-    values = np.vstack([mlu[None, :], matrix])
-    labels = ["MLU (mean)"] + names
-    rows, columns = values.shape
-
-    label_inches = 0.075 * max(len(label) for label in labels)
-    width = min(16.0, max(7.0, 2.2 + label_inches + 0.42 * columns))
-    height = min(30.0, max(3.2, 1.5 + 0.26 * rows))
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    colors = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")
-    image = axes.imshow(np.ma.masked_invalid(values), cmap=colors, vmin=0, vmax=1, aspect="auto",
-                        interpolation="nearest")
-    axes.axhline(0.5, color="white", linewidth=3)  # the MLU row apart from the layers
-
-    epochs = [str(entry.get("epoch", i)) for i, entry in enumerate(history)]
-    every = max(1, math.ceil(columns / 25))
-    axes.set_xticks(range(0, columns, every), epochs[::every], fontsize=9)
-    axes.set_yticks(range(rows), labels, fontsize=9)
-    axes.get_yticklabels()[0].set_fontweight("bold")
-    axes.set_xlabel("epoch (analyzed validation)", fontsize=10)
-    swap = compression_column(history)
-    axes.set_title(title or "utilization per layer (utilized rank / min(out, in)), %", fontsize=11,
-                   pad=16 if swap is not None else 6)
-    if columns <= 16 and rows <= 48:
-        for (row, column), value in np.ndenumerate(values):
-            if not np.isnan(value):
-                axes.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
-                          color="black" if value > 0.6 else "white")
-    if swap is not None:
-        axes.axvline(swap - 0.5, color="red", linestyle="--", linewidth=2)
-        axes.annotate("compressed", xy=(swap - 0.5, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
-                      textcoords="offset points", ha="center", va="bottom", color="red", fontsize=9)
-    figure.colorbar(image, ax=axes, format=PercentFormatter(1.0), label="utilization", shrink=0.9,
-                    fraction=0.04 if columns > 8 else 0.08)
-    return figure
+    return drawing.heatmap_image(
+        np.vstack([mlu[None, :], matrix]),
+        ["MLU (mean)", *names],
+        [str(entry.get("epoch", i)) for i, entry in enumerate(history)],
+        title=title or "utilization per layer (utilized rank / min(out, in)), %",
+        xlabel="epoch (analyzed validation)",
+        swap=compression_column(history),
+    )
 
 
 def write_heatmap(writer: Any, history: Sequence[Mapping[str, Any]], step: int, tag: str = HEATMAP_TAG) -> bool:
-    """Write :func:`heatmap_figure` as an image; ``False`` (nothing written) without matplotlib or history."""
-    if not history or not has_matplotlib():
+    """Write :func:`heatmap_image`; ``False`` (nothing written) without history."""
+    if not history:
         return False
-    write_image(writer, tag, figure_to_array(heatmap_figure(history)), step)
+    write_image(writer, tag, heatmap_image(history), step)
     return True
 
 
@@ -335,45 +290,27 @@ def cumulative_energy(eigenvalues: Tensor) -> Tensor:
     return values.cumsum(0) / total if total > 0 else torch.zeros_like(values)
 
 
-def energy_figure(spectra: Mapping[str, Tensor], threshold: float, title: str = "") -> Any:
+def energy_image(spectra: Mapping[str, Tensor], threshold: float, title: str = "") -> Image.Image:
     """Cumulative-energy curves of ``spectra`` against ``k / dim``, the threshold, and a legend beside the axes.
 
-    Up to 10 curves get tab10's colours, up to 20 tab20's; beyond that line styles repeat the colours.
+    Up to 10 curves get tab10's colours, up to 20 tab20's; beyond that dash patterns repeat the colours.
     """
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    count = len(spectra)
-    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
-    styles = ["-", "--", ":", "-."]
-    figure = Figure(figsize=(9, 4.2), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    for i, (name, eigenvalues) in enumerate(spectra.items()):
-        curve = cumulative_energy(eigenvalues).numpy()
-        x = np.concatenate([[0.0], np.arange(1, len(curve) + 1) / max(len(curve), 1)])
-        axes.step(x, np.concatenate([[0.0], curve]), where="post", label=f"{name} ({len(curve)})", linewidth=1.8,
-                  color=palette[i % len(palette)], linestyle=styles[(i // len(palette)) % len(styles)])
-    axes.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    axes.set(xlabel="top-k eigenvalues / input size", ylabel="share of the input's energy", xlim=(0, 1),
-             ylim=(0, 1.02), title=title)
-    axes.grid(alpha=0.3)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="layer (input size)",
-                title_fontsize=9, frameon=False, ncols=1 if count <= 16 else 2)
-    return figure
+    curves = {f"{name} ({len(values)})": cumulative_energy(values).numpy() for name, values in spectra.items()}
+    return drawing.curves_image(
+        curves, threshold, title=title, xlabel="top-k eigenvalues / input size",
+        ylabel="share of the input's energy", legend_title="layer (input size)",
+    )
 
 
 def write_energy_curves(
     writer: Any, spectra: Mapping[str, Tensor], threshold: float, step: int, epoch: int | None = None
-) -> bool:
-    """One cumulative-energy figure per block (:func:`layer_group`); ``False`` when matplotlib is not installed."""
-    if not has_matplotlib():
-        return False
+) -> None:
+    """One cumulative-energy image per block (:func:`layer_group`)."""
     when = f"epoch {epoch}" if epoch is not None else f"step {step}"
     for group, names in group_layers(list(spectra), layer_group).items():
         title = f"{group}: cumulative energy of each layer's input ({when})"
-        figure = energy_figure({name: spectra[name] for name in names}, threshold, title=title)
-        write_image(writer, f"{ENERGY_PREFIX}/{group}", figure_to_array(figure), step)
-    return True
+        image = energy_image({name: spectra[name] for name in names}, threshold, title=title)
+        write_image(writer, f"{ENERGY_PREFIX}/{group}", image, step)
 
 
 def write_report_text(writer: Any, report: RankReport, step: int, tag: str = REPORT_TEXT_TAG) -> None:

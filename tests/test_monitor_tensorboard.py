@@ -5,14 +5,15 @@ tensor form the dashboards get), ordered with TensorBoard's own tag comparators.
 from __future__ import annotations
 
 import functools
+import io
 import re
-import sys
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
 import lightning_rank as lr
+from lightning_rank import drawing
+from lightning_rank import monitor as monitor_module
 from lightning_rank import tensorboard as views
 from lightning_rank.monitor import report_scalars
 
@@ -47,6 +50,11 @@ class Events:
     def images(self, tag: str) -> list[tuple[int, int, int]]:
         """(step, width, height) of each image."""
         return [(e.step, *map(int, e.tensor_proto.string_val[:2])) for e in self.acc.Tensors(tag)]
+
+    def picture(self, tag: str, index: int = -1) -> np.ndarray:
+        """The ``index``-th image of ``tag`` decoded from its PNG, as an RGB ``(H, W, 3)`` array."""
+        png = self.acc.Tensors(tag)[index].tensor_proto.string_val[2]
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
     def histograms(self, tag: str) -> list[tuple[int, np.ndarray]]:
         """(step, buckets as rows [left, right, count])."""
@@ -165,26 +173,71 @@ def history_of(*columns: tuple[int, bool, dict[str, float]]) -> list[dict]:
     ]
 
 
-def test_heatmap_figure_labels_layers_epochs_colour_bar_and_the_compression():
-    pytest.importorskip("matplotlib")
+def pixels_of(image: np.ndarray, color) -> np.ndarray:
+    """(row, column) of every pixel of exactly ``color``."""
+    return np.argwhere((image == np.asarray(color, dtype=np.uint8)).all(axis=-1))
+
+
+def test_heatmap_cells_in_place_with_the_mlu_on_top_missing_grey_and_the_compression_marked(tmp_path):
     history = history_of(
-        (1, False, {"blocks.0.fc1": 0.5, "head": 1.0}),
-        (3, False, {"blocks.0.fc1": 0.25, "head": 1.0}),
+        (1, False, {"blocks.0.fc1": 0.5, "blocks.0.fc2": 0.1, "head": 1.0}),
+        (3, False, {"blocks.0.fc1": 0.25, "head": 0.9}),  # fc2 absent: a grey cell
         (5, True, {"blocks.0.fc1": 0.125, "head": 0.75}),
     )
     assert views.compression_column(history) == 2
     assert views.compression_column(history[:2]) is None
-    figure = views.heatmap_figure(history)
-    heatmap, colorbar = figure.axes
-    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["MLU (mean)", "blocks.0.fc1", "head"]
-    assert [t.get_text() for t in heatmap.get_xticklabels()] == ["1", "3", "5"]
-    assert "epoch" in heatmap.get_xlabel() and colorbar.get_ylabel() == "utilization"
-    np.testing.assert_allclose(heatmap.images[0].get_array()[0], [0.75, 0.625, 0.4375])  # the MLU row
-    (swap,) = [line for line in heatmap.lines if line.get_linestyle() == "--"]
-    assert swap.get_xdata()[0] == 1.5  # between the last dense column and the first compressed one
-    assert "12" in [t.get_text() for t in heatmap.texts]  # cells show their value (12.5% -> "12")
-    width, height = views.figure_to_array(figure).shape[1::-1]
-    assert width >= 700 and height >= 320  # a labelled figure, not a 3 x 3 grid of 8-pixel cells
+    writer = SummaryWriter(tmp_path)
+    assert views.write_heatmap(writer, history, step=7)
+    writer.close()
+    run = Events(tmp_path)
+    ((step, width, height),) = run.images("0_rank_summary/utilization_heatmap")
+    image = run.picture("0_rank_summary/utilization_heatmap")
+    assert (step, image.shape[:2]) == (7, (height, width))
+    assert width >= 700  # room for the layer names, the cells and the colour bar
+
+    grid = image[:, : width - 95]  # left of the colour bar (the last ~90 pixels), whose ramp holds every colour
+    expected = {  # (row, column) -> utilization; row 0 is the MLU, the mean of the column's layers
+        (0, 0): (0.5 + 0.1 + 1.0) / 3, (0, 1): (0.25 + 0.9) / 2, (0, 2): (0.125 + 0.75) / 2,
+        (1, 0): 0.5, (1, 1): 0.25, (1, 2): 0.125, (2, 0): 0.1, (3, 0): 1.0, (3, 1): 0.9, (3, 2): 0.75,
+    }
+    centres = {}
+    for cell, value in expected.items():
+        found = pixels_of(grid, drawing.viridis(np.array(value)))
+        assert len(found) >= 20 * 40 // 2, cell  # a large cell, its number drawn over part of it
+        centres[cell] = found.mean(axis=0)
+    for (row, column), (y, x) in centres.items():  # rows top to bottom, columns left to right
+        for (other_row, other_column), (y2, x2) in centres.items():
+            if other_row > row:
+                assert y2 > y + 15
+            if other_column > column:
+                assert x2 > x + 30
+    grey = pixels_of(grid, drawing.MISSING)
+    assert abs(grey[:, 0].mean() - centres[(2, 0)][0]) < 2 and centres[(1, 1)][1] - 5 < grey[:, 1].mean() < centres[(1, 2)][1]
+
+    red = pixels_of(image, drawing.RED)  # the dashed line and its label sit between epochs 3 and 5
+    assert len(red) and (red[:, 1] > centres[(1, 1)][1]).all() and (red[:, 1] < centres[(1, 2)][1]).all()
+    assert abs(np.median(red[:, 1]) - (centres[(1, 1)][1] + centres[(1, 2)][1]) / 2) <= 2
+    bar = image[:, width - 95 :]
+    assert len(pixels_of(bar, drawing.viridis(np.array(0.0)))) and len(pixels_of(bar, drawing.viridis(np.array(1.0))))
+    assert "Rows: layers" in run.description("0_rank_summary/utilization_heatmap")
+
+
+def test_viridis_matches_matplotlib():
+    matplotlib = pytest.importorskip("matplotlib")
+    values = np.linspace(0, 1, 201)
+    reference = np.array([matplotlib.colormaps["viridis"](v)[:3] for v in values]) * 255
+    assert np.abs(drawing.viridis(values).astype(float) - reference).max() <= 6
+    assert drawing.viridis(np.array([np.nan, -1.0, 2.0])).tolist() == [
+        list(drawing.MISSING), drawing.viridis(np.array(0.0)).tolist(), drawing.viridis(np.array(1.0)).tolist()
+    ]
+
+
+def test_png_bytes_decode_to_the_same_pixels():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    decoded = Image.open(io.BytesIO(drawing.png_bytes(image)))
+    assert decoded.format == "PNG" and decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(image))
 
 
 def test_spectra_histograms_hold_log_energy_shares_with_a_description(tmp_path):
@@ -205,28 +258,56 @@ def test_cumulative_energy():
     assert views.cumulative_energy(torch.zeros(3)).eq(0).all()
 
 
-def test_energy_figures_one_per_block_with_distinct_colours_and_the_legend_outside(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    spectra = {f"blocks.0.l{i}": torch.rand(6) for i in range(12)} | {"head": torch.ones(3)}
+def axes_frame(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the axes' black frame: the rows and columns holding its long unbroken black lines."""
+    black = (image == 0).all(axis=-1)
+
+    def longest_run(line: np.ndarray) -> int:
+        edges = np.diff(np.concatenate([[0], line.astype(np.int8), [0]]))
+        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        return int((stops - starts).max()) if len(starts) else 0
+
+    rows = [y for y in range(black.shape[0]) if longest_run(black[y]) > 300]
+    columns = [x for x in range(black.shape[1]) if longest_run(black[:, x]) > 200]
+    return columns[0], rows[0], columns[-1], rows[-1]
+
+
+def test_energy_images_one_per_block_curves_at_their_energy_and_the_legend_outside(tmp_path):
+    spectra = {f"blocks.0.l{i}": torch.rand(6, generator=torch.Generator().manual_seed(i)) for i in range(12)}
+    spectra["head"] = torch.tensor([3.0, 1.0, 0.0, 0.0])  # cumulative energy 0.75, 1, 1, 1
     writer = SummaryWriter(tmp_path)
-    assert views.write_energy_curves(writer, spectra, 0.9, step=1, epoch=0)
+    views.write_energy_curves(writer, spectra, 0.9, step=1, epoch=0)
     writer.close()
     run = Events(tmp_path)
     assert run.tags("images") == ["rank_energy/(top level)", "rank_energy/blocks.0"]
-    assert run.images("rank_energy/blocks.0") == [(1, 900, 420)] and "energy threshold" in run.description("rank_energy/blocks.0")
+    assert run.images("rank_energy/blocks.0") == [(1, 900, 420)]
+    assert "energy threshold" in run.description("rank_energy/blocks.0")
 
-    figure = views.energy_figure({k: v for k, v in spectra.items() if k != "head"}, 0.9)
-    (axes,) = figure.axes
-    curves = axes.lines[:12]
-    assert len({(c.get_color(), c.get_linestyle()) for c in curves}) == 12  # tab20 beyond ten curves
-    figure.canvas.draw()
-    legend = axes.get_legend().get_window_extent()
-    assert legend.x0 >= axes.get_window_extent().x1  # beside the axes, not over the curves
-    assert figure.get_size_inches()[0] * figure.dpi >= 800
+    head = run.picture("rank_energy/(top level)")
+    x0, y0, x1, y1 = axes_frame(head)
+    assert x1 - x0 > 400 and y1 - y0 > 250
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert not views.write_energy_curves(writer, spectra, 0.9, step=1)
-    assert not views.write_heatmap(writer, history_of((0, False, {"a": 1.0})), step=1)
+    def at(share: float, energy: float) -> tuple[int, int]:  # the pixel of a point in data coordinates
+        return round(y1 - energy / 1.02 * (y1 - y0)), round(x0 + share * (x1 - x0))
+
+    blue = drawing.curve_styles(1)[0][0]
+    for share, energy in ((0.375, 0.75), (0.625, 1.0), (0.125, 0.0)):  # k = 1 holds 75%, k >= 2 all of it
+        y, x = at(share, energy)
+        window = head[y - 2 : y + 3, x - 2 : x + 3]
+        assert len(pixels_of(window, blue)), (share, energy)
+    y, x = at(0.375, 0.5)
+    assert not len(pixels_of(head[y - 3 : y + 4, x - 3 : x + 4], blue))  # no curve where the energy is not
+    threshold_row = at(0.5, 0.9)[0]
+    assert (head[threshold_row - 1 : threshold_row + 2, x0 + 5 : x1 - 5] == 0).all(axis=-1).any(axis=0).mean() > 0.4
+
+    block = run.picture("rank_energy/blocks.0")
+    x0, y0, x1, y1 = axes_frame(block)
+    styles = drawing.curve_styles(12)
+    assert len(set(styles)) == 12 and len({color for color, _ in styles}) == 12  # tab20 beyond ten curves
+    for color, _ in styles:
+        found = pixels_of(block, color)
+        assert (found[:, 1] < x1).any() and (found[:, 1] > x1 + 10).any()  # on the axes and in the legend beside them
+    assert len(set(drawing.curve_styles(23))) == 23  # beyond twenty, dashes repeat the colours
 
 
 def test_histograms_use_the_reports_input_spectra():
@@ -360,7 +441,8 @@ def rank_tags(run: Events) -> list[str]:
     return [t for t in run.tags("scalars") if t.startswith(("0_rank_summary/", "rank"))]
 
 
-def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_path):
+def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_path, monkeypatch):
+    monkeypatch.setattr(monitor_module, "_clock", lambda: 0.0)  # a fit far shorter than its figures' budget needs
     csv = CSVLogger(tmp_path, name="csv")
     monitor = lr.RankMonitor()
     _, tb = fit(tmp_path, [monitor], loggers=[csv])
@@ -386,11 +468,12 @@ def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_pat
         assert groups_in_order(every_tag, legacy)[0] == "0_rank_summary"
         assert tensorboard_order(run.tags("scalars"), legacy)[:2] == SUMMARY
 
-    # The heatmap is a labelled figure: as wide as a figure with layer names and a colour bar, one image a step.
+    # The heatmap is a labelled figure, as wide as layer names and a colour bar need. The figures would not fit
+    # in 1% of this fit's time, so they are drawn once, for the last epoch, at the end.
     heatmaps = run.images("0_rank_summary/utilization_heatmap")
-    assert [step for step, *_ in heatmaps] == steps
-    height, width = views.figure_to_array(views.heatmap_figure(monitor.history)).shape[:2]
-    assert heatmaps[-1][1:] == (width, height) and width >= 700 and height >= 320
+    assert [step for step, *_ in heatmaps] == steps[-1:]
+    width, height = views.heatmap_image(monitor.history).size
+    assert heatmaps[-1][1:] == (width, height) and width >= 700
     assert "Rows: layers" in run.description("0_rank_summary/utilization_heatmap")
     assert run.tags("images") == ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)",
                                   "rank_energy/blocks.0", "rank_energy/blocks.1"]
@@ -457,3 +540,86 @@ def test_a_factorized_layer_keeps_one_curve_across_the_swap(compressed_run):
     assert not [t for t in run.tags("scalars") if t.endswith((".first", ".second"))]
     for name in compression.summary()["layers"]:
         assert [step for step, _ in run.scalars(f"rank/utilization/{name}")] == steps  # before and after the swap
+
+
+# -- when the figures are drawn ------------------------------------------------------------------------
+FIGURES = ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)", "rank_energy/blocks.0", "rank_energy/blocks.1"]
+
+
+class FakeClock:
+    """The monitor's clock: each training epoch takes ``epoch_seconds``, each heatmap ``draw_seconds``."""
+
+    def __init__(self, monkeypatch, epoch_seconds: float, draw_seconds: float) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(monitor_module, "_clock", lambda: self.now)
+        write_heatmap = views.write_heatmap
+
+        def slow_heatmap(*args, **kwargs):
+            self.now += draw_seconds
+            return write_heatmap(*args, **kwargs)
+
+        monkeypatch.setattr(views, "write_heatmap", slow_heatmap)
+        self.callback = L.Callback()
+        self.callback.on_train_epoch_start = lambda trainer, module: setattr(self, "now", self.now + epoch_seconds)
+
+
+def image_steps(run: Events) -> dict[str, list[int]]:
+    return {tag: [step for step, *_ in run.images(tag)] for tag in FIGURES}
+
+
+def test_figures_within_their_budget_of_the_run_and_always_at_the_end(tmp_path, monkeypatch):
+    # Drawing takes 1 s, an epoch 10 s, the budget 5%: a drawing is due once 20 s passed since the last one.
+    # Before the first drawing its cost is taken as FIGURE_SECONDS a figure: 0.04 s, within 5% of one epoch.
+    clock = FakeClock(monkeypatch, epoch_seconds=10.0, draw_seconds=1.0)
+    monitor = lr.RankMonitor(figure_budget=0.05)
+    _, tb = fit(tmp_path, [monitor, clock.callback], max_epochs=6)
+    run = Events(tb.log_dir)
+    steps = [h["step"] for h in monitor.history]
+    assert [h["epoch"] for h in monitor.history] == list(range(6))
+    drawn = [steps[0], steps[2], steps[4], steps[5]]  # the first, every other one, and the last at the end of fit
+    assert image_steps(run) == {tag: drawn for tag in FIGURES}
+    assert [step for step, _ in run.scalars("0_rank_summary/mlu")] == steps  # scalars and table every epoch
+    assert [step for step, _ in run.text("rank/report")] == steps
+    assert run.images(FIGURES[0])[-1][1:] == views.heatmap_image(monitor.history).size  # every epoch's column
+
+    clock = FakeClock(monkeypatch, epoch_seconds=10.0, draw_seconds=0.4)  # now 0.4 s <= 5% of 10 s: every epoch
+    monitor = lr.RankMonitor(figure_budget=0.05)
+    _, tb = fit(tmp_path / "cheap", [monitor, clock.callback], max_epochs=3)
+    assert image_steps(Events(tb.log_dir)) == {tag: [h["step"] for h in monitor.history] for tag in FIGURES}
+
+
+def test_figure_budget_none_draws_every_analyzed_epoch_and_validate_always_draws(tmp_path, monkeypatch):
+    FakeClock(monkeypatch, epoch_seconds=0.0, draw_seconds=100.0)  # figures far over any budget
+    monitor = lr.RankMonitor(figure_budget=None)
+    trainer, tb = fit(tmp_path, [monitor], max_epochs=3)
+    assert image_steps(Events(tb.log_dir)) == {tag: [h["step"] for h in monitor.history] for tag in FIGURES}
+
+    budgeted = lr.RankMonitor()  # no time passes on the clock: only the end of fit can draw
+    trainer, tb = fit(tmp_path / "budgeted", [budgeted], max_epochs=3)
+    steps = [h["step"] for h in budgeted.history]
+    assert image_steps(Events(tb.log_dir)) == {tag: [steps[2]] for tag in FIGURES}
+    trainer.validate(trainer.lightning_module, loaders()[1], verbose=False)  # a validate run is its own end
+    assert image_steps(Events(tb.log_dir))[FIGURES[0]] == [steps[2], steps[2]]
+    assert len(budgeted.history) == 4
+
+
+def test_an_interrupted_fit_still_draws_its_last_analyzed_epoch(tmp_path, monkeypatch):
+    FakeClock(monkeypatch, epoch_seconds=0.0, draw_seconds=100.0)
+
+    class Stop(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("stop here")
+
+    monitor = lr.RankMonitor()
+    with pytest.raises(RuntimeError, match="stop here"):
+        fit(tmp_path, [monitor, Stop()], max_epochs=4)
+    steps = [h["step"] for h in monitor.history]
+    assert len(steps) == 2
+    assert image_steps(Events(tmp_path / "tb" / "version_0")) == {tag: steps[1:] for tag in FIGURES}
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, -0.1, True, "0.1"])
+def test_figure_budget_is_checked(budget):
+    with pytest.raises(ValueError, match=r"`figure_budget` must be a fraction in \(0, 1\]"):
+        lr.RankMonitor(figure_budget=budget)

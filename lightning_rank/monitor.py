@@ -9,6 +9,7 @@ per epoch, and TensorBoard views.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,9 +162,9 @@ class RankMonitor(ValidationStatisticsCallback):
         self._figure_seconds: float | None = None  # how long the last drawing of the figures took
         self._figures_drawn_at = 0.0  # when the figures were last drawn, or the fit started
 
-    @property
+    @functools.cached_property
     @override
-    def state_key(self) -> str:
+    def state_key(self) -> str:  # cached: Lightning reads it on every hook call, and the arguments never change
         def stable(selector: ModuleSelector) -> Any:  # a callable's repr holds its address
             return getattr(selector, "__qualname__", selector)
 

@@ -161,6 +161,12 @@ def energy_rank_interval(
 def energy_rank(eigenvalues: Tensor, threshold: float) -> Tensor:
     """The smallest ``k`` whose top-``k`` eigenvalues hold at least ``threshold`` of the trace (0 for a zero matrix)."""
     threshold = check_threshold(threshold)
+    if eigenvalues.dim() == 1 and eigenvalues.device.type == "cpu":  # one spectrum: numpy, several times quicker
+        values = -np.sort(-np.maximum(eigenvalues.detach().double().numpy(), 0.0))
+        if values.size == 0 or not values[0] > 0:
+            return torch.tensor(0)
+        cumulative = np.cumsum(values / values[0])
+        return torch.tensor(int((cumulative < threshold * cumulative[-1] * (1 - 1e-12)).sum()) + 1)
     descending = eigenvalues.double().clamp(min=0).sort(dim=-1, descending=True).values
     descending = descending / descending[..., :1].clamp(min=torch.finfo(torch.float64).tiny)  # no under/overflow
     cumulative = descending.cumsum(dim=-1)

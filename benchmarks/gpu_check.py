@@ -12,7 +12,8 @@
 4. ``lr.analyze`` of the ViT-B/16-shaped layer set of analysis_time.py on the device: time, and ranks identical to
    the CPU's float64 analysis.
 
-Run: python benchmarks/gpu_check.py [--device cuda] [--small]   (``--small``: tiny sizes, to try it on a CPU)
+Run: python benchmarks/gpu_check.py [--device cuda] [--small]   (with no CUDA device and no --device it does nothing;
+``--small``: tiny sizes, to try the script on a CPU)
 """
 
 from __future__ import annotations
@@ -135,11 +136,14 @@ def analysis(device: torch.device, small: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default=None, help="default: cuda when there is one")
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    if args.device is None and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here, nothing to check (--device cpu --small tries the script on a CPU)")
+        return
+    device = torch.device(args.device or "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {name}")
     collection(device, args.small, args.repeats)

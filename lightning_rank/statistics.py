@@ -96,11 +96,10 @@ class InputStatistics:
         rows = rows.to(self.dtype)
         if rows.device.type == "cpu":
             # A NaN or Inf anywhere makes its column sum non-finite: one cheap check, no copy of the rows.
-            column_sums = rows.sum(dim=0)
+            column_sums, kept = rows.sum(dim=0), rows.shape[0]
             if not bool(torch.isfinite(column_sums).all()):
-                rows, _ = self._finite_rows(rows)
+                rows, kept = self._finite_rows(rows)
                 column_sums = rows.sum(dim=0)
-            kept = rows.shape[0]
         else:  # on an accelerator that check would wait for the device every batch: mask the rows instead
             rows, kept = self._finite_rows(rows, masked=True)
             column_sums = rows.sum(dim=0)

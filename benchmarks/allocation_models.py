@@ -69,13 +69,17 @@ def _split_batches(data: DigitsDataModule, size: int = 128) -> tuple[list[Any], 
     return calibration, [(xv[i : i + size], yv[i : i + size]) for i in range(0, len(xv), size)]
 
 
-def digits_vit(seed: int = 0, epochs: int = 20) -> Task:
+def _trained_on_digits(name: str, make: type[L.LightningModule], seed: int, epochs: int) -> Task:
     L.seed_everything(seed, verbose=False)
     data = _digits(seed)
-    model = DigitsViT()
+    model = make()  # after the data, as the seeded runs always did
     _trainer(epochs).fit(model, data)
     calibration, test = _split_batches(data)
-    return Task("digits ViT", model.eval(), calibration, test, "classify")
+    return Task(name, model.eval(), calibration, test, "classify")
+
+
+def digits_vit(seed: int = 0, epochs: int = 20) -> Task:
+    return _trained_on_digits("digits ViT", DigitsViT, seed, epochs)
 
 
 class DigitsCNN(L.LightningModule):
@@ -108,15 +112,9 @@ class DigitsCNN(L.LightningModule):
 
 
 def digits_cnn(seed: int = 0, epochs: int = 12) -> Task:
-    L.seed_everything(seed, verbose=False)
-    data = _digits(seed)
-    model = DigitsCNN()
-    _trainer(epochs).fit(model, data)
-    calibration, test = _split_batches(data)
-    return Task("digits CNN", model.eval(), calibration, test, "classify")
+    return _trained_on_digits("digits CNN", DigitsCNN, seed, epochs)
 
 
-# -- character language model --------------------------------------------------------------------
 def python_docs() -> str:
     """Python's own documentation topics (about 465k characters), in a fixed order."""
     import pydoc_data.topics

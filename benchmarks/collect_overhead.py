@@ -69,7 +69,7 @@ def distinct_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> list
 
 
 def gram_minimum(inputs: list[list[torch.Tensor]]) -> None:
-    grams = [torch.zeros(x.shape[1], x.shape[1]) for x in inputs[0]]
+    grams = [torch.zeros(x.shape[1], x.shape[1], device=x.device) for x in inputs[0]]
     for batch in inputs:
         for gram, x in zip(grams, batch):
             gram.addmm_(x.t(), x)

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
 from benchmarks import analysis_time  # noqa: E402
-from benchmarks.collect_overhead import distinct_inputs  # noqa: E402
+from benchmarks.collect_overhead import distinct_inputs, forward_only, gram_minimum  # noqa: E402
 from benchmarks.vit import ViT  # noqa: E402
 
 
@@ -54,18 +54,8 @@ def collection(device: torch.device, small: bool, repeats: int) -> None:
     inputs = distinct_inputs(model, batches)
     rows = inputs[0][1].shape[0]
 
-    def forward() -> None:
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-
-    def grams() -> None:
-        sums = [torch.zeros(x.shape[1], x.shape[1], device=device) for x in inputs[0]]
-        for batch in inputs:
-            for gram, x in zip(sums, batch):
-                gram.addmm_(x.t(), x)
-
-    runs = {"T0": forward, "T1": lambda: lr.collect(model, batches, max_rows_per_batch=None), "Tmin": grams,
+    runs = {"T0": lambda: forward_only(model, batches),
+            "T1": lambda: lr.collect(model, batches, max_rows_per_batch=None), "Tmin": lambda: gram_minimum(inputs),
             "T1/8": lambda: lr.collect(model, batches, max_rows_per_batch=rows // 8)}
     timed = synchronized(device)
     for fn in runs.values():

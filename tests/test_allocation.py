@@ -294,13 +294,21 @@ class TwoBranches(nn.Module):
         return self.mix(torch.cat([torch.tanh(self.loud(x)), torch.tanh(self.quiet(x))], dim=-1))
 
 
-def test_probe_gives_the_sensitive_layer_more_rank_and_the_model_less_error() -> None:
+SCALES = torch.logspace(0, -1.5, 16)
+
+
+def two_branches_with_data() -> tuple[TwoBranches, list[torch.Tensor], lr.ActivationStatistics, torch.Generator]:
+    """A seeded :class:`TwoBranches`, three calibration batches with a decaying spectrum, their statistics, and the
+    generator that drew them (for fresh data from the same distribution)."""
     torch.manual_seed(0)
     model = TwoBranches().eval()
     g = torch.Generator().manual_seed(2)
-    scales = torch.logspace(0, -1.5, 16)
-    batches = [torch.randn(128, 16, generator=g) * scales for _ in range(3)]
-    stats = lr.collect(model, batches)
+    batches = [torch.randn(128, 16, generator=g) * SCALES for _ in range(3)]
+    return model, batches, lr.collect(model, batches), g
+
+
+def test_probe_gives_the_sensitive_layer_more_rank_and_the_model_less_error() -> None:
+    model, batches, stats, g = two_branches_with_data()
     candidates, _ = layer_candidates(model, stats, exclude_modules=["mix"])
     assert set(candidates) == {"loud", "quiet"}
     uniform = allocate(candidates, param_budget=0.45, rule="uniform")
@@ -315,7 +323,7 @@ def test_probe_gives_the_sensitive_layer_more_rank_and_the_model_less_error() ->
     assert measured.ranks["loud"] > uniform.ranks["loud"]
     assert measured.calibration_error["probe"] < 0.5 * measured.calibration_error["uniform"]
     # judged on fresh data with the real factorized layers
-    fresh = torch.randn(512, 16, generator=g) * scales
+    fresh = torch.randn(512, 16, generator=g) * SCALES
     with torch.no_grad():
         reference = model(fresh)
     errors = {}
@@ -388,13 +396,8 @@ def test_halving_parameters_leaves_multiply_adds_almost_unchanged_but_a_macs_bud
 
 def test_factorize_with_calibration_batches_allocates_by_the_models_own_output() -> None:
     """``factorize_(param_budget=..., calibration=...)``: the probe rule, its details, and less error than the floor."""
-    torch.manual_seed(0)
-    model = TwoBranches().eval()
-    g = torch.Generator().manual_seed(2)
-    scales = torch.logspace(0, -1.5, 16)
-    batches = [torch.randn(128, 16, generator=g) * scales for _ in range(3)]
-    stats = lr.collect(model, batches)
-    fresh = torch.randn(512, 16, generator=g) * scales
+    model, batches, stats, g = two_branches_with_data()
+    fresh = torch.randn(512, 16, generator=g) * SCALES
     with torch.no_grad():
         reference = model(fresh)
     errors, results = {}, {}

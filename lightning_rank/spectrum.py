@@ -37,17 +37,12 @@ def sum_roundoff(dtype: torch.dtype, rows: int, updates: int) -> float:
     return ROUNDOFF_SAFETY * torch.finfo(dtype).eps * max(terms, 1.0) ** 0.5
 
 
-def roundoff_bounds(roundoff: float, scales: Tensor, vectors: Tensor | None = None) -> Tensor:
-    """How far round-off can move each eigenvalue of a moment whose entries err by ``roundoff * s_i s_j``.
-
-    With the eigenvectors ``v_k`` (columns) the bound is per direction, ``roundoff * ||diag(s) v_k||^2``:
-    directions in channels of small scale get a small bound, whatever a few huge channels hold.
-    Without them it is the largest over all directions, ``roundoff * max_i s_i^2`` (a 0-d tensor).
-    """
-    squares = scales.square()
-    if vectors is None:
-        return roundoff * squares.max() if squares.numel() else squares.new_zeros(())
-    return roundoff * (vectors.square() * squares[:, None]).sum(dim=0)
+def roundoff_bounds(roundoff: float, scales: Tensor, vectors: Tensor) -> Tensor:
+    """How far round-off can move each eigenvalue of a moment whose entries err by ``roundoff * s_i s_j``: along
+    each eigenvector ``v_k`` (columns), ``roundoff * ||diag(s) v_k||^2``. Directions in channels of small scale get
+    a small bound, whatever a few huge channels hold; the bounds lie between ``roundoff * min s_i^2`` and
+    ``roundoff * max s_i^2`` and sum to ``roundoff * |s|^2``."""
+    return roundoff * (vectors.square() * scales.square()[:, None]).sum(dim=0)
 
 
 def solver_bound(largest: float, size: int, dtype: torch.dtype) -> float:

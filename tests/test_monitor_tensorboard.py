@@ -38,6 +38,11 @@ class Events:
         self.acc = plugin_event_accumulator.EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
         self.acc.Reload()
 
+    def _events(self, tag: str) -> list:
+        """The events of ``tag`` in the order they were written. The accumulator reads the files by name, and a
+        process's files made within one second differ only by a counter compared as text ("10" < "9")."""
+        return sorted(self.acc.Tensors(tag), key=lambda event: event.wall_time)
+
     def tags(self, plugin: str) -> list[str]:
         try:
             return sorted(self.acc.PluginTagToContent(plugin))
@@ -45,29 +50,29 @@ class Events:
             return []
 
     def scalars(self, tag: str) -> list[tuple[int, float]]:
-        return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in self.acc.Tensors(tag)]
+        return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in self._events(tag)]
 
     def images(self, tag: str) -> list[tuple[int, int, int]]:
         """(step, width, height) of each image."""
-        return [(e.step, *map(int, e.tensor_proto.string_val[:2])) for e in self.acc.Tensors(tag)]
+        return [(e.step, *map(int, e.tensor_proto.string_val[:2])) for e in self._events(tag)]
 
     def picture(self, tag: str, index: int = -1) -> np.ndarray:
         """The ``index``-th image of ``tag`` decoded from its PNG, as an RGB ``(H, W, 3)`` array."""
-        png = self.acc.Tensors(tag)[index].tensor_proto.string_val[2]
+        png = self._events(tag)[index].tensor_proto.string_val[2]
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
     def histograms(self, tag: str) -> list[tuple[int, np.ndarray]]:
         """(step, buckets as rows [left, right, count])."""
-        return [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in self.acc.Tensors(tag)]
+        return [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in self._events(tag)]
 
     def text(self, tag: str) -> list[tuple[int, str]]:
-        return [(e.step, e.tensor_proto.string_val[0].decode()) for e in self.acc.Tensors(f"{tag}/text_summary")]
+        return [(e.step, e.tensor_proto.string_val[0].decode()) for e in self._events(f"{tag}/text_summary")]
 
     def description(self, tag: str) -> str:
         return self.acc.SummaryMetadata(tag).summary_description
 
     def layout(self) -> layout_pb2.Layout:
-        return layout_pb2.Layout.FromString(self.acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+        return layout_pb2.Layout.FromString(self._events("custom_scalars__config__")[-1].tensor_proto.string_val[0])
 
 
 # -- TensorBoard's tag order, ported from its frontend -----------------------------------------------

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -18,43 +17,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
 from lightning_rank.compression import Phase
-
-DIM, HIDDEN, CLASSES, SUBSPACE = 32, 64, 4, 3
-
-
-def low_rank_dataset(n: int, seed: int) -> TensorDataset:
-    """Inputs in a 3-dim subspace of R^32; the class is a linear function of the subspace coordinates."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(SUBSPACE, DIM, generator=torch.Generator().manual_seed(0))
-    z = torch.randn(n, SUBSPACE, generator=g)
-    labels = (z @ torch.tensor([[1.0, -1.0, 0.5, 0.0], [0.5, 1.0, -1.0, 0.2], [0.0, 0.3, 1.0, -1.0]])).argmax(1)
-    return TensorDataset(z @ basis, labels)
+from tests import tiny_models
+from tests.tiny_models import CLASSES, DIM, HIDDEN, SUBSPACE, low_rank_dataset
 
 
-class Classifier(L.LightningModule):
-    def __init__(self, lr_: float = 0.05) -> None:
-        super().__init__()
-        self.lr_ = lr_
-        self.net = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                                 nn.Linear(HIDDEN, CLASSES))
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=CLASSES)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
-        self.val_acc(logits, y)
-        self.log("val_acc", self.val_acc)
+class Classifier(tiny_models.Classifier):
+    """:class:`tests.tiny_models.Classifier` with a step schedule and its own dataloaders."""
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr_, momentum=0.9)
+        optimizer = super().configure_optimizers()
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 10)}
 
     def train_dataloader(self):

@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_rank as lr
+from tests.test_monitor import assert_same_report
+from tests.tiny_models import SUBSPACE
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_ddp.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +43,6 @@ def run(mode: str, out: Path) -> None:
     assert json.loads((out / "exit_codes.json").read_text()) == [0], done.stderr[-5000:]  # rank 1 exited cleanly
     for rank in (0, 1):  # the process group was destroyed before the interpreter finalized (no SIGABRT at exit)
         assert json.loads((out / f"exit_rank{rank}.json").read_text()) == {"initialized": False}
-
-
-def assert_same_report(actual: dict, expected: dict) -> None:
-    assert actual["layers"].keys() == expected["layers"].keys()
-    for name, layer in expected["layers"].items():
-        for key, value in layer.items():
-            if isinstance(value, float):
-                assert actual["layers"][name][key] == pytest.approx(value, rel=1e-9), (name, key)
-            else:
-                assert actual["layers"][name][key] == value, (name, key)
-    assert actual["mlu"] == pytest.approx(expected["mlu"], rel=1e-9)
 
 
 @pytest.mark.timeout(300)
@@ -78,7 +69,7 @@ def test_rank_compression_two_processes_identical_after_finetuning(tmp_path: Pat
         assert result["epoch"] == 2  # 1 planned + 1 fine-tuning
         assert result["types"] == {"0": "LowRankLinear", "1": "ReLU", "2": "LowRankLinear", "3": "ReLU",
                                    "4": "LowRankLinear"}
-        assert result["ranks"]["net.0"] == load_script().SUBSPACE  # its inputs span the 3-dim subspace
+        assert result["ranks"]["net.0"] == SUBSPACE  # its inputs span the 3-dim subspace
     assert results[0]["ranks"] == results[1]["ranks"] and results[0]["numel"] == results[1]["numel"]
     assert results[0]["metrics"] == results[1]["metrics"]
     assert results[0]["metrics"]["finetuned"] > 0.8

@@ -25,6 +25,7 @@ import lightning_rank as lr
 from lightning_rank import epoch_statistics
 from lightning_rank import tensorboard as views
 from tests.test_monitor_tensorboard import Events
+from tests.tiny_models import split_subspaces
 
 
 
@@ -423,17 +424,6 @@ class Branchy(L.LightningModule):
         self.log("val_loss", self(batch[0]).square().mean(), sync_dist=True)
 
 
-def split_subspaces(n: int = 32) -> TensorDataset:
-    """Even samples span features 0-2, odd ones features 3-5 plus the marker 7: the interleaving
-    DistributedSampler gives each rank one subspace, so one rank alone never sees rank 7."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.zeros(n, 8)
-    x[0::2, 0:3] = torch.randn(n // 2, 3, generator=g)
-    x[1::2, 3:6] = torch.randn(n // 2, 3, generator=g)
-    x[1::2, 7] = 1.0
-    return TensorDataset(x)
-
-
 class DumpReport(Callback):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -445,6 +435,7 @@ class DumpReport(Callback):
 
 
 def assert_same_report(actual: dict, expected: dict) -> None:
+    """Two reports (``to_dict()``) agree: every layer's every entry, and the MLU."""
     assert actual["layers"].keys() == expected["layers"].keys()
     for name, layer in expected["layers"].items():
         for key, value in layer.items():
@@ -452,6 +443,7 @@ def assert_same_report(actual: dict, expected: dict) -> None:
                 assert actual["layers"][name][key] == pytest.approx(value, rel=1e-9), (name, key)
             else:
                 assert actual["layers"][name][key] == value, (name, key)
+    assert actual["mlu"] == pytest.approx(expected["mlu"], rel=1e-9)
 
 
 @pytest.mark.timeout(180)

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torchmetrics
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import lightning_rank as lr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
+from tests.tiny_models import Classifier, low_rank_dataset, split_subspaces  # noqa: E402
 
 # -- RankMonitor: each rank sees its own subspace ----------------------------------------------
 MONITOR_SAMPLES = 32
@@ -58,17 +60,6 @@ class Branchy(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def split_subspaces(n: int = MONITOR_SAMPLES) -> TensorDataset:
-    """Even samples span features 0-2, odd ones features 3-5 plus the marker 7: the interleaving
-    DistributedSampler gives each rank one subspace, so one rank alone never sees rank 7."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.zeros(n, 8)
-    x[0::2, 0:3] = torch.randn(n // 2, 3, generator=g)
-    x[1::2, 3:6] = torch.randn(n // 2, 3, generator=g)
-    x[1::2, 7] = 1.0
-    return TensorDataset(x)
-
-
 class DumpReport(Callback):
     """After each validation: this rank's report, and on rank 0 the weights it was computed with."""
 
@@ -83,46 +74,12 @@ class DumpReport(Callback):
 
 
 # -- RankCompression ---------------------------------------------------------------------------
-DIM, HIDDEN, CLASSES, SUBSPACE = 32, 64, 4, 3
 
 
 def compression() -> lr.RankCompression:
     """The one place these DDP runs build RankCompression: one dense epoch, the swap, one fine-tuning epoch."""
     return lr.RankCompression(compress_at_epoch=1, monitor="val_acc")
 
-
-def low_rank_dataset(n: int, seed: int) -> TensorDataset:
-    """Inputs in a 3-dim subspace of R^32; the class is a linear function of the subspace coordinates."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(SUBSPACE, DIM, generator=torch.Generator().manual_seed(0))
-    z = torch.randn(n, SUBSPACE, generator=g)
-    labels = (z @ torch.tensor([[1.0, -1.0, 0.5, 0.0], [0.5, 1.0, -1.0, 0.2], [0.0, 0.3, 1.0, -1.0]])).argmax(1)
-    return TensorDataset(z @ basis, labels)
-
-
-class Classifier(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                                 nn.Linear(HIDDEN, CLASSES))
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
-        self.val_acc(logits, y)
-        self.log("val_acc", self.val_acc)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
 
 
 class ParameterCheck(Callback):
@@ -174,10 +131,10 @@ def main(mode: str, out: Path) -> None:
         model = Branchy()
         trainer = L.Trainer(max_epochs=1, callbacks=[ExitProbe(out), lr.RankMonitor(dtype=torch.float64),
                                                      DumpReport(out)], **options)
-        loader = DataLoader(split_subspaces(), batch_size=4)
+        loader = DataLoader(split_subspaces(MONITOR_SAMPLES), batch_size=4)
         trainer.fit(model, loader, loader)
     elif mode == "compression":
-        model = Classifier()
+        model = Classifier(lr_=0.2)
         trainer = L.Trainer(max_epochs=2, callbacks=[ExitProbe(out), compression(), ParameterCheck(out)], **options)
         trainer.fit(model, DataLoader(low_rank_dataset(256, 1), batch_size=32, shuffle=True),
                     DataLoader(low_rank_dataset(128, 2), batch_size=32))

@@ -25,7 +25,7 @@ import lightning_rank as lr
 from lightning_rank import epoch_statistics
 from lightning_rank import tensorboard as views
 from tests.test_monitor_tensorboard import Events
-from tests.tiny_models import split_subspaces
+from tests.tiny_models import Branchy, split_subspaces
 
 
 
@@ -405,25 +405,6 @@ def test_early_stopping_can_monitor_mlu(tmp_path):
 
 
 # -- DDP ---------------------------------------------------------------------------------------
-class Branchy(L.LightningModule):
-    """``extra`` runs only on samples marked by their last feature: under DDP, only on rank 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp, self.extra, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = self.inp(x)
-        marked = x[:, -1] > 0
-        if marked.any():
-            h = h.clone()
-            h[marked] = h[marked] + self.extra(h[marked])
-        return self.out(h)
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self(batch[0]).square().mean(), sync_dist=True)
-
-
 class DumpReport(Callback):
     def __init__(self, directory: Path) -> None:
         self.directory = directory

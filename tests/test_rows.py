@@ -10,7 +10,7 @@ import lightning_rank as lr
 from lightning_rank.precision import full_precision_matmul
 from lightning_rank.rows import AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE, row_limit
 from lightning_rank.statistics import InputStatistics, StatisticsCollector
-from tests.test_statistics import assert_stats, patches_reference
+from tests.test_statistics import CONV_GEOMETRIES, assert_stats, patches_reference
 
 
 class Positions:
@@ -28,16 +28,7 @@ class Positions:
         monkeypatch.setattr(collector, "_positions", recording)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(kernel_size=3, stride=2, padding=1, dilation=1),
-        dict(kernel_size=(3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
-        dict(kernel_size=3, padding="same", dilation=2),
-        dict(kernel_size=3, padding=1, padding_mode="reflect", stride=2),
-        dict(kernel_size=2, stride=2),
-    ],
-)
+@pytest.mark.parametrize("kwargs", [*CONV_GEOMETRIES, dict(kernel_size=2, stride=2)])
 @pytest.mark.parametrize("most", [False, True])  # few positions kept: gathered; most of them: unfolded, then selected
 def test_conv_patches_gathered_at_kept_positions_equal_full_unfold_then_select(kwargs, most, monkeypatch) -> None:
     torch.manual_seed(0)

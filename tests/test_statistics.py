@@ -69,15 +69,15 @@ def patches_reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(kernel_size=3, stride=2, padding=1, dilation=1),
-        dict(kernel_size=(3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
-        dict(kernel_size=3, padding="same", dilation=2),
-        dict(kernel_size=3, padding=1, padding_mode="reflect", stride=2),
-    ],
-)
+CONV_GEOMETRIES = [  # stride, padding (also "same" and non-zero modes), dilation, non-square kernels
+    dict(kernel_size=3, stride=2, padding=1, dilation=1),
+    dict(kernel_size=(3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
+    dict(kernel_size=3, padding="same", dilation=2),
+    dict(kernel_size=3, padding=1, padding_mode="reflect", stride=2),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONV_GEOMETRIES)
 def test_conv2d_rows_are_receptive_field_patches(kwargs: dict) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, **kwargs)

@@ -57,3 +57,28 @@ def split_subspaces(n: int = 32) -> TensorDataset:
     x[1::2, 3:6] = torch.randn(n // 2, 3, generator=g)
     x[1::2, 7] = 1.0
     return TensorDataset(x)
+
+
+class Branchy(L.LightningModule):
+    """``extra`` runs only on samples marked by their last feature: under DDP, only on rank 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.extra, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        marked = x[:, -1] > 0
+        if marked.any():
+            h = h.clone()
+            h[marked] = h[marked] + self.extra(h[marked])
+        return self.out(h)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self(batch[0]).square().mean(), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)

@@ -23,41 +23,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
-from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_rank as lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
-from tests.tiny_models import Classifier, low_rank_dataset, split_subspaces  # noqa: E402
+from tests.tiny_models import Branchy, Classifier, low_rank_dataset, split_subspaces  # noqa: E402
 
 # -- RankMonitor: each rank sees its own subspace ----------------------------------------------
 MONITOR_SAMPLES = 32
-
-
-class Branchy(L.LightningModule):
-    """``extra`` runs only on samples marked by their last feature: under DDP, only on rank 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp, self.extra, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        marked = x[:, -1] > 0
-        if marked.any():
-            h = h.clone()
-            h[marked] = h[marked] + self.extra(h[marked])
-        return self.out(h)
-
-    def training_step(self, batch, batch_idx):
-        return self(batch[0]).square().mean()
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self(batch[0]).square().mean(), sync_dist=True)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 class DumpReport(Callback):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_rank.checks import check_mask_fn, check_row_policy
 from lightning_rank.precision import full_precision_matmul
-from lightning_rank.rows import ConvGeometry, RowPolicy, SharedDraws, conv_input, conv_rows, row_limit
+from lightning_rank.rows import ConvGeometry, RowPolicy, SharedDraws, conv_input, row_limit
 from lightning_rank.spectrum import sum_roundoff
 from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
 
@@ -45,7 +45,9 @@ class InputStatistics:
     ) -> None:
         self._gram = gram  # upper triangle valid; lower triangle valid only while _mirrored
         self._mirrored = True
-        self.total, self.count, self.nonfinite = total, count, nonfinite
+        self._total = total
+        self._order: Tensor | None = None  # where each weight-order entry is stored (None: in place)
+        self.count, self.nonfinite = count, nonfinite
         self.updates = updates if updates is not None else (count > 0).to(torch.int64)
 
     @classmethod
@@ -63,10 +65,36 @@ class InputStatistics:
     @property
     def gram(self) -> Tensor:
         """``sum x x^T`` as the full symmetric ``(dim, dim)`` matrix."""
+        self._store_in(None)
+        self._mirror()
+        return self._gram
+
+    @property
+    def total(self) -> Tensor:
+        """``sum x``."""
+        self._store_in(None)
+        return self._total
+
+    def _mirror(self) -> None:
         if not self._mirrored:
             self._gram = torch.triu(self._gram) + torch.triu(self._gram, diagonal=1).t()
             self._mirrored = True
-        return self._gram
+
+    def _store_in(self, order: Tensor | None) -> None:
+        """Keep the sums with each weight-order entry ``i`` at index ``order[i]`` (``None``: at ``i``).
+
+        Rows arrive in the order their layer produces them cheaply (conv patches channels-last); the sums are
+        put back in the weight's order when read, one permutation instead of one per batch."""
+        if order is self._order:
+            return
+        with torch.inference_mode(False):  # new state tensors must stay updatable outside inference mode
+            self._mirror()
+            if self._order is not None:  # back to the weight's order
+                self._gram, self._total = self._gram[self._order][:, self._order], self._total[self._order]
+            if order is not None:
+                inverse = torch.argsort(order)
+                self._gram, self._total = self._gram[inverse][:, inverse], self._total[inverse]
+        self._order = order
 
     @property
     def dim(self) -> int:
@@ -77,8 +105,9 @@ class InputStatistics:
         return self._gram.dtype
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The state tensors as stored (the Gram matrix's upper triangle is the valid part)."""
-        return self._gram, self.total, self.count, self.nonfinite, self.updates
+        """The state tensors as stored, in the weight's order (the Gram matrix's upper triangle is the valid part)."""
+        self._store_in(None)
+        return self._gram, self._total, self.count, self.nonfinite, self.updates
 
     def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> None:
         """Sum the state over processes in place with ``reduce`` (an in-place sum such as ``dist.all_reduce``)."""
@@ -91,8 +120,11 @@ class InputStatistics:
         state = (self.gram, self.total, self.count, self.nonfinite, self.updates)
         return InputStatistics(*(t.to(device, copy=True) for t in state))
 
-    def update(self, rows: Tensor) -> None:
-        """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped."""
+    def update(self, rows: Tensor, order: Tensor | None = None) -> None:
+        """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped.
+
+        ``order``: where each entry of the weight's order lies in a row (``None``: in place)."""
+        self._store_in(order)
         rows = rows.to(self.dtype)
         if rows.device.type == "cpu":
             # A NaN or Inf anywhere makes its column sum non-finite: one cheap check, no copy of the rows.
@@ -106,7 +138,7 @@ class InputStatistics:
         with full_precision_matmul():  # a TF32/bf16 Gram would silently change the ranks
             symmetric_gram_update_(self._gram, rows)
         self._mirrored = False
-        self.total.add_(column_sums)
+        self._total.add_(column_sums)
         self.count.add_(kept)
         self.updates.add_(1)
 
@@ -201,16 +233,10 @@ def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None)
         gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:])
 
 
-def layer_rows(target: Target, x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
-    """Every row a layer multiplies by its weight for input ``x``, and the leading dims they come from
-    (``None`` for a nested tensor, whose rows are already only the real ones: no mask applies)."""
-    if x.is_nested:  # e.g. nn.TransformerEncoder with a padding mask: the values are the real rows
-        rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
-        return rows, None
-    if target.kind in ("conv1d", "conv2d"):
-        return conv_rows(_conv_module(target), x)
-    x = _token_major(target, x)
-    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+def nested_rows(x: Tensor) -> Tensor:
+    """The rows of a nested tensor (e.g. from ``nn.TransformerEncoder`` with a padding mask): its values are
+    the real rows only, so no mask applies."""
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
 
 
 def _conv_module(target: Target) -> nn.Conv1d | nn.Conv2d:
@@ -231,8 +257,8 @@ def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
 
 
 # Conv patches are gathered at the kept positions when fewer than 1/GATHER_BELOW of them are kept; above
-# that, unfolding every position and selecting rows is faster (measured on CPU).
-GATHER_BELOW = 3
+# that, copying every patch and selecting rows is faster (measured on CPU).
+GATHER_BELOW = 2
 
 UNREACHED = "never called during collection (not reached by the data)"
 _DIVERGED = (
@@ -385,41 +411,40 @@ class StatisticsCollector:
         seen.keys.append(key)
         self._input_tokens.setdefault(key, set()).add(seen.token)
         with torch.no_grad():
-            rows = self._rows(target, x.detach())
+            rows, order = self._rows(target, x.detach())
             stats = self._inputs.get(key)
             if stats is None:
                 stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device)
-            stats.update(rows)
+            stats.update(rows, order)
 
-    def _rows(self, target: Target, x: Tensor) -> Tensor:
-        """The rows of ``x`` the mask and the row policy keep; conv patches are gathered only where kept."""
+    def _rows(self, target: Target, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The rows of ``x`` the mask and the row policy keep, and the order of their entries (``None``: the
+        weight's; conv patches come channels-last, see :class:`~lightning_rank.rows.ConvGeometry`)."""
         if x.is_nested:
-            rows, _ = layer_rows(target, x)
+            rows = nested_rows(x)
             positions = self._positions(target.name, None, rows.shape[0], rows.shape[1], rows.device)
-            return rows if positions is None else rows.index_select(0, positions)
+            return (rows if positions is None else rows.index_select(0, positions)), None
         if target.kind not in ("conv1d", "conv2d"):
             x = _token_major(target, x)
             lead = tuple(x.shape[:-1])
             positions = self._positions(target.name, lead, x.numel() // max(x.shape[-1], 1), x.shape[-1], x.device)
             rows = x.reshape(-1, x.shape[-1])
-            return rows if positions is None else rows.index_select(0, positions)
-        module = _conv_module(target)
-        batched, padding = conv_input(module, x)
+            return (rows if positions is None else rows.index_select(0, positions)), None
+        batched, padding = conv_input(_conv_module(target), x)
         batch, channels, height, width = batched.shape
         padded_shape = (channels, height + 2 * padding[0], width + 2 * padding[1])
         geometry = self._geometry.get((target.name, padded_shape, x.device))
         if geometry is None:
-            geometry = ConvGeometry(module, padded_shape, x.device)
+            geometry = ConvGeometry(_conv_module(target), padded_shape, x.device)
             self._geometry[(target.name, padded_shape, x.device)] = geometry
         lead = (batch, geometry.out_h * geometry.out_w)
-        positions = self._positions(target.name, lead, batch * lead[1], geometry.offsets.numel(), x.device)
+        positions = self._positions(target.name, lead, batch * lead[1], geometry.fan_in, x.device)
+        padded = geometry.padded(batched, padding)
         if positions is None:
-            return conv_rows(module, x)[0]
-        if positions.numel() * GATHER_BELOW > lead[0] * lead[1]:  # most positions kept: unfold is faster
-            return conv_rows(module, x)[0].index_select(0, positions)
-        if any(padding):
-            batched = torch.nn.functional.pad(batched, (padding[1], padding[1], padding[0], padding[0]))
-        return geometry.gather(batched, positions)
+            return geometry.patches(padded), geometry.order
+        if positions.numel() * GATHER_BELOW > lead[0] * lead[1]:  # most positions kept: copying all is faster
+            return geometry.patches(padded).index_select(0, positions), geometry.order
+        return geometry.gather(padded, positions), geometry.order
 
     def _positions(
         self, name: str, lead: tuple[int, ...] | None, n: int, fan_in: int, device: torch.device

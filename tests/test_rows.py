@@ -29,8 +29,8 @@ class Positions:
 
 
 @pytest.mark.parametrize("kwargs", [*CONV_GEOMETRIES, dict(kernel_size=2, stride=2)])
-@pytest.mark.parametrize("most", [False, True])  # few positions kept: gathered; most of them: unfolded, then selected
-def test_conv_patches_gathered_at_kept_positions_equal_full_unfold_then_select(kwargs, most, monkeypatch) -> None:
+@pytest.mark.parametrize("most", [False, True])  # few positions kept: gathered; most: all copied, then selected
+def test_conv_patches_gathered_at_kept_positions_equal_every_patch_then_select(kwargs, most, monkeypatch) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, **kwargs)
     x = torch.randn(4, 3, 9, 8)

@@ -293,18 +293,35 @@ def test_masked_nonfinite_rows_on_accelerators_give_the_sums_of_dropped_ones() -
     assert int(masked.nonfinite) == int(dropped.nonfinite) == 2 and int(dropped.count) == 7
 
 
-def test_inference_mode_state_can_be_updated_later_outside_it() -> None:
-    layer = nn.Linear(4, 3)
-    collector = StatisticsCollector(layer)
-    a, b = torch.randn(5, 4), torch.randn(6, 4)
+@pytest.mark.parametrize("layer", [nn.Linear(4, 3), nn.Conv2d(4, 3, 3, padding=1)], ids=["linear", "conv"])
+def test_inference_mode_state_can_be_updated_later_outside_it(layer: nn.Module) -> None:
+    collector = StatisticsCollector(layer, max_rows_per_batch=None)
+    shape = (5, 4) if isinstance(layer, nn.Linear) else (2, 4, 5, 5)
+    a, b = torch.randn(shape), torch.randn(shape)
     with collector.attached():
         with torch.inference_mode(), collector.observe(a):
             layer(a)
-        with collector.observe(b):
+        with collector.observe(b):  # a conv's sums are kept in patch order, made under inference mode
             layer(b)
     stats = collector.compute()
     assert not stats[""].gram.is_inference()
-    assert_stats(stats[""], torch.cat([a, b]))
+    rows = [x if isinstance(layer, nn.Linear) else patches_reference(x, layer) for x in (a, b)]
+    assert_stats(stats[""], torch.cat(rows))
+
+
+def test_conv_sums_read_between_batches_stay_right() -> None:
+    """A conv's sums are stored in patch order and put in the weight's order when read: reading them
+    between batches (as a mid-epoch report would) must change nothing that follows."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, (3, 2), padding=1, dilation=(2, 1))
+    batches = [torch.randn(2, 3, 7, 6) for _ in range(3)]
+    collector = StatisticsCollector(conv, max_rows_per_batch=None)
+    with collector.attached(), torch.no_grad():
+        for i, x in enumerate(batches):
+            with collector.observe(x):
+                conv(x)
+            seen = torch.cat([patches_reference(b, conv) for b in batches[: i + 1]])
+            assert_stats(collector.compute()[""], seen)
 
 
 def test_forwards_outside_observe_are_ignored() -> None:

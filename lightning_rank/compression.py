@@ -126,8 +126,8 @@ class RankCompression(ValidationStatisticsCallback):
         exclude_modules: layers to leave dense, in the same forms.
         mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (padding rows are not counted).
         max_rows_per_batch: the row policy: None (default: every row, exact statistics for the factors),
-            ``"auto"`` (at most ``max(512, 8 * fan_in)`` drawn rows of each input per batch) or an int
-            (at most that many).
+            ``"auto"`` (about ``max(4096, 64 * fan_in)`` drawn rows of each input, spread over the epoch's
+            validation batches) or an int (at most that many a batch).
         dtype: accumulation dtype of the statistics.
         dataloader_idx: the validation dataloader whose batches are counted (None: all of them).
         dense_checkpoints: write checkpoints after the swap with dense layers (the original structure, loadable
@@ -251,7 +251,9 @@ class RankCompression(ValidationStatisticsCallback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         counts = self._fit_validation(trainer) and self.phase == Phase.TRAINING and self._statistics is None
         if counts and trainer.current_epoch == self.swap_epoch - 1:
-            self._statistics = EpochStatistics(pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES)
+            self._statistics = EpochStatistics(
+                trainer, pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES
+            )
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -287,7 +289,9 @@ class RankCompression(ValidationStatisticsCallback):
         """Plan the factorization from this epoch's validation (run one if it had none); the model is not changed."""
         if self._statistics is None or self._run.validated_epoch != trainer.current_epoch:
             self._release()
-            self._statistics = EpochStatistics(pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES)
+            self._statistics = EpochStatistics(
+                trainer, pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES
+            )
             _lightning.run_validation(trainer, listener=self)
             self.metrics["before"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None

@@ -9,6 +9,7 @@ an order every process agrees on. Both write their reports under :func:`reports_
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ def check_selection(pl_module: LightningModule, arguments: StatisticsArguments, 
         raise MisconfigurationException(f"{who}: {err}") from err
 
 
+def epoch_batches(trainer: Trainer, dataloader_idx: int | None) -> int | None:
+    """How many validation batches this epoch counts over all processes (``None`` when a dataloader has no
+    length): the row policy "auto" spreads each layer's budget over them, so the sum over processes holds it."""
+    counts = list(trainer.num_val_batches)
+    if dataloader_idx is not None:
+        counts = counts[dataloader_idx : dataloader_idx + 1]
+    total = sum(counts)
+    if not counts or not math.isfinite(total) or total <= 0:
+        return None
+    return int(total) * trainer.world_size
+
+
 CALIBRATION_BATCHES = 4  # validation batches kept for rank allocation and counting multiply-adds
 
 
@@ -83,8 +96,11 @@ class EpochStatistics:
     batches of ``arguments.dataloader_idx`` are counted (all dataloaders' when it is None).
     """
 
-    def __init__(self, pl_module: LightningModule, arguments: StatisticsArguments, keep_batches: int = 0) -> None:
-        self.collector = StatisticsCollector(pl_module, **arguments.collector_kwargs())
+    def __init__(
+        self, trainer: Trainer, pl_module: LightningModule, arguments: StatisticsArguments, keep_batches: int = 0
+    ) -> None:
+        batches = epoch_batches(trainer, arguments.dataloader_idx)
+        self.collector = StatisticsCollector(pl_module, **arguments.collector_kwargs(), batches=batches)
         self.dataloader_idx = arguments.dataloader_idx
         self.keep_batches = keep_batches
         self.batches: list[Any] = []  # the first `keep_batches` counted, copied outside inference mode

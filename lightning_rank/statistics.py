@@ -10,6 +10,7 @@ so its Gram matrix is computed once. Gram updates run at full float32 precision 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -127,9 +128,10 @@ class InputStatistics:
         self._store_in(order)
         rows = rows.to(self.dtype)
         if rows.device.type == "cpu":
-            # A NaN or Inf anywhere makes its column sum non-finite: one cheap check, no copy of the rows.
+            # A NaN or Inf anywhere makes the sum of the column sums non-finite: one cheap check, no copy of the
+            # rows (a sum that only overflows sends the batch down the exact path, which then drops nothing).
             column_sums, kept = rows.sum(dim=0), rows.shape[0]
-            if not bool(torch.isfinite(column_sums).all()):
+            if not math.isfinite(float(column_sums.sum())):
                 rows, kept = self._finite_rows(rows)
                 column_sums = rows.sum(dim=0)
         else:  # on an accelerator that check would wait for the device every batch: mask the rows instead
@@ -279,7 +281,8 @@ class StatisticsCollector:
 
     Use :meth:`attach`/:meth:`detach` (or ``with collector.attached():``) around the forwards, and
     wrap each forward pass in ``with collector.observe(batch):``. Forwards outside ``observe`` are
-    ignored, so the hooks can stay on during training steps at no cost.
+    ignored, so the hooks can stay on during training steps at no cost. ``batches``, when known, is how
+    many forward passes will be observed: the row policy ``"auto"`` spreads each layer's budget over them.
     """
 
     def __init__(
@@ -292,12 +295,14 @@ class StatisticsCollector:
         max_rows_per_batch: RowPolicy = "auto",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        batches: int | None = None,
     ) -> None:
         check_row_policy(max_rows_per_batch)
         check_mask_fn(mask_fn)
         self.targets, self._unobservable = select_targets(model, target_modules, exclude_modules)
         self.mask_fn = mask_fn
         self.max_rows_per_batch = max_rows_per_batch
+        self.expected_batches = batches
         self.dtype = float_dtype(dtype)
         self.seed = seed
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -461,7 +466,7 @@ class StatisticsCollector:
             elif not bool(expanded.all()):
                 valid = expanded.nonzero().squeeze(1)
         count = n if valid is None else valid.numel()
-        limit = row_limit(self.max_rows_per_batch, fan_in)
+        limit = row_limit(self.max_rows_per_batch, fan_in, self.expected_batches)
         if limit is None or count <= limit:
             return valid
         keep = self._draws.positions(count, limit, device)
@@ -526,12 +531,17 @@ def collect(
     No activation is stored: each input adds to ``sum x x^T``, ``sum x`` and ``n`` on its own device.
     Hooks are removed and every module's training flag is restored, even when the forward raises.
 
-    ``max_rows_per_batch`` is the row policy: ``"auto"`` (default) counts at most
-    ``max(512, 8 * fan_in)`` uniformly drawn rows of each input per batch, enough for ranks within +-1
-    of exact statistics at a fraction of the cost; an int counts at most that many; ``None`` counts
+    ``max_rows_per_batch`` is the row policy: ``"auto"`` (default) counts about ``max(4096, 64 * fan_in)``
+    uniformly drawn rows of each input in all, spread over the batches when ``batches`` has a length
+    (at most ``max(512, 8 * fan_in)`` a batch when it has none), enough for ranks within +-1 of exact
+    statistics at a fraction of the cost; an int counts at most that many a batch; ``None`` counts
     every row (exact statistics). ``seed`` seeds the draws. Each layer's rows counted are in its
     report's ``rows``.
     """
+    try:
+        count = len(batches)  # type: ignore[arg-type]
+    except TypeError:  # a generator, or a DataLoader over an iterable dataset
+        count = None
     collector = StatisticsCollector(
         model,
         target_modules=target_modules,
@@ -540,6 +550,7 @@ def collect(
         max_rows_per_batch=max_rows_per_batch,
         dtype=dtype,
         seed=seed,
+        batches=count,
     )
     forward = forward or default_forward
     modes = [(module, module.training) for module in model.modules()]

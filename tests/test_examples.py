@@ -7,6 +7,7 @@ Lightning costs seconds per example); each runs in its own temporary folder.
 from __future__ import annotations
 
 import importlib
+import math
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import lightning_rank as lr
+from lightning_rank.rows import AUTO_MIN_ROWS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -65,8 +67,12 @@ def test_monitor_only(example, tmp_path) -> None:
     # q, k and v read the same normalized tokens: one input subspace for the three
     layers = monitor.report.layers
     assert layers["blocks.0.q"].in_rank == layers["blocks.0.k"].in_rank == layers["blocks.0.v"].in_rank
-    assert layers["blocks.0.q"].rows == 450 * 16  # validation images x tokens
-    assert layers["embed"].rows == 450 * 16 and layers["embed"].in_features == 4  # one 2x2 patch per token
+    # "auto" rows: the 4096-row floor of these 64-wide layers spread over 15 batches of 32 images x 16 tokens
+    # (the last holds 2 images)
+    per_batch = math.ceil(AUTO_MIN_ROWS / 15)
+    rows = sum(min(images * 16, per_batch) for images in [32] * 14 + [2])
+    assert layers["blocks.0.q"].rows == layers["embed"].rows == rows < 450 * 16
+    assert layers["embed"].in_features == 4  # one 2x2 patch per token
 
 
 def test_compress_after_fit(example, tmp_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -213,6 +214,35 @@ def test_validate_without_logger_with_mask(tmp_path):
     saved = json.loads((tmp_path / "rank_reports" / "epoch_000.json").read_text())
     assert saved == expected
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_default_rows_spread_each_layers_budget_over_the_epochs_batches(tmp_path, limit):
+    """"auto" counts about max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in) rows of each layer per analyzed
+    epoch, spread over the batches the epoch validates (``limit_val_batches`` included)."""
+    from lightning_rank.rows import AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE
+
+    torch.manual_seed(0)
+    model = Blocks()  # fan_in 8 and 12: the floor holds for every layer
+    assert AUTO_MIN_ROWS > AUTO_ROWS_PER_FEATURE * 12
+    loader = DataLoader(dataset(n=6 * 1024), batch_size=1024)
+    monitor = lr.RankMonitor()
+    run = trainer(tmp_path, logger=False, callbacks=[monitor], limit_val_batches=limit)
+    with pytest.warns(UserWarning, match="no logger"):
+        run.validate(model, loader)
+    batches = limit or 6
+    per_batch = min(1024, math.ceil(AUTO_MIN_ROWS / batches))  # 683 of 1024 in 6 batches, all in 3
+    assert {layer["rows"] for layer in monitor.report.to_dict()["layers"].values()} == {batches * per_batch}
+
+
+def test_epoch_batches_count_every_process_and_the_chosen_dataloader():
+    from types import SimpleNamespace
+
+    fit = SimpleNamespace(num_val_batches=[5, 3], world_size=2)
+    assert epoch_statistics.epoch_batches(fit, None) == 16
+    assert epoch_statistics.epoch_batches(fit, 1) == 6
+    assert epoch_statistics.epoch_batches(SimpleNamespace(num_val_batches=[float("inf")], world_size=1), None) is None
+    assert epoch_statistics.epoch_batches(SimpleNamespace(num_val_batches=[], world_size=1), None) is None
 
 
 def test_resume_from_checkpoint_keeps_history_and_continues_views(tmp_path):

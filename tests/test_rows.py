@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import lightning_rank as lr
 from lightning_rank.precision import full_precision_matmul
-from lightning_rank.rows import AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE, row_limit
+from lightning_rank.rows import (
+    AUTO_BATCH_MIN_ROWS,
+    AUTO_BATCH_ROWS_PER_FEATURE,
+    AUTO_MIN_ROWS,
+    AUTO_ROWS_PER_FEATURE,
+    row_limit,
+)
 from lightning_rank.statistics import InputStatistics, StatisticsCollector
 from tests.test_statistics import CONV_GEOMETRIES, assert_stats, patches_reference
 
@@ -94,29 +102,36 @@ def test_a_layer_keeping_more_rows_keeps_a_superset_of_the_shared_draw(monkeypat
     """Layers with the same number of rows but different limits take prefixes of one permutation."""
     model = nn.Sequential(nn.Linear(4, 200), nn.Linear(200, 2))  # fan_in 4 and 200: auto limits differ
     x = torch.randn(3000, 4)
-    collector = StatisticsCollector(model)  # "auto"
+    collector = StatisticsCollector(model)  # "auto", number of batches unknown: the per-batch rule
     recorder = Positions(collector, monkeypatch)
     with collector.attached(), torch.no_grad(), collector.observe(x):
         model(x)
     small, large = recorder.kept
-    assert small.numel() == row_limit("auto", 4) == AUTO_MIN_ROWS
-    assert large.numel() == row_limit("auto", 200) == AUTO_ROWS_PER_FEATURE * 200
+    assert small.numel() == row_limit("auto", 4) == AUTO_BATCH_MIN_ROWS
+    assert large.numel() == row_limit("auto", 200) == AUTO_BATCH_ROWS_PER_FEATURE * 200
     assert torch.equal(large[: small.numel()], small)
 
 
-def test_auto_policy_limits_rows_by_fan_in_and_none_counts_every_row() -> None:
+def test_auto_policy_spreads_a_budget_by_fan_in_over_the_batches_and_none_counts_every_row() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 100), nn.ReLU(), nn.Linear(100, 3))
-    batches = [torch.randn(1500, 8) for _ in range(3)]
-    auto = lr.collect(model, batches)  # the default
-    assert int(auto["0"].count) == 3 * AUTO_MIN_ROWS  # fan_in 8: the floor
-    assert int(auto["2"].count) == 3 * min(1500, AUTO_ROWS_PER_FEATURE * 100)
+    model = nn.Sequential(nn.Linear(8, 100), nn.ReLU(), nn.Linear(100, 300), nn.ReLU(), nn.Linear(300, 3))
+    batches = [torch.randn(8000, 8) for _ in range(3)]
+    auto = lr.collect(model, batches)  # the default; a list has a length: the budget is spread over 3 batches
+    assert AUTO_MIN_ROWS > AUTO_ROWS_PER_FEATURE * 8  # fan_in 8: the floor
+    assert int(auto["0"].count) == 3 * math.ceil(AUTO_MIN_ROWS / 3)
+    assert int(auto["4"].count) == 3 * math.ceil(AUTO_ROWS_PER_FEATURE * 300 / 3)
+    assert int(auto["2"].count) == 3 * math.ceil(AUTO_ROWS_PER_FEATURE * 100 / 3)
     assert int(auto["0"].updates) == 3  # a subsampled batch is one update of the kept rows
+    report = lr.analyze(model, auto)
+    assert report.layers["0"].rows == 3 * math.ceil(AUTO_MIN_ROWS / 3)  # the report says how many rows were used
+    assert report.to_dict()["layers"]["4"]["rows"] == 3 * 6400
+
+    unsized = lr.collect(model, (x for x in batches))  # a generator has no length: the per-batch rule
+    assert int(unsized["0"].count) == 3 * AUTO_BATCH_MIN_ROWS
+    assert int(unsized["4"].count) == 3 * AUTO_BATCH_ROWS_PER_FEATURE * 300
+
     exact = lr.collect(model, batches, max_rows_per_batch=None)
     assert_stats(exact["0"], torch.cat(batches))
-    report = lr.analyze(model, auto)
-    assert report.layers["0"].rows == 3 * AUTO_MIN_ROWS  # the report says how many rows were used
-    assert report.to_dict()["layers"]["2"]["rows"] == 3 * 800
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "all", "Auto"])

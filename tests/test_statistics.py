@@ -91,6 +91,22 @@ def test_conv2d_rows_are_receptive_field_patches(kwargs: dict) -> None:
     torch.testing.assert_close(patches_reference(batches[1], conv) @ conv.weight.reshape(5, -1).t() + conv.bias, out)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "one_channel_one_image"])
+def test_conv_rows_whatever_the_input_layout(layout: str) -> None:
+    """The patches are read through strides of a channels-last copy: inputs already channels-last, views
+    with an offset, and size-1 dims (whose strides torch leaves free) must give the same rows."""
+    torch.manual_seed(0)
+    channels = 1 if layout == "one_channel_one_image" else 3
+    conv = nn.Conv2d(channels, 4, 3, padding=1, stride=(2, 1))
+    x = torch.randn(1 if layout == "one_channel_one_image" else 2, channels, 9, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(2, 5, 11, 8)[:, 1:4, 2:]
+    stats = lr.collect(conv, [x], max_rows_per_batch=None)
+    assert_stats(stats[""], patches_reference(x.contiguous(), conv))
+
+
 def test_conv1d_rows() -> None:
     torch.manual_seed(0)
     conv = nn.Conv1d(4, 6, kernel_size=3, stride=2, padding=2, dilation=2)

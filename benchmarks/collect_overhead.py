@@ -53,7 +53,7 @@ def distinct_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> list
     collector = lr.StatisticsCollector(model, max_rows_per_batch=None)
     original = lr.InputStatistics.update
 
-    def keep(self: lr.InputStatistics, rows: torch.Tensor) -> None:
+    def keep(self: lr.InputStatistics, rows: torch.Tensor, order: torch.Tensor | None = None) -> None:
         captured[-1].append(rows.clone())
 
     lr.InputStatistics.update = keep
@@ -107,9 +107,9 @@ def peak_memory(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[fl
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(sample), m.register_forward_hook(sample))]
     original = lr.InputStatistics.update
 
-    def sampled_update(self: lr.InputStatistics, rows: torch.Tensor) -> None:
+    def sampled_update(self: lr.InputStatistics, rows: torch.Tensor, order: torch.Tensor | None = None) -> None:
         sample()
-        original(self, rows)
+        original(self, rows, order)
         sample()
 
     try:

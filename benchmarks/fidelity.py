@@ -83,8 +83,8 @@ def disagreement() -> None:
         print(f"{name:<28} {max(now):>8} {sum(now) / len(now):>9.2f} {max(former):>11} {sum(former) / len(former):>12.2f}")
 
 
-def _former_update(self: InputStatistics, rows: torch.Tensor) -> None:
-    """The accumulation before the update counter, for the cost comparison."""
+def _former_update(self: InputStatistics, rows: torch.Tensor, order: torch.Tensor | None = None) -> None:
+    """The accumulation before the update counter, for the cost comparison (linear layers: ``order`` is None)."""
     rows = rows.to(self.dtype)
     column_sums = rows.sum(dim=0)
     if not bool(torch.isfinite(column_sums).all()):

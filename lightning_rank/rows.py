@@ -118,9 +118,11 @@ class ConvGeometry:
 @functools.lru_cache(maxsize=64)
 def patch_order(channels: int, taps: int, device: torch.device) -> Tensor:
     """For each patch entry in the weight's ``(C_in, taps)`` order, its index in the ``(taps, C_in)`` order of
-    :meth:`ConvGeometry.patches` (one tensor per shape, so equal orders are the same object)."""
-    return (torch.arange(taps, device=device)[None, :] * channels
-            + torch.arange(channels, device=device)[:, None]).reshape(-1)
+    :meth:`ConvGeometry.patches` (one tensor per shape, so equal orders are the same object; made outside
+    inference mode, since it outlives the validation that first asks for it)."""
+    with torch.inference_mode(False):
+        return (torch.arange(taps, device=device)[None, :] * channels
+                + torch.arange(channels, device=device)[:, None]).reshape(-1)
 
 
 def _pairs(module: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:

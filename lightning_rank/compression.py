@@ -126,8 +126,8 @@ class RankCompression(ValidationStatisticsCallback):
         exclude_modules: layers to leave dense, in the same forms.
         mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (padding rows are not counted).
         max_rows_per_batch: the row policy: None (default: every row, exact statistics for the factors),
-            ``"auto"`` (about ``max(4096, 64 * fan_in)`` drawn rows of each input, spread over the epoch's
-            validation batches) or an int (at most that many a batch).
+            ``"auto"`` (about ``max(4096, 64 * fan_in)`` drawn rows of each input over the epoch's validation
+            batches) or an int (at most that many a batch).
         dtype: accumulation dtype of the statistics.
         dataloader_idx: the validation dataloader whose batches are counted (None: all of them).
         dense_checkpoints: write checkpoints after the swap with dense layers (the original structure, loadable

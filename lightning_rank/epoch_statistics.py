@@ -75,7 +75,7 @@ def check_selection(pl_module: LightningModule, arguments: StatisticsArguments, 
 
 def epoch_batches(trainer: Trainer, dataloader_idx: int | None) -> int | None:
     """How many validation batches this epoch counts over all processes (``None`` when a dataloader has no
-    length): the row policy "auto" spreads each layer's budget over them, so the sum over processes holds it."""
+    length): the row policy "auto" shares each layer's budget among them, so the sum over processes holds it."""
     counts = list(trainer.num_val_batches)
     if dataloader_idx is not None:
         counts = counts[dataloader_idx : dataloader_idx + 1]

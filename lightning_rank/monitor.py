@@ -80,10 +80,11 @@ class RankMonitor(ValidationStatisticsCallback):
         mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (e.g. ``(B, T)``),
             so padding rows are not counted.
         max_rows_per_batch: the row policy. ``"auto"`` (default): count about ``max(4096, 64 * fan_in)``
-            uniformly drawn rows of each layer input per analyzed epoch, spread evenly over the epoch's
-            validation batches (one draw per batch shared by the layers), which keeps ranks within +-1 of
-            exact statistics at a fraction of the cost; an int: at most that many rows a batch; ``None``:
-            every row (exact statistics). Each layer's ``rows`` in the report says how many rows were counted.
+            uniformly drawn rows of each layer input per analyzed epoch, the same fraction of each of the
+            epoch's validation batches (one draw per batch shared by the layers), which keeps ranks within
+            +-1 of exact statistics at a fraction of the cost; an int: at most that many rows a batch;
+            ``None``: every row (exact statistics). Each layer's ``rows`` in the report says how many rows
+            were counted.
         dtype: accumulation dtype, ``torch.float32`` or ``torch.float64``.
         centered: use covariances instead of uncentered second moments.
         tensorboard: write the layout and the ``views`` to each ``TensorBoardLogger``.

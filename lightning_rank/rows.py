@@ -3,11 +3,11 @@
 A d-dimensional second moment stops changing, for energy ranks, once a few dozen multiples of d rows
 have been seen; counting every row of every batch is wasted work. The default policy ``"auto"`` gives
 each layer a budget of ``max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in)`` rows over the whole
-collection, spread evenly over its batches when their number is known (a sized iterable in ``collect``,
-the validation epoch in the callbacks); otherwise it keeps at most ``max(AUTO_BATCH_MIN_ROWS,
-AUTO_BATCH_ROWS_PER_FEATURE * fan_in)`` rows of each batch. Rows are drawn uniformly without
-replacement. An int caps every layer at that many rows a batch; ``None`` counts every row (exact
-statistics).
+collection when the number of batches is known (a sized iterable in ``collect``, the validation epoch in
+the callbacks): every batch keeps the same fraction of its rows, sized on the first batch, so that each
+row of the data is equally likely to be counted; otherwise it keeps at most ``max(AUTO_BATCH_MIN_ROWS,
+AUTO_BATCH_ROWS_PER_FEATURE * fan_in)`` rows of each batch. Rows are drawn uniformly without replacement.
+An int caps every layer at that many rows a batch; ``None`` counts every row (exact statistics).
 
 The draw is made once per batch and row count and shared by every layer with that many rows (a layer
 keeping ``k`` rows takes the first ``k`` of the shared permutation), and a convolution's patches are
@@ -34,16 +34,21 @@ AUTO_BATCH_ROWS_PER_FEATURE = 8  # per batch, when the number of batches is unkn
 AUTO_BATCH_MIN_ROWS = 512
 
 
-def row_limit(policy: RowPolicy, fan_in: int, batches: int | None = None) -> int | None:
-    """The most rows of one input counted per batch under ``policy`` (None: all of them), for a collection
-    of ``batches`` batches (None: unknown)."""
+def row_limit(policy: RowPolicy, fan_in: int) -> int | None:
+    """The most rows of one input counted per batch under ``policy`` (None: all of them), when the number of
+    batches is not known."""
     if policy is None:
         return None
     if policy == "auto":
-        if batches:
-            return math.ceil(max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in) / batches)
         return max(AUTO_BATCH_MIN_ROWS, AUTO_BATCH_ROWS_PER_FEATURE * fan_in)
     return policy
+
+
+def auto_rate(fan_in: int, rows: int, batches: int) -> float:
+    """The fraction of its rows each batch keeps under "auto" when ``batches`` batches of about ``rows`` rows
+    (the first batch's) are to be observed: the budget ``max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in)``
+    over all of them, at most 1."""
+    return min(1.0, max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in) / (rows * batches))
 
 
 class SharedDraws:

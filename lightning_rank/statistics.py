@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_rank.checks import check_mask_fn, check_row_policy
 from lightning_rank.precision import full_precision_matmul
-from lightning_rank.rows import ConvGeometry, RowPolicy, SharedDraws, conv_input, row_limit
+from lightning_rank.rows import ConvGeometry, RowPolicy, SharedDraws, auto_rate, conv_input, row_limit
 from lightning_rank.spectrum import sum_roundoff
 from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
 
@@ -78,7 +78,8 @@ class InputStatistics:
 
     def _mirror(self) -> None:
         if not self._mirrored:
-            self._gram = torch.triu(self._gram) + torch.triu(self._gram, diagonal=1).t()
+            with torch.inference_mode(False):  # read during validation, updated again after it
+                self._gram = torch.triu(self._gram) + torch.triu(self._gram, diagonal=1).t()
             self._mirrored = True
 
     def _store_in(self, order: Tensor | None) -> None:
@@ -88,8 +89,8 @@ class InputStatistics:
         put back in the weight's order when read, one permutation instead of one per batch."""
         if order is self._order:
             return
+        self._mirror()
         with torch.inference_mode(False):  # new state tensors must stay updatable outside inference mode
-            self._mirror()
             if self._order is not None:  # back to the weight's order
                 self._gram, self._total = self._gram[self._order][:, self._order], self._total[self._order]
             if order is not None:
@@ -241,6 +242,17 @@ def nested_rows(x: Tensor) -> Tensor:
     return torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
 
 
+def _row_kind(target: Target) -> tuple:
+    """How a layer turns its input into rows: layers fed the very same tensor share an accumulator only when
+    this is equal (q, k and v do; a 3x3 conv and a 1x1 shortcut reading one feature map do not)."""
+    if target.kind in ("conv1d", "conv2d"):
+        conv = _conv_module(target)
+        return (target.kind, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+    if target.kind == "mha_in_proj" and not target.module.batch_first:
+        return ("token_major",)
+    return ("rows",)
+
+
 def _conv_module(target: Target) -> nn.Conv1d | nn.Conv2d:
     return target.module.first if target.factorized else target.module
 
@@ -282,7 +294,7 @@ class StatisticsCollector:
     Use :meth:`attach`/:meth:`detach` (or ``with collector.attached():``) around the forwards, and
     wrap each forward pass in ``with collector.observe(batch):``. Forwards outside ``observe`` are
     ignored, so the hooks can stay on during training steps at no cost. ``batches``, when known, is how
-    many forward passes will be observed: the row policy ``"auto"`` spreads each layer's budget over them.
+    many forward passes will be observed: the row policy ``"auto"`` shares each layer's budget among them.
     """
 
     def __init__(
@@ -312,6 +324,8 @@ class StatisticsCollector:
         """Forget every statistic collected so far (the hooks stay as they are)."""
         self._inputs: dict[str, InputStatistics] = {}
         self._sources: dict[str, str] = {}
+        self._row_kinds: dict[str, tuple] = {}  # per accumulator: how its layers turn their input into rows
+        self._rates: dict[str, float] = {}  # per layer under "auto" with a known number of batches
         self._diverged: dict[str, str] = {}
         self._unmasked: set[str] = set()
         self._draws = SharedDraws(self.seed)
@@ -402,9 +416,11 @@ class StatisticsCollector:
             seen = _SeenTensor(weakref.ref(x), len(self._seen), [])
             self._seen[id(x)] = seen
         key = self._sources.get(name)
-        if key is None:
-            key = seen.keys[0] if seen.keys else name
+        if key is None:  # share the accumulator of a layer that made the same rows of this tensor, if any
+            kind = _row_kind(target)
+            key = next((k for k in seen.keys if self._row_kinds[k] == kind), name)
             self._sources[name] = key
+            self._row_kinds.setdefault(key, kind)
         self._layer_tokens.setdefault(name, set()).add(seen.token)
         if key in seen.keys:
             return
@@ -466,11 +482,24 @@ class StatisticsCollector:
             elif not bool(expanded.all()):
                 valid = expanded.nonzero().squeeze(1)
         count = n if valid is None else valid.numel()
-        limit = row_limit(self.max_rows_per_batch, fan_in, self.expected_batches)
+        limit = self._row_limit(name, fan_in, count)
         if limit is None or count <= limit:
             return valid
         keep = self._draws.positions(count, limit, device)
         return keep if valid is None else valid[keep]
+
+    def _row_limit(self, name: str, fan_in: int, count: int) -> int | None:
+        """How many of a batch's ``count`` rows layer ``name`` keeps (None: all). Under "auto" with a known number
+        of batches, every batch keeps the same fraction of its rows, sized on the layer's first batch, so rows
+        of short or mostly masked batches weigh what they weigh in the data."""
+        if self.max_rows_per_batch != "auto" or not self.expected_batches:
+            return row_limit(self.max_rows_per_batch, fan_in)
+        rate = self._rates.get(name)
+        if rate is None:
+            if count == 0:
+                return None
+            rate = self._rates[name] = auto_rate(fan_in, count, self.expected_batches)
+        return math.ceil(rate * count)
 
     def _check_sharing(self) -> None:
         """A layer that shares an accumulator must have seen exactly the inputs added to it."""
@@ -482,7 +511,7 @@ class StatisticsCollector:
 
     # -- result ------------------------------------------------------------------------------
     def compute(self) -> ActivationStatistics:
-        """The statistics so far (the live tensors, not copies), with skipped layers and reasons."""
+        """The statistics so far (the live accumulators, not copies), with skipped layers and reasons."""
         skipped = dict(self._unobservable)
         skipped.update(self._diverged)
         sources = {}
@@ -532,11 +561,11 @@ def collect(
     Hooks are removed and every module's training flag is restored, even when the forward raises.
 
     ``max_rows_per_batch`` is the row policy: ``"auto"`` (default) counts about ``max(4096, 64 * fan_in)``
-    uniformly drawn rows of each input in all, spread over the batches when ``batches`` has a length
-    (at most ``max(512, 8 * fan_in)`` a batch when it has none), enough for ranks within +-1 of exact
-    statistics at a fraction of the cost; an int counts at most that many a batch; ``None`` counts
-    every row (exact statistics). ``seed`` seeds the draws. Each layer's rows counted are in its
-    report's ``rows``.
+    uniformly drawn rows of each input in all when ``batches`` has a length (the same fraction of every
+    batch, sized on the first; at most ``max(512, 8 * fan_in)`` a batch when it has none), enough for
+    ranks within +-1 of exact statistics at a fraction of the cost; an int counts at most that many a
+    batch; ``None`` counts every row (exact statistics). ``seed`` seeds the draws. Each layer's rows
+    counted are in its report's ``rows``.
     """
     try:
         count = len(batches)  # type: ignore[arg-type]

@@ -67,10 +67,10 @@ def test_monitor_only(example, tmp_path) -> None:
     # q, k and v read the same normalized tokens: one input subspace for the three
     layers = monitor.report.layers
     assert layers["blocks.0.q"].in_rank == layers["blocks.0.k"].in_rank == layers["blocks.0.v"].in_rank
-    # "auto" rows: the 4096-row floor of these 64-wide layers spread over 15 batches of 32 images x 16 tokens
-    # (the last holds 2 images)
-    per_batch = math.ceil(AUTO_MIN_ROWS / 15)
-    rows = sum(min(images * 16, per_batch) for images in [32] * 14 + [2])
+    # "auto" rows: the 4096-row floor of these 64-wide layers over 15 batches of 32 images x 16 tokens, the same
+    # fraction of each batch (the last holds 2 images)
+    rate = AUTO_MIN_ROWS / (15 * 32 * 16)
+    rows = sum(math.ceil(rate * images * 16) for images in [32] * 14 + [2])
     assert layers["blocks.0.q"].rows == layers["embed"].rows == rows < 450 * 16
     assert layers["embed"].in_features == 4  # one 2x2 patch per token
 

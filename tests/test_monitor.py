@@ -219,7 +219,7 @@ def test_validate_without_logger_with_mask(tmp_path):
 @pytest.mark.parametrize("limit", [None, 3])
 def test_default_rows_spread_each_layers_budget_over_the_epochs_batches(tmp_path, limit):
     """"auto" counts about max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in) rows of each layer per analyzed
-    epoch, spread over the batches the epoch validates (``limit_val_batches`` included)."""
+    epoch, the same fraction of each batch the epoch validates (``limit_val_batches`` included)."""
     from lightning_rank.rows import AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE
 
     torch.manual_seed(0)

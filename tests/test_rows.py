@@ -113,6 +113,8 @@ def test_a_layer_keeping_more_rows_keeps_a_superset_of_the_shared_draw(monkeypat
 
 
 def test_auto_policy_spreads_a_budget_by_fan_in_over_the_batches_and_none_counts_every_row() -> None:
+    """With a known number of batches each keeps the same fraction of its rows, so that every row is equally likely
+    to count (a short or mostly masked batch is not over-weighted); without one, a cap per batch."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 100), nn.ReLU(), nn.Linear(100, 300), nn.ReLU(), nn.Linear(300, 3))
     batches = [torch.randn(8000, 8) for _ in range(3)]
@@ -125,6 +127,10 @@ def test_auto_policy_spreads_a_budget_by_fan_in_over_the_batches_and_none_counts
     report = lr.analyze(model, auto)
     assert report.layers["0"].rows == 3 * math.ceil(AUTO_MIN_ROWS / 3)  # the report says how many rows were used
     assert report.to_dict()["layers"]["4"]["rows"] == 3 * 6400
+
+    uneven = lr.collect(model, [batches[0], batches[1][:2000]])  # the same fraction of every batch, set on the first
+    rate = AUTO_ROWS_PER_FEATURE * 100 / (2 * 8000)
+    assert int(uneven["2"].count) == math.ceil(rate * 8000) + math.ceil(rate * 2000)  # not 2 x 3200
 
     unsized = lr.collect(model, (x for x in batches))  # a generator has no length: the per-batch rule
     assert int(unsized["0"].count) == 3 * AUTO_BATCH_MIN_ROWS

@@ -210,6 +210,47 @@ def test_shared_inputs_share_one_accumulator_and_reused_ids_do_not_fool_it() -> 
     assert any(a == b for a, b in model.ids), "the test needs Python to reuse the freed tensor's id"
 
 
+@pytest.mark.parametrize("shortcut", [dict(kernel_size=1), dict(kernel_size=3, padding=2, dilation=2)],
+                         ids=["1x1", "dilated"])
+def test_convs_reading_one_tensor_share_only_when_their_patches_are_the_same(shortcut: dict) -> None:
+    """A ResNet block's 3x3 conv and its shortcut read the same feature map but make different rows: each
+    keeps its own statistics; two identical convs on it (like q, k, v) share one accumulator."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.twin = nn.Conv2d(3, 5, 3, padding=1)
+            self.shortcut = nn.Conv2d(3, 4, **shortcut)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + self.shortcut(x) + self.twin(x)[:, :4]
+
+    torch.manual_seed(0)
+    block = Block()
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(2)]
+    stats = lr.collect(block, batches, max_rows_per_batch=None)
+    assert stats.sources == {"conv": "conv", "twin": "conv", "shortcut": "shortcut"}
+    for name in ("conv", "shortcut"):
+        assert_stats(stats[name], torch.cat([patches_reference(x, getattr(block, name)) for x in batches]))
+    report = lr.analyze(block, stats)
+    assert not report.skipped and report.layers["shortcut"].in_features == block.shortcut.weight[0].numel()
+
+
+def test_statistics_read_under_inference_mode_stay_updatable_outside_it() -> None:
+    layer = nn.Linear(4, 3)
+    collector = StatisticsCollector(layer, max_rows_per_batch=None)
+    a, b = torch.randn(5, 4), torch.randn(6, 4)
+    with collector.attached():
+        with torch.inference_mode():
+            with collector.observe(a):
+                layer(a)
+            collector.compute()[""].gram  # a mid-collection read, as a report during validation would make
+        with collector.observe(b):
+            layer(b)
+    assert_stats(collector.compute()[""], torch.cat([a, b]))
+
+
 def test_layer_whose_sharing_changes_between_batches_is_skipped() -> None:
     class Flaky(nn.Module):
         def __init__(self) -> None:

@@ -204,12 +204,17 @@ def mixed_data(seed: int = 0, n: int = 4) -> list[torch.Tensor]:
     return [torch.randn(16, 2, 4, 4, generator=g) for _ in range(n)]
 
 
-def test_candidates_leave_out_what_cannot_be_factorized_and_hold_the_whitened_curve() -> None:
+def mixed_candidates(dtype: torch.dtype = torch.float32) -> tuple[Mixed, list[torch.Tensor], dict, dict]:
+    """A seeded ``Mixed`` in eval mode, its data, and its layer candidates and the layers left out."""
     torch.manual_seed(0)
     model = Mixed().eval()
     batches = mixed_data()
-    stats = lr.collect(model, batches, dtype=torch.float64)
-    candidates, left_out = layer_candidates(model, stats)
+    candidates, left_out = layer_candidates(model, lr.collect(model, batches, dtype=dtype))
+    return model, batches, candidates, left_out
+
+
+def test_candidates_leave_out_what_cannot_be_factorized_and_hold_the_whitened_curve() -> None:
+    model, batches, candidates, left_out = mixed_candidates(torch.float64)
     assert set(candidates) == {"conv", "fc", "hf"}
     assert {"attn.in_proj", "attn.out_proj", "tied_a", "tied_b"} <= set(left_out)
     assert "tied" in left_out["tied_a"] and "MultiheadAttention" in left_out["attn.in_proj"]
@@ -234,11 +239,7 @@ def test_candidates_leave_out_what_cannot_be_factorized_and_hold_the_whitened_cu
 
 
 def test_probe_restores_every_weight_bit_exactly_even_when_the_forward_raises() -> None:
-    torch.manual_seed(0)
-    model = Mixed().eval()
-    batches = mixed_data()
-    stats = lr.collect(model, batches)
-    candidates, _ = layer_candidates(model, stats)
+    model, batches, candidates, _ = mixed_candidates()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     allocation = allocate(candidates, param_budget=0.5, probe=Probe(model, batches))
     assert allocation.probe_passes > 0
@@ -336,11 +337,7 @@ def test_probe_gives_the_sensitive_layer_more_rank_and_the_model_less_error() ->
 
 
 def test_the_result_is_never_worse_than_uniform_tolerance_on_the_calibration_batches() -> None:
-    torch.manual_seed(0)
-    model = Mixed().eval()
-    batches = mixed_data()
-    stats = lr.collect(model, batches)
-    candidates, _ = layer_candidates(model, stats)
+    model, batches, candidates, _ = mixed_candidates()
     for budget in (0.3, 0.6):
         allocation = allocate(candidates, param_budget=budget, probe=Probe(model, batches))
         errors = allocation.calibration_error

@@ -1,12 +1,20 @@
-"""Small models and data shared by the tests and by the DDP script they launch (tests/ddp_scripts/run_ddp.py)."""
+"""Small models, data and a callback shared by the tests and by the DDP script they launch
+(tests/ddp_scripts/run_ddp.py)."""
 
 from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
 
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import TensorDataset
+
+import lightning_rank as lr
 
 DIM, HIDDEN, CLASSES, SUBSPACE = 32, 64, 4, 3
 
@@ -82,3 +90,28 @@ class Branchy(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class ParameterCheck(Callback):
+    """On every process at the end of training, written to ``<out>/params_rank{R}.json``: whether all ranks hold the
+    same parameters, the layer types of ``pl_module.net``, the compression's ranks and metrics, and how many DDP
+    wrappers are still alive."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        (compression,) = [c for c in trainer.callbacks if isinstance(c, lr.RankCompression)]
+        result = {
+            "equal": bool((gathered == gathered[0]).all()),
+            "numel": flat.numel(),
+            "epoch": trainer.current_epoch,
+            "types": {name: type(module).__name__ for name, module in pl_module.net.named_children()},
+            "ranks": compression.result.layers,
+            "metrics": compression.metrics,
+            # collectable ones too: a wrapper left for exit is still an object
+            "ddp_wrappers": sum(type(o).__name__ == "DistributedDataParallel" for o in gc.get_objects()),
+        }
+        (self.out / f"params_rank{trainer.global_rank}.json").write_text(json.dumps(result))

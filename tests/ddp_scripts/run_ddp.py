@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 import lightning_rank as lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
-from tests.tiny_models import Branchy, Classifier, low_rank_dataset, split_subspaces  # noqa: E402
+from tests.tiny_models import Branchy, Classifier, ParameterCheck, low_rank_dataset, split_subspaces  # noqa: E402
 
 # -- RankMonitor: each rank sees its own subspace ----------------------------------------------
 MONITOR_SAMPLES = 32
@@ -53,28 +53,6 @@ class DumpReport(Callback):
 def compression() -> lr.RankCompression:
     """The one place these DDP runs build RankCompression: one dense epoch, the swap, one fine-tuning epoch."""
     return lr.RankCompression(compress_at_epoch=1, monitor="val_acc")
-
-
-
-class ParameterCheck(Callback):
-    """On every process at the end of training: whether all ranks hold the same parameters, and the structure."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
-        gathered = trainer.strategy.all_gather(flat)
-        (callback,) = [c for c in trainer.callbacks if isinstance(c, lr.RankCompression)]
-        result = {
-            "equal": bool((gathered == gathered[0]).all()),
-            "numel": flat.numel(),
-            "epoch": trainer.current_epoch,
-            "types": {name: type(module).__name__ for name, module in pl_module.net.named_children()},
-            "ranks": callback.result.layers,
-            "metrics": callback.metrics,
-        }
-        (self.out / f"params_rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
 # -- every process -----------------------------------------------------------------------------

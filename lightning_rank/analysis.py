@@ -30,13 +30,14 @@ from lightning_rank.report import LayerRank, RankReport
 from lightning_rank.certify import Float64Matrices, Spectrum, input_scales, input_trace, output_errors, settle
 from lightning_rank.spectrum import (
     check_threshold,
+    cholesky_output_factor,
     effective_rank,
     energy_rank,
     largest_eigenvalue,
     output_factor,
     output_moment,
+    rounding_error,
     solver_bound,
-    stand_in_error,
     utilization,
 )
 from lightning_rank.statistics import ActivationStatistics
@@ -143,13 +144,12 @@ def _decompose(
     errors = {key: 0.0 for key in keys}  # how far each float32 moment stands from the float64 one
     raw_in = {}
     for key in [key for key in keys if moments[key].dtype != torch.float64]:
-        reference = stats.inputs[key].second_moment(centered, dtype=torch.float64)
-        errors[key] = stand_in_error(moments[key], lambda x, m=reference: m @ x, len(reference), reference.device)
-        float32_error = solver_bound(float(largest_eigenvalue(reference)), len(reference), torch.float32)
+        errors[key] = rounding_error(moments[key])
+        float32_error = solver_bound(float(largest_eigenvalue(moments[key])), len(moments[key]), torch.float32)
         if float32_error > 2 * stats.inputs[key].roundoff() * float(scales[key].square().max()):
             # float32 errs well beyond the round-off bounds, so it could not tell round-off from signal: solving in
             # float32 first would most likely be wasted (a speed choice only: every rank is certified either way)
-            raw_in[key] = (torch.linalg.eigh if key in with_vectors else _values_only)(reference)
+            raw_in[key] = (torch.linalg.eigh if key in with_vectors else _values_only)(exact.moment(key))
             errors[key] = 0.0
             bar.update(1)
     unsolved = {key: m for key, m in moments.items() if key not in raw_in}
@@ -181,14 +181,14 @@ def _decompose(
                 factors[name] = output_factor(weight, bias, spectrum.values.to(weight), spectrum.vectors.to(weight),
                                               mean, centered)
             else:
-                factors[name] = _cholesky_factor(weight, bias, moments[key], mean, centered)
+                factors[name] = cholesky_output_factor(weight, bias, moments[key], mean, centered)
             if factors[name] is None:  # a singular moment has no Cholesky factor: the eigen one, in float64
                 factors[name] = exact.factor(name, weight, bias, key)
             output_matrices[name] = factors[name].t() @ factors[name]
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
     extras = output_errors(stats, {name: (layer.weight, layer.bias) for name, layer in spectra.items()},
-                           output_matrices, factors, centered)
+                           output_matrices, factors, exact)
     raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only, bar.update)
     for name, layer in spectra.items():
         key = stats.sources[name]
@@ -207,21 +207,6 @@ def _decompose(
 
     report = _report(model, stats, spectra, empty, threshold, centered)
     return Analysis(report, spectra, refined)
-
-
-def _cholesky_factor(weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Tensor, centered: bool) -> Tensor | None:
-    """``A = [W, b] L`` with ``L L^T = [[C, mu], [mu^T, 1]]`` (Cholesky), so ``A A^T`` is the output moment; None
-    when the moment is singular. Unlike an eigendecomposition it errs entrywise by ``~ sqrt(n) eps s_i s_j``."""
-    if bias is None or centered:
-        matrix, mapping = moment, weight
-    else:
-        one = torch.ones(1, 1, dtype=moment.dtype, device=moment.device)
-        matrix = torch.cat([torch.cat([moment, mean[:, None]], dim=1), torch.cat([mean[None, :], one], dim=1)])
-        mapping = torch.cat([weight, bias[:, None]], dim=1)
-    lower, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        return None
-    return mapping @ lower
 
 
 def _report(

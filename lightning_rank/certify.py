@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_rank.spectrum import (
+    cholesky_output_factor,
     clean_spectrum,
     energy_rank,
     energy_rank_interval,
@@ -60,14 +61,18 @@ class Float64Matrices:
                              self.centered)
 
     def factor(self, name: str, weight: Tensor, bias: Tensor | None, key: str) -> Tensor:
-        """The output factor of a widening layer from the float64 eigendecomposition of its input moment."""
+        """The output factor of a widening layer in float64: from the Cholesky factor of its input moment, or from
+        its eigendecomposition when the moment is singular."""
         if name not in self._factors:
-            if key not in self._eigen:
-                self._eigen[key] = torch.linalg.eigh(self.moment(key))
-            values, vectors = self._eigen[key]
+            weight, bias = weight.double(), None if bias is None else bias.double()
             mean = self.stats.inputs[key].mean().to(weight.device)
-            self._factors[name] = output_factor(weight.double(), None if bias is None else bias.double(), values,
-                                                vectors, mean, self.centered)
+            factor = cholesky_output_factor(weight, bias, self.moment(key), mean, self.centered)
+            if factor is None:
+                if key not in self._eigen:
+                    self._eigen[key] = torch.linalg.eigh(self.moment(key))
+                values, vectors = self._eigen[key]
+                factor = output_factor(weight, bias, values, vectors, mean, self.centered)
+            self._factors[name] = factor
         return self._factors[name]
 
 
@@ -76,7 +81,7 @@ def output_errors(
     layers: dict[str, tuple[Tensor, Tensor | None]],
     matrices: dict[str, Tensor],
     factors: dict[str, Tensor],
-    centered: bool,
+    exact: Float64Matrices,
 ) -> dict[str, float]:
     """How far each float32 output matrix stands from its float64 reference (0 for float64 ones), by probes;
     ``layers`` maps each layer to its weight and bias.
@@ -88,8 +93,9 @@ def output_errors(
     for name in layers:
         if matrices[name].dtype != torch.float64:
             by_input[stats.sources[name]].append(name)
+    centered = exact.centered
     for key, names in by_input.items():
-        moment = stats.inputs[key].second_moment(centered, dtype=torch.float64)
+        moment = exact.moment(key)
         mean = stats.inputs[key].mean().to(moment.device)
         for name in names:
             weight, bias = layers[name]

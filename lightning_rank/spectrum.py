@@ -231,6 +231,38 @@ def output_factor(
     return torch.cat([factor + torch.outer(bias, p), (s * bias).unsqueeze(1)], dim=1)
 
 
+def cholesky_output_factor(
+    weight: Tensor, bias: Tensor | None, moment: Tensor, mean: Tensor, centered: bool = False
+) -> Tensor | None:
+    """A matrix ``A = [W, b] L`` with ``L L^T = [[C, mu], [mu^T, 1]]`` (Cholesky), so ``A A^T`` is the
+    :func:`output_moment`, like :func:`output_factor` but without an eigendecomposition; None when the moment is
+    singular. Its entries err by about ``sqrt(n) u s_i s_j`` (``s = sqrt(diag C)``), the scale of the sums' own
+    round-off."""
+    if bias is None or centered:
+        matrix, mapping = moment, weight
+    else:
+        one = torch.ones(1, 1, dtype=moment.dtype, device=moment.device)
+        matrix = torch.cat([torch.cat([moment, mean[:, None]], dim=1), torch.cat([mean[None, :], one], dim=1)])
+        mapping = torch.cat([weight, bias[:, None]], dim=1)
+    lower, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        return None
+    return mapping @ lower
+
+
+def rounding_error(matrix: Tensor) -> float:
+    """A bound on ``||M - C||_F`` for ``M``, a float32 (or float64) second moment made from the sums by one
+    conversion and one division (each rounding an entry by at most ``u`` of it, or by half the subnormal spacing),
+    and ``C`` the exact one: ``2 u ||M||_F`` with room for the norm's own round-off, plus the subnormal term."""
+    info = torch.finfo(matrix.dtype)
+    largest = float(torch.linalg.vector_norm(matrix, ord=math.inf)) if matrix.numel() else 0.0
+    if not math.isfinite(largest):
+        return math.inf
+    # scaled by the largest entry, the squares can neither overflow nor lose what matters to underflow
+    norm = largest * float(torch.linalg.vector_norm(matrix / largest)) if largest > 0 else 0.0
+    return 3 * (info.eps / 2) * norm + matrix.numel() ** 0.5 * info.tiny * info.eps
+
+
 def utilization(rank: int, out_features: int, in_features: int) -> float:
     """``rank / min(out, fan_in)``."""
     return rank / min(out_features, in_features)

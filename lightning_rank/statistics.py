@@ -168,10 +168,13 @@ class InputStatistics:
     def second_moment(self, centered: bool = False, dtype: torch.dtype = torch.float64) -> Tensor:
         """``C = sum x x^T / n`` in ``dtype`` (float64 by default), or the covariance ``C - mu mu^T`` when ``centered``."""
         compute = torch.float64 if centered else dtype  # the subtraction cancels: do it in float64
-        moment = self.gram.to(compute) / self.count.clamp(min=1).to(compute)
+        gram = self.gram
+        moment = gram.to(compute)
+        count = self.count.clamp(min=1).to(compute)
+        moment = moment.div_(count) if moment is not gram else moment / count  # one pass over d x d, not two
         if centered:
             mu = self.mean()
-            moment = moment - torch.outer(mu, mu)
+            moment = moment.sub_(torch.outer(mu, mu))
         return moment.to(dtype)
 
 

@@ -16,6 +16,8 @@ from lightning_rank.spectrum import (
     effective_rank,
     energy_rank,
     output_factor,
+    cholesky_output_factor,
+    rounding_error,
     output_moment,
 )
 
@@ -129,3 +131,47 @@ def test_output_factor_reproduces_the_output_moment(
     want = output_moment(weight, b, moment, mu, centered)
     scale = want.abs().max().item() + 1e-12
     torch.testing.assert_close(factor @ factor.t(), want, rtol=1e-7, atol=1e-7 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(0, 7), st.booleans(), st.booleans(), st.integers(0, 10**6))
+def test_cholesky_output_factor_reproduces_the_output_moment_or_declines(
+    d: int, extra_out: int, k: int, centered: bool, bias: bool, seed: int
+) -> None:
+    """A A^T equals the direct formula when the moment is positive definite; None (never a wrong factor) when not."""
+    out = d + extra_out
+    x = low_rank_data(50, d, min(k, d), seed, offset=0.3) if k else torch.zeros(50, d, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(out, d, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64) if bias else None
+    mu = x.mean(0)
+    moment = x.t() @ x / len(x)
+    if centered:
+        moment = moment - torch.outer(mu, mu)
+    factor = cholesky_output_factor(weight, b, moment, mu, centered)
+    full_rank = bool(torch.linalg.eigvalsh(moment).min() > 1e-8 * max(float(moment.abs().max()), 1e-300))
+    if factor is None:
+        assert not full_rank
+        return
+    want = output_moment(weight, b, moment, mu, centered)
+    scale = want.abs().max().item() + 1e-12
+    torch.testing.assert_close(factor @ factor.t(), want, rtol=1e-7, atol=1e-7 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(0, 10**6), st.floats(1e-30, 1e30))
+def test_rounding_error_bounds_a_float32_moment_and_is_tight(n: int, seed: int, scale: float) -> None:
+    """``||M32 - C||_F <= rounding_error(M32)`` for a float32 moment made as the statistics make it (float32 sums
+    divided by the count), and the bound is within a small factor of the truth when entries do round."""
+    from lightning_rank.statistics import InputStatistics
+
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(3 * n, n, generator=g, dtype=torch.float64) * scale**0.5
+    gram32 = (rows.t() @ rows).float()
+    stats = InputStatistics(gram32, rows.sum(0).float(), torch.tensor(3 * n), torch.tensor(0), torch.tensor(1))
+    exact = gram32.double() / (3 * n)  # the moment of the sums as stored, in float64
+    moment = stats.second_moment(dtype=torch.float32)
+    truth = float((moment.double() - exact).norm())
+    bound = rounding_error(moment)
+    assert truth <= bound
+    assert bound <= 3 * (torch.finfo(torch.float32).eps / 2) * float(exact.norm()) * 1.001

@@ -32,7 +32,6 @@ from lightning_rank.spectrum import (
     check_threshold,
     cholesky_output_factor,
     effective_rank,
-    energy_rank,
     largest_eigenvalue,
     output_factor,
     output_moment,
@@ -223,7 +222,7 @@ def _report(
         inputs = stats.inputs[stats.sources[name]]
         spectrum_in, spectrum_out = layer.inputs.values.double(), layer.outputs.values.double()
         spectra[name] = (spectrum_in, spectrum_out)
-        in_rank, out_rank = int(energy_rank(spectrum_in, threshold)), int(energy_rank(spectrum_out, threshold))
+        in_rank, out_rank = layer.inputs.rank, layer.outputs.rank
         out_features, in_features = layer.weight.shape
         rank = min(in_rank, out_rank)
         entries[name] = LayerRank(

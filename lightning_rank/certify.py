@@ -39,6 +39,7 @@ class Spectrum:
     values: Tensor
     vectors: Tensor | None = None
     refined: bool = False  # solved again in float64 because the first solve's bounds left its rank open
+    rank: int = 0  # the energy rank of ``values`` at the threshold it was settled at
 
 
 class Float64Matrices:
@@ -148,30 +149,36 @@ def settle(
     """
     values, vectors = solved if isinstance(solved, tuple) else (solved, None)
     roundoff = inputs.roundoff()
-    squares = scales.square()
-    least = roundoff * float(squares[squares > 0].min()) if bool((squares > 0).any()) else 0.0
+    # A handful of scalars of n numbers: on the host in numpy, several times quicker than torch at this size.
+    squares = scales.square().cpu().numpy()
+    positive = squares[squares > 0]
+    least = roundoff * float(positive.min()) if positive.size else 0.0
     # Whatever the eigenvectors, removal takes every eigenvalue below the least bound and none above the largest.
-    zero_below = roundoff * float(squares.min()) if squares.numel() else 0.0
-    keep_above = roundoff * float(squares.max()) if squares.numel() else 0.0
+    zero_below = roundoff * float(squares.min()) if squares.size else 0.0
+    keep_above = roundoff * float(squares.max()) if squares.size else 0.0
+    bounds_sum = roundoff * float(squares.sum())
 
-    def certified(values: Tensor, extra: float) -> Tensor | None:
-        """The spectrum cleaned at the smallest possible bounds, if these bounds make its rank certain."""
+    def certified(values: Tensor, extra: float) -> tuple[Tensor, int] | None:
+        """The spectrum cleaned at the smallest possible bounds and its rank, if these bounds make the rank certain."""
         largest, n = float(values.abs().max()) if values.numel() else 0.0, values.numel()
         reference_solver = solver_bound(largest, n, torch.float64)  # the float64 solve's share of each bound
         low, high = energy_rank_interval(
             values, threshold, error=solver_bound(largest, n, values.dtype) + extra, trace=trace,
             zero_below=zero_below + reference_solver, keep_above=keep_above + reference_solver,
-            zeroed_at_most=roundoff * float(squares.sum()) + n * reference_solver)
+            zeroed_at_most=bounds_sum + n * reference_solver)
+        if low != high:
+            return None
         cleaned = clean_spectrum(values.double(), least + reference_solver)
-        return cleaned if low == high == int(energy_rank(cleaned, threshold)) else None
+        rank = int(energy_rank(cleaned, threshold))
+        return (cleaned, rank) if rank == low else None
 
     exact, refined = solved_factor, False
-    cleaned = certified(values, extra)
-    if cleaned is None and values.dtype != torch.float64 and not keep_vectors:  # float64 eigenvalues may settle it
+    settled = certified(values, extra)
+    if settled is None and values.dtype != torch.float64 and not keep_vectors:  # float64 eigenvalues may settle it
         exact, refined = matrix(), True
         values, vectors = torch.linalg.eigvalsh(gram_of(exact, factor)), None
-        cleaned = certified(values, 0.0)
-    if cleaned is None:  # each eigenvalue against its own direction's bound, from float64 eigenvectors
+        settled = certified(values, 0.0)
+    if settled is None:  # each eigenvalue against its own direction's bound, from float64 eigenvectors
         if exact is None or exact.dtype != torch.float64:
             exact = matrix()
         if vectors is None or vectors.dtype != torch.float64:
@@ -179,13 +186,14 @@ def settle(
         solver = solver_bound(float(values.abs().max()), values.numel(), torch.float64)
         directions = output_directions(exact, values, vectors) if factor else vectors
         cleaned = clean_spectrum(values, roundoff_bounds(roundoff, scales.to(values.device), directions) + solver)
-        refined = True
+        settled, refined = (cleaned, int(energy_rank(cleaned, threshold))), True
+    cleaned, rank = settled
     order = cleaned.argsort(descending=True)
     if not keep_vectors or vectors is None:
-        return Spectrum(cleaned[order], refined=refined)
+        return Spectrum(cleaned[order], refined=refined, rank=rank)
     if factor:
         vectors = output_directions(exact, values, vectors)
-    return Spectrum(cleaned[order], vectors[:, order], refined=refined)
+    return Spectrum(cleaned[order], vectors[:, order], refined=refined, rank=rank)
 
 
 def gram_of(matrix: Tensor, factor: bool) -> Tensor:

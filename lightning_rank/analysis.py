@@ -7,7 +7,8 @@ the same size are batched, on the statistics' device.
 
 Round-off is removed by bounds, never by a blanket cut (see :mod:`~lightning_rank.spectrum`). The
 bounds certify each energy rank from float32 eigenvalues without eigenvectors wherever they can
-(float32 matrices carry their error against the float64 ones, measured by Gaussian probes); a moment
+(a float32 input moment carries its rounding bound, ``2u ||M||_F``; float32 products carry their error against
+the float64 ones, measured by Gaussian probes); a moment
 they leave open is solved again in float64, for its eigenvalues and then, if still open, with
 eigenvectors, whose per-direction bounds are tight even where a few huge channels hold most of the
 energy. :func:`decompose` keeps the eigenvectors for factorization.

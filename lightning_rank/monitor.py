@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
@@ -45,6 +46,7 @@ from lightning_rank.targets import ModuleSelector
 
 _clock = time.perf_counter  # the figures' schedule reads this clock (tests replace it)
 FIGURE_SECONDS = 0.01  # about what drawing and encoding one figure takes on a CPU core, before one was timed
+COST_WARNING_SHARE = 0.25  # warn (once a fit) when the monitor took more than this share of the time it covers
 
 
 class RankMonitor(ValidationStatisticsCallback):
@@ -55,8 +57,9 @@ class RankMonitor(ValidationStatisticsCallback):
     the user's own ``validation_step`` over every validation dataloader (or the one ``dataloader_idx`` names). Afterwards, on every process:
 
     - ``monitor.report`` holds the :class:`~lightning_rank.RankReport`, ``monitor.history`` one
-      ``{"epoch", "step", "stage", "factorized", "report"}`` entry per analyzed epoch (``report`` is
-      ``to_dict()``; ``factorized``: the model held low-rank layers, e.g. after ``RankCompression``'s swap);
+      ``{"epoch", "step", "stage", "factorized", "report", "seconds"}`` entry per analyzed epoch (``report`` is
+      ``to_dict()``; ``factorized``: the model held low-rank layers, e.g. after ``RankCompression``'s swap;
+      ``seconds``: what the monitor spent on that epoch, ``{"statistics", "analysis", "views"}``);
     - ``trainer.callback_metrics["rank/mlu"]`` holds the MLU (so ``ModelCheckpoint`` and ``EarlyStopping``
       can monitor it);
 
@@ -65,6 +68,9 @@ class RankMonitor(ValidationStatisticsCallback):
     ``trainer.global_step``; ``<trainer.log_dir>/rank_reports/epoch_{E:03d}.json`` holds the report. Each
     ``TensorBoardLogger`` gets those scalars with descriptions, a custom-scalars layout (the MLU, then
     every layer's utilization by block and by role, at most five lines a chart) and the ``views``.
+
+    If during ``fit`` the monitor takes more than a quarter of the time since the previous analyzed epoch (or
+    the start), it says so once, with where the time went and what lowers it (a ``PossibleUserWarning``).
 
     Under DDP the statistics are summed over processes before any rank is computed, so the report equals
     that of one process that saw all the data. A compiled model is run eagerly during analyzed epochs
@@ -162,6 +168,8 @@ class RankMonitor(ValidationStatisticsCallback):
         self._pending_figures: tuple[dict[str, Any], int, int] | None = None  # (spectra, step, epoch) not drawn yet
         self._figure_seconds: float | None = None  # how long the last drawing of the figures took
         self._figures_drawn_at = 0.0  # when the figures were last drawn, or the fit started
+        self._cost_since = 0.0  # when the time the monitor's cost is weighed against began (perf_counter)
+        self._warned_cost = False
 
     @functools.cached_property
     @override
@@ -211,6 +219,7 @@ class RankMonitor(ValidationStatisticsCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._figures_drawn_at = _clock()
+        self._cost_since = time.perf_counter()
         if not self._skip:
             self._check_selection(pl_module)
 
@@ -238,9 +247,11 @@ class RankMonitor(ValidationStatisticsCallback):
         statistics, self._statistics = self._statistics, None
         if statistics is None:
             return
+        start = time.perf_counter()
         stats = statistics.finish(trainer)
         report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered, eig_dtype=self.eig_dtype,
                          progress=trainer.is_global_zero)
+        analyzed = time.perf_counter()
         if not report.analyzed:
             collector = statistics.collector
             rank_zero_warn(
@@ -251,6 +262,29 @@ class RankMonitor(ValidationStatisticsCallback):
         if trainer.is_global_zero:
             warn_about_rows(stats)
         self._publish(trainer, pl_module, report)
+        seconds = {"statistics": statistics.collector.seconds, "analysis": analyzed - start,
+                   "views": time.perf_counter() - analyzed}
+        self.history[-1]["seconds"] = seconds
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._weigh_cost(seconds)
+
+    def _weigh_cost(self, seconds: dict[str, float]) -> None:
+        """Warn once when ``seconds`` exceed :data:`COST_WARNING_SHARE` of the time since the last analyzed epoch."""
+        now = time.perf_counter()
+        elapsed, self._cost_since = now - self._cost_since, now
+        spent = sum(seconds.values())
+        if self._warned_cost or elapsed <= 0 or spent <= COST_WARNING_SHARE * elapsed:
+            return
+        self._warned_cost = True
+        parts = ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items())
+        rank_zero_warn(
+            f"RankMonitor took {spent:.2f} s of the last {elapsed:.2f} s of this fit ({spent / elapsed:.0%}): {parts}. "
+            "Counting rows of layer inputs costs about fan_in^2 per row (each layer's `rows` is in the report). "
+            "To lower it: `every_n_epochs=n` analyzes every n-th epoch only, `max_rows_per_batch` (an int) counts "
+            "fewer rows a batch, `target_modules`/`exclude_modules` observe fewer layers, `tensorboard=False` skips "
+            "the views. Each analyzed epoch's cost is in `monitor.history[i]['seconds']`.",
+            category=PossibleUserWarning,
+        )
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -335,6 +336,7 @@ class StatisticsCollector:
         self._geometry: dict[tuple[str, tuple[int, ...], torch.device], ConvGeometry] = {}
         self._batches = 0
         self._in_pass = False
+        self.seconds = 0.0  # spent in the hooks counting rows since the last reset
 
     @property
     def batches(self) -> int:
@@ -372,7 +374,9 @@ class StatisticsCollector:
                     target.name, "nn.MultiheadAttention used as cross-attention (query, key, value differ)"
                 )
                 return
+            start = time.perf_counter()
             self._observe_input(target, x)
+            self.seconds += time.perf_counter() - start
 
         return hook
 

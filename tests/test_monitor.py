@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import sys
+import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -477,3 +479,71 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     for report in (*reports, json.loads(saved.read_text())):
         assert_same_report(report, expected)
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
+
+
+class Funnel(L.LightningModule):
+    """One layer ``Linear(width, 1)``, and optionally a costly training step: counting a row of its input costs
+    ``width^2`` multiply-adds against ``width`` for the forward, so the monitor's share of a fit is set by design."""
+
+    def __init__(self, width: int, training_work: int = 0) -> None:
+        super().__init__()
+        self.layer = nn.Linear(width, 1)
+        self.training_work = training_work
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        for _ in range(self.training_work):  # work the monitor never sees
+            torch.randn(512, 512) @ torch.randn(512, 512)
+        return self(batch).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self(batch).square().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def cost_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "RankMonitor took" in str(w.message)]
+
+
+def test_monitor_records_its_cost_and_warns_once_when_it_dominates_a_fit(tmp_path):
+    """A layer whose rows cost width^2 to count and nothing to run: the monitor takes most of the fit, says so once
+    (with the knobs that lower it), and records each analyzed epoch's cost, which fits inside the fit's time."""
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    torch.manual_seed(0)
+    val = [torch.randn(2048, 512) for _ in range(4)]
+    monitor = lr.RankMonitor(max_rows_per_batch=None, tensorboard=False)
+    run = trainer(tmp_path, max_epochs=2, logger=False, callbacks=[monitor], num_sanity_val_steps=0)
+    start = time.perf_counter()
+    with pytest.warns(PossibleUserWarning) as record:
+        run.fit(Funnel(512), DataLoader([torch.randn(4, 512)], batch_size=None), DataLoader(val, batch_size=None))
+    fit_seconds = time.perf_counter() - start
+    messages = cost_warnings(record)
+    assert len(messages) == 1  # once a fit, not once an epoch
+    assert all(knob in messages[0] for knob in ("every_n_epochs", "max_rows_per_batch", "statistics"))
+    assert len(monitor.history) == 2
+    costs = [entry["seconds"] for entry in monitor.history]
+    assert all(set(cost) == {"statistics", "analysis", "views"} for cost in costs)
+    assert all(cost["statistics"] > 0 and cost["analysis"] > 0 and cost["views"] >= 0 for cost in costs)
+    assert sum(sum(cost.values()) for cost in costs) < fit_seconds
+
+
+def test_monitor_does_not_warn_about_its_cost_when_training_dominates(tmp_path):
+    from lightning_rank.monitor import COST_WARNING_SHARE
+
+    torch.manual_seed(0)
+    monitor = lr.RankMonitor(tensorboard=False)
+    run = trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor], num_sanity_val_steps=0)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run.fit(Funnel(4, training_work=5), DataLoader([torch.randn(4, 4)] * 4, batch_size=None),
+                DataLoader([torch.randn(16, 4)], batch_size=None))
+    fit_seconds = time.perf_counter() - start
+    cost = monitor.history[0]["seconds"]
+    assert 0 < sum(cost.values()) < COST_WARNING_SHARE * fit_seconds / 4  # the premise: far below the share
+    assert cost_warnings(record) == []

@@ -21,7 +21,12 @@ between ``on_validation_epoch_start`` and the monitor's ``on_validation_epoch_en
   V       the epoch-end work with a TensorBoardLogger (spectra, figures, heatmap, table) on top
 Goals: (T1 - T0) / Tmin <= 1.0 and (T1/8 - T0) / T0 <= 0.10.
 
-Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--epochs 3] [--threads 1] [--epoch]
+Part 3 (``--rows``): how few rows "auto" could count. The digits ViT and CNN, trained as in part 1, collected
+with the budget set to 64, 32, 16 and 8 rows a feature (``AUTO_ROWS_PER_FEATURE``, with ``AUTO_MIN_ROWS`` at 64
+times it), over ``--repeats`` draw seeds each: the worst rank difference and MLU difference against exact
+statistics, and each layer's rows.
+
+Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--epochs 3] [--threads 1] [--epoch | --rows]
 (one thread by default: on cores shared with other processes, torch's spinning threads distort everything)
 """
 
@@ -237,6 +242,31 @@ class Run:
         return self.before.end - self.before.start, self.after.end - self.before.end
 
 
+def rows_part(repeats: int, epochs: int) -> None:
+    from examples.digits import DigitsDataModule, DigitsViT
+    from lightning_rank import rows
+
+    defaults = rows.AUTO_ROWS_PER_FEATURE, rows.AUTO_MIN_ROWS
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    try:
+        for name, make in {"digits ViT": DigitsViT, "digits CNN": DigitsCNN}.items():
+            with tempfile.TemporaryDirectory() as root:
+                _, model = one_fit(make, None, epochs, root)
+            exact = exact_report(model)
+            for per_feature in (64, 32, 16, 8):
+                rows.AUTO_ROWS_PER_FEATURE, rows.AUTO_MIN_ROWS = per_feature, 64 * per_feature
+                results = [compare(lr.analyze(model, stats, progress=False), exact) for stats in (
+                    lr.collect(model, datamodule.val_dataloader(), seed=seed) for seed in range(repeats))]
+                used = lr.collect(model, datamodule.val_dataloader())
+                counts = {layer: int(used[layer].count) for layer in exact.analyzed}
+                print(f"{name}, {per_feature:2d} rows a feature: largest rank difference "
+                      f"{max(r[0] for r in results)}, largest MLU difference {max(r[1] for r in results):.4f} "
+                      f"over {repeats} seeds; rows {counts}")
+    finally:
+        rows.AUTO_ROWS_PER_FEATURE, rows.AUTO_MIN_ROWS = defaults
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -244,6 +274,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is steadier when other processes share the cores")
     parser.add_argument("--epoch", action="store_true", help="part 2: validation epochs against the bare Gram updates")
+    parser.add_argument("--rows", action="store_true", help="part 3: ranks against exact statistics for smaller budgets")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -252,6 +283,9 @@ def main() -> None:
     load = os.getloadavg()
     print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, load average "
           f"{load[0]:.2f}")
+    if args.rows:
+        rows_part(args.repeats, args.epochs)
+        return
     if not args.epoch:
         fit_part(args.repeats, args.epochs)
         print(f"load average now {os.getloadavg()[0]:.2f}")

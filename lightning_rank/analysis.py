@@ -16,6 +16,7 @@ energy. :func:`decompose` keeps the eigenvectors for factorization.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Collection
@@ -145,6 +146,9 @@ def _decompose(
     raw_in = {}
     for key in [key for key in keys if moments[key].dtype != torch.float64]:
         errors[key] = rounding_error(moments[key])
+        if not math.isfinite(errors[key]):  # float64 sums beyond float32's range: the moment stays in float64
+            dtypes[key], moments[key], errors[key] = torch.float64, exact.moment(key), 0.0
+            continue
         float32_error = solver_bound(float(largest_eigenvalue(moments[key])), len(moments[key]), torch.float32)
         if float32_error > 2 * stats.inputs[key].roundoff() * float(scales[key].square().max()):
             # float32 errs well beyond the round-off bounds, so it could not tell round-off from signal: solving in
@@ -309,7 +313,13 @@ def _eigen_batched(
         groups[(size, matrix.dtype, None if size < _BATCH_BELOW else name)].append(name)
     out: dict[str, Any] = {}
     for names in groups.values():
-        result = solve(torch.stack([matrices[name] for name in names]) if len(names) > 1 else matrices[names[0]][None])
+        stacked = torch.stack([matrices[name] for name in names]) if len(names) > 1 else matrices[names[0]][None]
+        try:
+            result = solve(stacked)
+        except torch.linalg.LinAlgError:  # float32 can fail to converge (e.g. on subnormal entries); float64 does not
+            if stacked.dtype == torch.float64:
+                raise
+            result = solve(stacked.double())
         parts = zip(*result) if isinstance(result, tuple) else result
         out.update(zip(names, parts))
         advance(len(names))

@@ -202,6 +202,6 @@ def gram_of(matrix: Tensor, factor: bool) -> Tensor:
 
 def output_directions(factor: Tensor, values: Tensor, vectors: Tensor) -> Tensor:
     """Unit eigenvectors of ``A A^T`` from those of ``A^T A``: ``A w / |A w|`` (zero where ``A w`` is zero)."""
-    directions = factor.double() @ vectors
+    directions = factor.double() @ vectors.double()
     norms = directions.norm(dim=0, keepdim=True)
     return torch.where(norms > 0, directions / norms.clamp(min=torch.finfo(torch.float64).tiny), 0.0)

@@ -219,7 +219,7 @@ class RankMonitor(ValidationStatisticsCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._figures_drawn_at = _clock()
-        self._cost_since = time.perf_counter()
+        self._cost_since, self._warned_cost = time.perf_counter(), False
         if not self._skip:
             self._check_selection(pl_module)
 

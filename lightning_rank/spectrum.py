@@ -252,10 +252,11 @@ def cholesky_output_factor(
 
 
 def rounding_error(matrix: Tensor) -> float:
-    """A bound on ``||M - C||_F`` for ``M``, a float32 (or float64) second moment made from the sums by one
-    conversion and one division (each rounding an entry by at most ``u`` of it, or by half the subnormal spacing),
-    and ``C`` the float64 one made from the same sums: ``2 u ||M||_F`` with room for the norm's own round-off and
-    float64's, plus the subnormal term."""
+    """A bound on ``||M - C||_F`` for ``M``, a float32 (or float64) second moment made from the sums with at most
+    two roundings of an entry (float32 sums: the count's conversion and the division; float64 sums: the conversion
+    after a float64 division), each by at most ``u`` of it or half the subnormal spacing, and ``C`` the float64
+    moment of the same sums: ``2 u ||M||_F`` with room for the norm's own round-off and float64's, plus the
+    subnormal term."""
     info = torch.finfo(matrix.dtype)
     largest = float(torch.linalg.vector_norm(matrix, ord=math.inf)) if matrix.numel() else 0.0
     if not math.isfinite(largest):

@@ -168,7 +168,8 @@ class InputStatistics:
 
     def second_moment(self, centered: bool = False, dtype: torch.dtype = torch.float64) -> Tensor:
         """``C = sum x x^T / n`` in ``dtype`` (float64 by default), or the covariance ``C - mu mu^T`` when ``centered``."""
-        compute = torch.float64 if centered else dtype  # the subtraction cancels: do it in float64
+        # Centered, the subtraction cancels; from float64 sums, dividing first keeps one rounding and float32's range.
+        compute = torch.float64 if centered or self.dtype == torch.float64 else dtype
         gram = self.gram
         moment = gram.to(compute)
         count = self.count.clamp(min=1).to(compute)

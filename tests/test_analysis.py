@@ -277,3 +277,53 @@ def test_long_analyses_and_factorizations_show_progress_unless_turned_off(monkey
     lr.factorize_(copy.deepcopy(net), stats)
     err = capsys.readouterr().err
     assert "lightning_rank: analyze" in err and "lightning_rank: factors" in err
+
+
+class Widening(nn.Module):
+    """A 256-wide input (float32 eigenproblems from FLOAT32_FROM on) into a widening and a narrowing layer."""
+
+    def __init__(self, d: int = 256) -> None:
+        super().__init__()
+        self.wide, self.narrow = nn.Linear(d, 2 * d + 88), nn.Linear(d, d // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.wide(x), self.narrow(x)], dim=-1)
+
+
+def ranks_of(report: lr.RankReport) -> dict[str, tuple[int, int]]:
+    return {name: (layer.in_rank, layer.out_rank) for name, layer in report.analyzed.items()}
+
+
+@pytest.mark.parametrize(("scale", "dtype"), [(1e20, torch.float64), (1e-22, torch.float32), (1.0, torch.float32)])
+def test_float32_eigenproblems_fall_back_to_float64_beyond_their_range(scale: float, dtype: torch.dtype) -> None:
+    """Moments beyond float32's range (float64 sums of 1e40) or in its subnormal range (where float32 eigvalsh fails to
+    converge) are solved in float64, with the ranks of eig_dtype=float64; ordinary ones too."""
+    from lightning_rank.analysis import FLOAT32_FROM
+
+    torch.manual_seed(0)
+    model = Widening().to(dtype)
+    assert model.wide.in_features >= FLOAT32_FROM
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(256, 256, generator=g, dtype=torch.float64))
+    spectrum = torch.logspace(0, -9, 256, dtype=torch.float64)
+    x = (torch.randn(1024, 256, generator=g, dtype=torch.float64) * spectrum.sqrt()) @ basis.t()
+    x[0, :2] *= 1000  # a few huge channels on one row
+    stats = lr.collect(model, [(x * scale).to(dtype)], dtype=dtype, max_rows_per_batch=None)
+    want = ranks_of(lr.analyze(model, stats, eig_dtype=torch.float64, progress=False))
+    assert want["wide"][0] > 30  # a real spectrum, not one lost to the scale
+    assert ranks_of(lr.analyze(model, stats, progress=False)) == want
+
+
+def test_kept_float32_eigenvectors_give_the_ranks_of_the_report() -> None:
+    """decompose(..., vectors=True, output_vectors=True) in float32 (what factorization could ask for) works on a
+    widening layer, whose output directions come from its factor, and gives the values-only ranks."""
+    from lightning_rank.analysis import decompose
+
+    torch.manual_seed(0)
+    model = Widening()
+    stats = lr.collect(model, [torch.randn(1024, 256) for _ in range(2)], max_rows_per_batch=None)
+    report = lr.analyze(model, stats, progress=False)
+    kept = decompose(model, stats, eig_dtype=torch.float32, vectors=True, output_vectors=True)
+    assert ranks_of(kept.report) == ranks_of(report)
+    wide = kept.layers["wide"].outputs
+    assert wide.vectors is not None and wide.vectors.shape[0] == model.wide.out_features

@@ -531,6 +531,11 @@ def test_monitor_records_its_cost_and_warns_once_when_it_dominates_a_fit(tmp_pat
     assert all(cost["statistics"] > 0 and cost["analysis"] > 0 and cost["views"] >= 0 for cost in costs)
     assert sum(sum(cost.values()) for cost in costs) < fit_seconds
 
+    again = trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor], num_sanity_val_steps=0)
+    with pytest.warns(PossibleUserWarning) as record:  # the same monitor in a new fit tells that fit too
+        again.fit(Funnel(512), DataLoader([torch.randn(4, 512)], batch_size=None), DataLoader(val, batch_size=None))
+    assert len(cost_warnings(record)) == 1
+
 
 def test_monitor_does_not_warn_about_its_cost_when_training_dominates(tmp_path):
     from lightning_rank.monitor import COST_WARNING_SHARE

@@ -112,11 +112,13 @@ def test_output_moment_matches_empirical_outputs(centered: bool, bias: bool) -> 
 @given(
     st.integers(1, 7), st.integers(1, 7), st.integers(0, 7), st.booleans(), st.booleans(), st.integers(0, 10**6)
 )
+@example(2, 1, 1, False, True, 52)  # a positive definite C whose covariance is singular: no Cholesky factor
 def test_output_factors_reproduce_the_output_moment(
     d: int, extra_out: int, k: int, centered: bool, bias: bool, seed: int
 ) -> None:
     """A A^T equals the direct formula: for the eigen factor also with singular input moments (k < d); for the
-    Cholesky factor whenever it is given, which it must be for a positive definite moment (None otherwise)."""
+    Cholesky factor whenever it is given, which it must be when the matrix it factors is positive definite: the
+    moment, or with a bias and uncentered ``[[C, mu], [mu^T, 1]]``, singular exactly when the covariance is."""
     out = d + extra_out
     x = low_rank_data(50, d, min(k, d), seed, offset=0.3) if k else torch.zeros(50, d, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed + 1)
@@ -133,8 +135,9 @@ def test_output_factors_reproduce_the_output_moment(
     torch.testing.assert_close(factor @ factor.t(), want, rtol=1e-7, atol=1e-7 * scale)
 
     factor = cholesky_output_factor(weight, b, moment, mu, centered)
+    factored = moment - torch.outer(mu, mu) if b is not None and not centered else moment
     if factor is None:
-        assert not bool(values.min() > 1e-8 * max(float(moment.abs().max()), 1e-300))
+        assert not bool(torch.linalg.eigvalsh(factored).min() > 1e-8 * max(float(moment.abs().max()), 1e-300))
     else:
         torch.testing.assert_close(factor @ factor.t(), want, rtol=1e-7, atol=1e-7 * scale)
 

@@ -256,10 +256,9 @@ def rows_part(repeats: int, epochs: int) -> None:
             exact = exact_report(model)
             for per_feature in (64, 32, 16, 8):
                 rows.AUTO_ROWS_PER_FEATURE, rows.AUTO_MIN_ROWS = per_feature, 64 * per_feature
-                results = [compare(lr.analyze(model, stats, progress=False), exact) for stats in (
-                    lr.collect(model, datamodule.val_dataloader(), seed=seed) for seed in range(repeats))]
-                used = lr.collect(model, datamodule.val_dataloader())
-                counts = {layer: int(used[layer].count) for layer in exact.analyzed}
+                collected = [lr.collect(model, datamodule.val_dataloader(), seed=seed) for seed in range(repeats)]
+                results = [compare(lr.analyze(model, stats, progress=False), exact) for stats in collected]
+                counts = {layer: int(collected[0][layer].count) for layer in exact.analyzed}
                 print(f"{name}, {per_feature:2d} rows a feature: largest rank difference "
                       f"{max(r[0] for r in results)}, largest MLU difference {max(r[1] for r in results):.4f} "
                       f"over {repeats} seeds; rows {counts}")

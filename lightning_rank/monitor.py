@@ -59,7 +59,8 @@ class RankMonitor(ValidationStatisticsCallback):
     - ``monitor.report`` holds the :class:`~lightning_rank.RankReport`, ``monitor.history`` one
       ``{"epoch", "step", "stage", "factorized", "report", "seconds"}`` entry per analyzed epoch (``report`` is
       ``to_dict()``; ``factorized``: the model held low-rank layers, e.g. after ``RankCompression``'s swap;
-      ``seconds``: what the monitor spent on that epoch, ``{"statistics", "analysis", "views"}``);
+      ``seconds``: what the monitor spent on that epoch, ``{"statistics", "analysis", "publish"}``, the last
+      being the report's JSON, logged scalars and TensorBoard views);
     - ``trainer.callback_metrics["rank/mlu"]`` holds the MLU (so ``ModelCheckpoint`` and ``EarlyStopping``
       can monitor it);
 
@@ -263,7 +264,7 @@ class RankMonitor(ValidationStatisticsCallback):
             warn_about_rows(stats)
         self._publish(trainer, pl_module, report)
         seconds = {"statistics": statistics.collector.seconds, "analysis": analyzed - start,
-                   "views": time.perf_counter() - analyzed}
+                   "publish": time.perf_counter() - analyzed}
         self.history[-1]["seconds"] = seconds
         if trainer.state.fn == TrainerFn.FITTING:
             self._weigh_cost(seconds)

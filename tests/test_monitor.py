@@ -527,8 +527,8 @@ def test_monitor_records_its_cost_and_warns_once_when_it_dominates_a_fit(tmp_pat
     assert all(knob in messages[0] for knob in ("every_n_epochs", "max_rows_per_batch", "statistics"))
     assert len(monitor.history) == 2
     costs = [entry["seconds"] for entry in monitor.history]
-    assert all(set(cost) == {"statistics", "analysis", "views"} for cost in costs)
-    assert all(cost["statistics"] > 0 and cost["analysis"] > 0 and cost["views"] >= 0 for cost in costs)
+    assert all(set(cost) == {"statistics", "analysis", "publish"} for cost in costs)
+    assert all(cost["statistics"] > 0 and cost["analysis"] > 0 and cost["publish"] >= 0 for cost in costs)
     assert sum(sum(cost.values()) for cost in costs) < fit_seconds
 
     again = trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor], num_sanity_val_steps=0)

@@ -2,8 +2,6 @@
 
 Rules compared at 60%, 50%, 40% and 25% of the replaceable layers' parameters:
 
-- ``greedy``: the first rule, ``lr.factorize_(model, stats, param_budget=b, method="whiten", allocation="greedy")``
-  (least sum of per-layer relative errors);
 - ``uniform``: one common tolerance on every layer's relative output error, bisected to meet the budget
   (``allocation="uniform"``, what ``factorize_`` does without calibration batches): the floor;
 - ``probe (plain)``: the probe rule on plain whitened truncations (``allocate(..., output_weighted=False)``,
@@ -44,12 +42,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
 from benchmarks import allocation_models as models  # noqa: E402
-from lightning_rank.allocation import allocate  # noqa: E402
-from lightning_rank.probe import Probe  # noqa: E402
-from lightning_rank.selection import layer_candidates  # noqa: E402
+from lightning_rank.compress.allocation import allocate  # noqa: E402
+from lightning_rank.compress.probe import Probe  # noqa: E402
+from tests.helpers import layer_candidates  # noqa: E402
 
 BUDGETS = (0.6, 0.5, 0.4, 0.25)
-RULES = ("greedy", "uniform", "probe (plain)", "probe")
+RULES = ("uniform", "probe (plain)", "probe")
 
 
 def apply(task: models.Task, stats, candidates, ranks: dict) -> torch.nn.Module:
@@ -80,11 +78,9 @@ def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> li
     for budget in budgets:
         row = {"task": task.name, "budget": budget, "dense": dense["score"], "analyze_s": analyze_s,
                "collect_s": collect_s}
-        for rule, allocation in (("greedy", "greedy"), ("uniform", "uniform")):
-            compressed = copy.deepcopy(task.model)
-            lr.factorize_(compressed, stats, param_budget=budget, method="whiten", allocation=allocation,
-                          progress=False)
-            row[rule] = models.evaluate(task, compressed, dense["logits"])
+        compressed = copy.deepcopy(task.model)
+        lr.factorize_(compressed, stats, param_budget=budget, method="whiten", allocation="uniform", progress=False)
+        row["uniform"] = models.evaluate(task, compressed, dense["logits"])
         for rule, options in (("probe (plain)", {"output_weighted": False}), ("probe", {})):
             probe = Probe(task.model, calibration)  # fresh: its cost is counted in full
             seconds, allocation = timed(lambda: allocate(candidates, param_budget=budget, probe=probe, **options), 1)

@@ -24,8 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
-from lightning_rank.analysis import decompose  # noqa: E402
-from lightning_rank.spectrum import output_moment  # noqa: E402
+from lightning_rank.spectral.analysis import decompose  # noqa: E402
+from lightning_rank.spectral.spectrum import output_moment  # noqa: E402
 
 SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
 DEPTH = 12

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
-from lightning_rank.statistics import StatisticsCollector  # noqa: E402
+from lightning_rank.stats.collector import StatisticsCollector  # noqa: E402
 from benchmarks.collect_overhead import BATCH, distinct_inputs, gram_minimum, setup, timed  # noqa: E402
 
 
@@ -244,7 +244,7 @@ class Run:
 
 def rows_part(repeats: int, epochs: int) -> None:
     from examples.digits import DigitsDataModule, DigitsViT
-    from lightning_rank import rows
+    from lightning_rank.stats import rows
 
     defaults = rows.AUTO_ROWS_PER_FEATURE, rows.AUTO_MIN_ROWS
     datamodule = DigitsDataModule()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 import lightning_rank as lr
 from digits import DigitsDataModule, DigitsViT, accuracy, is_factorized
-from lightning_rank.tensorboard import utilization_matrix
+from lightning_rank.views.figures import utilization_matrix
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

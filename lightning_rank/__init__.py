@@ -5,21 +5,17 @@ Measure utilized ranks with :func:`collect` and :func:`analyze`, watch them duri
 :class:`RankCompression` callback.
 """
 
-from lightning_rank.analysis import analyze
-from lightning_rank.compression import RankCompression
-from lightning_rank.factorize import (
-    FactorizationPlan,
-    FactorizationResult,
-    LayerFactorization,
-    factorize_,
-    load_factorized,
-    plan_factorization,
-)
-from lightning_rank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
-from lightning_rank.monitor import RankMonitor
-from lightning_rank.report import LayerRank, RankReport
-from lightning_rank.statistics import ActivationStatistics, InputStatistics, StatisticsCollector, collect
-from lightning_rank.structure import FactorizedCheckpointMixin
+from lightning_rank.callbacks.compression import RankCompression
+from lightning_rank.callbacks.monitor import RankMonitor
+from lightning_rank.compress.factorize import FactorizationPlan, factorize_, plan_factorization
+from lightning_rank.compress.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
+from lightning_rank.compress.loading import FactorizedCheckpointMixin, load_factorized
+from lightning_rank.compress.results import FactorizationResult, LayerFactorization
+from lightning_rank.spectral.analysis import analyze
+from lightning_rank.spectral.report import LayerRank, RankReport
+from lightning_rank.stats.collect import collect
+from lightning_rank.stats.collector import StatisticsCollector
+from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 
 __all__ = [
     "ActivationStatistics",

@@ -14,7 +14,6 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_rank.spectrum import check_threshold
 from lightning_rank.targets import ModuleSelector, float_dtype
 
 __all__ = [
@@ -39,7 +38,14 @@ __all__ = [
 Method = Literal["projection", "whiten", "svd"]
 METHODS: tuple[str, ...] = get_args(Method)
 RankSpec = int | Mapping[str, int] | None
-MaskFn = Callable[[Any], Tensor | None]  # also in statistics.py, which imports this module
+MaskFn = Callable[[Any], Tensor | None]
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` as a float in ``(0, 1]``, or a ``ValueError`` that names it."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"`threshold` must be a number in (0, 1], got {threshold!r}")
+    return float(threshold)
 
 
 def check_positive_int(value: Any, argument: str) -> int:
@@ -103,7 +109,7 @@ def check_budget(budget: Any, argument: str = "param_budget") -> float | None:
     return float(budget)
 
 
-ALLOCATIONS = ("auto", "probe", "uniform", "greedy")
+ALLOCATIONS = ("auto", "probe", "uniform")
 
 
 def check_allocation(allocation: Any) -> str:

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lightning_rank as lr
-from lightning_rank.allocation import LayerCandidate, allocate, allocate_on_curves, uniform_tolerance
-from lightning_rank.probe import Probe, linear_damage
-from lightning_rank.selection import layer_candidates
+from lightning_rank.compress.allocation import allocate, allocate_on_curves, uniform_tolerance
+from lightning_rank.compress.candidates import LayerCandidate
+from lightning_rank.compress.probe import Probe
+from tests.helpers import layer_candidates
 from tests.test_layers import Conv1D
 
 
@@ -273,7 +274,7 @@ def test_linearized_damage_matches_real_truncation_where_the_model_is_linear() -
     stats = lr.collect(model, batches)
     candidates, _ = layer_candidates(model, stats)
     probe = Probe(model, batches)
-    curves = linear_damage(probe, candidates, samples=64)
+    curves = probe.linear_damage(candidates, samples=64)
     for name, c in candidates.items():
         for rank in (1, 2, 4, c.max_rank):
             truth = probe.error({c.target: c.weight_at(rank)})
@@ -319,10 +320,6 @@ def test_probe_gives_the_sensitive_layer_more_rank_and_the_model_less_error() ->
     assert probed.ranks["loud"] > uniform.ranks["loud"] and probed.ranks.get("quiet", 0) < uniform.ranks["quiet"]
     assert probed.layers["loud"].sensitivity > 10 * probed.layers["quiet"].sensitivity
     assert probed.calibration_error["probe"] < 0.5 * probed.calibration_error["uniform"]
-    measured = allocate(candidates, param_budget=0.45, probe=Probe(model, batches), measure_layers=True)
-    assert measured.probe_passes == probed.probe_passes + 2  # one truncation per layer, on one batch
-    assert measured.ranks["loud"] > uniform.ranks["loud"]
-    assert measured.calibration_error["probe"] < 0.5 * measured.calibration_error["uniform"]
     # judged on fresh data with the real factorized layers
     fresh = torch.randn(512, 16, generator=g) * SCALES
     with torch.no_grad():

@@ -263,9 +263,9 @@ def test_a_compiled_model_reports_the_names_of_the_original() -> None:
 
 def test_long_analyses_and_factorizations_show_progress_unless_turned_off(monkeypatch, capsys) -> None:
     """A bar on stderr once the work takes longer than ``DELAY_SECONDS`` (0 here); nothing with ``progress=False``."""
-    import lightning_rank.progress
+    import lightning_rank.spectral.progress
 
-    monkeypatch.setattr(lightning_rank.progress, "DELAY_SECONDS", 0.0)
+    monkeypatch.setattr(lightning_rank.spectral.progress, "DELAY_SECONDS", 0.0)
     net = Net()
     stats = lr.collect(net, subspace_data(2, 64, 12, 5))
     capsys.readouterr()
@@ -298,7 +298,7 @@ def ranks_of(report: lr.RankReport) -> dict[str, tuple[int, int]]:
 def test_float32_eigenproblems_fall_back_to_float64_beyond_their_range(scale: float, dtype: torch.dtype) -> None:
     """Moments beyond float32's range (float64 sums of 1e40) or in its subnormal range (where float32 eigvalsh fails to
     converge) are solved in float64, with the ranks of eig_dtype=float64; ordinary ones too."""
-    from lightning_rank.analysis import FLOAT32_FROM
+    from lightning_rank.spectral.analysis import FLOAT32_FROM
 
     torch.manual_seed(0)
     model = Widening().to(dtype)
@@ -317,7 +317,7 @@ def test_float32_eigenproblems_fall_back_to_float64_beyond_their_range(scale: fl
 def test_kept_float32_eigenvectors_give_the_ranks_of_the_report() -> None:
     """decompose(..., vectors=True, output_vectors=True) in float32 (what factorization could ask for) works on a
     widening layer, whose output directions come from its factor, and gives the values-only ranks."""
-    from lightning_rank.analysis import decompose
+    from lightning_rank.spectral.analysis import decompose
 
     torch.manual_seed(0)
     model = Widening()

@@ -15,10 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
-from lightning_rank.compression import Phase
+from lightning_rank.callbacks.compression import Phase
 from tests import tiny_models
 from tests.tiny_models import CLASSES, DIM, HIDDEN, SUBSPACE, ParameterCheck, low_rank_dataset
-
 
 
 class Classifier(tiny_models.Classifier):
@@ -160,21 +159,6 @@ def test_resume_before_and_at_the_swap(compressed_run, tmp_path: Path) -> None:
         if epoch == 2:  # the same dense weights and validation data: the same plan as the first run
             assert compression.result.layers == first.result.layers
             assert compression.metrics["before"] == first.metrics["before"]
-
-
-def test_checkpoints_written_before_phases_still_load(compressed_run, tmp_path: Path) -> None:
-    first_dir, _, _, first = compressed_run
-    checkpoint = torch.load(first_dir / "ckpt" / "epoch=3.ckpt", weights_only=False)
-    (key,) = [k for k in checkpoint["callbacks"] if "RankCompression" in k]
-    new = checkpoint["callbacks"][key]
-    checkpoint["callbacks"][key] = {"compressed": True, "planned_epochs": 3, "metrics": new["metrics"],
-                                    "macs": new["macs"], "factorization": new["factorization"]}
-    torch.save(checkpoint, tmp_path / "old.ckpt")
-    compression = lr.RankCompression(compress_at_epoch=3, monitor="val_acc")
-    trainer = make_trainer(tmp_path, 5, [compression], logger=False)
-    trainer.fit(Classifier(), ckpt_path=tmp_path / "old.ckpt")
-    assert compression.phase == Phase.FINISHED and compression.summary()["layers"] == first.result.layers
-    assert compression.metrics["before"] == first.metrics["before"]
 
 
 class LayerTypes(Callback):

@@ -7,15 +7,15 @@ Lightning costs seconds per example); each runs in its own temporary folder.
 from __future__ import annotations
 
 import importlib
-import math
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 import lightning_rank as lr
-from lightning_rank.rows import AUTO_MIN_ROWS
+from lightning_rank.stats.rows import AUTO_MIN_ROWS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lightning_rank as lr
-from lightning_rank.spectrum import energy_rank, energy_rank_interval, sum_roundoff
+from lightning_rank.spectral.spectrum import energy_rank, energy_rank_interval
+from lightning_rank.stats.sums import sum_roundoff
 
 
 def outlier_activations(
@@ -193,7 +194,7 @@ class NarrowAndWide(nn.Module):
 def test_float32_eigenvalues_give_exactly_the_float64_ranks_and_fall_back_where_needed():
     """The default ``eig_dtype=float32`` of ``analyze`` gives exactly the ranks of float64 eigenproblems on every
     outlier spectrum: moments whose rank the float32 bounds leave open are solved again in float64 (counted)."""
-    from lightning_rank.analysis import decompose
+    from lightning_rank.spectral.analysis import decompose
 
     refined = solved = 0
     for d, decades, outliers, every, centered, mean in CASES:
@@ -217,7 +218,7 @@ def test_float32_eigenvalues_give_exactly_the_float64_ranks_and_fall_back_where_
 
 @pytest.mark.parametrize("n", [1, 7, 300])
 def test_stand_in_error_bounds_the_frobenius_error_of_a_float32_matrix_without_being_vacuous(n):
-    from lightning_rank.spectrum import largest_eigenvalue, stand_in_error
+    from lightning_rank.spectral.spectrum import largest_eigenvalue, stand_in_error
 
     g = torch.Generator().manual_seed(n)
     a = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lightning_rank as lr
-from lightning_rank.layers import LowRankConv1d
+from lightning_rank.compress.layers import LowRankConv1d
 
 
 class Conv1D(nn.Module):

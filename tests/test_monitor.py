@@ -25,11 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
-from lightning_rank import epoch_statistics
-from lightning_rank import tensorboard as views
+from lightning_rank.callbacks import epoch as epoch_statistics
+from lightning_rank.views import figures, tags
 from tests.test_monitor_tensorboard import Events
 from tests.tiny_models import Branchy, split_subspaces
-
 
 
 class Blocks(L.LightningModule):
@@ -111,7 +110,7 @@ class Snapshots(Callback):
 
 def heatmap_shape(history: list[dict]) -> tuple[int, int]:
     """(height, width) of the labelled heatmap figure of ``history``."""
-    width, height = views.heatmap_image(history).size
+    width, height = figures.heatmap_image(history).size
     return height, width
 
 
@@ -122,7 +121,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     torch.manual_seed(0)
     model = Blocks()
     val = [DataLoader(dataset(seed=1), batch_size=16), DataLoader(dataset(n=24, seed=2), batch_size=8)]
-    monitor = lr.RankMonitor(every_n_epochs=2, views=views.VIEWS, figure_budget=None)  # every view, every time
+    monitor = lr.RankMonitor(every_n_epochs=2, views=tags.VIEWS, figure_budget=None)  # every view, every time
     snapshots = Snapshots()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="rank/mlu", mode="max", every_n_epochs=2)
     csv = CSVLogger(tmp_path, name="csv")
@@ -222,7 +221,7 @@ def test_validate_without_logger_with_mask(tmp_path):
 def test_default_rows_spread_each_layers_budget_over_the_epochs_batches(tmp_path, limit):
     """"auto" counts about max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in) rows of each layer per analyzed
     epoch, the same fraction of each batch the epoch validates (``limit_val_batches`` included)."""
-    from lightning_rank.rows import AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE
+    from lightning_rank.stats.rows import AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE
 
     torch.manual_seed(0)
     model = Blocks()  # fan_in 8 and 12: the floor holds for every layer
@@ -417,7 +416,7 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
 
 
 def test_eig_dtype_reaches_the_analysis(tmp_path, monkeypatch):
-    import lightning_rank.monitor as monitor_module
+    import lightning_rank.callbacks.monitor as monitor_module
 
     seen = []
     original = monitor_module.analyze
@@ -538,7 +537,7 @@ def test_monitor_records_its_cost_and_warns_once_when_it_dominates_a_fit(tmp_pat
 
 
 def test_monitor_does_not_warn_about_its_cost_when_training_dominates(tmp_path):
-    from lightning_rank.monitor import COST_WARNING_SHARE
+    from lightning_rank.callbacks.monitor import COST_WARNING_SHARE
 
     torch.manual_seed(0)
     monitor = lr.RankMonitor(tensorboard=False)

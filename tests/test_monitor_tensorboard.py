@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
 import lightning_rank as lr
-from lightning_rank import drawing
-from lightning_rank import monitor as monitor_module
-from lightning_rank import tensorboard as views
-from lightning_rank.monitor import report_scalars
+from lightning_rank.callbacks import monitor as monitor_module
+from lightning_rank.views import drawing, figures, tables, writers
+from lightning_rank.views import tags as tag_names
+from lightning_rank.views.tags import report_scalars
 
 SUMMARY = ["0_rank_summary/mlu", "0_rank_summary/mlu_weighted"]
 
@@ -133,21 +133,21 @@ def test_tag_comparator_port_matches_tensorboards_documented_examples():
     ],
 )
 def test_layer_group_and_role(name, group, role):
-    assert views.layer_group(name) == group
-    assert views.layer_role(name) == role
+    assert tag_names.layer_group(name) == group
+    assert tag_names.layer_role(name) == role
 
 
 def test_layout_charts_have_at_most_five_named_lines_with_anchored_tags():
     layers = [f"blocks.{b}.{r}" for b in range(7) for r in ("q", "k", "v", "proj", "fc1", "fc10")] + ["head"]
-    layout = views.utilization_layout(layers)
+    layout = tag_names.utilization_layout(layers)
     assert list(layout) == ["lightning-rank summary", "utilization by block", "utilization by layer role"]
     ((title, (kind, tags)),) = layout["lightning-rank summary"].items()
     assert kind == "Multiline" and [t for t in tags if re.search(t, "0_rank_summary/mlu")] == [tags[0]]
     assert re.search(tags[1], "0_rank_summary/mlu_weighted") and "MLU" in title
 
     charts = {title: tags for category in list(layout.values())[1:] for title, (_, tags) in category.items()}
-    assert max(len(tags) for tags in charts.values()) <= views.MAX_LINES_PER_CHART == 5
-    assert views.utilization_layout([f"b.{i}" for i in range(5)])["utilization by block"] == {
+    assert max(len(tags) for tags in charts.values()) <= tag_names.MAX_LINES_PER_CHART == 5
+    assert tag_names.utilization_layout([f"b.{i}" for i in range(5)])["utilization by block"] == {
         "b: 0, 1, 2, 3, 4": ["Multiline", [rf"^rank/utilization/b\.{i}$" for i in range(5)]]
     }
     every_tag = [tag for tags in layout["utilization by block"].values() for tag in tags[1]]
@@ -156,7 +156,7 @@ def test_layout_charts_have_at_most_five_named_lines_with_anchored_tags():
     assert [t for t in every_tag if re.search(t, "rank/utilization/blocks.0.fc10")] == [r"^rank/utilization/blocks\.0\.fc10$"]
     roles = layout["utilization by layer role"]
     assert list(roles)[:2] == ["blocks.*.q in blocks.0, blocks.1, blocks.2, blocks.3", "blocks.*.q in blocks.4, blocks.5, blocks.6"]
-    assert "utilization by layer role" not in views.utilization_layout(["a", "b"])  # no role spans blocks
+    assert "utilization by layer role" not in tag_names.utilization_layout(["a", "b"])  # no role spans blocks
 
 
 def test_utilization_matrix():
@@ -164,7 +164,7 @@ def test_utilization_matrix():
         {"layers": {"a": {"utilization": 0.0}, "b": {"utilization": None}}},  # b skipped
         {"layers": {"a": {"utilization": 1.0}, "c": {"utilization": 0.5}}},  # c appears later
     ]
-    names, matrix = views.utilization_matrix(reports)
+    names, matrix = figures.utilization_matrix(reports)
     assert names == ["a", "b", "c"]
     np.testing.assert_array_equal(np.isnan(matrix), [[False, False], [True, True], [True, False]])
     assert matrix[0].tolist() == [0.0, 1.0] and matrix[2, 1] == 0.5
@@ -189,10 +189,10 @@ def test_heatmap_cells_in_place_with_the_mlu_on_top_missing_grey_and_the_compres
         (3, False, {"blocks.0.fc1": 0.25, "head": 0.9}),  # fc2 absent: a grey cell
         (5, True, {"blocks.0.fc1": 0.125, "head": 0.75}),
     )
-    assert views.compression_column(history) == 2
-    assert views.compression_column(history[:2]) is None
+    assert figures.compression_column(history) == 2
+    assert figures.compression_column(history[:2]) is None
     writer = SummaryWriter(tmp_path)
-    assert views.write_heatmap(writer, history, step=7)
+    assert writers.write_heatmap(writer, history, step=7)
     writer.close()
     run = Events(tmp_path)
     ((step, width, height),) = run.images("0_rank_summary/utilization_heatmap")
@@ -247,7 +247,7 @@ def test_png_bytes_decode_to_the_same_pixels():
 
 def test_spectra_histograms_hold_log_energy_shares_with_a_description(tmp_path):
     writer = SummaryWriter(tmp_path)
-    views.write_spectra(writer, {"a": torch.tensor([3.0, 1.0, 0.0]), "zero": torch.zeros(2)}, step=5)
+    writers.write_spectra(writer, {"a": torch.tensor([3.0, 1.0, 0.0]), "zero": torch.zeros(2)}, step=5)
     writer.close()
     run = Events(tmp_path)
     assert run.tags("histograms") == ["rank_detail/spectrum/a"]  # the zero matrix has no histogram
@@ -258,9 +258,9 @@ def test_spectra_histograms_hold_log_energy_shares_with_a_description(tmp_path):
 
 
 def test_cumulative_energy():
-    curve = views.cumulative_energy(torch.tensor([1.0, 3.0, 0.0]))
+    curve = figures.cumulative_energy(torch.tensor([1.0, 3.0, 0.0]))
     torch.testing.assert_close(curve, torch.tensor([0.75, 1.0, 1.0], dtype=torch.float64))
-    assert views.cumulative_energy(torch.zeros(3)).eq(0).all()
+    assert figures.cumulative_energy(torch.zeros(3)).eq(0).all()
 
 
 def axes_frame(image: np.ndarray) -> tuple[int, int, int, int]:
@@ -281,7 +281,7 @@ def test_energy_images_one_per_block_curves_at_their_energy_and_the_legend_outsi
     spectra = {f"blocks.0.l{i}": torch.rand(6, generator=torch.Generator().manual_seed(i)) for i in range(12)}
     spectra["head"] = torch.tensor([3.0, 1.0, 0.0, 0.0])  # cumulative energy 0.75, 1, 1, 1
     writer = SummaryWriter(tmp_path)
-    views.write_energy_curves(writer, spectra, 0.9, step=1, epoch=0)
+    writers.write_energy_curves(writer, spectra, 0.9, step=1, epoch=0)
     writer.close()
     run = Events(tmp_path)
     assert run.tags("images") == ["rank_energy/(top level)", "rank_energy/blocks.0"]
@@ -351,9 +351,9 @@ def test_report_scalars_one_per_layer_by_default():
 
 
 def test_views_argument_is_checked_eagerly():
-    assert views.check_views(views.DEFAULT_VIEWS) == ("heatmap", "energy", "table")
-    assert views.check_views("ranks") == ("ranks",)
-    assert views.check_views([]) == ()
+    assert tag_names.check_views(tag_names.DEFAULT_VIEWS) == ("heatmap", "energy", "table")
+    assert tag_names.check_views("ranks") == ("ranks",)
+    assert tag_names.check_views([]) == ()
     assert lr.RankMonitor(views=["spectra", "ranks"]).views == ("spectra", "ranks")
     with pytest.raises(ValueError, match=r"`views` got an unknown view 'histograms'; choose from \('heatmap'"):
         lr.RankMonitor(views=["heatmap", "histograms"])
@@ -377,14 +377,14 @@ SUMMARY_OF_COMPRESSION = {
 
 
 def test_compression_headline_scalars_and_one_table():
-    assert views.compression_scalars(SUMMARY_OF_COMPRESSION) == {
+    assert tag_names.compression_scalars(SUMMARY_OF_COMPRESSION) == {
         "0_rank_summary/params_ratio": 0.4,
         "0_rank_summary/multiply_adds_ratio": 0.25,
         "0_rank_summary/val_acc_change": pytest.approx(-0.05),
     }
     unmeasured = {**SUMMARY_OF_COMPRESSION, "macs_after": None, "metrics": {"before": 0.9, "finetuned": None}}
-    assert views.compression_scalars(unmeasured) == {"0_rank_summary/params_ratio": 0.4}
-    table = views.compression_markdown(SUMMARY_OF_COMPRESSION)
+    assert tag_names.compression_scalars(unmeasured) == {"0_rank_summary/params_ratio": 0.4}
+    table = tables.compression_markdown(SUMMARY_OF_COMPRESSION)
     assert "| parameters | 1,000 | 400 | 40.0% |" in table
     assert "| multiply-adds per example | 2,000 | 500 | 25.0% |" in table
     assert "| val_acc | before | compressed | fine-tuned |" in table and "| value | 0.9 | 0.7 | 0.85 |" in table
@@ -477,7 +477,7 @@ def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_pat
     # in 1% of this fit's time, so they are drawn once, for the last epoch, at the end.
     heatmaps = run.images("0_rank_summary/utilization_heatmap")
     assert [step for step, *_ in heatmaps] == steps[-1:]
-    width, height = views.heatmap_image(monitor.history).size
+    width, height = figures.heatmap_image(monitor.history).size
     assert heatmaps[-1][1:] == (width, height) and width >= 700
     assert "Rows: layers" in run.description("0_rank_summary/utilization_heatmap")
     assert run.tags("images") == ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)",
@@ -496,7 +496,7 @@ def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_pat
 
 
 def test_opt_in_views_and_none(tmp_path):
-    _, tb = fit(tmp_path / "all", [lr.RankMonitor(views=views.VIEWS)], max_epochs=1)
+    _, tb = fit(tmp_path / "all", [lr.RankMonitor(views=tag_names.VIEWS)], max_epochs=1)
     run = Events(tb.log_dir)
     tags = rank_tags(run)
     for name in LAYERS:
@@ -532,7 +532,7 @@ def test_compression_results_as_headline_scalars_and_one_table(compressed_run):
     ((_, change),) = run.scalars("0_rank_summary/val_acc_change")
     assert change == pytest.approx(summary["metrics"]["finetuned"] - summary["metrics"]["before"], abs=1e-6)
     ((_, table),) = run.text("0_rank_summary/compression")
-    assert table == views.compression_markdown(summary)
+    assert table == tables.compression_markdown(summary)
     assert f"| parameters | {summary['params_before']:,} | {summary['params_after']:,} |" in table
     for name, rank in summary["layers"].items():
         assert f"| {name} | " in table and f"| {rank} | " in table
@@ -557,13 +557,13 @@ class FakeClock:
     def __init__(self, monkeypatch, epoch_seconds: float, draw_seconds: float) -> None:
         self.now = 0.0
         monkeypatch.setattr(monitor_module, "_clock", lambda: self.now)
-        write_heatmap = views.write_heatmap
+        write_heatmap = writers.write_heatmap
 
         def slow_heatmap(*args, **kwargs):
             self.now += draw_seconds
             return write_heatmap(*args, **kwargs)
 
-        monkeypatch.setattr(views, "write_heatmap", slow_heatmap)
+        monkeypatch.setattr(writers, "write_heatmap", slow_heatmap)
         self.callback = L.Callback()
         self.callback.on_train_epoch_start = lambda trainer, module: setattr(self, "now", self.now + epoch_seconds)
 
@@ -585,7 +585,7 @@ def test_figures_within_their_budget_of_the_run_and_always_at_the_end(tmp_path, 
     assert image_steps(run) == {tag: drawn for tag in FIGURES}
     assert [step for step, _ in run.scalars("0_rank_summary/mlu")] == steps  # scalars and table every epoch
     assert [step for step, _ in run.text("rank/report")] == steps
-    assert run.images(FIGURES[0])[-1][1:] == views.heatmap_image(monitor.history).size  # every epoch's column
+    assert run.images(FIGURES[0])[-1][1:] == figures.heatmap_image(monitor.history).size  # every epoch's column
 
     clock = FakeClock(monkeypatch, epoch_seconds=10.0, draw_seconds=0.4)  # now 0.4 s <= 5% of 10 s: every epoch
     monitor = lr.RankMonitor(figure_budget=0.05)

@@ -9,15 +9,16 @@ import torch
 from torch import nn
 
 import lightning_rank as lr
-from lightning_rank.precision import full_precision_matmul
-from lightning_rank.rows import (
+from lightning_rank.stats.collector import StatisticsCollector
+from lightning_rank.stats.precision import full_precision_matmul
+from lightning_rank.stats.rows import (
     AUTO_BATCH_MIN_ROWS,
     AUTO_BATCH_ROWS_PER_FEATURE,
     AUTO_MIN_ROWS,
     AUTO_ROWS_PER_FEATURE,
     row_limit,
 )
-from lightning_rank.statistics import InputStatistics, StatisticsCollector
+from lightning_rank.stats.sums import InputStatistics
 from tests.test_statistics import CONV_GEOMETRIES, assert_stats, patches_reference
 
 

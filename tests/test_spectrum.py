@@ -10,15 +10,15 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lightning_rank.spectrum import (
-    check_threshold,
+from lightning_rank.checks import check_threshold
+from lightning_rank.spectral.spectrum import (
+    cholesky_output_factor,
     clean_spectrum,
     effective_rank,
     energy_rank,
     output_factor,
-    cholesky_output_factor,
-    rounding_error,
     output_moment,
+    rounding_error,
 )
 
 
@@ -147,7 +147,7 @@ def test_output_factors_reproduce_the_output_moment(
 def test_rounding_error_bounds_a_float32_moment_and_is_tight(n: int, seed: int, scale: float) -> None:
     """``||M32 - C||_F <= rounding_error(M32)`` for a float32 moment made as the statistics make it (float32 sums
     divided by the count), and the bound is within a small factor of the truth when entries do round."""
-    from lightning_rank.statistics import InputStatistics
+    from lightning_rank.stats.sums import InputStatistics
 
     g = torch.Generator().manual_seed(seed)
     rows = torch.randn(3 * n, n, generator=g, dtype=torch.float64) * scale**0.5

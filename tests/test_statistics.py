@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lightning_rank as lr
-from lightning_rank.statistics import StatisticsCollector, symmetric_gram_update_
+from lightning_rank.stats.collector import StatisticsCollector
+from lightning_rank.stats.sums import symmetric_gram_update_
 
 
 def reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -337,7 +338,7 @@ def test_nonfinite_rows_are_dropped_counted_and_reported() -> None:
 
 def test_masked_nonfinite_rows_on_accelerators_give_the_sums_of_dropped_ones() -> None:
     """The accelerator path zeroes bad rows instead of dropping them (no host sync); same sums, same counts."""
-    from lightning_rank.statistics import InputStatistics
+    from lightning_rank.stats.sums import InputStatistics
 
     x = torch.randn(9, 5)
     x[2, 1], x[7, 4] = float("nan"), float("-inf")

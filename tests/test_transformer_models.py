@@ -132,7 +132,7 @@ def test_nested_tensors_reach_factorized_layers_after_a_dense_first_layer(fused_
 
 
 def test_disable_dense_fast_paths_touches_only_what_reads_a_factorized_weight() -> None:
-    from lightning_rank.layers import disable_dense_fast_paths
+    from lightning_rank.compress.layers import disable_dense_fast_paths
 
     dense = nn.Sequential(encoder(), encoder())
     assert disable_dense_fast_paths(dense) == []

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_rank.spectrum import (
+from lightning_rank.spectral.spectrum import (
     cholesky_output_factor,
     clean_spectrum,
     energy_rank,
@@ -29,7 +29,7 @@ from lightning_rank.spectrum import (
     solver_bound,
     stand_in_error,
 )
-from lightning_rank.statistics import ActivationStatistics, InputStatistics
+from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 
 
 @dataclass

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rank.layers import LOW_RANK_TYPES, disable_dense_fast_paths, low_rank_from_dense, low_rank_type
+from lightning_rank.compress.layers import LOW_RANK_TYPES, disable_dense_fast_paths, low_rank_from_dense, low_rank_type
 from lightning_rank.targets import Target, layer_kind, set_submodule, weight_matrix
-
 
 CHECKPOINT_KEY = "lightning_rank"  # what RankCompression writes into a checkpoint of a factorized model
 LOAD_HINT = (

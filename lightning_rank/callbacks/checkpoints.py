@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_rank import _lightning
+from lightning_rank.callbacks import _lightning
 
 
 def restart_checkpointing(trainer: Trainer) -> None:

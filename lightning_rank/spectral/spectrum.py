@@ -13,28 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def check_threshold(threshold: float) -> float:
-    """``threshold`` as a float in ``(0, 1]``, or a ``ValueError`` that names it."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
-        raise ValueError(f"`threshold` must be a number in (0, 1], got {threshold!r}")
-    return float(threshold)
-
-
-# Round-off of accumulated sums. Summing m products in a dtype of unit round-off u leaves an error of
-# about sqrt(m) u times the sum of their magnitudes (the probabilistic bound of Higham and Mary, 2019;
-# the worst case, m u, grows with the data and would remove real spectrum). For a Gram entry that
-# magnitude is at most sqrt(G_ii G_jj) (Cauchy-Schwarz), so |error(C_ij)| <= r sqrt(C_ii C_jj).
-ROUNDOFF_SAFETY = 8.0
-
-
-def sum_roundoff(dtype: torch.dtype, rows: int, updates: int) -> float:
-    """``r`` with ``|error(C_ij)| <= r * sqrt(C_ii C_jj)`` for sums of ``rows`` rows added in ``updates`` batches.
-
-    Each entry is a sum of about ``rows / updates`` products per batch followed by ``updates`` additions.
-    """
-    terms = rows / max(updates, 1) + updates
-    return ROUNDOFF_SAFETY * torch.finfo(dtype).eps * max(terms, 1.0) ** 0.5
+from lightning_rank.checks import check_threshold
+from lightning_rank.stats.sums import ROUNDOFF_SAFETY
 
 
 def roundoff_bounds(roundoff: float, scales: Tensor, vectors: Tensor) -> Tensor:
@@ -50,7 +30,7 @@ def solver_bound(largest: float, size: int, dtype: torch.dtype) -> float:
     ``size x size`` matrix whose largest eigenvalue magnitude is ``largest``.
 
     ``e = 8 sqrt(n) u largest`` (``u`` the unit round-off): the solver's backward error under the
-    probabilistic model of Higham and Mary that :func:`sum_roundoff` uses too, where a sum of ``m``
+    probabilistic model of Higham and Mary that :func:`~lightning_rank.stats.sums.sum_roundoff` uses too, where a sum of ``m``
     computed eigenvalues errs by at most ``sqrt(m) e``. In float32 at ``n = 3072`` this is 3x the largest
     eigenvalue error and 6x the largest error of a partial sum measured against float64.
     """

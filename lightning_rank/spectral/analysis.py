@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rank.precision import full_precision_matmul
-from lightning_rank.progress import progress_bar
-from lightning_rank.report import LayerRank, RankReport
-from lightning_rank.certify import Float64Matrices, Spectrum, input_scales, input_trace, output_errors, settle
-from lightning_rank.spectrum import (
-    check_threshold,
+from lightning_rank.checks import check_threshold
+from lightning_rank.spectral.certify import Float64Matrices, Spectrum, input_scales, input_trace, output_errors, settle
+from lightning_rank.spectral.progress import progress_bar
+from lightning_rank.spectral.report import LayerRank, RankReport
+from lightning_rank.spectral.spectrum import (
     cholesky_output_factor,
     effective_rank,
     largest_eigenvalue,
@@ -41,7 +40,8 @@ from lightning_rank.spectrum import (
     solver_bound,
     utilization,
 )
-from lightning_rank.statistics import ActivationStatistics
+from lightning_rank.stats.precision import full_precision_matmul
+from lightning_rank.stats.sums import ActivationStatistics
 from lightning_rank.targets import Target, get_submodule, layer_kind, parameter_count, select_targets, weight_matrix
 
 

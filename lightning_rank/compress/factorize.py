@@ -2,54 +2,37 @@
 
 ``plan_factorization`` reads the model and the statistics and changes neither: it returns a
 :class:`FactorizationPlan` holding the new modules. ``plan.apply_(model)`` swaps every planned layer in,
-or none when one swap fails. ``factorize_`` is the two in sequence. The math (factors, output errors,
-rank allocation under a budget) is in :mod:`lightning_rank.factors`; per-layer spectra, ranks
-and factors in :mod:`lightning_rank.ranks`; rebuilding a factorized structure from a state dict in
-:mod:`lightning_rank.structure`.
+or none when one swap fails. ``factorize_`` is the two in sequence. Per-layer spectra, ranks and factors
+come from :mod:`~lightning_rank.compress.planning`, the math from :mod:`~lightning_rank.compress.factors`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_rank.checks import (
-    RankSpec,
-    check_allocation,
-    check_budget,
-    check_method,
-    check_ranks,
-    check_threshold,
-)
-from lightning_rank.factors import (  # noqa: F401  (re-exported: their home before the split)
-    allocate_ranks,
-    output_error,
-    projection_factors,
-    svd_factors,
-    tail_curve,
-    whiten_factors,
-)
-from lightning_rank.layers import disable_dense_fast_paths, low_rank_from_dense
-from lightning_rank.progress import progress_bar
-from lightning_rank.ranks import (
+from lightning_rank.checks import RankSpec, check_allocation, check_budget, check_method, check_ranks, check_threshold
+from lightning_rank.compress.layers import disable_dense_fast_paths, low_rank_from_dense
+from lightning_rank.compress.planning import (
     Replaceable,
     check_budget_feasible,
     decompositions,
     factors,
     plan_budget,
     plan_ranks,
+    relative_output_error,
     resolve_ranks,
-    relative_error as layer_relative_error,
     why_not_at_rank,
 )
-from lightning_rank.selection import select_layers, shared_weights, why_not_replaceable
-from lightning_rank.statistics import ActivationStatistics, ForwardFn
-from lightning_rank.structure import load_factorized, rebuild_factorized_  # noqa: F401
+from lightning_rank.compress.results import FactorizationResult, LayerFactorization
+from lightning_rank.compress.selection import factorization_targets, shared_weights, why_not_replaceable
+from lightning_rank.spectral.progress import progress_bar
+from lightning_rank.stats.collect import ForwardFn
+from lightning_rank.stats.sums import ActivationStatistics
 from lightning_rank.targets import (
-    LayerKind,
     ModuleSelector,
     Target,
     get_submodule,
@@ -58,102 +41,6 @@ from lightning_rank.targets import (
     set_submodule,
     weight_matrix,
 )
-
-
-# -- results ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerFactorization:
-    """What happened to one selected layer.
-
-    ``rank`` is the rank planned for it (``None`` when none was), ``relative_error`` the output error
-    ``E||(W - W') x||^2 / E||W x||^2`` of the layer as it now is, from the statistics (0.0 when left
-    dense, ``None`` without statistics), ``reason`` why it was not replaced. Under a budget,
-    ``energy_kept`` is the share of the layer's output energy its rank keeps, and ``sensitivity``
-    (``allocation="probe"``) the model's relative output error per unit of this layer's relative error.
-    """
-
-    name: str
-    kind: LayerKind | None
-    out_features: int | None
-    in_features: int | None
-    replaced: bool
-    rank: int | None = None
-    relative_error: float | None = None
-    params_before: int | None = None
-    params_after: int | None = None
-    reason: str | None = None
-    energy_kept: float | None = None
-    sensitivity: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        del out["name"]
-        return out
-
-
-@dataclass
-class FactorizationResult:
-    """What :func:`factorize_` did: whole-model parameter counts and one :class:`LayerFactorization` per layer.
-
-    ``layer_params_before`` / ``layer_params_after`` count the selected layers only; a budget is a
-    fraction of the replaceable ones among them. ``allocation`` is the rule that decided the ranks under
-    a budget (``"probe"``, ``"uniform"`` or ``"greedy"``).
-    """
-
-    method: str
-    threshold: float
-    param_budget: float | None
-    params_before: int
-    params_after: int
-    layer_params_before: int
-    layer_params_after: int
-    details: dict[str, LayerFactorization] = field(default_factory=dict)
-    macs_budget: float | None = None
-    allocation: str | None = None
-
-    @property
-    def layers(self) -> dict[str, int]:
-        """``{name: rank}`` of the replaced layers."""
-        return {name: d.rank for name, d in self.details.items() if d.replaced}
-
-    @property
-    def not_replaced(self) -> dict[str, str]:
-        """``{name: reason}`` of the selected layers left as they were."""
-        return {name: d.reason for name, d in self.details.items() if not d.replaced}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "threshold": self.threshold,
-            "param_budget": self.param_budget,
-            "macs_budget": self.macs_budget,
-            "allocation": self.allocation,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "layer_params_before": self.layer_params_before,
-            "layer_params_after": self.layer_params_after,
-            "layers": self.layers,
-            "details": {name: d.to_dict() for name, d in self.details.items()},
-        }
-
-    def to_markdown(self) -> str:
-        """A table of every selected layer, headed by the parameter counts."""
-        lines = [
-            f"**{self.method}**: parameters {self.params_before:,} -> {self.params_after:,} "
-            f"({100 * self.params_after / max(self.params_before, 1):.1f}%), {len(self.layers)} layers replaced",
-            "",
-            "| layer | out x in | rank | rel. output error | params | replaced |",
-            "|---|---|---:|---:|---:|---|",
-        ]
-        for name, d in self.details.items():
-            error = "n/a" if d.relative_error is None else f"{d.relative_error:.4f}"
-            params = "" if d.params_before is None else f"{d.params_before:,} -> {d.params_after:,}"
-            lines.append(
-                f"| {name} | {d.out_features} x {d.in_features} | {d.rank if d.rank is not None else ''} | {error} | "
-                f"{params} | {'yes' if d.replaced else 'no: ' + str(d.reason)} |"
-            )
-        return "\n".join(lines) + "\n"
-
 
 
 # -- what was planned ----------------------------------------------------------------------------
@@ -254,8 +141,6 @@ def plan_factorization(
                          "count each layer's output positions per example")
     if allocation == "probe" and not calibration:
         raise ValueError("allocation='probe' needs `calibration` batches: a few batches the model's forward takes")
-    if allocation == "greedy" and macs is not None:
-        raise ValueError("allocation='greedy' allocates parameters only: use param_budget, or another allocation")
     if stats is None and method != "svd":
         raise ValueError(
             f"method={method!r} needs `stats`: collect them with lr.collect(model, batches), or use method='svd'"
@@ -263,7 +148,7 @@ def plan_factorization(
     if stats is not None and not isinstance(stats, ActivationStatistics):
         raise TypeError(f"`stats` must be ActivationStatistics from lr.collect or None, got {type(stats).__name__}")
 
-    targets, unselectable = select_layers(model, stats, target_modules, exclude_modules)
+    targets, unselectable = factorization_targets(model, stats, target_modules, exclude_modules)
     wanted = resolve_ranks(ranks, targets)
     details = {name: _kept(model, name, None, reason) for name, reason in unselectable.items()}
     shared = shared_weights(model)
@@ -300,7 +185,7 @@ def plan_factorization(
         threshold=threshold,
         param_budget=budget,
         macs_budget=macs,
-        allocation=(allocated.rule if allocated is not None else "greedy") if budgeted else None,
+        allocation=allocated.rule if allocated is not None else None,
         params_before=params_before,
         params_after=params_before - removed + sum(p.numel() for m in modules.values() for p in m.parameters()),
         layer_params_before=layer_params_before,
@@ -365,7 +250,7 @@ def check_factorization(
     """
     budget = check_budget(param_budget)
     ranks = check_ranks(ranks, budget)
-    targets, _ = select_layers(model, None, target_modules, exclude_modules)
+    targets, _ = factorization_targets(model, None, target_modules, exclude_modules)
     resolve_ranks(ranks, targets)
     shared = shared_weights(model)
     replaceable = {name: t for name, t in targets.items() if why_not_replaceable(name, t, None, shared) is None}
@@ -406,7 +291,7 @@ def _replaced(layer: Replaceable, new: nn.Module) -> LayerFactorization:
         in_features=layer.shape[1],
         replaced=True,
         rank=layer.rank,
-        relative_error=layer_relative_error(layer, new.dense_weight().detach().to(layer.weight)),
+        relative_error=relative_output_error(layer, new.dense_weight().detach().to(layer.weight)),
         params_before=parameter_count(layer.target),
         params_after=sum(p.numel() for p in new.parameters()),
     )

@@ -1,23 +1,19 @@
-"""Which selected layers factorization may replace, and why the others may not.
+"""Which layers factorization takes, which of them it may replace, and why the others may not.
 
-Shared by the planner (:func:`~lightning_rank.factorize.plan_factorization`), its early checks, and
-:func:`layer_candidates`, which hands the replaceable layers to rank allocation.
+Shared by the planner (:func:`~lightning_rank.compress.factorize.plan_factorization`) and its early checks
+(:func:`~lightning_rank.compress.factorize.check_factorization`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import nn
 
-from lightning_rank.allocation import LayerCandidate
-from lightning_rank.layers import LOW_RANK_TYPES, low_rank_type
-from lightning_rank.ranks import Replaceable, candidate, decompositions
-from lightning_rank.statistics import ActivationStatistics
+from lightning_rank.compress.layers import LOW_RANK_TYPES, low_rank_type
+from lightning_rank.stats.sums import ActivationStatistics
 from lightning_rank.targets import ModuleSelector, Target, named_modules, select_targets, weight_matrix
 
 
-def select_layers(
+def factorization_targets(
     model: nn.Module, stats: ActivationStatistics | None, target_modules: ModuleSelector, exclude_modules: ModuleSelector
 ) -> tuple[dict[str, Target], dict[str, str]]:
     """The selected layers ``(targets, unselectable name -> reason)``: those in ``stats`` unless ``target_modules``
@@ -91,36 +87,3 @@ def shared_weights(model: nn.Module) -> dict[int, list[str]]:
         for param in module.parameters(recurse=False):
             owners.setdefault(id(param), []).append(name)
     return owners
-
-
-def layer_candidates(
-    model: nn.Module,
-    stats: ActivationStatistics,
-    *,
-    target_modules: ModuleSelector = None,
-    exclude_modules: ModuleSelector = None,
-    positions: Mapping[str, float] | None = None,
-) -> tuple[dict[str, LayerCandidate], dict[str, str]]:
-    """The replaceable layers among those ``stats`` holds (or the selection) as allocation candidates, and
-    ``{name: reason}`` of the layers left out of a budget's base (no statistics, ``nn.MultiheadAttention``
-    projections, no low-rank replacement, tied weights, no rank that saves parameters). ``positions``:
-    output positions per example (default 1; :meth:`~lightning_rank.probe.Probe.positions` measures them)."""
-    targets, left_out = select_layers(model, stats, target_modules, exclude_modules)
-    left_out = dict(left_out)
-    shared = shared_weights(model)
-    replaceable = {}
-    for name, target in targets.items():
-        reason = why_not_replaceable(name, target, stats, shared)
-        if reason is None:
-            replaceable[name] = target
-        else:
-            left_out[name] = reason
-    spectra = decompositions(model, stats, replaceable, 0.99, with_ranks=False, with_output_basis=False)
-    candidates = {}
-    for name, target in replaceable.items():
-        entry = candidate(name, Replaceable(target, spectra[name]), (positions or {}).get(name, 1.0))
-        if entry.max_rank < 1:
-            left_out[name] = f"no rank saves parameters on its {entry.shape[0]} x {entry.shape[1]} weight"
-        else:
-            candidates[name] = entry
-    return candidates, left_out

@@ -17,7 +17,6 @@ gathered only at the kept output positions when few are kept.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Literal
 
 import torch

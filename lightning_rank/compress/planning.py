@@ -14,23 +14,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_rank.allocation import Allocation, LayerCandidate, allocate
-from lightning_rank.analysis import decompose
 from lightning_rank.checks import RankSpec
-from lightning_rank.factors import (
-    _balanced,
-    allocate_ranks,
+from lightning_rank.compress.allocation import Allocation, allocate
+from lightning_rank.compress.candidates import LayerCandidate
+from lightning_rank.compress.factors import (
     break_even_rank,
     output_error,
     projection_factors,
     svd_factors,
-    tail_curve,
-    whitened_weight,
+    whiten_factors,
+    whitened_svd,
 )
-from lightning_rank.probe import Probe
-from lightning_rank.spectrum import energy_rank
-from lightning_rank.statistics import ActivationStatistics, ForwardFn
-from lightning_rank.targets import Target, parameter_count, weight_matrix
+from lightning_rank.compress.probe import Probe
+from lightning_rank.spectral.analysis import decompose
+from lightning_rank.spectral.spectrum import energy_rank
+from lightning_rank.stats.collect import ForwardFn
+from lightning_rank.stats.sums import ActivationStatistics
+from lightning_rank.targets import Target, weight_matrix
 
 
 @dataclass
@@ -107,17 +107,8 @@ class Replaceable:
     def whitened(self) -> tuple[Tensor, Tensor]:
         """Left singular vectors and singular values of ``W S`` (computed once)."""
         if self._whitened_svd is None:
-            spectra = self.spectra
-            u, s, _ = torch.linalg.svd(whitened_weight(self.weight, spectra.values, spectra.vectors), full_matrices=False)
-            self._whitened_svd = (u, s)
+            self._whitened_svd = whitened_svd(self.weight, self.spectra.values, self.spectra.vectors)
         return self._whitened_svd
-
-    def error_curve(self) -> Tensor:
-        """Relative output error at each rank: the least achievable (whiten) with statistics, else ``||W - W_r||_F^2``."""
-        size = min(self.shape)
-        if self.spectra.moment is None:
-            return tail_curve(torch.linalg.svdvals(self.weight), size)
-        return tail_curve(self.whitened()[1], size)
 
 
 def candidate(name: str, layer: Replaceable, positions: float = 1.0) -> LayerCandidate:
@@ -206,14 +197,13 @@ def plan_budget(
     calibration: list | None,
     forward: ForwardFn | None,
     method: str = "whiten",
-) -> Allocation | None:
+) -> Allocation:
     """Set each layer's rank so that the replaceable layers keep ``param_budget`` of their parameters or
     ``macs_budget`` of their multiply-adds per example; returns the :class:`~lightning_rank.allocation.Allocation`.
 
     ``allocation``: ``"probe"`` (the model's own output on the ``calibration`` batches decides, never
     worse there than ``"uniform"``), ``"uniform"`` (one common tolerance on every layer's relative
-    output error: the floor), ``"greedy"`` (least relative layer error per parameter saved, the former
-    rule, parameters only) or ``"auto"`` (``"probe"`` with calibration batches, else ``"uniform"``).
+    output error: the floor) or ``"auto"`` (``"probe"`` with calibration batches, else ``"uniform"``).
     With ``method="whiten"`` the probe rule also weights each layer's truncation by how much its output
     directions move the model's output (:meth:`~lightning_rank.allocation.LayerCandidate.output_weighted`);
     the factors then follow those truncations.
@@ -221,19 +211,6 @@ def plan_budget(
     fits = {name: layer for name, layer in layers.items() if break_even_rank(*layer.shape) >= 1}
     for name, layer in layers.items():
         layer.rank = 1 if name not in fits else None  # rank 1 does not save: reported as such
-    if allocation == "greedy":
-        base = sum(parameter_count(layer.target) for layer in layers.values())
-        needed = base - math.floor(param_budget * base)
-        if needed > 0:
-            check_budget_feasible({name: layer.shape for name, layer in layers.items()}, param_budget, base)
-            chosen = allocate_ranks(
-                {name: layer.error_curve().tolist() for name, layer in fits.items()},
-                {name: layer.shape for name, layer in fits.items()},
-                needed,
-            )
-            for name, layer in fits.items():
-                layer.rank = chosen[name]
-        return None
     probe = Probe(model, calibration, forward=forward) if calibration is not None else None
     positions = probe.positions({name: layer.target for name, layer in fits.items()}) if probe else {}
     candidates = {name: candidate(name, layer, positions.get(name, 1.0)) for name, layer in fits.items()}
@@ -254,7 +231,7 @@ def why_not_at_rank(layer: Replaceable, threshold: float, explicit: bool) -> str
         return "the parameter budget is met without factorizing this layer"
     if layer.rank == 0:
         return f"utilized rank 0 at threshold {threshold}: the layer's output carries no energy on the collected data"
-    if layer.rank * (out + fan_in) >= out * fan_in:
+    if layer.rank > break_even_rank(out, fan_in):
         source = "" if explicit else f" (utilized rank at threshold {threshold})"
         return (
             f"rank {layer.rank}{source} needs {layer.rank * (out + fan_in):,} weight parameters as factors, "
@@ -269,17 +246,15 @@ def factors(layer: Replaceable, method: str) -> tuple[Tensor, Tensor]:
     if method == "svd":
         return svd_factors(layer.weight, rank)
     if method == "whiten":
-        if layer.truncation is not None:  # W_r = B D^T W: orthonormalize B, keep the product
-            q, t = torch.linalg.qr(layer.truncation[0])
-            return _balanced(q, t @ (layer.truncation[1].t() @ layer.weight))
-        u = layer.whitened()[0][:, :rank]
-        return _balanced(u, u.t() @ layer.weight)
+        if layer.truncation is not None:
+            return whiten_factors(layer.weight, layer.truncation[0], rank, dual=layer.truncation[1])
+        return whiten_factors(layer.weight, layer.whitened()[0], rank)
     in_rank = min(max(spectra.in_rank, rank), layer.shape[1])
     out_rank = min(max(spectra.out_rank, rank), spectra.out_vectors.shape[1])
     return projection_factors(layer.weight, spectra.vectors, spectra.out_vectors, in_rank, out_rank, rank)
 
 
-def relative_error(layer: Replaceable, approx: Tensor) -> float | None:
+def relative_output_error(layer: Replaceable, approx: Tensor) -> float | None:
     moment = layer.spectra.moment
     if moment is None:
         return None

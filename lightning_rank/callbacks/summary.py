@@ -14,26 +14,23 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_rank.report import write_json_atomic
-from lightning_rank.statistics import ForwardFn, default_forward
-from lightning_rank.tensorboard import compression_scalars, write_compression
+from lightning_rank.spectral.report import write_json_atomic
+from lightning_rank.stats.collect import ForwardFn, default_forward, eval_mode
+from lightning_rank.views.tags import compression_scalars
+from lightning_rank.views.writers import write_compression
 
 
 def count_macs(model: nn.Module, batch: Any, forward: ForwardFn | None) -> float | None:
     """Multiply-adds per example of one forward of ``model`` (in eval mode) over ``batch`` (None if it cannot run)."""
     if batch is None:
         return None
-    training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             (forward or default_forward)(model, batch)
         return counter.get_total_flops() / 2 / extract_batch_size(batch)
     except Exception as err:  # a forward that does not take the batch as `collect` passes it
         rank_zero_warn(f"RankCompression could not count multiply-adds ({err}); pass `forward=` to count them.")
         return None
-    finally:
-        model.train(training)
 
 
 def monitored_value(trainer: Trainer, monitor: str) -> float:

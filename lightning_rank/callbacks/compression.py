@@ -39,11 +39,21 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_rank import _lightning
+from lightning_rank.callbacks import _lightning
+from lightning_rank.callbacks.base import (
+    ValidationStatisticsCallback,
+    check_validation_batches,
+    check_validation_data,
+    reports_dir,
+)
+from lightning_rank.callbacks.checkpoints import restart_checkpointing, save_compressed
+from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
+from lightning_rank.callbacks.summary import compression_summary, count_macs, monitored_value, publish
 from lightning_rank.checks import (
+    MaskFn,
     StatisticsArguments,
-    check_bool,
     check_allocation,
+    check_bool,
     check_budget,
     check_compress_at_epoch,
     check_forward,
@@ -53,19 +63,16 @@ from lightning_rank.checks import (
     check_threshold,
     resolve_compress_at_epoch,
 )
-from lightning_rank.checkpointing import restart_checkpointing, save_compressed
-from lightning_rank.compression_summary import compression_summary, count_macs, monitored_value, publish
-from lightning_rank.epoch_statistics import (
-    CALIBRATION_BATCHES,
-    EpochStatistics,
-    ValidationStatisticsCallback,
-    check_validation_batches,
-    check_validation_data,
-    reports_dir,
+from lightning_rank.compress.factorize import FactorizationPlan, check_factorization, plan_factorization
+from lightning_rank.compress.loading import (
+    CHECKPOINT_KEY,
+    LOAD_HINT,
+    dense_state_dict,
+    factorized_layers,
+    rebuild_factorized_,
 )
-from lightning_rank.factorize import FactorizationPlan, FactorizationResult, check_factorization, plan_factorization
-from lightning_rank.statistics import ForwardFn, MaskFn
-from lightning_rank.structure import CHECKPOINT_KEY, LOAD_HINT, dense_state_dict, factorized_layers, rebuild_factorized_
+from lightning_rank.compress.results import FactorizationResult
+from lightning_rank.stats.collect import ForwardFn
 from lightning_rank.targets import ModuleSelector
 
 
@@ -89,14 +96,6 @@ class _Run:
     unwrap_load_hook: Callable[[], None] | None = None
 
 
-def _saved_phase(state_dict: dict[str, Any]) -> Phase:
-    """The phase a resumed fit starts in: a planned swap is planned again (its modules are not saved)."""
-    if "phase" not in state_dict:  # written before phases: {"compressed", "planned_epochs", "metrics", "macs", ...}
-        return Phase.COMPRESSED if state_dict.get("compressed") else Phase.TRAINING
-    phase = Phase(state_dict["phase"])
-    return Phase.TRAINING if phase == Phase.PLANNED else phase
-
-
 class RankCompression(ValidationStatisticsCallback):
     r"""Compress the model to its utilized rank at ``compress_at_epoch``, then fine-tune it, within ``max_epochs``.
 
@@ -118,7 +117,7 @@ class RankCompression(ValidationStatisticsCallback):
             parameters can leave compute almost unchanged).
         allocation: how a budget is shared out (see :func:`~lightning_rank.plan_factorization`): ``"auto"`` lets
             the model's own output on the first validation batches decide (uniform error tolerance under DDP,
-            where each process holds other batches), or ``"probe"``, ``"uniform"``, ``"greedy"``.
+            where each process holds other batches), or ``"probe"``, ``"uniform"``.
         method: ``"whiten"`` (least output error on the data), ``"projection"`` (the paper's ``P_T W P_S``) or ``"svd"``.
         monitor: the validation metric reported before, right after, and after fine-tuning.
         ranks: explicit ranks, one int or ``{name or regex: rank}``.
@@ -371,7 +370,8 @@ class RankCompression(ValidationStatisticsCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.phase = _saved_phase(state_dict)
+        phase = Phase(state_dict["phase"])
+        self.phase = Phase.TRAINING if phase == Phase.PLANNED else phase  # a plan is not saved: it is made again
         self.metrics.update(state_dict["metrics"])
         self.macs.update(state_dict["macs"])
         self._factorization = state_dict["factorization"] if self.phase != Phase.TRAINING else None

@@ -20,29 +20,22 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from typing_extensions import override
 
-from lightning_rank import _lightning
-from lightning_rank import tensorboard as views_module
-from lightning_rank.analysis import analyze
-from lightning_rank.report import RankReport, write_json_atomic
-from lightning_rank.checks import StatisticsArguments, check_positive_int
-from lightning_rank.epoch_statistics import (
-    REPORTS_FOLDER,
-    EpochStatistics,
-    ValidationStatisticsCallback,
-    can_run_eagerly,
-    check_selection,
-    is_compiled,
-    reports_dir,
-)
-from lightning_rank.layers import LOW_RANK_TYPES
-from lightning_rank.spectrum import check_threshold
-from lightning_rank.statistics import MaskFn, warn_about_rows
+from lightning_rank.callbacks import _lightning
+from lightning_rank.callbacks._lightning import is_compiled
+from lightning_rank.callbacks.base import REPORTS_FOLDER, ValidationStatisticsCallback, check_selection, reports_dir
+from lightning_rank.callbacks.epoch import EpochStatistics, can_run_eagerly
+from lightning_rank.checks import MaskFn, StatisticsArguments, check_positive_int, check_threshold
+from lightning_rank.compress.layers import LOW_RANK_TYPES
+from lightning_rank.spectral.analysis import analyze
+from lightning_rank.spectral.report import RankReport, write_json_atomic
+from lightning_rank.stats.collect import warn_about_rows
 from lightning_rank.targets import ModuleSelector
-
+from lightning_rank.views import tags, writers
+from lightning_rank.views.tags import report_scalars
 
 _clock = time.perf_counter  # the figures' schedule reads this clock (tests replace it)
 FIGURE_SECONDS = 0.01  # about what drawing and encoding one figure takes on a CPU core, before one was timed
@@ -95,7 +88,7 @@ class RankMonitor(ValidationStatisticsCallback):
         dtype: accumulation dtype, ``torch.float32`` or ``torch.float64``.
         centered: use covariances instead of uncentered second moments.
         tensorboard: write the layout and the ``views`` to each ``TensorBoardLogger``.
-        views: which extras to write (names from ``lightning_rank.tensorboard.VIEWS``). Default
+        views: which extras to write (names from ``lightning_rank.views.tags.VIEWS``). Default
             ``("heatmap", "energy", "table")``: a labelled utilization heatmap (layers x analyzed epochs, the
             compression marked) as ``0_rank_summary/utilization_heatmap``, cumulative-energy figures per block
             (``rank_energy/<block>``; both drawn with Pillow, a few milliseconds each) and the report as a text
@@ -130,7 +123,7 @@ class RankMonitor(ValidationStatisticsCallback):
         dtype: torch.dtype = torch.float32,
         centered: bool = False,
         tensorboard: bool = True,
-        views: Sequence[str] = views_module.DEFAULT_VIEWS,
+        views: Sequence[str] = tags.DEFAULT_VIEWS,
         figure_budget: float | None = 0.01,
         seed: int = 0,
         eig_dtype: torch.dtype = torch.float32,
@@ -149,7 +142,7 @@ class RankMonitor(ValidationStatisticsCallback):
             raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype!r}")
         self.eig_dtype = eig_dtype
         self.tensorboard = tensorboard
-        self.views = views_module.check_views(views)
+        self.views = tags.check_views(views)
         if figure_budget is not None and (
             isinstance(figure_budget, bool) or not isinstance(figure_budget, (int, float)) or not 0 < figure_budget <= 1
         ):
@@ -321,9 +314,9 @@ class RankMonitor(ValidationStatisticsCallback):
         for logger in trainer.loggers:
             if not (self.tensorboard and isinstance(logger, TensorBoardLogger)):  # those are written below, with descriptions
                 logger.log_metrics(metrics, step=step)
-        writers = self._writers(trainer)
-        if writers:
-            self._write_views(writers, report, metrics, step, final=stage == TrainerFn.VALIDATING.value)
+        summary_writers = self._writers(trainer)
+        if summary_writers:
+            self._write_views(summary_writers, report, metrics, step, final=stage == TrainerFn.VALIDATING.value)
 
     def _writers(self, trainer: Trainer) -> list[Any]:
         """The ``SummaryWriter`` of every ``TensorBoardLogger`` the views go to (none off global rank zero)."""
@@ -332,27 +325,27 @@ class RankMonitor(ValidationStatisticsCallback):
         return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
     def _write_views(
-        self, writers: list[Any], report: RankReport, metrics: dict[str, float], step: int, final: bool
+        self, summary_writers: list[Any], report: RankReport, metrics: dict[str, float], step: int, final: bool
     ) -> None:
         spectra = {name: spectrum_in for name, (spectrum_in, _) in report.spectra.items()}
         layers = tuple(dict.fromkeys(  # every layer analyzed so far, so no chart is dropped when layers change
             name for entry in self.history for name, layer in entry["report"]["layers"].items()
             if layer.get("utilization") is not None
         ))
-        for writer in writers:
-            views_module.write_scalars(writer, metrics, step)
+        for writer in summary_writers:
+            writers.write_scalars(writer, metrics, step)
             if self._layouts_written.get(writer.get_logdir()) != layers:  # new layers get their charts
-                views_module.write_layout(writer, layers)
+                writers.write_layout(writer, layers)
                 self._layouts_written[writer.get_logdir()] = layers
             if "spectra" in self.views:
-                views_module.write_spectra(writer, spectra, step)
+                writers.write_spectra(writer, spectra, step)
             if "table" in self.views:
-                views_module.write_report_text(writer, report, step)
+                writers.write_report_text(writer, report, step)
             writer.flush()
         if {"heatmap", "energy"} & set(self.views):
             self._pending_figures = (spectra, step, self.history[-1]["epoch"])
             if final or self._figures_due(spectra):
-                self._draw_figures(writers)
+                self._draw_figures(summary_writers)
 
     def _figures_due(self, spectra: dict[str, Any]) -> bool:
         """Whether drawing the figures now keeps them within :attr:`figure_budget` of the time since they were
@@ -361,22 +354,22 @@ class RankMonitor(ValidationStatisticsCallback):
             return True
         seconds = self._figure_seconds
         if seconds is None:  # never drawn yet: the usual cost of that many figures
-            count = ("heatmap" in self.views) + ("energy" in self.views) * len(views_module.group_layers(list(spectra)))
+            count = ("heatmap" in self.views) + ("energy" in self.views) * len(tags.group_layers(list(spectra)))
             seconds = FIGURE_SECONDS * count
         return seconds <= self.figure_budget * (_clock() - self._figures_drawn_at)
 
-    def _draw_figures(self, writers: list[Any]) -> None:
+    def _draw_figures(self, summary_writers: list[Any]) -> None:
         """Draw the heatmap and energy figures of the pending analyzed epoch, at its step, and time them."""
         pending, self._pending_figures = self._pending_figures, None
-        if pending is None or not writers:
+        if pending is None or not summary_writers:
             return
         spectra, step, epoch = pending
         start = _clock()
-        for writer in writers:
+        for writer in summary_writers:
             if "heatmap" in self.views:
-                views_module.write_heatmap(writer, self.history, step)
+                writers.write_heatmap(writer, self.history, step)
             if "energy" in self.views:
-                views_module.write_energy_curves(writer, spectra, self.threshold, step, epoch=epoch)
+                writers.write_energy_curves(writer, spectra, self.threshold, step, epoch=epoch)
             writer.flush()
         self._figures_drawn_at = _clock()
         self._figure_seconds = self._figures_drawn_at - start
@@ -390,16 +383,3 @@ class RankMonitor(ValidationStatisticsCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.report = RankReport.from_dict(self.history[-1]["report"]) if self.history else None
-
-
-def report_scalars(report: RankReport, ranks: bool = False) -> dict[str, float]:
-    """The scalars logged for ``report``: MLU, weighted MLU and each analyzed layer's utilization; with ``ranks``
-    also each layer's in and out rank. Tag names are :mod:`lightning_rank.tensorboard`'s."""
-    metrics = {views_module.MLU_TAG: report.mlu, views_module.WEIGHTED_MLU_TAG: report.weighted_mlu}
-    for name, layer in report.analyzed.items():
-        metrics[f"{views_module.UTILIZATION_PREFIX}/{name}"] = layer.utilization
-    if ranks:
-        for name, layer in report.analyzed.items():
-            metrics[f"{views_module.IN_RANK_PREFIX}/{name}"] = float(layer.in_rank)
-            metrics[f"{views_module.OUT_RANK_PREFIX}/{name}"] = float(layer.out_rank)
-    return metrics

@@ -1,45 +1,34 @@
 """Rank allocation under a budget: which rank each layer gets so the whole model keeps most of its output.
 
-Contract (what the factorization planner calls):
-
-    candidates, left_out = selection.layer_candidates(model, stats)  # or build LayerCandidate itself
-    allocation = allocate(candidates, param_budget=0.5,              # or macs_budget=...
-                          probe=probe.Probe(model, calibration_batches))  # probe=None: uniform tolerance
+    allocation = allocate(candidates, param_budget=0.5,             # or macs_budget=...
+                          probe=Probe(model, calibration_batches))  # probe=None: uniform tolerance
     allocation.ranks       # {name: rank} of the layers to factorize (the others stay dense)
     allocation.layers      # {name: AllocatedRank}: rank, params, macs, energy kept, relative
                            # output error, and the measured end-to-end sensitivity where probed
 
-- A :class:`LayerCandidate` is one replaceable layer: its ``(out, fan_in)`` weight ``W``, the left
-  singular vectors ``U`` and singular values ``s`` of the whitened weight ``W S`` (``S S^T = C``, the
-  input second moment), its bias size and its output positions per example (a convolution's output
-  map, tokens for a sequence). The best rank-``r`` weight on the data is ``W_r = U_r U_r^T W``; its
-  relative output error ``E||(W - W_r) x||^2 / E||W x||^2`` is the tail ``e[r] = sum_{i>=r} s_i^2 / sum s_i^2``.
-  Rank ``r`` costs ``r (out + fan_in)`` weight parameters and ``r (out + fan_in) positions``
-  multiply-adds per example; a layer is only ever given a rank below break-even (``r (out + fan_in) <
-  out fan_in``) or left dense (rank ``None``).
-- Budgets are fractions of what the candidates hold (weights and biases; multiply-adds per example):
-  layers that can never be factorized are not candidates, so they are out of the base (and
-  :func:`~lightning_rank.selection.layer_candidates` lists them with the reason).
+Candidates (:class:`~lightning_rank.compress.candidates.LayerCandidate`) are the replaceable layers; a
+budget is a fraction of what they hold (weights and biases, or multiply-adds per example), so layers that
+can never be factorized are out of its base.
+
 - ``rule="uniform"`` (the floor): one common tolerance ``t`` on every layer's relative output error,
   rank ``r_l = min{r >= 1: e_l[r] <= t}``, with ``t`` the smallest value that meets the budget.
-- ``rule="probe"`` (the default when a :class:`Probe` is given): the model's own output decides.
-  On the first calibration batch one backward pass of ``z . f`` (``z`` a random direction over the output
-  ``f``) gives each layer's output-gradient moment ``G``; each layer's truncation is then weighted by it
-  (:meth:`LayerCandidate.output_weighted`: the rank-``r`` weight of least ``tr(G (W - W_r) C (W - W_r)^T)``,
-  so the output directions the model amplifies are kept first; ``output_weighted=False`` keeps the plain
-  whitened truncation). One forward and backward pass per calibration batch then gives, for every layer
-  and every rank at once, the linearized damage ``D_l(r) = E||f(W_r) - f(W)||^2 / E||f||^2`` of truncating
-  that layer alone (estimated through ``z``; see :func:`~lightning_rank.probe.linear_damage`). Ranks are
-  allocated greedily on those curves (lower convex hull of damage against cost saved, leftover budget
-  spent back). Finally this allocation and uniform tolerance's (plain whitened truncations) are both
-  evaluated on the calibration batches (the probe restores every weight bit-exactly after overwriting
-  it in place under ``no_grad``) and the one with the lower output error is returned, so the result is
-  never worse than the floor there. Optionally (``measure_layers=True``) each layer is also truncated
-  alone for real and its curve rescaled to that measurement. Cost, in forward passes over one
-  calibration batch (a backward counts as two): ``5 x batches + 2`` (``+ layers x layer_batches`` with
-  ``measure_layers``), linear in depth, independent of the ranks; plus, per layer and pass, products of
-  its outputs with ``max_rank + 1`` directions, and once its gradient moment (``rows x out^2``), a
-  Cholesky factorization of it and an SVD of ``out x min(out, fan_in)``.
+- ``rule="probe"`` (the default when a :class:`~lightning_rank.compress.probe.Probe` is given): the model's
+  own output decides. On the first calibration batch one backward pass of ``z . f`` (``z`` a random
+  direction over the output ``f``) gives each layer's output-gradient moment ``G``; each layer's truncation
+  is then weighted by it (:meth:`~lightning_rank.compress.candidates.LayerCandidate.output_weighted`: the
+  rank-``r`` weight of least ``tr(G (W - W_r) C (W - W_r)^T)``, so the output directions the model
+  amplifies are kept first; ``output_weighted=False`` keeps the plain whitened truncation). One forward and
+  backward pass per calibration batch then gives, for every layer and every rank at once, the linearized
+  damage ``D_l(r) = E||f(W_r) - f(W)||^2 / E||f||^2`` of truncating that layer alone (estimated through
+  ``z``; see :meth:`~lightning_rank.compress.probe.Probe.linear_damage`). Ranks are allocated greedily on
+  those curves (lower convex hull of damage against cost saved, leftover budget spent back). Finally this
+  allocation and uniform tolerance's (plain whitened truncations) are both evaluated on the calibration
+  batches (the probe restores every weight bit-exactly after overwriting it in place under ``no_grad``)
+  and the one with the lower output error is returned, so the result is never worse than the floor
+  there. Cost, in forward passes over one calibration batch (a backward counts as two): ``5 x batches + 2``,
+  linear in depth, independent of the ranks; plus, per layer and pass, products of its outputs with
+  ``max_rank + 1`` directions, and once its gradient moment (``rows x out^2``), a Cholesky factorization
+  of it and an SVD of ``out x min(out, fan_in)``.
 """
 
 from __future__ import annotations
@@ -47,103 +36,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_rank.factors import lower_hull, slope
+from lightning_rank.checks import check_budget
+from lightning_rank.compress.candidates import LayerCandidate
+from lightning_rank.compress.probe import Probe
 from lightning_rank.targets import Target
-
-if TYPE_CHECKING:
-    from lightning_rank.probe import Probe
 
 RULES = ("probe", "uniform")
 
-
-# -- candidates --------------------------------------------------------------------------------
-@dataclass
-class LayerCandidate:
-    """One replaceable layer and what allocation needs of it (all tensors float64, on one device).
-
-    ``basis`` (``(out, k)``) and ``singular_values`` (``(k,)``, largest first) are the SVD of the
-    whitened weight ``W S``; ``weight`` is ``W`` as ``(out, fan_in)``. ``target`` says where a
-    :class:`Probe` writes ``W_r`` (``None``: the layer cannot be probed). ``dual`` (``None`` for the plain
-    whitened truncation) makes the rank-``r`` weight the oblique projection ``W_r = B_r D_r^T W`` with
-    ``B = basis``, ``D = dual`` (``D^T B = I``); :meth:`output_weighted` builds one.
-    """
-
-    name: str
-    weight: Tensor
-    basis: Tensor
-    singular_values: Tensor
-    bias_params: int = 0
-    positions: float = 1.0
-    target: Target | None = None
-    dual: Tensor | None = None
-    curve: Tensor = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        out, fan_in = self.weight.shape
-        size = min(out, fan_in)
-        energy = torch.zeros(size + 1, dtype=torch.float64)
-        squares = self.singular_values.detach().double().cpu().square()
-        if self.dual is not None:  # W S = sum_i b_i s_i v_i^T with orthonormal v_i: ||b_i||^2 s_i^2 each
-            squares = squares * self.basis.detach().double().cpu().square().sum(0)[: len(squares)]
-        squares = squares[:size]
-        energy[: len(squares)] = squares.flip(0).cumsum(0).flip(0)
-        self.energy = float(energy[0])
-        self.curve = energy / energy[0] if energy[0] > 0 else energy
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)  # type: ignore[return-value]
-
-    @property
-    def max_rank(self) -> int:
-        """The largest rank that saves parameters: ``r (out + fan_in) < out fan_in`` (0 when none does)."""
-        out, fan_in = self.shape
-        return (out * fan_in - 1) // (out + fan_in)
-
-    def params(self, rank: int | None) -> int:
-        """Weight and bias parameters at ``rank`` (``None``: dense)."""
-        out, fan_in = self.shape
-        return self.bias_params + (out * fan_in if rank is None else rank * (out + fan_in))
-
-    def macs(self, rank: int | None) -> float:
-        """Multiply-adds per example at ``rank`` (``None``: dense)."""
-        return (self.params(rank) - self.bias_params) * self.positions
-
-    def error(self, rank: int | None) -> float:
-        """Relative output error ``e[rank]`` of the whitened truncation on the data (0 when dense)."""
-        return 0.0 if rank is None else float(self.curve[min(rank, len(self.curve) - 1)])
-
-    def weight_at(self, rank: int) -> Tensor:
-        """``W_r = U_r U_r^T W`` (the rank-``rank`` weight with the least output error on the data), or
-        ``B_r D_r^T W`` with a ``dual``."""
-        u = self.basis[:, :rank]
-        v = u if self.dual is None else self.dual[:, :rank]
-        return u @ (v.t() @ self.weight)
-
-    def output_weighted(self, moment: Tensor, damping: float = 1e-2) -> LayerCandidate:
-        """The candidate whose rank-``r`` weight minimizes ``tr(G (W - W_r) C (W - W_r)^T)`` instead of the
-        layer's own output error: ``G`` (``(out, out)``) is the second moment of the model-output gradient
-        at this layer's output (:meth:`~lightning_rank.probe.Probe.output_moments`), damped by ``damping``
-        times its mean eigenvalue, so output directions the model amplifies are kept first. With
-        ``R^T R = G`` and ``R W S = U' s' V'^T``: ``W_r = R^-1 U'_r U'_r^T R W``. Returns ``self`` when ``G`` is 0."""
-        if self.dual is not None:
-            raise ValueError(f"layer {self.name!r} is already output-weighted")
-        moment = moment.to(self.basis).double()
-        out = moment.shape[0]
-        trace = float(moment.diagonal().sum())
-        if not trace > 0 or not torch.isfinite(moment).all():
-            return self
-        damped = moment + (damping * trace / out) * torch.eye(out, dtype=moment.dtype, device=moment.device)
-        lower = torch.linalg.cholesky(damped)  # R = L^T: R^T R = G, and any such R gives the same W_r
-        u, s, _ = torch.linalg.svd(lower.t() @ (self.basis * self.singular_values), full_matrices=False)
-        basis = torch.linalg.solve_triangular(lower.t(), u, upper=True)
-        return LayerCandidate(self.name, self.weight, basis, s, self.bias_params, self.positions, self.target,
-                              dual=lower @ u)
 
 
 # -- result ------------------------------------------------------------------------------------
@@ -257,6 +161,23 @@ def uniform_tolerance(
 
 
 # -- greedy on damage curves -------------------------------------------------------------------
+def lower_hull(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
+    """Lower convex hull of points sorted by their first coordinate (Andrew's monotone chain)."""
+    hull: list[tuple[float, float, Any]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
+            if (x1 - x0) * (p[1] - y0) - (y1 - y0) * (p[0] - x0) > 0:
+                break
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def slope(a: tuple[float, float, Any], b: tuple[float, float, Any]) -> float:
+    return (b[1] - a[1]) / (b[0] - a[0])
+
+
 def allocate_on_curves(
     candidates: Mapping[str, LayerCandidate],
     damage: Mapping[str, Sequence[float] | Tensor],
@@ -355,25 +276,18 @@ def allocate(
     probe: Probe | None = None,
     rule: str | None = None,
     samples: int = 1,
-    measure_layers: bool = False,
-    layer_batches: int = 1,
     output_weighted: bool = True,
 ) -> Allocation:
     """Ranks for ``candidates`` that keep ``param_budget`` of their parameters or ``macs_budget`` of their
     multiply-adds per example (exactly one), by ``rule`` (default: ``"probe"`` with a probe, else
     ``"uniform"``). See the module docstring for both rules and their cost. ``samples``: random output
-    directions per calibration batch for the linearized curves; ``measure_layers=True`` also truncates
-    each layer alone for real (on ``layer_batches`` batches, at its uniform-tolerance rank) and rescales
-    its linearized curve to that measurement: ``layers`` more passes, and no better on the benchmarks
-    (within 4% either way), so it is off by default. ``output_weighted=False`` probes the plain whitened
-    truncations (no gradient-moment pass; the rule before output weighting)."""
+    directions per calibration batch for the linearized curves. ``output_weighted=False`` probes the plain
+    whitened truncations (no gradient-moment pass)."""
     started = time.perf_counter()
     if (param_budget is None) == (macs_budget is None):
         raise ValueError("pass exactly one of `param_budget` and `macs_budget`")
-    unit, budget = ("params", param_budget) if param_budget is not None else ("macs", macs_budget)
-    argument = "param_budget" if unit == "params" else "macs_budget"
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(f"`{argument}` must be a fraction in (0, 1] of the replaceable layers' {unit}, got {budget!r}")
+    unit = "params" if param_budget is not None else "macs"
+    budget = check_budget(param_budget) if unit == "params" else check_budget(macs_budget, "macs_budget")
     rule = rule if rule is not None else ("probe" if probe is not None else "uniform")
     if rule not in RULES:
         raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
@@ -395,18 +309,10 @@ def allocate(
         return _result(candidates, uniform, "uniform", unit, budget, base, tolerance, started=started)
 
     if output_weighted:
-        probed_candidates, linear = probe.weighted_damage(candidates, samples=samples)
+        probed_candidates, damage = probe.weighted_damage(candidates, samples=samples)
     else:
-        probed_candidates, linear = candidates, probe.linear_damage(candidates, samples=samples)
-    first = probe.linear_damage(probed_candidates, batches=layer_batches) if measure_layers else linear
+        probed_candidates, damage = candidates, probe.linear_damage(candidates, samples=samples)
     sensitivity: dict[str, float] = {}
-    damage: dict[str, Tensor] = {}
-    for name, c in probed_candidates.items():
-        damage[name] = linear[name]
-        if measure_layers:
-            rank = uniform[name] if uniform[name] is not None else c.max_rank
-            measured = probe.error({c.target: c.weight_at(rank)}, batches=layer_batches)
-            damage[name] = _corrected(linear[name], c, rank, measured, float(first[name][rank]))
     probed = allocate_on_curves(probed_candidates, damage, allowed, unit)
     for name, c in probed_candidates.items():  # at the rank the layer got (its largest saving rank when dense)
         rank = probed[name] if probed[name] is not None else c.max_rank
@@ -424,17 +330,6 @@ def allocate(
         sensitivity=sensitivity, damage=damage, errors=errors,
         passes=probe.passes - passes_before, started=started,
     )
-
-
-def _corrected(linear: Tensor, c: LayerCandidate, rank: int, measured: float, predicted: float) -> Tensor:
-    """The linearized curve rescaled so that it passes through the damage measured at ``rank``; without a
-    linear signal (a zero gradient) the layer's own error curve, scaled to the measurement, stands in."""
-    if measured <= 0:
-        return linear
-    if predicted <= 0:
-        error = c.error(rank)
-        return c.curve * (measured / error) if error > 0 else linear
-    return linear * (measured / predicted)
 
 
 def _weights(candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, int | None]) -> dict[Target, Tensor]:

@@ -1,0 +1,102 @@
+"""What a factorization did: :class:`FactorizationResult` and one :class:`LayerFactorization` per selected layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_rank.targets import LayerKind
+
+
+@dataclass(frozen=True)
+class LayerFactorization:
+    """What happened to one selected layer.
+
+    ``rank`` is the rank planned for it (``None`` when none was), ``relative_error`` the output error
+    ``E||(W - W') x||^2 / E||W x||^2`` of the layer as it now is, from the statistics (0.0 when left
+    dense, ``None`` without statistics), ``reason`` why it was not replaced. Under a budget,
+    ``energy_kept`` is the share of the layer's output energy its rank keeps, and ``sensitivity``
+    (``allocation="probe"``) the model's relative output error per unit of this layer's relative error.
+    """
+
+    name: str
+    kind: LayerKind | None
+    out_features: int | None
+    in_features: int | None
+    replaced: bool
+    rank: int | None = None
+    relative_error: float | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    reason: str | None = None
+    energy_kept: float | None = None
+    sensitivity: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["name"]
+        return out
+
+
+@dataclass
+class FactorizationResult:
+    """What :func:`factorize_` did: whole-model parameter counts and one :class:`LayerFactorization` per layer.
+
+    ``layer_params_before`` / ``layer_params_after`` count the selected layers only; a budget is a
+    fraction of the replaceable ones among them. ``allocation`` is the rule that decided the ranks under
+    a budget (``"probe"`` or ``"uniform"``).
+    """
+
+    method: str
+    threshold: float
+    param_budget: float | None
+    params_before: int
+    params_after: int
+    layer_params_before: int
+    layer_params_after: int
+    details: dict[str, LayerFactorization] = field(default_factory=dict)
+    macs_budget: float | None = None
+    allocation: str | None = None
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """``{name: rank}`` of the replaced layers."""
+        return {name: d.rank for name, d in self.details.items() if d.replaced}
+
+    @property
+    def not_replaced(self) -> dict[str, str]:
+        """``{name: reason}`` of the selected layers left as they were."""
+        return {name: d.reason for name, d in self.details.items() if not d.replaced}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "threshold": self.threshold,
+            "param_budget": self.param_budget,
+            "macs_budget": self.macs_budget,
+            "allocation": self.allocation,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "layer_params_before": self.layer_params_before,
+            "layer_params_after": self.layer_params_after,
+            "layers": self.layers,
+            "details": {name: d.to_dict() for name, d in self.details.items()},
+        }
+
+    def to_markdown(self) -> str:
+        """A table of every selected layer, headed by the parameter counts."""
+        lines = [
+            f"**{self.method}**: parameters {self.params_before:,} -> {self.params_after:,} "
+            f"({100 * self.params_after / max(self.params_before, 1):.1f}%), {len(self.layers)} layers replaced",
+            "",
+            "| layer | out x in | rank | rel. output error | params | replaced |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for name, d in self.details.items():
+            error = "n/a" if d.relative_error is None else f"{d.relative_error:.4f}"
+            params = "" if d.params_before is None else f"{d.params_before:,} -> {d.params_after:,}"
+            lines.append(
+                f"| {name} | {d.out_features} x {d.in_features} | {d.rank if d.rank is not None else ''} | {error} | "
+                f"{params} | {'yes' if d.replaced else 'no: ' + str(d.reason)} |"
+            )
+        return "\n".join(lines) + "\n"

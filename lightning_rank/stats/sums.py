@@ -1,0 +1,243 @@
+"""Streaming sums of a layer input's rows: ``sum x x^T``, ``sum x`` and ``n``, and their round-off bound.
+
+:class:`InputStatistics` holds the sums of one distinct input; :class:`ActivationStatistics` maps the
+layers of a model to them. Gram updates run at full float32 precision whatever
+``torch.set_float32_matmul_precision`` says (:mod:`~lightning_rank.stats.precision`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_rank.stats.precision import full_precision_matmul
+
+# Round-off of accumulated sums. Summing m products in a dtype of unit round-off u leaves an error of
+# about sqrt(m) u times the sum of their magnitudes (the probabilistic bound of Higham and Mary, 2019;
+# the worst case, m u, grows with the data and would remove real spectrum). For a Gram entry that
+# magnitude is at most sqrt(G_ii G_jj) (Cauchy-Schwarz), so |error(C_ij)| <= r sqrt(C_ii C_jj).
+ROUNDOFF_SAFETY = 8.0
+
+
+def sum_roundoff(dtype: torch.dtype, rows: int, updates: int) -> float:
+    """``r`` with ``|error(C_ij)| <= r * sqrt(C_ii C_jj)`` for sums of ``rows`` rows added in ``updates`` batches.
+
+    Each entry is a sum of about ``rows / updates`` products per batch followed by ``updates`` additions.
+    """
+    terms = rows / max(updates, 1) + updates
+    return ROUNDOFF_SAFETY * torch.finfo(dtype).eps * max(terms, 1.0) ** 0.5
+
+
+class InputStatistics:
+    """Sums over the rows ``x`` (length ``dim``) one layer input produced: ``gram``, ``total``, ``count``.
+
+    ``count`` is the number of rows really added; ``nonfinite`` counts rows dropped because they held
+    NaN or Inf; ``updates`` counts the additions (batches), which with ``count`` sizes the round-off
+    bound of the sums. All three are 0-d int64 tensors on the statistics' device.
+
+    Updates fill only the upper block triangle of the Gram matrix (a symmetric product needs about
+    half the work of a full ``addmm_``); reading :attr:`gram` mirrors it into the full matrix.
+    """
+
+    def __init__(
+        self, gram: Tensor, total: Tensor, count: Tensor, nonfinite: Tensor, updates: Tensor | None = None
+    ) -> None:
+        self._gram = gram  # upper triangle valid; lower triangle valid only while _mirrored
+        self._mirrored = True
+        self._total = total
+        self._order: Tensor | None = None  # where each weight-order entry is stored (None: in place)
+        self.count, self.nonfinite = count, nonfinite
+        self.updates = updates if updates is not None else (count > 0).to(torch.int64)
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: torch.dtype, device: torch.device) -> InputStatistics:
+        # Created outside inference mode so that they can be updated in place anywhere later.
+        with torch.inference_mode(False):
+            return cls(
+                gram=torch.zeros(dim, dim, dtype=dtype, device=device),
+                total=torch.zeros(dim, dtype=dtype, device=device),
+                count=torch.zeros((), dtype=torch.int64, device=device),
+                nonfinite=torch.zeros((), dtype=torch.int64, device=device),
+                updates=torch.zeros((), dtype=torch.int64, device=device),
+            )
+
+    @property
+    def gram(self) -> Tensor:
+        """``sum x x^T`` as the full symmetric ``(dim, dim)`` matrix."""
+        self._store_in(None)
+        self._mirror()
+        return self._gram
+
+    @property
+    def total(self) -> Tensor:
+        """``sum x``."""
+        self._store_in(None)
+        return self._total
+
+    def _mirror(self) -> None:
+        if not self._mirrored:
+            with torch.inference_mode(False):  # read during validation, updated again after it
+                self._gram = torch.triu(self._gram) + torch.triu(self._gram, diagonal=1).t()
+            self._mirrored = True
+
+    def _store_in(self, order: Tensor | None) -> None:
+        """Keep the sums with each weight-order entry ``i`` at index ``order[i]`` (``None``: at ``i``).
+
+        Rows arrive in the order their layer produces them cheaply (conv patches channels-last); the sums are
+        put back in the weight's order when read, one permutation instead of one per batch."""
+        if order is self._order:
+            return
+        self._mirror()
+        with torch.inference_mode(False):  # new state tensors must stay updatable outside inference mode
+            if self._order is not None:  # back to the weight's order
+                self._gram, self._total = self._gram[self._order][:, self._order], self._total[self._order]
+            if order is not None:
+                inverse = torch.argsort(order)
+                self._gram, self._total = self._gram[inverse][:, inverse], self._total[inverse]
+        self._order = order
+
+    @property
+    def dim(self) -> int:
+        return self._gram.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._gram.dtype
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The state tensors as stored, in the weight's order (the Gram matrix's upper triangle is the valid part)."""
+        self._store_in(None)
+        return self._gram, self._total, self.count, self.nonfinite, self.updates
+
+    def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> None:
+        """Sum the state over processes in place with ``reduce`` (an in-place sum such as ``dist.all_reduce``)."""
+        for tensor in self.tensors():
+            reduce(tensor)
+        self._mirrored = False  # the lower triangles of the ranks may differ: mirror again from the upper
+
+    def to(self, device: torch.device | str) -> InputStatistics:
+        """A copy on ``device``."""
+        state = (self.gram, self.total, self.count, self.nonfinite, self.updates)
+        return InputStatistics(*(t.to(device, copy=True) for t in state))
+
+    def update(self, rows: Tensor, order: Tensor | None = None) -> None:
+        """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped.
+
+        ``order``: where each entry of the weight's order lies in a row (``None``: in place)."""
+        self._store_in(order)
+        rows = rows.to(self.dtype)
+        if rows.device.type == "cpu":
+            # A NaN or Inf anywhere makes the sum of the column sums non-finite: one cheap check, no copy of the
+            # rows (a sum that only overflows sends the batch down the exact path, which then drops nothing).
+            column_sums, kept = rows.sum(dim=0), rows.shape[0]
+            if not math.isfinite(float(column_sums.sum())):
+                rows, kept = self._finite_rows(rows)
+                column_sums = rows.sum(dim=0)
+        else:  # on an accelerator that check would wait for the device every batch: mask the rows instead
+            rows, kept = self._finite_rows(rows, masked=True)
+            column_sums = rows.sum(dim=0)
+        with full_precision_matmul():  # a TF32/bf16 Gram would silently change the ranks
+            symmetric_gram_update_(self._gram, rows)
+        self._mirrored = False
+        self._total.add_(column_sums)
+        self.count.add_(kept)
+        self.updates.add_(1)
+
+    def _finite_rows(self, rows: Tensor, masked: bool = False) -> tuple[Tensor, Tensor | int]:
+        """``rows`` without those holding NaN or Inf (counted in ``nonfinite``), and how many are kept. ``masked``
+        zeroes them in place of dropping, so that no count leaves the device."""
+        finite = torch.isfinite(rows).all(dim=1)
+        dropped = (~finite).sum()
+        self.nonfinite.add_(dropped)
+        if masked:
+            return torch.where(finite[:, None], rows, 0), rows.shape[0] - dropped
+        rows = rows[finite]
+        return rows, rows.shape[0]
+
+    def roundoff(self) -> float:
+        """``u`` with ``|error of C_ij| <= u * sqrt(C_ii C_jj)`` for the second moment of these sums
+        (see :func:`sum_roundoff`)."""
+        return sum_roundoff(self.dtype, int(self.count), int(self.updates))
+
+    def mean(self) -> Tensor:
+        """``E[x]`` in float64 (zeros when no row was seen)."""
+        return self.total.double() / self.count.clamp(min=1).double()
+
+    def second_moment(self, centered: bool = False, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``C = sum x x^T / n`` in ``dtype`` (float64 by default), or the covariance ``C - mu mu^T`` when ``centered``."""
+        # Centered, the subtraction cancels; from float64 sums, dividing first keeps one rounding and float32's range.
+        compute = torch.float64 if centered or self.dtype == torch.float64 else dtype
+        gram = self.gram
+        moment = gram.to(compute)
+        count = self.count.clamp(min=1).to(compute)
+        moment = moment.div_(count) if moment is not gram else moment / count  # one pass over d x d, not two
+        if centered:
+            mu = self.mean()
+            moment = moment.sub_(torch.outer(mu, mu))
+        return moment.to(dtype)
+
+
+@dataclass
+class ActivationStatistics:
+    """What ``collect`` returns: input statistics per layer, plus the layers that were skipped.
+
+    ``inputs`` is keyed by the first layer that saw each distinct input; ``sources`` maps every
+    analyzed layer to that key, so layers sharing an input share one :class:`InputStatistics`.
+    """
+
+    inputs: dict[str, InputStatistics] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    unmasked: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> InputStatistics:
+        if name in self.sources:
+            return self.inputs[self.sources[name]]
+        if name in self.skipped:
+            raise KeyError(f"layer {name!r} has no statistics: {self.skipped[name]}")
+        raise KeyError(f"layer {name!r} has no statistics; layers with statistics: {list(self.sources)}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the layers with statistics, in model order."""
+        return list(self.sources)
+
+    @property
+    def device(self) -> torch.device | None:
+        first = next(iter(self.inputs.values()), None)
+        return first.gram.device if first is not None else None
+
+    def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> ActivationStatistics:
+        """Sum every statistic over processes in place; ``reduce`` is an in-place sum (e.g. ``dist.all_reduce``)."""
+        for stats in self.inputs.values():
+            stats.all_reduce_(reduce)
+        return self
+
+    def to(self, device: torch.device | str) -> ActivationStatistics:
+        """A copy with every tensor on ``device``."""
+        moved = {key: stats.to(device) for key, stats in self.inputs.items()}
+        return ActivationStatistics(moved, dict(self.sources), dict(self.skipped), list(self.unmasked))
+
+
+def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None) -> None:
+    """``gram += rows^T rows`` on the upper block triangle only, one GEMM per block row.
+
+    Blocks of 128-256 columns keep every GEMM large enough to run at full speed while skipping
+    about half of the products; below two blocks a plain ``addmm_`` is used.
+    """
+    dim = rows.shape[1]
+    block = block or (128 if dim <= 1024 else 256)
+    if dim < 2 * block:
+        gram.addmm_(rows.t(), rows)
+        return
+    for start in range(0, dim, block):
+        stop = min(start + block, dim)
+        gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:])

@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q --hypothesis-profile=ci
+	$(PY) -m pytest -q --hypothesis-profile=ci --durations=15
 
 # Trains a small model with both callbacks, opens its logs in a real TensorBoard and headless Chromium
 # (installed with apt-get if missing), and saves docs/tensorboard_<tab>.png.

@@ -37,7 +37,7 @@ from lightning_rank.targets import ModuleSelector
 from lightning_rank.views import tags, writers
 from lightning_rank.views.tags import report_scalars
 
-_clock = time.perf_counter  # the figures' schedule reads this clock (tests replace it)
+_clock = time.perf_counter  # every time the monitor weighs or records is read from this clock (tests replace it)
 FIGURE_SECONDS = 0.01  # about what drawing and encoding one figure takes on a CPU core, before one was timed
 COST_WARNING_SHARE = 0.25  # warn (once a fit) when the monitor took more than this share of the time it covers
 
@@ -162,7 +162,7 @@ class RankMonitor(ValidationStatisticsCallback):
         self._pending_figures: tuple[dict[str, Any], int, int] | None = None  # (spectra, step, epoch) not drawn yet
         self._figure_seconds: float | None = None  # how long the last drawing of the figures took
         self._figures_drawn_at = 0.0  # when the figures were last drawn, or the fit started
-        self._cost_since = 0.0  # when the time the monitor's cost is weighed against began (perf_counter)
+        self._cost_since = 0.0  # when the time the monitor's cost is weighed against began (on `_clock`)
         self._warned_cost = False
 
     @functools.cached_property
@@ -213,7 +213,7 @@ class RankMonitor(ValidationStatisticsCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._figures_drawn_at = _clock()
-        self._cost_since, self._warned_cost = time.perf_counter(), False
+        self._cost_since, self._warned_cost = _clock(), False
         if not self._skip:
             self._check_selection(pl_module)
 
@@ -241,11 +241,11 @@ class RankMonitor(ValidationStatisticsCallback):
         statistics, self._statistics = self._statistics, None
         if statistics is None:
             return
-        start = time.perf_counter()
+        start = _clock()
         stats = statistics.finish(trainer)
         report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered, eig_dtype=self.eig_dtype,
                          progress=trainer.is_global_zero)
-        analyzed = time.perf_counter()
+        analyzed = _clock()
         if not report.analyzed:
             collector = statistics.collector
             rank_zero_warn(
@@ -257,14 +257,14 @@ class RankMonitor(ValidationStatisticsCallback):
             warn_about_rows(stats)
         self._publish(trainer, pl_module, report)
         seconds = {"statistics": statistics.collector.seconds, "analysis": analyzed - start,
-                   "publish": time.perf_counter() - analyzed}
+                   "publish": _clock() - analyzed}
         self.history[-1]["seconds"] = seconds
         if trainer.state.fn == TrainerFn.FITTING:
             self._weigh_cost(seconds)
 
     def _weigh_cost(self, seconds: dict[str, float]) -> None:
         """Warn once when ``seconds`` exceed :data:`COST_WARNING_SHARE` of the time since the last analyzed epoch."""
-        now = time.perf_counter()
+        now = _clock()
         elapsed, self._cost_since = now - self._cost_since, now
         spent = sum(seconds.values())
         if self._warned_cost or elapsed <= 0 or spent <= COST_WARNING_SHARE * elapsed:

@@ -29,6 +29,7 @@ __all__ = [
     "check_optional_index",
     "check_positive_int",
     "check_row_policy",
+    "check_rank_choice",
     "check_ranks",
     "check_selector",
     "check_threshold",
@@ -134,6 +135,16 @@ def check_ranks(ranks: Any, param_budget: float | None) -> RankSpec:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"`ranks` gives {key!r} rank {rank!r}; ranks must be ints")
     return dict(ranks)
+
+
+def check_rank_choice(
+    ranks: Any, param_budget: Any, macs_budget: Any
+) -> tuple[RankSpec, float | None, float | None]:
+    """``(ranks, param_budget, macs_budget)`` checked: at most one of them, each of its form."""
+    param_budget, macs_budget = check_budget(param_budget), check_budget(macs_budget, "macs_budget")
+    if param_budget is not None and macs_budget is not None:
+        raise ValueError("pass either `param_budget` or `macs_budget`, not both")
+    return check_ranks(ranks, param_budget if param_budget is not None else macs_budget), param_budget, macs_budget
 
 
 def check_compress_at_epoch(value: Any) -> int | float:

@@ -1,4 +1,5 @@
-"""What ``RankCompression`` does with the user's ``ModelCheckpoint`` and ``EarlyStopping`` callbacks.
+"""What ``RankCompression`` does with checkpoints: the user's ``ModelCheckpoint`` and ``EarlyStopping`` callbacks,
+what it writes into a checkpoint of a factorized model, and rebuilding that structure before one loads.
 
 After the swap the dense model is no longer what is trained, so it must not stay the "best" checkpoint:
 every ``ModelCheckpoint`` ranks compressed models only, every ``EarlyStopping`` counts its patience from
@@ -8,11 +9,21 @@ the swap, and when training ends a ``ModelCheckpoint`` that saved nothing since 
 
 from __future__ import annotations
 
-from lightning.pytorch import Trainer
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_rank.callbacks import _lightning
+from lightning_rank.compress.loading import (
+    CHECKPOINT_KEY,
+    LOAD_HINT,
+    dense_state_dict,
+    factorized_layers,
+    rebuild_factorized_,
+)
 
 
 def restart_checkpointing(trainer: Trainer) -> None:
@@ -49,3 +60,24 @@ def _save_compressed(trainer: Trainer, checkpoint: ModelCheckpoint) -> None:
     if _lightning.save_checkpoint_now(checkpoint, trainer):
         rank_zero_info(f"RankCompression: saved the compressed model to {checkpoint.best_model_path}, since "
                        f"ModelCheckpoint(monitor={checkpoint.monitor!r}) had saved nothing since the swap.")
+
+
+def describe_factorized(pl_module: LightningModule, checkpoint: dict[str, Any], dense: bool) -> None:
+    """For a checkpoint of a model holding low-rank layers: with ``dense``, its weights as the dense layers (the
+    original structure); else a note, for whoever opens the file, of which layers are low-rank and how to load it."""
+    layers = factorized_layers(pl_module)
+    if dense and layers:
+        checkpoint["state_dict"] = dense_state_dict(pl_module, checkpoint["state_dict"])
+    elif layers:
+        checkpoint[CHECKPOINT_KEY] = {"factorized_layers": layers, "how_to_load": LOAD_HINT}
+
+
+def rebuild_before_weights_load(pl_module: LightningModule) -> Callable[[], None]:
+    """Rebuild the low-rank layers a checkpoint holds in ``pl_module`` right before Lightning loads its weights;
+    returns the function that stops doing so."""
+
+    def rebuild(checkpoint: dict[str, Any]) -> None:
+        if rebuild_factorized_(pl_module, checkpoint["state_dict"]):
+            rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
+
+    return _lightning.before_weights_load(pl_module, rebuild)

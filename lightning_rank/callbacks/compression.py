@@ -46,7 +46,12 @@ from lightning_rank.callbacks.base import (
     check_validation_data,
     reports_dir,
 )
-from lightning_rank.callbacks.checkpoints import restart_checkpointing, save_compressed
+from lightning_rank.callbacks.checkpoints import (
+    describe_factorized,
+    rebuild_before_weights_load,
+    restart_checkpointing,
+    save_compressed,
+)
 from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
 from lightning_rank.callbacks.summary import compression_summary, count_macs, monitored_value, publish
 from lightning_rank.checks import (
@@ -54,23 +59,15 @@ from lightning_rank.checks import (
     StatisticsArguments,
     check_allocation,
     check_bool,
-    check_budget,
     check_compress_at_epoch,
     check_forward,
     check_method,
     check_monitor,
-    check_ranks,
+    check_rank_choice,
     check_threshold,
     resolve_compress_at_epoch,
 )
 from lightning_rank.compress.factorize import FactorizationPlan, check_factorization, plan_factorization
-from lightning_rank.compress.loading import (
-    CHECKPOINT_KEY,
-    LOAD_HINT,
-    dense_state_dict,
-    factorized_layers,
-    rebuild_factorized_,
-)
 from lightning_rank.compress.results import FactorizationResult
 from lightning_rank.stats.collect import ForwardFn
 from lightning_rank.targets import ModuleSelector
@@ -101,12 +98,12 @@ class RankCompression(ValidationStatisticsCallback):
 
     Statistics come from the validation of epoch ``compress_at_epoch - 1``; the plan made from them is
     applied when epoch ``compress_at_epoch`` starts, and the remaining epochs fine-tune with optimizers and
-    schedulers rebuilt from ``configure_optimizers`` (called again, with ``compressed`` True; a schedule of
-    ``trainer.estimated_stepping_batches - trainer.global_step`` steps ends exactly at ``max_epochs``). If
+    schedulers rebuilt from ``configure_optimizers`` (called again, ``compressed`` now True; a schedule of
+    ``trainer.estimated_stepping_batches - trainer.global_step`` steps ends exactly at ``max_epochs``); if
     training stops before the swap, nothing is compressed. The metric ``monitor`` "before" the swap, right
-    after it ("compressed") and after fine-tuning ("finetuned"), the parameter and multiply-add counts and
-    the ranks go to every logger (``compression/*``), to ``.result``/``.metrics``, and to
-    ``<trainer.log_dir>/rank_reports/compression.json``. What can be checked is checked in ``setup``.
+    after it ("compressed") and after fine-tuning ("finetuned"), the parameter and multiply-add counts and the
+    ranks go to every logger, ``.result``/``.metrics`` and ``<trainer.log_dir>/rank_reports/compression.json``.
+    What can be checked is checked in ``setup``.
 
     Args:
         compress_at_epoch: the epoch whose start swaps the layers in: an epoch index in ``[1, max_epochs - 1]``,
@@ -121,19 +118,15 @@ class RankCompression(ValidationStatisticsCallback):
         method: ``"whiten"`` (least output error on the data), ``"projection"`` (the paper's ``P_T W P_S``) or ``"svd"``.
         monitor: the validation metric reported before, right after, and after fine-tuning.
         ranks: explicit ranks, one int or ``{name or regex: rank}``.
-        target_modules: which layers may be replaced (None: all supported; a regex, a list of names, a callable).
-        exclude_modules: layers to leave dense, in the same forms.
-        mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (padding rows are not counted).
+        target_modules, exclude_modules: the layers that may be replaced and those left dense (None: every
+            supported layer / none; a regex, a list of names, or a callable ``(module, name) -> bool``).
+        mask_fn, dtype, dataloader_idx, seed: how layer inputs are counted, as in :class:`~lightning_rank.RankMonitor`.
         max_rows_per_batch: the row policy: None (default: every row, exact statistics for the factors),
-            ``"auto"`` (about ``max(4096, 64 * fan_in)`` drawn rows of each input over the epoch's validation
-            batches) or an int (at most that many a batch).
-        dtype: accumulation dtype of the statistics.
-        dataloader_idx: the validation dataloader whose batches are counted (None: all of them).
+            ``"auto"`` or an int, as in :class:`~lightning_rank.RankMonitor`.
         dense_checkpoints: write checkpoints after the swap with dense layers (the original structure, loadable
             by the original model; resuming from them continues with dense layers).
         forward: ``forward(model, batch)`` used to count multiply-adds on one validation batch (default: as in
             :func:`~lightning_rank.collect`).
-        seed: seed of the row subsampling.
 
     Example::
 
@@ -163,11 +156,7 @@ class RankCompression(ValidationStatisticsCallback):
     ) -> None:
         self.compress_at_epoch = check_compress_at_epoch(compress_at_epoch)
         self.threshold = check_threshold(threshold)
-        self.param_budget = check_budget(param_budget)
-        self.macs_budget = check_budget(macs_budget, "macs_budget")
-        if self.param_budget is not None and self.macs_budget is not None:
-            raise ValueError("pass either `param_budget` or `macs_budget`, not both")
-        self.ranks = check_ranks(ranks, self.param_budget if self.param_budget is not None else self.macs_budget)
+        self.ranks, self.param_budget, self.macs_budget = check_rank_choice(ranks, param_budget, macs_budget)
         self.allocation = check_allocation(allocation)
         self.method = check_method(method)
         self.monitor = check_monitor(monitor)
@@ -190,11 +179,10 @@ class RankCompression(ValidationStatisticsCallback):
         """Whether the low-rank layers are in place."""
         return self.phase in (Phase.COMPRESSED, Phase.FINISHED) and bool((self._factorization or {}).get("layers"))
 
-    # -- checks and set-up -------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:  # trainer.validate/test/predict(model, ckpt_path=<after the swap>)
-            self._run = _Run(unwrap_load_hook=_lightning.before_weights_load(pl_module, self._rebuilder(pl_module)))
+            self._run = _Run(unwrap_load_hook=rebuild_before_weights_load(pl_module))
             return
         _lightning.destroy_process_group_at_exit()
         self._run = _Run(disabled=bool(trainer.fast_dev_run))
@@ -204,31 +192,9 @@ class RankCompression(ValidationStatisticsCallback):
         _lightning.check_strategy(trainer, "RankCompression")
         needs = f"RankCompression needs validation data: the statistics and the metric {self.monitor!r} come from"
         check_validation_data(trainer, pl_module, needs)
-        self._check(trainer, None if is_overridden("configure_model", pl_module) else pl_module)
-        self._run.unwrap_load_hook = _lightning.before_weights_load(pl_module, self._rebuilder(pl_module))
-
-    def _check(self, trainer: Trainer, pl_module: LightningModule | None) -> None:
-        """What needs ``max_epochs`` or the model's layers, as an error naming the argument."""
-        try:
-            self.swap_epoch = resolve_compress_at_epoch(self.compress_at_epoch, trainer.max_epochs)
-            if self.allocation == "probe" and trainer.world_size > 1:
-                raise ValueError("allocation='probe' needs one process (each DDP process holds other validation "
-                                 "batches, so each would allocate its own ranks): use 'auto' or 'uniform'")
-            if pl_module is not None and self.phase == Phase.TRAINING:
-                check_factorization(
-                    pl_module, ranks=self.ranks, param_budget=self.param_budget,
-                    target_modules=self.target_modules, exclude_modules=self.exclude_modules,
-                )  # fmt: skip
-        except ValueError as err:
-            raise MisconfigurationException(f"RankCompression: {err}") from err
-
-    @staticmethod
-    def _rebuilder(pl_module: LightningModule) -> Callable[[dict[str, Any]], None]:
-        def rebuild(checkpoint: dict[str, Any]) -> None:
-            if rebuild_factorized_(pl_module, checkpoint["state_dict"]):
-                rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
-
-        return rebuild
+        built = not is_overridden("configure_model", pl_module)  # else its layers exist only in on_fit_start
+        self.swap_epoch = _checked_swap_epoch(self, trainer, pl_module if built else None)
+        self._run.unwrap_load_hook = rebuild_before_weights_load(pl_module)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -236,7 +202,7 @@ class RankCompression(ValidationStatisticsCallback):
         if self._run.disabled:
             return
         if is_overridden("configure_model", pl_module):
-            self._check(trainer, pl_module)  # its layers exist only now
+            self.swap_epoch = _checked_swap_epoch(self, trainer, pl_module)  # its layers exist only now
         if self.phase == Phase.FINISHED and self.compressed:
             self.phase = Phase.COMPRESSED  # a new fit from a finished run fine-tunes further
 
@@ -250,9 +216,7 @@ class RankCompression(ValidationStatisticsCallback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         counts = self._fit_validation(trainer) and self.phase == Phase.TRAINING and self._statistics is None
         if counts and trainer.current_epoch == self.swap_epoch - 1:
-            self._statistics = EpochStatistics(
-                trainer, pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES
-            )
+            self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments, CALIBRATION_BATCHES)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -288,9 +252,7 @@ class RankCompression(ValidationStatisticsCallback):
         """Plan the factorization from this epoch's validation (run one if it had none); the model is not changed."""
         if self._statistics is None or self._run.validated_epoch != trainer.current_epoch:
             self._release()
-            self._statistics = EpochStatistics(
-                trainer, pl_module, self.statistics_arguments, keep_batches=CALIBRATION_BATCHES
-            )
+            self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments, CALIBRATION_BATCHES)
             _lightning.run_validation(trainer, listener=self)
             self.metrics["before"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None
@@ -331,7 +293,6 @@ class RankCompression(ValidationStatisticsCallback):
         if not self._run.disabled and self.phase == Phase.COMPRESSED:
             save_compressed(trainer)  # runs before the checkpoint callbacks: Lightning puts them last
 
-    # -- results -----------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release()
@@ -348,7 +309,7 @@ class RankCompression(ValidationStatisticsCallback):
             publish(trainer, folder, self.summary())
 
     def summary(self) -> dict[str, Any]:
-        """What ``compression.json`` holds (see :func:`~lightning_rank.compression_summary.compression_summary`)."""
+        """What ``compression.json`` holds (see :func:`~lightning_rank.callbacks.summary.compression_summary`)."""
         if self._factorization is None:
             raise RuntimeError("RankCompression has not planned a compression yet")
         return compression_summary(self._factorization, self.metrics, self.macs, self.monitor)
@@ -356,11 +317,7 @@ class RankCompression(ValidationStatisticsCallback):
     # -- checkpoints and clean-up ------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        layers = factorized_layers(pl_module)
-        if self.dense_checkpoints and layers:
-            checkpoint["state_dict"] = dense_state_dict(pl_module, checkpoint["state_dict"])
-        elif layers:  # for whoever opens the file: which layers are low-rank, and how to load it
-            checkpoint[CHECKPOINT_KEY] = {"factorized_layers": layers, "how_to_load": LOAD_HINT}
+        describe_factorized(pl_module, checkpoint, dense=self.dense_checkpoints)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -385,3 +342,19 @@ class RankCompression(ValidationStatisticsCallback):
         unwrap, self._run.unwrap_load_hook = self._run.unwrap_load_hook, None
         if unwrap is not None:
             unwrap()
+
+
+def _checked_swap_epoch(compression: RankCompression, trainer: Trainer, pl_module: LightningModule | None) -> int:
+    """The epoch whose start swaps the layers in, once what needs ``max_epochs`` or the model's layers (when given)
+    is checked: a ``MisconfigurationException`` naming the argument otherwise."""
+    try:
+        swap_epoch = resolve_compress_at_epoch(compression.compress_at_epoch, trainer.max_epochs)
+        if compression.allocation == "probe" and trainer.world_size > 1:
+            raise ValueError("allocation='probe' needs one process (each DDP process holds other validation "
+                             "batches, so each would allocate its own ranks): use 'auto' or 'uniform'")
+        if pl_module is not None and compression.phase == Phase.TRAINING:
+            check_factorization(pl_module, ranks=compression.ranks, param_budget=compression.param_budget,
+                                target_modules=compression.target_modules, exclude_modules=compression.exclude_modules)
+    except ValueError as err:
+        raise MisconfigurationException(f"RankCompression: {err}") from err
+    return swap_epoch

@@ -14,7 +14,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_rank.checks import RankSpec, check_allocation, check_budget, check_method, check_ranks, check_threshold
+from lightning_rank.checks import (
+    RankSpec,
+    check_allocation,
+    check_budget,
+    check_method,
+    check_rank_choice,
+    check_ranks,
+    check_threshold,
+)
 from lightning_rank.compress.layers import disable_dense_fast_paths, low_rank_from_dense
 from lightning_rank.compress.planning import (
     Replaceable,
@@ -129,11 +137,7 @@ def plan_factorization(
     """
     method = check_method(method)
     threshold = check_threshold(threshold)
-    budget = check_budget(param_budget)
-    macs = check_budget(macs_budget, "macs_budget")
-    ranks = check_ranks(ranks, budget if budget is not None else macs)
-    if budget is not None and macs is not None:
-        raise ValueError("pass either `param_budget` or `macs_budget`, not both")
+    ranks, budget, macs = check_rank_choice(ranks, param_budget, macs_budget)
     allocation = check_allocation(allocation)
     calibration = list(calibration) if calibration is not None else None
     if macs is not None and not calibration:

@@ -8,6 +8,7 @@ come from :mod:`~lightning_rank.compress.planning`, the math from :mod:`~lightni
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -199,43 +200,18 @@ def plan_factorization(
     return FactorizationPlan(modules, result, {name: targets[name].module for name in modules})
 
 
-def factorize_(
-    model: nn.Module,
-    stats: ActivationStatistics | None,
-    *,
-    threshold: float = 0.99,
-    method: str = "projection",
-    ranks: RankSpec = None,
-    param_budget: float | None = None,
-    macs_budget: float | None = None,
-    target_modules: ModuleSelector = None,
-    exclude_modules: ModuleSelector = None,
-    allocation: str = "auto",
-    calibration: Iterable[Any] | None = None,
-    forward: ForwardFn | None = None,
-    progress: bool = True,
-) -> FactorizationResult:
+def factorize_(model: nn.Module, stats: ActivationStatistics | None, **options: Any) -> FactorizationResult:
     """Replace the selected layers of ``model`` in place by low-rank factors; returns what was done.
 
-    :func:`plan_factorization` (see there for every argument), then :meth:`FactorizationPlan.apply_`:
-    either every planned layer is replaced, or, on an error, none.
+    :func:`plan_factorization` with the same arguments, then :meth:`FactorizationPlan.apply_`: either every
+    planned layer is replaced, or, on an error, none.
     """
-    plan = plan_factorization(
-        model,
-        stats,
-        threshold=threshold,
-        method=method,
-        ranks=ranks,
-        param_budget=param_budget,
-        macs_budget=macs_budget,
-        target_modules=target_modules,
-        exclude_modules=exclude_modules,
-        allocation=allocation,
-        calibration=calibration,
-        forward=forward,
-        progress=progress,
-    )
-    return plan.apply_(model)
+    return plan_factorization(model, stats, **options).apply_(model)
+
+
+factorize_.__signature__ = inspect.signature(plan_factorization).replace(  # type: ignore[attr-defined]
+    return_annotation="FactorizationResult"
+)
 
 
 def check_factorization(

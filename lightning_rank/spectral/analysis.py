@@ -68,15 +68,8 @@ class Analysis:
     refined: list[str] = field(default_factory=list)  # input keys and layer outputs solved again in float64
 
 
-def analyze(
-    model: nn.Module,
-    stats: ActivationStatistics,
-    *,
-    threshold: float = 0.99,
-    centered: bool = False,
-    eig_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-) -> RankReport:
+def analyze(model: nn.Module, stats: ActivationStatistics, *, threshold: float = 0.99, centered: bool = False,
+            eig_dtype: torch.dtype = torch.float32, progress: bool = True) -> RankReport:
     """Utilized rank of every layer in ``stats``: in/out energy ranks at ``threshold``, utilization, MLU.
 
     ``centered=True`` uses covariances instead of (uncentered) second moments. ``eig_dtype`` is the

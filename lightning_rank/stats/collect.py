@@ -40,18 +40,10 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def collect(
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    forward: ForwardFn | None = None,
-    target_modules: ModuleSelector = None,
-    exclude_modules: ModuleSelector = None,
-    mask_fn: MaskFn | None = None,
-    max_rows_per_batch: RowPolicy = "auto",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> ActivationStatistics:
+def collect(model: nn.Module, batches: Iterable[Any], *, forward: ForwardFn | None = None,
+            target_modules: ModuleSelector = None, exclude_modules: ModuleSelector = None, mask_fn: MaskFn | None = None,
+            max_rows_per_batch: RowPolicy = "auto", dtype: torch.dtype = torch.float32, seed: int = 0
+            ) -> ActivationStatistics:
     """Run ``model`` over ``batches`` in eval mode without gradients and stream each layer's input statistics.
 
     No activation is stored: each input adds to ``sum x x^T``, ``sum x`` and ``n`` on its own device.
@@ -68,16 +60,8 @@ def collect(
         count = len(batches)  # type: ignore[arg-type]
     except TypeError:  # a generator, or a DataLoader over an iterable dataset
         count = None
-    collector = StatisticsCollector(
-        model,
-        target_modules=target_modules,
-        exclude_modules=exclude_modules,
-        mask_fn=mask_fn,
-        max_rows_per_batch=max_rows_per_batch,
-        dtype=dtype,
-        seed=seed,
-        batches=count,
-    )
+    collector = StatisticsCollector(model, target_modules=target_modules, exclude_modules=exclude_modules, mask_fn=mask_fn,
+                                    max_rows_per_batch=max_rows_per_batch, dtype=dtype, seed=seed, batches=count)
     forward = forward or default_forward
     with eval_mode(model), collector.attached(), torch.no_grad():
         for batch in batches:

@@ -1,6 +1,6 @@
 """``RankMonitor``: the utilized rank of every layer, measured on each analyzed validation epoch.
 
-Forward pre-hooks (a :class:`~lightning_rank.statistics.StatisticsCollector`) are attached only
+Forward pre-hooks (a :class:`~lightning_rank.stats.collector.StatisticsCollector`) are attached only
 during analyzed validation epochs and count the inputs the user's own ``validation_step`` feeds each
 layer. At the epoch's end the statistics are summed over processes, analyzed, and published: the
 report, its history, ``rank/mlu`` in ``trainer.callback_metrics``, scalars in every logger, a JSON file

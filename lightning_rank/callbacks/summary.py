@@ -64,7 +64,7 @@ def compression_summary(
 
 def publish(trainer: Trainer, folder: Path, summary: dict[str, Any]) -> None:
     """Write ``folder/compression.json`` and the headline scalars to every logger; each ``TensorBoardLogger``
-    also gets the one results table (see :func:`~lightning_rank.tensorboard.write_compression`). Global rank zero only."""
+    also gets the one results table (see :func:`~lightning_rank.views.writers.write_compression`). Global rank zero only."""
     write_json_atomic(folder / "compression.json", summary)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):

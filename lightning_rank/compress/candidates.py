@@ -78,7 +78,7 @@ class LayerCandidate:
     def output_weighted(self, moment: Tensor, damping: float = 1e-2) -> LayerCandidate:
         """The candidate whose rank-``r`` weight minimizes ``tr(G (W - W_r) C (W - W_r)^T)`` instead of the
         layer's own output error: ``G`` (``(out, out)``) is the second moment of the model-output gradient
-        at this layer's output (:meth:`~lightning_rank.probe.Probe.output_moments`), damped by ``damping``
+        at this layer's output (:meth:`~lightning_rank.compress.probe.Probe.weighted_damage`), damped by ``damping``
         times its mean eigenvalue, so output directions the model amplifies are kept first. With
         ``R^T R = G`` and ``R W S = U' s' V'^T``: ``W_r = R^-1 U'_r U'_r^T R W``. Returns ``self`` when ``G`` is 0."""
         if self.dual is not None:

@@ -124,7 +124,7 @@ def plan_factorization(
     ``param_budget``, ``macs_budget``). Layers that can never be replaced (tied weights,
     ``nn.MultiheadAttention`` projections, layers without statistics) are out of a budget's base and
     listed with the reason in ``result.details``. ``allocation`` (see
-    :func:`~lightning_rank.ranks.plan_budget`): ``"auto"`` lets the model's own output on the
+    :func:`~lightning_rank.compress.planning.plan_budget`): ``"auto"`` lets the model's own output on the
     ``calibration`` batches (a few, run through ``forward`` as in :func:`~lightning_rank.collect`)
     decide where rank matters, never worse there than one common error tolerance ("uniform", the rule
     without calibration batches). ``macs_budget`` needs ``calibration`` batches to count each layer's

@@ -2,7 +2,7 @@
 
 ``decompositions`` is the one place where factorization obtains spectra; the rank of each layer is
 then the one asked for, the utilized rank at the threshold, or the one a parameter budget allocates;
-its factors follow from the method. Pure math is in :mod:`lightning_rank.factors`.
+its factors follow from the method. Pure math is in :mod:`~lightning_rank.compress.factors`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def decompositions(
     with_output_basis: bool,
     progress: bool = False,
 ) -> dict[str, Decomposition]:
-    """Every spectrum factorization uses, per layer, from :func:`~lightning_rank.analysis.decompose`: the
+    """Every spectrum factorization uses, per layer, from :func:`~lightning_rank.spectral.analysis.decompose`: the
     moments are decomposed once, with the round-off rule of the reports, and the ranks are the report's."""
     if stats is None:
         return {name: Decomposition(weight_matrix(t)[0].detach().double()) for name, t in targets.items()}
@@ -199,13 +199,13 @@ def plan_budget(
     method: str = "whiten",
 ) -> Allocation:
     """Set each layer's rank so that the replaceable layers keep ``param_budget`` of their parameters or
-    ``macs_budget`` of their multiply-adds per example; returns the :class:`~lightning_rank.allocation.Allocation`.
+    ``macs_budget`` of their multiply-adds per example; returns the :class:`~lightning_rank.compress.allocation.Allocation`.
 
     ``allocation``: ``"probe"`` (the model's own output on the ``calibration`` batches decides, never
     worse there than ``"uniform"``), ``"uniform"`` (one common tolerance on every layer's relative
     output error: the floor) or ``"auto"`` (``"probe"`` with calibration batches, else ``"uniform"``).
     With ``method="whiten"`` the probe rule also weights each layer's truncation by how much its output
-    directions move the model's output (:meth:`~lightning_rank.allocation.LayerCandidate.output_weighted`);
+    directions move the model's output (:meth:`~lightning_rank.compress.candidates.LayerCandidate.output_weighted`);
     the factors then follow those truncations.
     """
     fits = {name: layer for name, layer in layers.items() if break_even_rank(*layer.shape) >= 1}

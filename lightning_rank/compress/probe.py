@@ -3,7 +3,7 @@
 The probe overwrites weights in place under ``no_grad`` and restores them bit-exactly (no module is
 swapped, so it works for Linear, Conv and Hugging Face Conv1D alike); :meth:`Probe.linear_damage` gives every
 layer's end-to-end damage at every rank from one forward and backward pass per calibration batch.
-:mod:`lightning_rank.allocation` allocates ranks on those curves.
+:mod:`~lightning_rank.compress.allocation` allocates ranks on those curves.
 """
 
 from __future__ import annotations

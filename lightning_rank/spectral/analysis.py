@@ -5,7 +5,7 @@ are derived from the input's, never streamed: formed directly when the layer nar
 factor ``A`` (``C_y = A A^T``) whose small ``A^T A`` is decomposed when it widens. Eigenproblems of
 the same size are batched, on the statistics' device.
 
-Round-off is removed by bounds, never by a blanket cut (see :mod:`~lightning_rank.spectrum`). The
+Round-off is removed by bounds, never by a blanket cut (see :mod:`~lightning_rank.spectral.spectrum`). The
 bounds certify each energy rank from float32 eigenvalues without eigenvectors wherever they can
 (a float32 input moment carries its rounding bound, ``2u ||M||_F``; float32 products carry their error against
 the float64 ones, measured by Gaussian probes); a moment

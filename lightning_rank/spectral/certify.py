@@ -1,7 +1,7 @@
 """Energy ranks that round-off cannot change: eigenvector-free certificates first, float64 only where needed.
 
 An eigenvalue is removed as round-off only against the error bound of the sums it comes from (see
-:mod:`~lightning_rank.spectrum`). :func:`settle` certifies a moment's energy rank from its computed
+:mod:`~lightning_rank.spectral.spectrum`). :func:`settle` certifies a moment's energy rank from its computed
 eigenvalues where the bounds allow, and solves it again in float64 (eigenvalues, then eigenvectors)
 where they do not. Float32 matrices that stand in for float64 ones carry their error, measured by
 Gaussian probes (:func:`output_errors` for output moments).

@@ -232,7 +232,7 @@ class StatisticsCollector:
 
     def _rows(self, target: Target, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The rows of ``x`` the mask and the row policy keep, and the order of their entries (``None``: the
-        weight's; conv patches come channels-last, see :class:`~lightning_rank.rows.ConvGeometry`)."""
+        weight's; conv patches come channels-last, see :class:`~lightning_rank.stats.rows.ConvGeometry`)."""
         if x.is_nested:
             rows = nested_rows(x)
             positions = self._positions(target.name, None, rows.shape[0], rows.shape[1], rows.device)

@@ -15,7 +15,7 @@ from lightning_rank.compress.allocation import allocate, allocate_on_curves, uni
 from lightning_rank.compress.candidates import LayerCandidate
 from lightning_rank.compress.probe import Probe
 from tests.helpers import layer_candidates
-from tests.test_layers import Conv1D
+from tests.tiny_models import Conv1D
 
 
 # -- pure rules on synthetic candidates ---------------------------------------------------------

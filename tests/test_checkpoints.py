@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 import lightning_rank as lr
-from tests.test_compression import Classifier, low_rank_dataset, make_trainer
+from tests.helpers import assert_unchanged, snapshot
+from tests.tiny_models import Classifier, low_rank_dataset, make_trainer
 
 
 def low_rank_keys(path: str | Path) -> bool:
@@ -214,10 +215,6 @@ def tied():
     return model, state, tokens
 
 
-def snapshot(model: nn.Module) -> tuple[list[type], dict[str, torch.Tensor]]:
-    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_load_factorized_fills_a_tied_weight_the_state_dict_omits(tied) -> None:
     model, state, tokens = tied
     fresh = lr.load_factorized(TiedLM(), state)
@@ -241,10 +238,8 @@ def test_load_factorized_changes_nothing_when_the_state_dict_does_not_fit(tied, 
     before = snapshot(fresh)
     with pytest.raises(RuntimeError, match=r"nothing was changed\..*" + match):
         lr.load_factorized(fresh, state)
-    after = snapshot(fresh)
-    assert after[0] == before[0] and type(fresh.mlp[0]) is nn.Linear
-    assert after[1].keys() == before[1].keys()
-    assert all(torch.equal(after[1][k], before[1][k]) for k in before[1])
+    assert_unchanged(fresh, before)  # the same modules, so of the same types, and the same state
+    assert type(fresh.mlp[0]) is nn.Linear
     if "Size" in match:  # shapes must fit even with strict=False
         with pytest.raises(RuntimeError, match=match):
             lr.load_factorized(fresh, state, strict=False)

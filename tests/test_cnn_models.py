@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
-from tests.test_monitor import assert_same_report, reference
+from tests.helpers import assert_same_report, reference
+from tests.tiny_models import make_trainer
 
 
 class ResidualBlock(nn.Module):
@@ -67,9 +68,8 @@ def trained(tmp_path_factory):
     val = DataLoader(digits(300, 400), batch_size=25)
     monitor = lr.RankMonitor(max_rows_per_batch=None, dtype=torch.float64)
     root = tmp_path_factory.mktemp("resnet")
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", default_root_dir=root, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[monitor, ModelCheckpoint(dirpath=root / "ckpt", save_last=True)])
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    trainer = make_trainer(root, 2, [monitor, checkpoint], logger=False, num_sanity_val_steps=2)
     trainer.fit(model, DataLoader(digits(0, 300), batch_size=25, shuffle=True), val)
     return model.eval(), monitor, val, root
 

@@ -16,36 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
 from lightning_rank.callbacks.compression import Phase
-from tests import tiny_models
-from tests.tiny_models import CLASSES, DIM, HIDDEN, SUBSPACE, ParameterCheck, low_rank_dataset
-
-
-class Classifier(tiny_models.Classifier):
-    """:class:`tests.tiny_models.Classifier` with a step schedule and its own dataloaders."""
-
-    def configure_optimizers(self):
-        optimizer = super().configure_optimizers()
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 10)}
-
-    def train_dataloader(self):
-        return DataLoader(low_rank_dataset(512, 1), batch_size=64, shuffle=True)
-
-    def val_dataloader(self):
-        return DataLoader(low_rank_dataset(256, 2), batch_size=64)
-
-
-def make_trainer(tmp_path: Path, epochs: int, callbacks: list[Callback], **kwargs) -> L.Trainer:
-    kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="", version=0))
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        max_epochs=epochs,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+from tests.helpers import Events
+from tests.tiny_models import CLASSES, DIM, HIDDEN, SUBSPACE, Classifier, ParameterCheck, low_rank_dataset, make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +28,8 @@ def compressed_run(tmp_path_factory: pytest.TempPathFactory):
     model = Classifier()
     compression = lr.RankCompression(compress_at_epoch=3, method="whiten", monitor="val_acc")
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
-    trainer = make_trainer(tmp_path, 5, [compression, checkpoints])
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    trainer = make_trainer(tmp_path, 5, [compression, checkpoints], logger=logger)
     trainer.fit(model)
     return tmp_path, trainer, model, compression
 
@@ -93,8 +66,6 @@ def test_swap_then_finetune_within_one_fit(compressed_run) -> None:
 
 
 def test_logged_to_tensorboard(compressed_run) -> None:
-    from tests.test_monitor_tensorboard import Events
-
     tmp_path, _, _, compression = compressed_run
     events = Events(tmp_path / "version_0")
     scalars = events.tags("scalars")
@@ -122,7 +93,7 @@ def test_resume_from_a_post_swap_checkpoint(compressed_run, tmp_path: Path) -> N
     first_dir, _, model, compression = compressed_run
     resumed_model = Classifier()
     resumed = lr.RankCompression(compress_at_epoch=3, method="whiten", monitor="val_acc")
-    trainer = make_trainer(tmp_path, 5, [resumed])
+    trainer = make_trainer(tmp_path, 5, [resumed], logger=TensorBoardLogger(tmp_path, name="", version=0))
     trainer.fit(resumed_model, ckpt_path=first_dir / "ckpt" / "epoch=3.ckpt")
     assert trainer.current_epoch == 5
     assert isinstance(resumed_model.net[0], lr.LowRankLinear)

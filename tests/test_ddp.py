@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_rank as lr
-from tests.test_monitor import assert_same_report
+from tests.helpers import assert_same_report
 from tests.tiny_models import SUBSPACE
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_ddp.py"

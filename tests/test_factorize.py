@@ -23,7 +23,8 @@ from lightning_rank.compress.factors import (
     whitened_svd,
 )
 from lightning_rank.compress.loading import rebuild_factorized_
-from tests.test_layers import Conv1D
+from tests.helpers import assert_unchanged, snapshot
+from tests.tiny_models import Conv1D, make_trainer
 
 
 def subspace(rows: int, d: int, k: int, seed: int, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,21 +299,9 @@ def test_a_second_factorization_of_a_factorized_layer_raises_and_changes_nothing
 
 
 # -- plan, then apply ------------------------------------------------------------------------------
-def snapshot(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
-    return dict(model.named_modules()), {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: tuple[dict[str, nn.Module], dict[str, torch.Tensor]]) -> None:
-    modules, state = before
-    now = dict(model.named_modules())
-    assert now.keys() == modules.keys() and all(now[name] is modules[name] for name in modules)
-    after = model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
-
-
 def test_plan_leaves_the_model_alone_and_apply_gives_what_factorize_gives() -> None:
     torch.manual_seed(0)
-    base = Mixed()
+    base = ThreeKinds()
     x = torch.randn(16, 3, 6, 6)
     stats = lr.collect(base, batches(x, 4))
     model = copy.deepcopy(base)
@@ -336,7 +325,7 @@ def test_apply_swaps_all_or_none(failing_at: int, monkeypatch: pytest.MonkeyPatc
     import lightning_rank.compress.factorize as factorize_module
 
     torch.manual_seed(0)
-    model = Mixed()
+    model = ThreeKinds()
     stats = lr.collect(model, batches(torch.randn(16, 3, 6, 6), 4))
     plan = lr.plan_factorization(model, stats, method="whiten", ranks={"conv": 4, "proj": 3, "head": 2})
     assert len(plan.modules) == 3
@@ -415,7 +404,9 @@ def test_bad_input_raises_clear_errors() -> None:
 
 
 # -- load_factorized ---------------------------------------------------------------------------
-class Mixed(nn.Module):
+class ThreeKinds(nn.Module):
+    """One layer of each kind ``factorize_`` replaces: a Conv2d, a Hugging Face style Conv1D and a Linear."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 12, 3, padding=1)
@@ -428,7 +419,7 @@ class Mixed(nn.Module):
 
 def test_load_factorized_round_trip_through_torch_save(tmp_path) -> None:
     torch.manual_seed(0)
-    model = Mixed()
+    model = ThreeKinds()
     x = torch.randn(16, 3, 6, 6)
     stats = lr.collect(model, batches(x, 4))
     result = lr.factorize_(model, stats, method="whiten", ranks={"conv": 4, "proj": 3, "head": 2})
@@ -437,16 +428,16 @@ def test_load_factorized_round_trip_through_torch_save(tmp_path) -> None:
     assert {"conv.first.weight", "conv.second.weight", "conv.second.bias", "head.first.weight"} <= keys
     torch.save(model.state_dict(), tmp_path / "model.pt")
     for source in (tmp_path / "model.pt", str(tmp_path / "model.pt"), model.state_dict()):
-        fresh = lr.load_factorized(Mixed(), source)
+        fresh = lr.load_factorized(ThreeKinds(), source)
         assert isinstance(fresh.conv, lr.LowRankConv2d) and fresh.conv.rank == 4
         assert isinstance(fresh.proj, lr.LowRankLinear) and fresh.proj.dense_type is Conv1D
         torch.testing.assert_close(fresh(x), model(x))
 
 
 def test_rebuild_factorized_reports_what_it_swapped_and_is_idempotent() -> None:
-    model = Mixed()
+    model = ThreeKinds()
     lr.factorize_(model, None, method="svd", ranks={"conv": 4, "head": 2}, target_modules=["conv", "head"])
-    fresh = Mixed()
+    fresh = ThreeKinds()
     assert rebuild_factorized_(fresh, model.state_dict()) == {"conv": 4, "head": 2}
     assert rebuild_factorized_(fresh, model.state_dict()) == {}
     assert isinstance(fresh.conv, lr.LowRankConv2d) and type(fresh.proj) is Conv1D
@@ -455,13 +446,13 @@ def test_rebuild_factorized_reports_what_it_swapped_and_is_idempotent() -> None:
 def test_load_factorized_rejects_factors_that_do_not_fit() -> None:
     state = {"head.first.weight": torch.zeros(2, 11), "head.second.weight": torch.zeros(4, 2), "head.second.bias": torch.zeros(4)}
     with pytest.raises(ValueError, match="'head'"):
-        lr.load_factorized(Mixed(), state)
+        lr.load_factorized(ThreeKinds(), state)
 
 
-class LitMixed(L.LightningModule):
+class LitThreeKinds(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = Mixed()
+        self.net = ThreeKinds()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -478,18 +469,15 @@ def test_load_factorized_from_a_lightning_checkpoint(tmp_path) -> None:
     torch.manual_seed(0)
     x, y = torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    module = LitMixed()
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    module = LitThreeKinds()
+    trainer = make_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
     trainer.fit(module, loader)
     stats = lr.collect(module, loader)
     lr.factorize_(module, stats, method="whiten", ranks={"conv": 5, "head": 2}, target_modules=["conv", "head"])
     path = tmp_path / "compressed.ckpt"
     trainer.save_checkpoint(path)
     assert "net.conv.first.weight" in torch.load(path, weights_only=True)["state_dict"]
-    fresh = lr.load_factorized(LitMixed(), path)
+    fresh = lr.load_factorized(LitThreeKinds(), path)
     assert isinstance(fresh.net.conv, lr.LowRankConv2d) and fresh.net.conv.rank == 5
     assert isinstance(fresh.net.head, lr.LowRankLinear) and type(fresh.net.proj) is Conv1D
     module.eval(), fresh.eval()
@@ -537,8 +525,9 @@ def test_each_moment_is_decomposed_once(monkeypatch: pytest.MonkeyPatch, method:
 
         monkeypatch.setattr(torch.linalg, name, counting)
     lr.factorize_(model, stats, method=method)
-    # inputs 24 and 40, output moments: fc1 widens (25 x 25 from its factor), fc2 is 12 x 12
-    assert sorted(decomposed) == sorted([(24, 24), (40, 40), (25, 25), (12, 12)])
+    # inputs 24 and 40, output moments: fc1 widens (25 x 25 from its factor, whose zero rows are deflated: its 6 input
+    # directions and the bias remain), fc2 is 12 x 12
+    assert sorted(decomposed) == sorted([(24, 24), (40, 40), (7, 7), (12, 12)])
 
 
 def test_a_compiled_model_is_factorized_inside_its_wrapper() -> None:

@@ -11,19 +11,7 @@ from torch import nn
 
 import lightning_rank as lr
 from lightning_rank.compress.layers import LowRankConv1d
-
-
-class Conv1D(nn.Module):
-    """Mimics Hugging Face's GPT-2 ``Conv1D``: ``weight (nx, nf)``, ``y = x @ weight + bias``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
+from tests.tiny_models import Conv1D
 
 
 def full_rank_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

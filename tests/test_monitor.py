@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import sys
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -16,85 +15,29 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import lightning_rank as lr
 from lightning_rank.callbacks import epoch as epoch_statistics
+from lightning_rank.callbacks import monitor as monitor_module
 from lightning_rank.views import figures, tags
-from tests.test_monitor_tensorboard import Events
-from tests.tiny_models import Branchy, split_subspaces
-
-
-class Blocks(L.LightningModule):
-    """Two residual MLP blocks and a head: layers blocks.{0,1}.{0,2} and head."""
-
-    def __init__(self, dim: int = 8, hidden: int = 12, classes: int = 3, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim)) for _ in range(2)
-        )
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-
-
-def dataset(n: int = 48, dim: int = 8, seed: int = 0) -> TensorDataset:
-    """Inputs with a decaying spectrum, so ranks are below full and move during training."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g) * torch.logspace(0, -3, dim)
-    return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
-
-
-class Data(L.LightningDataModule):
-    def __init__(self, batch_size: int = 16) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(dataset(seed=0), batch_size=self.batch_size)
-
-    def val_dataloader(self):
-        return DataLoader(dataset(seed=1), batch_size=self.batch_size)
-
-
-def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    return L.Trainer(**{**options, **kwargs})
-
-
-def reference(model: nn.Module, loaders, **collect_kwargs) -> dict:
-    """The report of an independent collect + analyze over every batch of ``loaders``."""
-    batches = [batch for loader in loaders for batch in loader]
-    threshold = collect_kwargs.pop("threshold", 0.99)
-    stats = lr.collect(model, batches, forward=lambda m, b: m(b[0]), **collect_kwargs)
-    return lr.analyze(model, stats, threshold=threshold).to_dict()
+from tests.helpers import Events, FakeClock, assert_same_report, reference
+from tests.tiny_models import (
+    BLOCKS_LAYERS,
+    Blocks,
+    BlocksData,
+    Branchy,
+    DumpReport,
+    blocks_dataset,
+    make_trainer,
+    split_subspaces,
+)
 
 
 class Snapshots(Callback):
@@ -114,21 +57,17 @@ def heatmap_shape(history: list[dict]) -> tuple[int, int]:
     return height, width
 
 
-LAYERS = ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "head"]
-
-
 def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     torch.manual_seed(0)
     model = Blocks()
-    val = [DataLoader(dataset(seed=1), batch_size=16), DataLoader(dataset(n=24, seed=2), batch_size=8)]
+    val = [DataLoader(blocks_dataset(seed=1), batch_size=16), DataLoader(blocks_dataset(n=24, seed=2), batch_size=8)]
     monitor = lr.RankMonitor(every_n_epochs=2, views=tags.VIEWS, figure_budget=None)  # every view, every time
     snapshots = Snapshots()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="rank/mlu", mode="max", every_n_epochs=2)
     csv = CSVLogger(tmp_path, name="csv")
     tb = TensorBoardLogger(tmp_path, name="tb")
-    run = trainer(tmp_path, max_epochs=4, num_sanity_val_steps=2, logger=[tb, csv],
-                  callbacks=[monitor, snapshots, checkpoint])
-    run.fit(model, DataLoader(dataset(seed=0), batch_size=16), val)
+    run = make_trainer(tmp_path, 4, [monitor, snapshots, checkpoint], num_sanity_val_steps=2, logger=[tb, csv])
+    run.fit(model, DataLoader(blocks_dataset(seed=0), batch_size=16), val)
 
     # Epochs 1 and 3 only: not the sanity check, not the epochs every_n_epochs=2 leaves out.
     assert [h["epoch"] for h in monitor.history] == [1, 3]
@@ -149,7 +88,7 @@ def test_fit_publishes_each_analyzed_epoch_everywhere(tmp_path):
     assert checkpoint.best_model_score.item() == pytest.approx(max(h["report"]["mlu"] for h in monitor.history))
 
     events = Events(tb.log_dir)
-    for name in LAYERS:
+    for name in BLOCKS_LAYERS:
         for tag, key in (("rank/utilization", "utilization"), ("rank_detail/in_rank", "in_rank"),
                          ("rank_detail/out_rank", "out_rank")):
             points = events.scalars(f"{tag}/{name}")
@@ -190,7 +129,7 @@ def test_validate_without_logger_with_mask(tmp_path):
 
     torch.manual_seed(0)
     model = Masked()
-    x, _ = dataset(n=32).tensors
+    x, _ = blocks_dataset(n=32).tensors
     mask = torch.arange(32) % 4 != 0  # a quarter of the rows are padding
     batches = [{"x": x[i : i + 8], "mask": mask[i : i + 8]} for i in range(0, 32, 8)]
     seen = []
@@ -201,7 +140,7 @@ def test_validate_without_logger_with_mask(tmp_path):
 
     monitor = lr.RankMonitor(mask_fn=mask_fn, every_n_epochs=5, exclude_modules="head")
     with pytest.warns(UserWarning, match="no logger") as record:
-        run = trainer(tmp_path, logger=False, callbacks=[monitor])
+        run = make_trainer(tmp_path, callbacks=[monitor], logger=False)
         run.validate(model, DataLoader(batches, batch_size=None))
     assert sum("RankMonitor" in str(w.message) for w in record) == 1
     assert len(seen) == 4 and all(torch.equal(s, b["x"]) for s, b in zip(seen, batches))
@@ -226,9 +165,9 @@ def test_default_rows_spread_each_layers_budget_over_the_epochs_batches(tmp_path
     torch.manual_seed(0)
     model = Blocks()  # fan_in 8 and 12: the floor holds for every layer
     assert AUTO_MIN_ROWS > AUTO_ROWS_PER_FEATURE * 12
-    loader = DataLoader(dataset(n=6 * 1024), batch_size=1024)
+    loader = DataLoader(blocks_dataset(n=6 * 1024), batch_size=1024)
     monitor = lr.RankMonitor()
-    run = trainer(tmp_path, logger=False, callbacks=[monitor], limit_val_batches=limit)
+    run = make_trainer(tmp_path, callbacks=[monitor], logger=False, limit_val_batches=limit)
     with pytest.warns(UserWarning, match="no logger"):
         run.validate(model, loader)
     batches = limit or 6
@@ -250,9 +189,9 @@ def test_resume_from_checkpoint_keeps_history_and_continues_views(tmp_path):
     def run(max_epochs: int, monitor: lr.RankMonitor, **fit_kwargs) -> L.Trainer:
         logger = TensorBoardLogger(tmp_path, name="run", version=0)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-        run = trainer(tmp_path, max_epochs=max_epochs, logger=logger, callbacks=[monitor, checkpoint])
+        run = make_trainer(tmp_path, max_epochs, [monitor, checkpoint], logger=logger, num_sanity_val_steps=2)
         torch.manual_seed(0)
-        run.fit(Blocks(), datamodule=Data(), **fit_kwargs)
+        run.fit(Blocks(), datamodule=BlocksData(), **fit_kwargs)
         return run
 
     first = lr.RankMonitor()
@@ -287,7 +226,7 @@ trainer:
         dtype: torch.float64
 """
     )
-    cli = LightningCLI(Blocks, Data, run=False, args=["--config", str(config)], save_config_callback=None)
+    cli = LightningCLI(Blocks, BlocksData, run=False, args=["--config", str(config)], save_config_callback=None)
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, lr.RankMonitor)]
     assert (monitor.threshold, monitor.every_n_epochs, monitor.exclude_modules, monitor.dtype) == (
         0.9, 2, ["head"], torch.float64
@@ -295,12 +234,12 @@ trainer:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert [h["epoch"] for h in monitor.history] == [1]
     assert monitor.report.threshold == 0.9 and "head" not in monitor.report.layers
-    assert monitor.report.to_dict() == reference(cli.model, [Data().val_dataloader()], threshold=0.9,
+    assert monitor.report.to_dict() == reference(cli.model, [BlocksData().val_dataloader()], threshold=0.9,
                                                  exclude_modules=["head"], dtype=torch.float64)
 
     args = ["--trainer.callbacks+=lightning_rank.RankMonitor", "--trainer.callbacks.every_n_epochs=3",
             "--trainer.accelerator=cpu"]
-    cli = LightningCLI(Blocks, Data, run=False, args=args, save_config_callback=None)
+    cli = LightningCLI(Blocks, BlocksData, run=False, args=args, save_config_callback=None)
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, lr.RankMonitor)]
     assert monitor.every_n_epochs == 3
 
@@ -309,9 +248,9 @@ def test_bf16_mixed_matches_an_autocast_reference(tmp_path):
     torch.manual_seed(0)
     model = Blocks()
     monitor = lr.RankMonitor()
-    val = DataLoader(dataset(seed=1), batch_size=16)
-    trainer(tmp_path, max_epochs=1, precision="bf16-mixed", logger=False, callbacks=[monitor]).fit(
-        model, DataLoader(dataset(seed=0), batch_size=16), val
+    val = DataLoader(blocks_dataset(seed=1), batch_size=16)
+    make_trainer(tmp_path, 1, [monitor], precision="bf16-mixed", logger=False, num_sanity_val_steps=2).fit(
+        model, DataLoader(blocks_dataset(seed=0), batch_size=16), val
     )
 
     def autocast_forward(m, batch):
@@ -326,7 +265,8 @@ def test_bf16_mixed_matches_an_autocast_reference(tmp_path):
 def test_figures_need_no_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # any import of it fails
     logger = TensorBoardLogger(tmp_path)
-    trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[lr.RankMonitor()]).fit(Blocks(), datamodule=Data())
+    run = make_trainer(tmp_path, 2, [lr.RankMonitor()], logger=logger, num_sanity_val_steps=2)
+    run.fit(Blocks(), datamodule=BlocksData())
     events = Events(logger.log_dir)
     assert events.tags("images") == ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)",
                                      "rank_energy/blocks.0", "rank_energy/blocks.1"]
@@ -336,7 +276,7 @@ def test_figures_need_no_matplotlib(tmp_path, monkeypatch):
 def test_fast_dev_run_skips_the_analysis_with_one_info_line(tmp_path, caplog):
     monitor = lr.RankMonitor()
     with caplog.at_level(logging.INFO):
-        trainer(tmp_path, fast_dev_run=True, callbacks=[monitor]).fit(Blocks(), datamodule=Data())
+        make_trainer(tmp_path, callbacks=[monitor], fast_dev_run=True).fit(Blocks(), datamodule=BlocksData())
     assert monitor.history == [] and monitor.report is None
     assert sum("fast_dev_run" in r.getMessage() and "RankMonitor" in r.getMessage() for r in caplog.records) == 1
     assert not (tmp_path / "rank_reports").exists()
@@ -359,8 +299,9 @@ def test_compiled_models_are_observed(tmp_path, how):
     else:
         model = given = Inner()
     monitor = lr.RankMonitor()
-    val = DataLoader(dataset(seed=1), batch_size=16)
-    trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor]).fit(given, DataLoader(dataset(), batch_size=16), val)
+    val = DataLoader(blocks_dataset(seed=1), batch_size=16)
+    run = make_trainer(tmp_path, 1, [monitor], logger=False, num_sanity_val_steps=2)
+    run.fit(given, DataLoader(blocks_dataset(), batch_size=16), val)
     assert len(monitor.report.analyzed) == 5
     with torch.compiler.set_stance("force_eager"):  # the hooks of the reference must fire too
         assert monitor.report.to_dict() == reference(model, [val])
@@ -371,8 +312,8 @@ def test_compiled_model_without_eager_fallback_warns(tmp_path, monkeypatch):
     torch._dynamo.reset()
     monitor = lr.RankMonitor()
     with pytest.warns(UserWarning) as record:
-        trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor]).fit(
-            torch.compile(Blocks(), backend="eager"), datamodule=Data()
+        make_trainer(tmp_path, 1, [monitor], logger=False, num_sanity_val_steps=2).fit(
+            torch.compile(Blocks(), backend="eager"), datamodule=BlocksData()
         )
     messages = [str(w.message) for w in record]
     assert any("is compiled" in m for m in messages)
@@ -416,48 +357,24 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
 
 
 def test_eig_dtype_reaches_the_analysis(tmp_path, monkeypatch):
-    import lightning_rank.callbacks.monitor as monitor_module
-
     seen = []
     original = monitor_module.analyze
     monkeypatch.setattr(monitor_module, "analyze", lambda *a, **k: seen.append(k["eig_dtype"]) or original(*a, **k))
     monitor = lr.RankMonitor(eig_dtype=torch.float32)
-    trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor]).fit(Blocks(), datamodule=Data())
+    make_trainer(tmp_path, 1, [monitor], logger=False, num_sanity_val_steps=2).fit(Blocks(), datamodule=BlocksData())
     assert seen == [torch.float32] and monitor.report.analyzed
 
 
 def test_early_stopping_can_monitor_mlu(tmp_path):
     monitor = lr.RankMonitor()
     stopper = EarlyStopping(monitor="rank/mlu", mode="max", patience=0, min_delta=1.0)  # stops after one epoch
-    run = trainer(tmp_path, max_epochs=5, logger=False, callbacks=[monitor, stopper])
-    run.fit(Blocks(), datamodule=Data())
+    run = make_trainer(tmp_path, 5, [monitor, stopper], logger=False, num_sanity_val_steps=2)
+    run.fit(Blocks(), datamodule=BlocksData())
     assert run.current_epoch == 2 and len(monitor.history) == 2
     assert stopper.best_score.item() == pytest.approx(monitor.history[0]["report"]["mlu"])
 
 
 # -- DDP ---------------------------------------------------------------------------------------
-class DumpReport(Callback):
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def on_validation_end(self, trainer, pl_module):
-        (monitor,) = [c for c in trainer.callbacks if isinstance(c, lr.RankMonitor)]
-        path = self.directory / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(monitor.report.to_dict()))
-
-
-def assert_same_report(actual: dict, expected: dict) -> None:
-    """Two reports (``to_dict()``) agree: every layer's every entry, and the MLU."""
-    assert actual["layers"].keys() == expected["layers"].keys()
-    for name, layer in expected["layers"].items():
-        for key, value in layer.items():
-            if isinstance(value, float):
-                assert actual["layers"][name][key] == pytest.approx(value, rel=1e-9), (name, key)
-            else:
-                assert actual["layers"][name][key] == value, (name, key)
-    assert actual["mlu"] == pytest.approx(expected["mlu"], rel=1e-9)
-
-
 @pytest.mark.timeout(180)
 def test_ddp_spawn_two_processes_equal_one(tmp_path):
     torch.manual_seed(0)
@@ -470,84 +387,61 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     monitor = lr.RankMonitor(dtype=torch.float64)
     # A short collective timeout turns a disagreement between the processes into an error, not a hang.
     strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
-    run = trainer(tmp_path, strategy=strategy, devices=2, logger=False, callbacks=[monitor, DumpReport(tmp_path)])
+    run = make_trainer(tmp_path, callbacks=[monitor, DumpReport(tmp_path)], strategy=strategy, devices=2, logger=False)
     run.validate(model, loader)
 
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = [json.loads((tmp_path / f"report_rank{r}.json").read_text()) for r in (0, 1)]
     saved = tmp_path / "rank_reports" / "epoch_000.json"
     for report in (*reports, json.loads(saved.read_text())):
         assert_same_report(report, expected)
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
 
 
-class Funnel(L.LightningModule):
-    """One layer ``Linear(width, 1)``, and optionally a costly training step: counting a row of its input costs
-    ``width^2`` multiply-adds against ``width`` for the forward, so the monitor's share of a fit is set by design."""
-
-    def __init__(self, width: int, training_work: int = 0) -> None:
-        super().__init__()
-        self.layer = nn.Linear(width, 1)
-        self.training_work = training_work
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-    def training_step(self, batch, batch_idx):
-        for _ in range(self.training_work):  # work the monitor never sees
-            torch.randn(512, 512) @ torch.randn(512, 512)
-        return self(batch).square().mean()
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self(batch).square().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
-
-
 def cost_warnings(record) -> list[str]:
     return [str(w.message) for w in record if "RankMonitor took" in str(w.message)]
 
 
-def test_monitor_records_its_cost_and_warns_once_when_it_dominates_a_fit(tmp_path):
-    """A layer whose rows cost width^2 to count and nothing to run: the monitor takes most of the fit, says so once
-    (with the knobs that lower it), and records each analyzed epoch's cost, which fits inside the fit's time."""
-    from lightning.pytorch.utilities.warnings import PossibleUserWarning
-
+def test_monitor_records_its_cost_and_warns_once_when_it_dominates_a_fit(tmp_path, monkeypatch):
+    """On the monitor's clock a training batch takes 1 s and each analysis 10 s: the monitor takes most of every
+    epoch, says so once a fit (with the knobs that lower it), and records each analyzed epoch's cost."""
+    clock = FakeClock(monkeypatch, batch_seconds=1.0)
+    clock.slow(monitor_module, "analyze", 10.0)
     torch.manual_seed(0)
-    val = [torch.randn(2048, 512) for _ in range(4)]
     monitor = lr.RankMonitor(max_rows_per_batch=None, tensorboard=False)
-    run = trainer(tmp_path, max_epochs=2, logger=False, callbacks=[monitor], num_sanity_val_steps=0)
-    start = time.perf_counter()
+    run = make_trainer(tmp_path, 2, [monitor, clock.callback], logger=False)
     with pytest.warns(PossibleUserWarning) as record:
-        run.fit(Funnel(512), DataLoader([torch.randn(4, 512)], batch_size=None), DataLoader(val, batch_size=None))
-    fit_seconds = time.perf_counter() - start
+        run.fit(Blocks(), datamodule=BlocksData())  # 3 training batches an epoch
+    assert clock.now == 2 * (3 * 1.0 + 10.0)
     messages = cost_warnings(record)
-    assert len(messages) == 1  # once a fit, not once an epoch
+    assert len(messages) == 1  # once a fit, not once an epoch, though both epochs went over the share
     assert all(knob in messages[0] for knob in ("every_n_epochs", "max_rows_per_batch", "statistics"))
+    assert "of the last 13.00 s of this fit" in messages[0]  # the first epoch: 3 batches and the analysis
     assert len(monitor.history) == 2
     costs = [entry["seconds"] for entry in monitor.history]
     assert all(set(cost) == {"statistics", "analysis", "publish"} for cost in costs)
-    assert all(cost["statistics"] > 0 and cost["analysis"] > 0 and cost["publish"] >= 0 for cost in costs)
-    assert sum(sum(cost.values()) for cost in costs) < fit_seconds
+    assert all(cost["statistics"] > 0 and cost["analysis"] == 10.0 and cost["publish"] == 0.0 for cost in costs)
+    assert sum(sum(cost.values()) for cost in costs) < clock.now
 
-    again = trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor], num_sanity_val_steps=0)
+    again = make_trainer(tmp_path, 1, [monitor, clock.callback], logger=False)
     with pytest.warns(PossibleUserWarning) as record:  # the same monitor in a new fit tells that fit too
-        again.fit(Funnel(512), DataLoader([torch.randn(4, 512)], batch_size=None), DataLoader(val, batch_size=None))
+        again.fit(Blocks(), datamodule=BlocksData())
     assert len(cost_warnings(record)) == 1
 
 
-def test_monitor_does_not_warn_about_its_cost_when_training_dominates(tmp_path):
-    from lightning_rank.callbacks.monitor import COST_WARNING_SHARE
+def test_monitor_does_not_warn_about_its_cost_when_training_dominates(tmp_path, monkeypatch):
+    """On the monitor's clock a training batch takes 10 s and the analysis 1 s: far below the share, no warning."""
+    from lightning_rank.callbacks.budgets import COST_WARNING_SHARE
 
+    clock = FakeClock(monkeypatch, batch_seconds=10.0)
+    clock.slow(monitor_module, "analyze", 1.0)
     torch.manual_seed(0)
     monitor = lr.RankMonitor(tensorboard=False)
-    run = trainer(tmp_path, max_epochs=1, logger=False, callbacks=[monitor], num_sanity_val_steps=0)
-    start = time.perf_counter()
+    run = make_trainer(tmp_path, 1, [monitor, clock.callback], logger=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        run.fit(Funnel(4, training_work=5), DataLoader([torch.randn(4, 4)] * 4, batch_size=None),
-                DataLoader([torch.randn(16, 4)], batch_size=None))
-    fit_seconds = time.perf_counter() - start
+        run.fit(Blocks(), datamodule=BlocksData())
+    assert clock.now == 3 * 10.0 + 1.0
     cost = monitor.history[0]["seconds"]
-    assert 0 < sum(cost.values()) < COST_WARNING_SHARE * fit_seconds / 4  # the premise: far below the share
+    assert cost["analysis"] == 1.0 and cost["publish"] == 0.0
+    assert 0 < sum(cost.values()) < COST_WARNING_SHARE * clock.now / 4  # the premise: far below the share
     assert cost_warnings(record) == []

@@ -12,12 +12,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
-from tensorboard.backend.event_processing import plugin_event_accumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
-from tensorboard.util import tensor_util
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
@@ -27,52 +23,10 @@ from lightning_rank.callbacks import monitor as monitor_module
 from lightning_rank.views import drawing, figures, tables, writers
 from lightning_rank.views import tags as tag_names
 from lightning_rank.views.tags import report_scalars
+from tests.helpers import Events, FakeClock
+from tests.tiny_models import BLOCKS_LAYERS, Blocks, make_trainer
 
 SUMMARY = ["0_rank_summary/mlu", "0_rank_summary/mlu_weighted"]
-
-
-class Events:
-    """The event files of one run as TensorBoard reads them: tags per plugin, points, descriptions."""
-
-    def __init__(self, log_dir) -> None:
-        self.acc = plugin_event_accumulator.EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
-        self.acc.Reload()
-
-    def _events(self, tag: str) -> list:
-        """The events of ``tag`` in the order they were written. The accumulator reads the files by name, and a
-        process's files made within one second differ only by a counter compared as text ("10" < "9")."""
-        return sorted(self.acc.Tensors(tag), key=lambda event: event.wall_time)
-
-    def tags(self, plugin: str) -> list[str]:
-        try:
-            return sorted(self.acc.PluginTagToContent(plugin))
-        except KeyError:
-            return []
-
-    def scalars(self, tag: str) -> list[tuple[int, float]]:
-        return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in self._events(tag)]
-
-    def images(self, tag: str) -> list[tuple[int, int, int]]:
-        """(step, width, height) of each image."""
-        return [(e.step, *map(int, e.tensor_proto.string_val[:2])) for e in self._events(tag)]
-
-    def picture(self, tag: str, index: int = -1) -> np.ndarray:
-        """The ``index``-th image of ``tag`` decoded from its PNG, as an RGB ``(H, W, 3)`` array."""
-        png = self._events(tag)[index].tensor_proto.string_val[2]
-        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-    def histograms(self, tag: str) -> list[tuple[int, np.ndarray]]:
-        """(step, buckets as rows [left, right, count])."""
-        return [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in self._events(tag)]
-
-    def text(self, tag: str) -> list[tuple[int, str]]:
-        return [(e.step, e.tensor_proto.string_val[0].decode()) for e in self._events(f"{tag}/text_summary")]
-
-    def description(self, tag: str) -> str:
-        return self.acc.SummaryMetadata(tag).summary_description
-
-    def layout(self) -> layout_pb2.Layout:
-        return layout_pb2.Layout.FromString(self._events("custom_scalars__config__")[-1].tensor_proto.string_val[0])
 
 
 # -- TensorBoard's tag order, ported from its frontend -----------------------------------------------
@@ -393,38 +347,6 @@ def test_compression_headline_scalars_and_one_table():
 
 
 # -- real runs, read back with TensorBoard's reader ------------------------------------------------------
-class Blocks(L.LightningModule):
-    """Two residual MLP blocks and a head: layers blocks.{0,1}.{0,2} and head."""
-
-    def __init__(self, dim: int = 8, hidden: int = 12, classes: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim)) for _ in range(2))
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-LAYERS = ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "head"]
-
-
 def loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(96, 8, generator=g) * torch.logspace(0, -3, 8)  # a decaying spectrum: ranks below full
@@ -435,10 +357,9 @@ def loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
 def fit(tmp_path, callbacks, max_epochs: int = 2, loggers=None) -> tuple[L.Trainer, TensorBoardLogger]:
     torch.manual_seed(0)
     tb = TensorBoardLogger(tmp_path, name="tb")
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=[tb, *(loggers or [])], callbacks=callbacks,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        log_every_n_steps=1, default_root_dir=tmp_path)
-    trainer.fit(Blocks(), *loaders())
+    trainer = make_trainer(tmp_path, max_epochs, callbacks, logger=[tb, *(loggers or [])], enable_checkpointing=False,
+                           num_sanity_val_steps=2)
+    trainer.fit(Blocks(log_train_loss=True), *loaders())
     return trainer, tb
 
 
@@ -454,10 +375,10 @@ def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_pat
     run = Events(tb.log_dir)
 
     # Default scalars: two headline tags, then exactly one per layer (no in/out ranks, no histograms).
-    assert sorted(rank_tags(run)) == sorted(SUMMARY + [f"rank/utilization/{n}" for n in LAYERS])
+    assert sorted(rank_tags(run)) == sorted(SUMMARY + [f"rank/utilization/{n}" for n in BLOCKS_LAYERS])
     assert run.tags("histograms") == []
     steps = [h["step"] for h in monitor.history]
-    for name in LAYERS:
+    for name in BLOCKS_LAYERS:
         points = run.scalars(f"rank/utilization/{name}")
         assert [step for step, _ in points] == steps
         assert [v for _, v in points] == pytest.approx([h["report"]["layers"][name]["utilization"] for h in monitor.history])
@@ -491,7 +412,7 @@ def test_default_run_summary_first_one_scalar_per_layer_labelled_heatmap(tmp_pat
 
     # Other loggers get the same scalars by the same names.
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert set(SUMMARY + [f"rank/utilization/{n}" for n in LAYERS]) <= set(header)
+    assert set(SUMMARY + [f"rank/utilization/{n}" for n in BLOCKS_LAYERS]) <= set(header)
     assert not [c for c in header if "in_rank" in c or "out_rank" in c]
 
 
@@ -499,16 +420,16 @@ def test_opt_in_views_and_none(tmp_path):
     _, tb = fit(tmp_path / "all", [lr.RankMonitor(views=tag_names.VIEWS)], max_epochs=1)
     run = Events(tb.log_dir)
     tags = rank_tags(run)
-    for name in LAYERS:
+    for name in BLOCKS_LAYERS:
         assert {f"rank_detail/in_rank/{name}", f"rank_detail/out_rank/{name}"} <= set(tags)
         assert len(run.histograms(f"rank_detail/spectrum/{name}")) == 1
     assert "out rank" in run.description("rank_detail/out_rank/head").lower()
-    assert len(tags) == 2 + 3 * len(LAYERS)
+    assert len(tags) == 2 + 3 * len(BLOCKS_LAYERS)
 
     _, tb = fit(tmp_path / "none", [lr.RankMonitor(views=())], max_epochs=1)
     run = Events(tb.log_dir)
     assert run.tags("images") == [] and run.tags("histograms") == [] and run.tags("text") == []
-    assert len(rank_tags(run)) == 2 + len(LAYERS)
+    assert len(rank_tags(run)) == 2 + len(BLOCKS_LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -551,23 +472,6 @@ def test_a_factorized_layer_keeps_one_curve_across_the_swap(compressed_run):
 FIGURES = ["0_rank_summary/utilization_heatmap", "rank_energy/(top level)", "rank_energy/blocks.0", "rank_energy/blocks.1"]
 
 
-class FakeClock:
-    """The monitor's clock: each training epoch takes ``epoch_seconds``, each heatmap ``draw_seconds``."""
-
-    def __init__(self, monkeypatch, epoch_seconds: float, draw_seconds: float) -> None:
-        self.now = 0.0
-        monkeypatch.setattr(monitor_module, "_clock", lambda: self.now)
-        write_heatmap = writers.write_heatmap
-
-        def slow_heatmap(*args, **kwargs):
-            self.now += draw_seconds
-            return write_heatmap(*args, **kwargs)
-
-        monkeypatch.setattr(writers, "write_heatmap", slow_heatmap)
-        self.callback = L.Callback()
-        self.callback.on_train_epoch_start = lambda trainer, module: setattr(self, "now", self.now + epoch_seconds)
-
-
 def image_steps(run: Events) -> dict[str, list[int]]:
     return {tag: [step for step, *_ in run.images(tag)] for tag in FIGURES}
 
@@ -575,7 +479,8 @@ def image_steps(run: Events) -> dict[str, list[int]]:
 def test_figures_within_their_budget_of_the_run_and_always_at_the_end(tmp_path, monkeypatch):
     # Drawing takes 1 s, an epoch 10 s, the budget 5%: a drawing is due once 20 s passed since the last one.
     # Before the first drawing its cost is taken as FIGURE_SECONDS a figure: 0.04 s, within 5% of one epoch.
-    clock = FakeClock(monkeypatch, epoch_seconds=10.0, draw_seconds=1.0)
+    clock = FakeClock(monkeypatch, epoch_seconds=10.0)
+    clock.slow(writers, "write_heatmap", 1.0)
     monitor = lr.RankMonitor(figure_budget=0.05)
     _, tb = fit(tmp_path, [monitor, clock.callback], max_epochs=6)
     run = Events(tb.log_dir)
@@ -587,14 +492,15 @@ def test_figures_within_their_budget_of_the_run_and_always_at_the_end(tmp_path, 
     assert [step for step, _ in run.text("rank/report")] == steps
     assert run.images(FIGURES[0])[-1][1:] == figures.heatmap_image(monitor.history).size  # every epoch's column
 
-    clock = FakeClock(monkeypatch, epoch_seconds=10.0, draw_seconds=0.4)  # now 0.4 s <= 5% of 10 s: every epoch
+    clock = FakeClock(monkeypatch, epoch_seconds=10.0)
+    clock.slow(writers, "write_heatmap", 0.4)  # now 0.4 s <= 5% of 10 s: every epoch
     monitor = lr.RankMonitor(figure_budget=0.05)
     _, tb = fit(tmp_path / "cheap", [monitor, clock.callback], max_epochs=3)
     assert image_steps(Events(tb.log_dir)) == {tag: [h["step"] for h in monitor.history] for tag in FIGURES}
 
 
 def test_figure_budget_none_draws_every_analyzed_epoch_and_validate_always_draws(tmp_path, monkeypatch):
-    FakeClock(monkeypatch, epoch_seconds=0.0, draw_seconds=100.0)  # figures far over any budget
+    FakeClock(monkeypatch).slow(writers, "write_heatmap", 100.0)  # figures far over any budget
     monitor = lr.RankMonitor(figure_budget=None)
     trainer, tb = fit(tmp_path, [monitor], max_epochs=3)
     assert image_steps(Events(tb.log_dir)) == {tag: [h["step"] for h in monitor.history] for tag in FIGURES}
@@ -609,7 +515,7 @@ def test_figure_budget_none_draws_every_analyzed_epoch_and_validate_always_draws
 
 
 def test_an_interrupted_fit_still_draws_its_last_analyzed_epoch(tmp_path, monkeypatch):
-    FakeClock(monkeypatch, epoch_seconds=0.0, draw_seconds=100.0)
+    FakeClock(monkeypatch).slow(writers, "write_heatmap", 100.0)
 
     class Stop(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):

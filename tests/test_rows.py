@@ -19,7 +19,7 @@ from lightning_rank.stats.rows import (
     row_limit,
 )
 from lightning_rank.stats.sums import InputStatistics
-from tests.test_statistics import CONV_GEOMETRIES, assert_stats, patches_reference
+from tests.helpers import CONV_GEOMETRIES, assert_stats, patches_reference
 
 
 class Positions:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import pytest
 import torch
@@ -20,23 +19,7 @@ from lightning_rank.spectral.spectrum import (
     output_moment,
     rounding_error,
 )
-
-
-def acceptable_energy_ranks(values: list[float], t: float, slack: float = 1e-9) -> set[int]:
-    """Every k whose top k hold t of the trace, in exact rational arithmetic, while its top k - 1 do not, both
-    within a relative ``slack`` (float sums round, subnormal ones coarsely; threshold 1.0 must not count round-off)."""
-    top = sorted((Fraction(max(v, 0.0)) for v in values), reverse=True)
-    target = Fraction(t) * sum(top)
-    if target == 0:
-        return {0}
-    prefixes = [sum(top[:k]) for k in range(len(top) + 1)]
-    return {k for k in range(1, len(top) + 1)
-            if prefixes[k] >= target * Fraction(1 - slack) and prefixes[k - 1] < target * Fraction(1 + slack)}
-
-
-def brute_energy_rank(values: list[float], t: float) -> int:
-    """The smallest acceptable energy rank: the exact one, up to the slack."""
-    return min(acceptable_energy_ranks(values, t))
+from tests.helpers import acceptable_energy_ranks
 
 
 def test_energy_rank_on_a_known_spectrum() -> None:

@@ -1,4 +1,4 @@
-"""Streamed statistics against one-shot float64 references computed here from the stored activations."""
+"""Streamed statistics against one-shot float64 references computed from the stored activations (tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,19 +14,8 @@ from torch import nn
 import lightning_rank as lr
 from lightning_rank.stats.collector import StatisticsCollector
 from lightning_rank.stats.sums import symmetric_gram_update_
-
-
-def reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    rows = rows.double().reshape(-1, rows.shape[-1])
-    return rows.t() @ rows, rows.sum(0), rows.shape[0]
-
-
-def assert_stats(stats: lr.InputStatistics, rows: torch.Tensor, rtol: float = 1e-5) -> None:
-    gram, total, count = reference(rows)
-    assert int(stats.count) == count
-    scale = gram.abs().max().item() + 1e-12
-    torch.testing.assert_close(stats.gram.double(), gram, rtol=rtol, atol=rtol * scale)
-    torch.testing.assert_close(stats.total.double(), total, rtol=rtol, atol=rtol * (total.abs().max().item() + 1e-12))
+from tests.helpers import CONV_GEOMETRIES, assert_stats, moments_reference, patches_reference
+from tests.tiny_models import Conv1D
 
 
 class Recorder(nn.Module):
@@ -52,30 +40,6 @@ def test_linear_streaming_equals_one_shot(splits: list[int]) -> None:
     assert_stats(stats["0"], data)
     hidden = torch.relu(model[0](data)).detach()
     assert_stats(stats["2"], hidden)
-
-
-def patches_reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Receptive-field patches by explicit slicing (no unfold), ordered (C, kh, kw) like the weight."""
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    rows = []
-    for b in range(x.shape[0]):
-        for i in range(out_h):
-            for j in range(out_w):
-                patch = x[b, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
-                rows.append(patch.reshape(-1))
-    return torch.stack(rows)
-
-
-CONV_GEOMETRIES = [  # stride, padding (also "same" and non-zero modes), dilation, non-square kernels
-    dict(kernel_size=3, stride=2, padding=1, dilation=1),
-    dict(kernel_size=(3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
-    dict(kernel_size=3, padding="same", dilation=2),
-    dict(kernel_size=3, padding=1, padding_mode="reflect", stride=2),
-]
 
 
 @pytest.mark.parametrize("kwargs", CONV_GEOMETRIES)
@@ -290,20 +254,10 @@ def test_float64_statistics() -> None:
 def test_hf_conv1d_and_multihead_attention() -> None:
     torch.manual_seed(0)
 
-    class Conv1D(nn.Module):  # Hugging Face's GPT-2 layer: weight stored (in, out)
-        def __init__(self, nf: int, nx: int) -> None:
-            super().__init__()
-            self.nf = nf
-            self.weight = nn.Parameter(torch.randn(nx, nf))
-            self.bias = nn.Parameter(torch.zeros(nf))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.weight + self.bias
-
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.c_attn = Conv1D(24, 8)
+            self.c_attn = Conv1D(24, 8, scale=1.0, zero_bias=True)  # Hugging Face's GPT-2 layer: weight (in, out)
             self.self_attn = nn.MultiheadAttention(8, 2)  # (T, B, E) inputs
             self.cross = nn.MultiheadAttention(8, 2, batch_first=True)
 
@@ -524,7 +478,7 @@ def test_wide_inputs_use_blocked_updates_and_read_back_full(dim: int) -> None:
     stats = collector.compute()
     assert_stats(stats[""], torch.cat(data))
     stats.all_reduce_(lambda t: t.mul_(2))
-    gram, total, count = reference(torch.cat(data))
+    gram, total, count = moments_reference(torch.cat(data))
     torch.testing.assert_close(stats[""].gram.double(), 2 * gram, rtol=1e-5, atol=1e-3)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
+from tests.tiny_models import make_trainer
 
 D, HEADS, FF, LAYERS = 16, 2, 64, 2
 LENGTHS = (6, 4, 3, 5)  # sequence lengths of the padded test batch (T = 6)
@@ -247,8 +248,7 @@ def test_rank_compression_fits_a_transformer_classifier(tmp_path: Path, nested: 
     L.seed_everything(0)
     model = SequenceClassifier(nested)
     callback = compression(ranks=4, target_modules=r"encoder\.layers\.\d\.linear\d", forward=lambda m, b: m(*b[:2]))
-    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=3, callbacks=[callback],
-                        enable_progress_bar=False, enable_model_summary=False, logger=False, num_sanity_val_steps=0)
+    trainer = make_trainer(tmp_path, 3, [callback], logger=False)
     trainer.fit(model)
     assert trainer.current_epoch == 3 and callback.compressed
     assert set(callback.result.layers) == {f"encoder.layers.{i}.linear{j}" for i in range(LAYERS) for j in (1, 2)}

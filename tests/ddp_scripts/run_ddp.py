@@ -28,23 +28,18 @@ from torch.utils.data import DataLoader
 import lightning_rank as lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
-from tests.tiny_models import Branchy, Classifier, ParameterCheck, low_rank_dataset, split_subspaces  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    Branchy,
+    DumpReport,
+    ParameterCheck,
+    PlainClassifier,
+    low_rank_dataset,
+    make_trainer,
+    split_subspaces,
+)
 
 # -- RankMonitor: each rank sees its own subspace ----------------------------------------------
 MONITOR_SAMPLES = 32
-
-
-class DumpReport(Callback):
-    """After each validation: this rank's report, and on rank 0 the weights it was computed with."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        (monitor,) = [c for c in trainer.callbacks if isinstance(c, lr.RankMonitor)]
-        (self.out / f"report_rank{trainer.global_rank}.json").write_text(json.dumps(monitor.report.to_dict()))
-        if trainer.global_rank == 0:
-            torch.save(pl_module.state_dict(), self.out / "weights.pt")
 
 
 # -- RankCompression ---------------------------------------------------------------------------
@@ -76,18 +71,16 @@ def main(mode: str, out: Path) -> None:
     L.seed_everything(0, verbose=False)
     # A short collective timeout turns a disagreement between the processes into an error, not a hang.
     strategy = DDPStrategy(timeout=timedelta(seconds=60), find_unused_parameters=mode == "monitor")
-    options = dict(accelerator="cpu", devices=2, strategy=strategy, default_root_dir=out, logger=False,
-                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                   num_sanity_val_steps=0)
+    options = dict(devices=2, strategy=strategy, logger=False, enable_checkpointing=False)
     if mode == "monitor":
         model = Branchy()
-        trainer = L.Trainer(max_epochs=1, callbacks=[ExitProbe(out), lr.RankMonitor(dtype=torch.float64),
-                                                     DumpReport(out)], **options)
+        monitor = lr.RankMonitor(dtype=torch.float64)
+        trainer = make_trainer(out, 1, [ExitProbe(out), monitor, DumpReport(out)], **options)
         loader = DataLoader(split_subspaces(MONITOR_SAMPLES), batch_size=4)
         trainer.fit(model, loader, loader)
     elif mode == "compression":
-        model = Classifier(lr_=0.2)
-        trainer = L.Trainer(max_epochs=2, callbacks=[ExitProbe(out), compression(), ParameterCheck(out)], **options)
+        model = PlainClassifier(lr_=0.2)
+        trainer = make_trainer(out, 2, [ExitProbe(out), compression(), ParameterCheck(out)], **options)
         trainer.fit(model, DataLoader(low_rank_dataset(256, 1), batch_size=32, shuffle=True),
                     DataLoader(low_rank_dataset(128, 2), batch_size=32))
     else:

@@ -22,6 +22,8 @@ __all__ = [
     "StatisticsArguments",
     "check_bool",
     "check_budget",
+    "check_eig_dtype",
+    "check_fraction",
     "check_compress_at_epoch",
     "check_forward",
     "check_method",
@@ -99,15 +101,26 @@ def check_method(method: Any) -> Method:
     return method
 
 
+def check_fraction(value: Any, argument: str, meaning: str) -> float | None:
+    """``value`` as a float in (0, 1], or None; a ``ValueError`` naming ``argument`` says it is ``meaning``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"`{argument}` must be a fraction in (0, 1] {meaning}, got {value!r}")
+    return float(value)
+
+
 def check_budget(budget: Any, argument: str = "param_budget") -> float | None:
     """A budget (``param_budget`` or ``macs_budget``) as a float in (0, 1], or None."""
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        what = "parameters" if argument == "param_budget" else "multiply-adds per example"
-        raise ValueError(f"`{argument}` must be a fraction in (0, 1] of the replaceable layers' {what} to keep, "
-                         f"got {budget!r}")
-    return float(budget)
+    what = "parameters" if argument == "param_budget" else "multiply-adds per example"
+    return check_fraction(budget, argument, f"of the replaceable layers' {what} to keep")
+
+
+def check_eig_dtype(eig_dtype: Any) -> torch.dtype:
+    """``eig_dtype`` if it is torch.float32 or torch.float64, else a ``ValueError`` naming it."""
+    if eig_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype!r}")
+    return eig_dtype
 
 
 ALLOCATIONS = ("auto", "probe", "uniform")

@@ -27,7 +27,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 def factorized_kind(module: nn.Module) -> LayerKind | None:
     """The kind of the dense layer a low-rank pair (``LowRankLinear``, ``LowRankConv1d/2d``) stands for, else ``None``."""
-    return getattr(type(module), "factorized_kind", None)
+    return getattr(module, "factorized_kind", None)
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:

@@ -171,13 +171,13 @@ class RankCompression(ValidationStatisticsCallback):
         self.result: FactorizationResult | None = None
         self.metrics: dict[str, float | None] = {"before": None, "compressed": None, "finetuned": None}
         self.macs: dict[str, float | None] = {"before": None, "after": None}
-        self._factorization: dict[str, Any] | None = None  # result.to_dict(), kept across a resume
+        self.failure: str | None = None  # why planning failed, the model having trained on dense
         self._run = _Run()
 
     @property
     def compressed(self) -> bool:
         """Whether the low-rank layers are in place."""
-        return self.phase in (Phase.COMPRESSED, Phase.FINISHED) and bool((self._factorization or {}).get("layers"))
+        return self.phase in (Phase.COMPRESSED, Phase.FINISHED) and self.result is not None and bool(self.result.layers)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -259,18 +259,14 @@ class RankCompression(ValidationStatisticsCallback):
         stats = statistics.finish(trainer)
         self._run.sample_batch = statistics.batches[0] if statistics.batches else None
         self.macs["before"] = count_macs(pl_module, self._run.sample_batch, self.forward)
-        # Each process holds its own validation batches: allocating by them would give each its own ranks,
-        # so under DDP they only count output positions (for macs_budget) and uniform tolerance allocates.
-        allocation = "uniform" if trainer.world_size > 1 and self.allocation == "auto" else self.allocation
-        self._run.plan = plan_factorization(
-            pl_module, stats, threshold=self.threshold, method=self.method, ranks=self.ranks,
-            param_budget=self.param_budget, macs_budget=self.macs_budget, target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules, allocation=allocation, calibration=statistics.batches or None,
-            forward=self.forward, progress=trainer.is_global_zero,
-        )  # fmt: skip
-        self.result = self._run.plan.result
-        self._factorization = self.result.to_dict()
-        self.phase = Phase.PLANNED
+        try:
+            self._run.plan = _plan(self, trainer, pl_module, stats, statistics.batches)
+        except Exception as error:  # a plan that fails never loses the run: it trains on, dense
+            self.failure, self.phase = f"{type(error).__name__}: {error}", Phase.FINISHED
+            rank_zero_warn(f"RankCompression could not plan the compression, so the model stays dense and trains "
+                           f"on. The cause: {self.failure}")
+            return
+        self.result, self.phase = self._run.plan.result, Phase.PLANNED
         if not self._run.plan.layers:
             reasons = "; ".join(f"{n}: {r}" for n, r in list(self.result.not_replaced.items())[:5])
             rank_zero_warn(f"RankCompression replaced no layer, so the model stays dense and trains on ({reasons}).")
@@ -310,9 +306,10 @@ class RankCompression(ValidationStatisticsCallback):
 
     def summary(self) -> dict[str, Any]:
         """What ``compression.json`` holds (see :func:`~lightning_rank.callbacks.summary.compression_summary`)."""
-        if self._factorization is None:
+        if self.result is None and self.failure is None:
             raise RuntimeError("RankCompression has not planned a compression yet")
-        return compression_summary(self._factorization, self.metrics, self.macs, self.monitor)
+        factorization = self.result.to_dict() if self.result is not None else None
+        return compression_summary(factorization, self.metrics, self.macs, self.monitor, self.failure)
 
     # -- checkpoints and clean-up ------------------------------------------------------------
     @override
@@ -321,9 +318,10 @@ class RankCompression(ValidationStatisticsCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        factorization = self._factorization if self.phase in (Phase.COMPRESSED, Phase.FINISHED) else None
+        done = self.phase in (Phase.COMPRESSED, Phase.FINISHED) and self.result is not None
         return {"phase": self.phase.value, "swap_epoch": self.swap_epoch, "metrics": dict(self.metrics),
-                "macs": dict(self.macs), "factorization": factorization}  # a plan is made again on resume
+                "macs": dict(self.macs), "factorization": self.result.to_dict() if done else None,
+                "failure": self.failure}  # a plan is made again on resume
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -331,7 +329,9 @@ class RankCompression(ValidationStatisticsCallback):
         self.phase = Phase.TRAINING if phase == Phase.PLANNED else phase  # a plan is not saved: it is made again
         self.metrics.update(state_dict["metrics"])
         self.macs.update(state_dict["macs"])
-        self._factorization = state_dict["factorization"] if self.phase != Phase.TRAINING else None
+        factorization = state_dict["factorization"] if self.phase != Phase.TRAINING else None
+        self.result = FactorizationResult.from_dict(factorization) if factorization else None
+        self.failure = state_dict.get("failure")
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -358,3 +358,18 @@ def _checked_swap_epoch(compression: RankCompression, trainer: Trainer, pl_modul
     except ValueError as err:
         raise MisconfigurationException(f"RankCompression: {err}") from err
     return swap_epoch
+
+
+def _plan(
+    compression: RankCompression, trainer: Trainer, pl_module: LightningModule, stats: Any, batches: list[Any]
+) -> FactorizationPlan:
+    """The factorization ``compression`` asks for, from the statistics and kept batches of one validation."""
+    # Each process holds its own validation batches: allocating by them would give each its own ranks,
+    # so under DDP they only count output positions (for macs_budget) and uniform tolerance allocates.
+    allocation = "uniform" if trainer.world_size > 1 and compression.allocation == "auto" else compression.allocation
+    return plan_factorization(
+        pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
+        param_budget=compression.param_budget, macs_budget=compression.macs_budget,
+        target_modules=compression.target_modules, exclude_modules=compression.exclude_modules, allocation=allocation,
+        calibration=batches or None, forward=compression.forward, progress=trainer.is_global_zero,
+    )  # fmt: skip

@@ -20,26 +20,47 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from typing_extensions import override
 
 from lightning_rank.callbacks import _lightning
 from lightning_rank.callbacks._lightning import is_compiled
-from lightning_rank.callbacks.base import REPORTS_FOLDER, ValidationStatisticsCallback, check_selection, reports_dir
+from lightning_rank.callbacks.base import (
+    REPORTS_FOLDER,
+    ValidationStatisticsCallback,
+    check_selection,
+    check_validation_batches,
+    check_validation_data,
+    reports_dir,
+)
+from lightning_rank.callbacks.budgets import CostWatch, FigureBudget
 from lightning_rank.callbacks.epoch import EpochStatistics, can_run_eagerly
-from lightning_rank.checks import MaskFn, StatisticsArguments, check_positive_int, check_threshold
+from lightning_rank.checks import (
+    MaskFn,
+    StatisticsArguments,
+    check_bool,
+    check_eig_dtype,
+    check_fraction,
+    check_positive_int,
+    check_threshold,
+)
 from lightning_rank.compress.layers import LOW_RANK_TYPES
-from lightning_rank.spectral.analysis import analyze
+from lightning_rank.spectral.analysis import UnanalyzableError, analyze
 from lightning_rank.spectral.report import RankReport, write_json_atomic
 from lightning_rank.stats.collect import warn_about_rows
+from lightning_rank.stats.collector import UNREACHED
 from lightning_rank.targets import ModuleSelector
 from lightning_rank.views import tags, writers
 from lightning_rank.views.tags import report_scalars
 
 _clock = time.perf_counter  # every time the monitor weighs or records is read from this clock (tests replace it)
-FIGURE_SECONDS = 0.01  # about what drawing and encoding one figure takes on a CPU core, before one was timed
-COST_WARNING_SHARE = 0.25  # warn (once a fit) when the monitor took more than this share of the time it covers
+
+
+def _now() -> float:
+    """:data:`_clock`'s time, looked up when called (so a replaced clock is read; and picklable, for ddp_spawn)."""
+    return _clock()
 
 
 class RankMonitor(ValidationStatisticsCallback):
@@ -134,23 +155,13 @@ class RankMonitor(ValidationStatisticsCallback):
         self.statistics_arguments = StatisticsArguments(
             target_modules, exclude_modules, mask_fn, max_rows_per_batch, dtype, seed, dataloader_idx
         )
-        for name, flag in (("centered", centered), ("tensorboard", tensorboard)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        self.centered = centered
-        if eig_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype!r}")
-        self.eig_dtype = eig_dtype
-        self.tensorboard = tensorboard
+        self.centered = check_bool(centered, "centered")
+        self.eig_dtype = check_eig_dtype(eig_dtype)
+        self.tensorboard = check_bool(tensorboard, "tensorboard")
         self.views = tags.check_views(views)
-        if figure_budget is not None and (
-            isinstance(figure_budget, bool) or not isinstance(figure_budget, (int, float)) or not 0 < figure_budget <= 1
-        ):
-            raise ValueError(
-                f"`figure_budget` must be a fraction in (0, 1] of the run's time the figures may take, or None "
-                f"(draw them on every analyzed epoch), got {figure_budget!r}"
-            )
-        self.figure_budget = None if figure_budget is None else float(figure_budget)
+        self.figure_budget = check_fraction(
+            figure_budget, "figure_budget", "of the run's time the figures may take, or None (draw them on every "
+            "analyzed epoch)")
 
         self.report: RankReport | None = None
         self.history: list[dict[str, Any]] = []
@@ -160,10 +171,8 @@ class RankMonitor(ValidationStatisticsCallback):
         self._layouts_written: dict[str, tuple[str, ...]] = {}  # log dir -> its layout's layers (picklable)
         self._warned_no_logger = False
         self._pending_figures: tuple[dict[str, Any], int, int] | None = None  # (spectra, step, epoch) not drawn yet
-        self._figure_seconds: float | None = None  # how long the last drawing of the figures took
-        self._figures_drawn_at = 0.0  # when the figures were last drawn, or the fit started
-        self._cost_since = 0.0  # when the time the monitor's cost is weighed against began (on `_clock`)
-        self._warned_cost = False
+        self._figure_budget = FigureBudget(self.figure_budget, clock=_now)
+        self._cost = CostWatch(clock=_now)
 
     @functools.cached_property
     @override
@@ -212,10 +221,20 @@ class RankMonitor(ValidationStatisticsCallback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._figures_drawn_at = _clock()
-        self._cost_since, self._warned_cost = _clock(), False
+        self._figure_budget.restart()
+        self._cost.restart()
         if not self._skip:
             self._check_selection(pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._skip:
+            return
+        try:  # never fails the run: without validation the monitor only has nothing to say
+            check_validation_data(trainer, pl_module, "RankMonitor measures ranks during validation, so it needs")
+            check_validation_batches(trainer, "RankMonitor", self.dataloader_idx)
+        except MisconfigurationException as error:
+            rank_zero_warn(f"{error} Until then it measures nothing.")
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -243,16 +262,15 @@ class RankMonitor(ValidationStatisticsCallback):
             return
         start = _clock()
         stats = statistics.finish(trainer)
-        report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered, eig_dtype=self.eig_dtype,
-                         progress=trainer.is_global_zero)
+        try:
+            report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered,
+                             eig_dtype=self.eig_dtype, progress=trainer.is_global_zero)
+        except UnanalyzableError as error:  # the run goes on: the monitor reports, it does not stop training
+            rank_zero_warn(f"RankMonitor analyzed nothing at epoch {trainer.current_epoch}: {error}")
+            return
         analyzed = _clock()
         if not report.analyzed:
-            collector = statistics.collector
-            rank_zero_warn(
-                f"RankMonitor observed {collector.batches} validation batches but none of the {len(collector.targets)} "
-                "target layers was called by them. If the forward runs through code compiled with torch.compile "
-                "that this torch cannot run eagerly, or bypasses the modules' forward, hooks cannot see it."
-            )
+            rank_zero_warn(_nothing_analyzed(report, statistics.collector.batches))
         if trainer.is_global_zero:
             warn_about_rows(stats)
         self._publish(trainer, pl_module, report)
@@ -260,25 +278,9 @@ class RankMonitor(ValidationStatisticsCallback):
                    "publish": _clock() - analyzed}
         self.history[-1]["seconds"] = seconds
         if trainer.state.fn == TrainerFn.FITTING:
-            self._weigh_cost(seconds)
-
-    def _weigh_cost(self, seconds: dict[str, float]) -> None:
-        """Warn once when ``seconds`` exceed :data:`COST_WARNING_SHARE` of the time since the last analyzed epoch."""
-        now = _clock()
-        elapsed, self._cost_since = now - self._cost_since, now
-        spent = sum(seconds.values())
-        if self._warned_cost or elapsed <= 0 or spent <= COST_WARNING_SHARE * elapsed:
-            return
-        self._warned_cost = True
-        parts = ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items())
-        rank_zero_warn(
-            f"RankMonitor took {spent:.2f} s of the last {elapsed:.2f} s of this fit ({spent / elapsed:.0%}): {parts}. "
-            "Counting rows of layer inputs costs about fan_in^2 per row (each layer's `rows` is in the report). "
-            "To lower it: `every_n_epochs=n` analyzes every n-th epoch only, `max_rows_per_batch` (an int) counts "
-            "fewer rows a batch, `target_modules`/`exclude_modules` observe fewer layers, `tensorboard=False` skips "
-            "the views. Each analyzed epoch's cost is in `monitor.history[i]['seconds']`.",
-            category=PossibleUserWarning,
-        )
+            warning = self._cost.weigh(seconds)
+            if warning is not None:
+                rank_zero_warn(warning, category=PossibleUserWarning)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -309,7 +311,7 @@ class RankMonitor(ValidationStatisticsCallback):
         folder = reports_dir(trainer)  # a collective under DDP: on every process
         if not trainer.is_global_zero:
             return
-        write_json_atomic(folder / f"epoch_{epoch:03d}.json", entry["report"])  # report.save(), without a second to_dict
+        write_json_atomic(folder / self._report_name(epoch, step, stage), entry["report"])  # report.save(), one to_dict
         metrics = report_scalars(report, ranks="ranks" in self.views)
         for logger in trainer.loggers:
             if not (self.tensorboard and isinstance(logger, TensorBoardLogger)):  # those are written below, with descriptions
@@ -317,6 +319,14 @@ class RankMonitor(ValidationStatisticsCallback):
         summary_writers = self._writers(trainer)
         if summary_writers:
             self._write_views(summary_writers, report, metrics, step, final=stage == TrainerFn.VALIDATING.value)
+
+    def _report_name(self, epoch: int, step: int, stage: str) -> str:
+        """``epoch_{E:03d}.json`` for an epoch's first report; its later ones (``val_check_interval < 1``, or a
+        ``trainer.validate`` after a fit) add their step and stage, so no report overwrites another."""
+        first = next(h for h in self.history if h["epoch"] == epoch)
+        if (first["step"], first["stage"]) == (step, stage):
+            return f"epoch_{epoch:03d}.json"
+        return f"epoch_{epoch:03d}_step_{step:06d}" + ("" if stage == TrainerFn.FITTING.value else f"_{stage}") + ".json"
 
     def _writers(self, trainer: Trainer) -> list[Any]:
         """The ``SummaryWriter`` of every ``TensorBoardLogger`` the views go to (none off global rank zero)."""
@@ -344,19 +354,9 @@ class RankMonitor(ValidationStatisticsCallback):
             writer.flush()
         if {"heatmap", "energy"} & set(self.views):
             self._pending_figures = (spectra, step, self.history[-1]["epoch"])
-            if final or self._figures_due(spectra):
-                self._draw_figures(summary_writers)
-
-    def _figures_due(self, spectra: dict[str, Any]) -> bool:
-        """Whether drawing the figures now keeps them within :attr:`figure_budget` of the time since they were
-        last drawn (or the fit started)."""
-        if self.figure_budget is None:
-            return True
-        seconds = self._figure_seconds
-        if seconds is None:  # never drawn yet: the usual cost of that many figures
             count = ("heatmap" in self.views) + ("energy" in self.views) * len(tags.group_layers(list(spectra)))
-            seconds = FIGURE_SECONDS * count
-        return seconds <= self.figure_budget * (_clock() - self._figures_drawn_at)
+            if final or self._figure_budget.due(count):
+                self._draw_figures(summary_writers)
 
     def _draw_figures(self, summary_writers: list[Any]) -> None:
         """Draw the heatmap and energy figures of the pending analyzed epoch, at its step, and time them."""
@@ -364,15 +364,13 @@ class RankMonitor(ValidationStatisticsCallback):
         if pending is None or not summary_writers:
             return
         spectra, step, epoch = pending
-        start = _clock()
-        for writer in summary_writers:
-            if "heatmap" in self.views:
-                writers.write_heatmap(writer, self.history, step)
-            if "energy" in self.views:
-                writers.write_energy_curves(writer, spectra, self.threshold, step, epoch=epoch)
-            writer.flush()
-        self._figures_drawn_at = _clock()
-        self._figure_seconds = self._figures_drawn_at - start
+        with self._figure_budget.drawing():
+            for writer in summary_writers:
+                if "heatmap" in self.views:
+                    writers.write_heatmap(writer, self.history, step)
+                if "energy" in self.views:
+                    writers.write_energy_curves(writer, spectra, self.threshold, step, epoch=epoch)
+                writer.flush()
 
     # -- checkpointing -----------------------------------------------------------------------
     @override
@@ -383,3 +381,13 @@ class RankMonitor(ValidationStatisticsCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.report = RankReport.from_dict(self.history[-1]["report"]) if self.history else None
+
+
+def _nothing_analyzed(report: RankReport, batches: int) -> str:
+    """Why a validation of ``batches`` batches gave no analyzed layer, from the reasons its layers were skipped."""
+    reasons = dict.fromkeys(report.skipped.values())
+    if set(reasons) <= {UNREACHED}:
+        return (f"RankMonitor observed {batches} validation batches but none of the {len(report.skipped)} target "
+                "layers was called by them. If the forward runs through code compiled with torch.compile that this "
+                "torch cannot run eagerly, or bypasses the modules' forward, hooks cannot see it.")
+    return f"RankMonitor observed {batches} validation batches but could analyze no layer: {'; '.join(reasons)}."

@@ -45,12 +45,18 @@ def monitored_value(trainer: Trainer, monitor: str) -> float:
 
 
 def compression_summary(
-    factorization: dict[str, Any], metrics: dict[str, float | None], macs: dict[str, float | None], monitor: str
+    factorization: dict[str, Any] | None,
+    metrics: dict[str, float | None],
+    macs: dict[str, float | None],
+    monitor: str,
+    failure: str | None = None,
 ) -> dict[str, Any]:
     """What ``compression.json`` holds: ``params_before``/``after``, ``macs_before``/``after`` (per example),
-    ``layers`` ({name: rank}), ``metrics`` ({"before", "compressed", "finetuned"}), and the factorization details
-    (``factorization`` is ``FactorizationResult.to_dict()``)."""
-    return {
+    ``layers`` ({name: rank}), ``metrics`` ({"before", "compressed", "finetuned"}), the factorization details
+    (``factorization`` is ``FactorizationResult.to_dict()``, None when planning failed) and, when planning failed,
+    ``failure``: why, the model having trained on dense."""
+    factorization = factorization or {"params_before": None, "params_after": None, "layers": {}}
+    summary = {
         "params_before": factorization["params_before"],
         "params_after": factorization["params_after"],
         "macs_before": macs["before"],
@@ -60,6 +66,7 @@ def compression_summary(
         "monitor": monitor,
         **{k: v for k, v in factorization.items() if k not in ("params_before", "params_after", "layers")},
     }
+    return summary if failure is None else {**summary, "failure": failure}
 
 
 def publish(trainer: Trainer, folder: Path, summary: dict[str, Any]) -> None:

@@ -166,6 +166,9 @@ def plan_factorization(
             replaceable[name] = target
 
     budgeted = budget is not None or macs is not None
+    if budgeted and not replaceable:
+        reasons = "; ".join(f"{name}: {entry.reason}" for name, entry in details.items())
+        raise ValueError(f"no selected layer can be factorized, so no budget can be met ({reasons or 'no layer'})")
     needs_ranks = not budgeted and any(name not in wanted for name in replaceable)
     spectra = decompositions(model, stats, replaceable, threshold, needs_ranks, method == "projection", progress)
     layers = {name: Replaceable(target, spectra[name]) for name, target in replaceable.items()}
@@ -251,7 +254,7 @@ def _plan_layer(
     details: dict[str, LayerFactorization],
 ) -> None:
     """Build one layer's low-rank replacement into ``modules`` (or say why not), and its entry in ``details``."""
-    reason = why_not_at_rank(layer, threshold, explicit=explicit)
+    reason = why_not_at_rank(layer, threshold, explicit, allocated.unit if allocated is not None else "params")
     if reason is not None:
         details[name] = _kept(model, name, layer.target, reason, layer)
     else:

@@ -62,7 +62,6 @@ class LowRankLinear(nn.Module):
     layer came from, whose weight is stored transposed).
     """
 
-    factorized_kind = "linear"  # analyzed as the one layer it replaced (see targets.factorized_kind)
 
     def __init__(
         self,
@@ -85,6 +84,11 @@ class LowRankLinear(nn.Module):
     @property
     def rank(self) -> int:
         return self.first.out_features
+
+    @property
+    def factorized_kind(self) -> str:
+        """The kind of the layer it replaced (see :func:`~lightning_rank.targets.factorized_kind`)."""
+        return "linear" if self.dense_type is nn.Linear else "hf_conv1d"
 
     @classmethod
     def from_dense(cls, layer: nn.Module, a: Tensor, b: Tensor) -> LowRankLinear:

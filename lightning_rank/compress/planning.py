@@ -225,10 +225,12 @@ def plan_budget(
     return result
 
 
-def why_not_at_rank(layer: Replaceable, threshold: float, explicit: bool) -> str | None:
+def why_not_at_rank(layer: Replaceable, threshold: float, explicit: bool, unit: str = "params") -> str | None:
+    """Why ``layer`` is not replaced at its planned rank (``unit``: what a budget counted), or None."""
     out, fan_in = layer.shape
     if layer.rank is None:
-        return "the parameter budget is met without factorizing this layer"
+        budget = "multiply-add" if unit == "macs" else "parameter"
+        return f"the {budget} budget is met without factorizing this layer"
     if layer.rank == 0:
         return f"utilized rank 0 at threshold {threshold}: the layer's output carries no energy on the collected data"
     if layer.rank > break_even_rank(out, fan_in):

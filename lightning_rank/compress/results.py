@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lightning_rank.targets import LayerKind
@@ -82,6 +82,13 @@ class FactorizationResult:
             "layers": self.layers,
             "details": {name: d.to_dict() for name, d in self.details.items()},
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FactorizationResult:
+        """The result :meth:`to_dict` wrote (``layers`` follows from ``details``)."""
+        details = {name: LayerFactorization(name=name, **entry) for name, entry in data["details"].items()}
+        known = {f.name for f in fields(cls)} - {"details"}
+        return cls(**{key: value for key, value in data.items() if key in known}, details=details)
 
     def to_markdown(self) -> str:
         """A table of every selected layer, headed by the parameter counts."""

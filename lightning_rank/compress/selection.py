@@ -71,6 +71,8 @@ def why_not_replaceable(
                 f"`stats` has no statistics for the selected layer {name!r}: collect them with the same "
                 "`target_modules`/`exclude_modules`, or leave the layer out with `exclude_modules`"
             )
+        if stats[name].empty_reason() is not None:
+            return f"no statistics: {stats[name].empty_reason()}"
         fan_in = weight_matrix(target)[0].shape[1]
         if stats[name].dim != fan_in:
             raise ValueError(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rank.checks import check_threshold
+from lightning_rank.checks import check_eig_dtype, check_threshold
 from lightning_rank.spectral.certify import Float64Matrices, Spectrum, input_scales, input_trace, output_errors, settle
 from lightning_rank.spectral.progress import progress_bar
 from lightning_rank.spectral.report import LayerRank, RankReport
@@ -38,10 +38,11 @@ from lightning_rank.spectral.spectrum import (
     output_moment,
     rounding_error,
     solver_bound,
+    symmetric_eigen,
     utilization,
 )
 from lightning_rank.stats.precision import full_precision_matmul
-from lightning_rank.stats.sums import ActivationStatistics
+from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 from lightning_rank.targets import Target, get_submodule, layer_kind, parameter_count, select_targets, weight_matrix
 
 
@@ -100,8 +101,7 @@ def decompose(
     run at full float32 precision whatever ``torch.set_float32_matmul_precision`` says.
     """
     threshold = check_threshold(threshold)
-    if eig_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"`eig_dtype` must be torch.float32 or torch.float64, got {eig_dtype}")
+    check_eig_dtype(eig_dtype)
     if not isinstance(stats, ActivationStatistics):
         raise TypeError(f"`stats` must be ActivationStatistics from lr.collect, got {type(stats).__name__}")
     if not stats.sources and not stats.skipped:
@@ -125,6 +125,7 @@ def _decompose(
     if layers is not None:
         targets = {name: target for name, target in targets.items() if name in layers}
         empty = {name: reason for name, reason in empty.items() if name in layers}
+    _check_analyzable(targets, stats)
     keys = dict.fromkeys(stats.sources[name] for name in targets)
     bar.total = len(keys) + len(targets)  # an eigenproblem per distinct input and layer output (reset() would draw)
 
@@ -146,14 +147,12 @@ def _decompose(
         if float32_error > 2 * stats.inputs[key].roundoff() * float(scales[key].square().max()):
             # float32 errs well beyond the round-off bounds, so it could not tell round-off from signal: solving in
             # float32 first would most likely be wasted (a speed choice only: every rank is certified either way)
-            raw_in[key] = (torch.linalg.eigh if key in with_vectors else _values_only)(exact.moment(key))
+            raw_in[key] = symmetric_eigen(exact.moment(key), vectors=key in with_vectors)
             errors[key] = 0.0
             bar.update(1)
     unsolved = {key: m for key, m in moments.items() if key not in raw_in}
-    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k in with_vectors}, torch.linalg.eigh,
-                                 bar.update))
-    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k not in with_vectors}, _values_only,
-                                 bar.update))
+    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k in with_vectors}, True, bar.update))
+    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k not in with_vectors}, False, bar.update))
     refined: list[str] = []
     in_spectra = {}
     for key in keys:
@@ -164,6 +163,7 @@ def _decompose(
             refined.append(key)
 
     spectra: dict[str, LayerSpectra] = {}
+    imprecise: list[str] = []
     output_matrices: dict[str, Tensor] = {}
     factors: dict[str, Tensor] = {}
     for name, target in targets.items():
@@ -186,7 +186,7 @@ def _decompose(
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
     extras = output_errors(stats, {name: (layer.weight, layer.bias) for name, layer in spectra.items()},
                            output_matrices, factors, exact)
-    raw_out = _eigen_batched(output_matrices, torch.linalg.eigh if output_vectors else _values_only, bar.update)
+    raw_out = _eigen_batched(output_matrices, output_vectors, bar.update)
     for name, layer in spectra.items():
         key = stats.sources[name]
         inputs = stats.inputs[key]
@@ -199,10 +199,20 @@ def _decompose(
         else:
             layer.outputs = settle(raw_out[name], lambda layer=layer, key=key: exact.output_moment(
                 layer.weight, layer.bias, key), inputs, out_scales, threshold, output_vectors, extra=extras[name])
+        if _precision_limited(inputs, scales[key], out_scales, layer.outputs.values, threshold, centered):
+            imprecise.append(name)
         if layer.outputs.refined:
             refined.append(name)
 
     report = _report(model, stats, spectra, empty, threshold, centered)
+    if imprecise:
+        warnings.warn(
+            f"The sums of the inputs of {imprecise} cannot resolve their spectra at threshold "
+            f"{threshold}: their round-off may hold more than the {1 - threshold:.3g} of the energy the ranks leave out, "
+            "so these ranks may be too low (a centered moment whose mean dwarfs its spread loses most of it to "
+            "cancellation). Collect their statistics with dtype=torch.float64.",
+            stacklevel=4,
+        )
     return Analysis(report, spectra, refined)
 
 
@@ -254,7 +264,7 @@ def _report(
 
 
 def _targets_of(model: nn.Module, stats: ActivationStatistics) -> tuple[dict[str, Target], dict[str, str]]:
-    """The model's layers named in ``stats`` (in its order) that have rows, and those whose every row was dropped."""
+    """The model's layers named in ``stats`` (in its order) that have rows, and why the others have none."""
     everything, _ = select_targets(model)
     missing = [name for name in stats.sources if name not in everything]
     if missing:
@@ -272,20 +282,63 @@ def _targets_of(model: nn.Module, stats: ActivationStatistics) -> tuple[dict[str
                 f"({type(target.module).__name__}) has fan_in {fan_in}: the statistics come from another model. "
                 "Pass the model they were collected on, or collect them again."
             )
-        if int(inputs.count) == 0 and int(inputs.nonfinite) > 0:
-            empty[name] = f"every row of its input held NaN or Inf ({int(inputs.nonfinite)} rows dropped)"
+        reason = inputs.empty_reason()
+        if reason is not None:
+            empty[name] = reason
         else:
             targets[name] = target
     return targets, empty
 
 
+class UnanalyzableError(ValueError):
+    """Layers whose ranks cannot be computed from what they hold; ``reasons`` maps each to why and what to do."""
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        self.reasons, self.layers = reasons, list(reasons)
+        super().__init__("; ".join(f"layer {name!r}: {reason}" for name, reason in reasons.items()))
+
+
+_DIVERGED = ("its weight holds NaN or Inf, so no rank can be computed from it: training has most likely diverged (a "
+             "NaN loss, a learning rate too high). `Trainer(detect_anomaly=True)` finds the step it started at; "
+             "`EarlyStopping(monitor=..., check_finite=True)` stops such runs")
+
+
+def _check_analyzable(targets: dict[str, Target], stats: ActivationStatistics) -> None:
+    """Raise an :class:`UnanalyzableError` for layers with NaN or Inf weights, and for float32 sums of inputs too
+    large or too small for float32 (their squares overflow, or underflow below its normal range)."""
+    reasons = {}
+    for name, target in targets.items():
+        if not all(bool(torch.isfinite(t).all()) for t in weight_matrix(target) if t is not None):
+            reasons[name] = _DIVERGED
+            continue
+        inputs = stats[name]
+        if inputs.dtype != torch.float32:
+            continue
+        diagonal = inputs.gram.diagonal()
+        lost = (diagonal < torch.finfo(torch.float32).tiny) & (inputs.total != 0)
+        if not bool(torch.isfinite(diagonal).all()) or bool(lost.any()):
+            largest = float(inputs.total.abs().max()) / max(int(inputs.count), 1)
+            reasons[name] = (f"the float32 sums of its input (entries near {largest:.0e}) overflowed or underflowed, "
+                             "so its second moment is lost: collect its statistics with dtype=torch.float64")
+    if reasons:
+        raise UnanalyzableError(reasons)
+
+
+def _precision_limited(inputs: InputStatistics, scales: Tensor, out_scales: Tensor, out_values: Tensor,
+                       threshold: float, centered: bool) -> bool:
+    """Whether the round-off bounds of a layer's input or output moment sum to more than the ``1 - threshold`` of its
+    trace that the energy rank leaves out: then the sums' precision, not the data, can decide the rank."""
+    if threshold >= 1:
+        return False  # at threshold 1 every eigenvalue counts: round-off removal decides by design
+    roundoff, left_out = inputs.roundoff(), 1 - threshold
+    in_bounds, out_bounds = roundoff * float(scales.square().sum()), roundoff * float(out_scales.square().sum())
+    out_trace = float(out_values.double().clamp(min=0).sum())
+    return in_bounds > left_out * input_trace(inputs, centered) or out_bounds > left_out * out_trace
+
+
 def _widens(target: Target) -> bool:
     weight, _ = weight_matrix(target)
     return weight.shape[0] > weight.shape[1] + 1
-
-
-def _values_only(matrices: Tensor) -> Tensor:
-    return torch.linalg.eigvalsh(matrices)
 
 
 # Moments smaller than this are solved in float64 whatever ``eig_dtype`` says.
@@ -296,25 +349,26 @@ _BATCH_BELOW = 1024
 
 
 def _eigen_batched(
-    matrices: dict[str, Tensor], solve: Callable[[Tensor], Any], advance: Callable[[int], Any] = lambda n: None
+    matrices: dict[str, Tensor], vectors: bool, advance: Callable[[int], Any] = lambda n: None
 ) -> dict[str, Any]:
-    """``solve`` (``eigvalsh`` or ``eigh``) of each symmetric matrix, one batched call per size and dtype below
-    ``_BATCH_BELOW``; ``advance(n)`` after each call of ``n`` matrices."""
+    """Eigenvalues (with ``vectors``, eigenpairs) of each symmetric matrix, one batched call per size and dtype below
+    ``_BATCH_BELOW``, each larger one alone with its zero rows deflated (:func:`~.spectrum.symmetric_eigen`, which
+    also solves every matrix of a batch that did not converge); ``advance(n)`` after each call of ``n`` matrices."""
     groups: dict[tuple[int, torch.dtype, str | None], list[str]] = defaultdict(list)
     for name, matrix in matrices.items():
         size = matrix.shape[0]
         groups[(size, matrix.dtype, None if size < _BATCH_BELOW else name)].append(name)
     out: dict[str, Any] = {}
     for names in groups.values():
-        stacked = torch.stack([matrices[name] for name in names]) if len(names) > 1 else matrices[names[0]][None]
-        try:
-            result = solve(stacked)
-        except torch.linalg.LinAlgError:  # float32 can fail to converge (e.g. on subnormal entries); float64 does not
-            if stacked.dtype == torch.float64:
-                raise
-            result = solve(stacked.double())
-        parts = zip(*result) if isinstance(result, tuple) else result
-        out.update(zip(names, parts))
+        if len(names) == 1:
+            out[names[0]] = symmetric_eigen(matrices[names[0]], vectors)
+        else:
+            try:
+                stacked = torch.stack([matrices[name] for name in names])
+                result = torch.linalg.eigh(stacked) if vectors else torch.linalg.eigvalsh(stacked)
+                out.update(zip(names, zip(*result) if vectors else result))
+            except torch.linalg.LinAlgError:
+                out.update({name: symmetric_eigen(matrices[name], vectors) for name in names})
         advance(len(names))
     return out
 

@@ -28,6 +28,7 @@ from lightning_rank.spectral.spectrum import (
     roundoff_bounds,
     solver_bound,
     stand_in_error,
+    symmetric_eigen,
 )
 from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 
@@ -70,7 +71,7 @@ class Float64Matrices:
             factor = cholesky_output_factor(weight, bias, self.moment(key), mean, self.centered)
             if factor is None:
                 if key not in self._eigen:
-                    self._eigen[key] = torch.linalg.eigh(self.moment(key))
+                    self._eigen[key] = symmetric_eigen(self.moment(key))
                 values, vectors = self._eigen[key]
                 factor = output_factor(weight, bias, values, vectors, mean, self.centered)
             self._factors[name] = factor
@@ -176,13 +177,13 @@ def settle(
     settled = certified(values, extra)
     if settled is None and values.dtype != torch.float64 and not keep_vectors:  # float64 eigenvalues may settle it
         exact, refined = matrix(), True
-        values, vectors = torch.linalg.eigvalsh(gram_of(exact, factor)), None
+        values, vectors = symmetric_eigen(gram_of(exact, factor), vectors=False), None
         settled = certified(values, 0.0)
     if settled is None:  # each eigenvalue against its own direction's bound, from float64 eigenvectors
         if exact is None or exact.dtype != torch.float64:
             exact = matrix()
         if vectors is None or vectors.dtype != torch.float64:
-            values, vectors = torch.linalg.eigh(gram_of(exact, factor))
+            values, vectors = symmetric_eigen(gram_of(exact, factor))
         solver = solver_bound(float(values.abs().max()), values.numel(), torch.float64)
         directions = output_directions(exact, values, vectors) if factor else vectors
         cleaned = clean_spectrum(values, roundoff_bounds(roundoff, scales.to(values.device), directions) + solver)

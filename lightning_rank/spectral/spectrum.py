@@ -69,6 +69,64 @@ def largest_eigenvalue(matrix: Tensor, steps: int = 3) -> Tensor:
     return ((matrix @ block) * block).sum(dim=0).max()
 
 
+def symmetric_eigen(matrix: Tensor, vectors: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and, with ``vectors``, eigenvectors (columns) of a symmetric PSD matrix, robustly.
+
+    Exact zero rows and columns are taken out first: their eigenvalues are exactly 0 and their eigenvectors unit
+    vectors (a 3x3 convolution over a 1x1 map has 8 of 9 patch entries always zero, a dead channel one). A solve
+    that does not converge is tried again in float64, then by numpy's LAPACK, then as an SVD (for a PSD matrix its
+    singular pairs are the eigenpairs); a ``torch.linalg.LinAlgError`` only when all of them fail.
+    """
+    active = (matrix != 0).any(dim=-1)
+    if matrix.dim() != 2 or bool(active.all()) or matrix.numel() == 0:
+        return _robust_eigen(matrix, vectors)
+    index = active.nonzero().squeeze(1)
+    solved = _robust_eigen(matrix[index][:, index], vectors)
+    sub_values = solved[0] if vectors else solved
+    values = torch.zeros(matrix.shape[-1], dtype=sub_values.dtype, device=matrix.device)
+    values[: len(index)] = sub_values
+    order = values.argsort()
+    if not vectors:
+        return values[order]
+    full = torch.zeros(matrix.shape, dtype=sub_values.dtype, device=matrix.device)
+    full[index[:, None], torch.arange(len(index), device=matrix.device)] = solved[1]
+    idle = (~active).nonzero().squeeze(1)
+    full[idle, len(index) + torch.arange(len(idle), device=matrix.device)] = 1.0
+    return values[order], full[:, order]
+
+
+def _robust_eigen(matrix: Tensor, vectors: bool) -> Tensor | tuple[Tensor, Tensor]:
+    attempts = [lambda m: torch.linalg.eigh(m) if vectors else torch.linalg.eigvalsh(m)]
+    if matrix.dtype != torch.float64:
+        attempts.append(lambda m: attempts[0](m.double()))
+    attempts += [_numpy_eigen(vectors), _svd_eigen(vectors)]
+    for attempt in attempts[:-1]:
+        try:
+            return attempt(matrix)
+        except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
+            continue
+    return attempts[-1](matrix)
+
+
+def _numpy_eigen(vectors: bool) -> Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]:
+    def solve(matrix: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        array = matrix.detach().double().cpu().numpy()
+        if vectors:
+            values, basis = np.linalg.eigh(array)
+            return torch.from_numpy(values).to(matrix.device), torch.from_numpy(basis).to(matrix.device)
+        return torch.from_numpy(np.linalg.eigvalsh(array)).to(matrix.device)
+
+    return solve
+
+
+def _svd_eigen(vectors: bool) -> Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]:
+    def solve(matrix: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        u, s, _ = torch.linalg.svd(matrix.double())
+        return (s.flip(-1), u.flip(-1)) if vectors else s.flip(-1)
+
+    return solve
+
+
 def clean_spectrum(eigenvalues: Tensor, bounds: Tensor | float) -> Tensor:
     """Eigenvalues of a PSD matrix with round-off removed: those not above their error ``bounds`` become 0."""
     eigenvalues = eigenvalues.clamp(min=0)

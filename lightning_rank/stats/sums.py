@@ -159,6 +159,14 @@ class InputStatistics:
         rows = rows[finite]
         return rows, rows.shape[0]
 
+    def empty_reason(self) -> str | None:
+        """Why these sums hold no row (a layer with none is skipped, never reported as rank 0), or None."""
+        if int(self.count) > 0:
+            return None
+        if int(self.nonfinite) > 0:
+            return f"every row of its input held NaN or Inf ({int(self.nonfinite)} rows dropped)"
+        return "no row of its input was counted: every input it got was empty (zero rows, or every row masked out)"
+
     def roundoff(self) -> float:
         """``u`` with ``|error of C_ij| <= u * sqrt(C_ii C_jj)`` for the second moment of these sums
         (see :func:`sum_roundoff`)."""

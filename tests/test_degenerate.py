@@ -336,3 +336,68 @@ def test_a_layer_left_dense_by_a_macs_budget_says_so_and_factorized_conv1d_keeps
     assert isinstance(compressed.wide, lr.LowRankLinear)
     report = lr.analyze(compressed, lr.collect(compressed, batches), progress=False)
     assert report.layers["wide"].kind == "hf_conv1d" and report.layers["wide"].factorized
+
+
+class CifarResNet18(L.LightningModule):
+    """torchvision's ``resnet18`` layout from torch modules (7x7/2 stem, max-pool, stages 64-128-256-512 with
+    BatchNorm): on 32x32 images its last stage sees 1x1 maps, so its 3x3 convolutions' 4608-wide input moments are
+    mostly exact zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        stages, width = [], 64
+        for i, out in enumerate([64, 128, 256, 512]):
+            stages.append(nn.Sequential(BasicBlock(width, out, 1 if i == 0 else 2), BasicBlock(out, out, 1)))
+            width = out
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+def test_a_cifar_shaped_resnet18_is_monitored_and_compressed_to_half_its_multiply_adds(tmp_path) -> None:
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 10, (96,), generator=g)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=16)
+    monitor = lr.RankMonitor(tensorboard=False)
+    compression = lr.RankCompression(compress_at_epoch=1, macs_budget=0.5, monitor="val_loss")
+    trainer = make_trainer(tmp_path, 2, [monitor, compression], logger=False)
+    trainer.fit(model := CifarResNet18(), train, val)
+    summary = compression.summary()
+    assert trainer.current_epoch == 2 and "failure" not in summary
+    assert summary["macs_after"] <= 0.5 * summary["macs_before"] * 1.001  # the convolutions are nearly all of it
+    assert summary["layers"] and all(isinstance(model.get_submodule(name), (lr.LowRankConv2d, lr.LowRankLinear))
+                                     for name in summary["layers"])
+    assert [entry["epoch"] for entry in monitor.history] == [0, 1] and monitor.history[1]["factorized"]
+    last_stage = monitor.report.layers["stages.3.1.conv1"]
+    assert last_stage.in_features == 4608 and last_stage.in_rank <= 512  # only the centre tap is ever nonzero

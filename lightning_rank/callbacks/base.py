@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -16,7 +15,7 @@ from typing_extensions import override
 from lightning_rank.callbacks import _lightning
 from lightning_rank.callbacks.epoch import EpochStatistics
 from lightning_rank.checks import StatisticsArguments
-from lightning_rank.targets import ModuleSelector, select_targets
+from lightning_rank.targets import select_targets
 
 REPORTS_FOLDER = "rank_reports"  # never the package's own name: a folder named so would shadow it on import
 
@@ -55,40 +54,34 @@ def check_selection(pl_module: LightningModule, arguments: StatisticsArguments, 
     except ValueError as err:
         raise MisconfigurationException(f"{who}: {err}") from err
 
+
+class _Argument:
+    """A field of the callback's :class:`StatisticsArguments`, read as the callback's own attribute (read-only: the
+    arguments are checked once, when the callback is made)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, callback: Any, owner: type | None = None) -> Any:
+        return self if callback is None else getattr(callback.statistics_arguments, self.name)
+
+    def __set__(self, callback: Any, value: Any) -> None:
+        raise AttributeError(f"`{self.name}` is set when the callback is made; make a new one to change it")
+
+
 class ValidationStatisticsCallback(Callback):
     """What both callbacks share: checked :class:`StatisticsArguments`, readable as flat attributes
     (``target_modules``, ...), and the validation batch hooks that feed an open :class:`EpochStatistics`."""
 
     statistics_arguments: StatisticsArguments
     _statistics: EpochStatistics | None = None
-
-    @property
-    def target_modules(self) -> ModuleSelector:
-        return self.statistics_arguments.target_modules
-
-    @property
-    def exclude_modules(self) -> ModuleSelector:
-        return self.statistics_arguments.exclude_modules
-
-    @property
-    def mask_fn(self) -> Any:
-        return self.statistics_arguments.mask_fn
-
-    @property
-    def max_rows_per_batch(self) -> int | str | None:
-        return self.statistics_arguments.max_rows_per_batch
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.statistics_arguments.dtype
-
-    @property
-    def seed(self) -> int:
-        return self.statistics_arguments.seed
-
-    @property
-    def dataloader_idx(self) -> int | None:
-        return self.statistics_arguments.dataloader_idx
+    target_modules = _Argument()
+    exclude_modules = _Argument()
+    mask_fn = _Argument()
+    max_rows_per_batch = _Argument()
+    dtype = _Argument()
+    seed = _Argument()
+    dataloader_idx = _Argument()
 
     @override
     def on_validation_batch_start(

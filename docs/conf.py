@@ -14,4 +14,5 @@ autodoc_default_options = {"members": True, "undoc-members": False}
 napoleon_google_docstring = True
 html_theme = "furo"
 html_title = "lightning-rank"
+copyright = "2026, the lightning-rank developers"
 suppress_warnings = ["myst.xref_missing"]

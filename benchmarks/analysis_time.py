@@ -8,7 +8,14 @@ bare float32 ``eigvalsh`` of every input moment and every output moment at its s
 block, times 12), and the plain approach, full-size float64 ``eigvalsh`` of every input and output moment.
 Goal: analysis <= 15 s on a 2-core CPU.
 
-Run: .venv/bin/python benchmarks/analysis_time.py [--repeats 2] [--threads 1]
+``--resnet``: the statistics of a ResNet-18-shaped CNN (benchmarks/resnet_shapes.py) over 1/5 of a training set
+of 32x32 and 64x64 images, as ``RankMonitor`` collects them (row policy "auto"). In one run, CPU time, interleaved:
+``lr.analyze`` with held rows (the default) and with every row summed into the Gram (``HOLD_ROWS = 0``, the path
+before them), each against the bare eigensolver work the ranks need: ``eigvalsh`` in float64 of each held input's
+small Gram and of its layers' output moments at their smaller side, in float32 of every other moment (zero rows
+deflated). Goal: analysis <= 1.2x that floor.
+
+Run: .venv/bin/python benchmarks/analysis_time.py [--repeats 2] [--threads 1] [--resnet [--sizes 32:1280,64:640]]
 """
 
 from __future__ import annotations
@@ -91,13 +98,86 @@ def ranks(report: lr.RankReport) -> dict[str, tuple[int, int]]:
     return {name: (layer.in_rank, layer.out_rank) for name, layer in report.analyzed.items()}
 
 
+def needed_eigensolves(model: nn.Module, stats: lr.ActivationStatistics) -> list[torch.Tensor]:
+    """The matrices whose eigenvalues the ranks need, formed (untimed): per distinct input and per layer output,
+    from the held rows' small Gram in float64, else the float32 moment without its exact zero rows."""
+    from lightning_rank.targets import select_targets, weight_matrix
+
+    targets, _ = select_targets(model)
+    matrices = []
+    for key, inputs in stats.inputs.items():
+        names = [name for name, source in stats.sources.items() if source == key]
+        if inputs.rows is not None:
+            rows = inputs.rows.double()
+            sides = [rows] + [rows @ weight_matrix(targets[n])[0].detach().double().t() for n in names]
+            matrices += [x @ x.t() if x.shape[0] <= x.shape[1] else x.t() @ x for x in sides]
+            continue
+        moment = inputs.second_moment(dtype=torch.float32)
+        active = (moment != 0).any(dim=1)
+        matrices.append(moment[active][:, active])
+        for name in names:
+            weight = weight_matrix(targets[name])[0].detach().float()
+            out = weight @ moment @ weight.t() if weight.shape[0] <= weight.shape[1] else moment
+            matrices.append(out if weight.shape[0] <= weight.shape[1] else out[active][:, active])
+    return matrices
+
+
+def cpu_seconds(function, *args) -> float:
+    start = time.process_time()
+    function(*args)
+    return time.process_time() - start
+
+
+def resnet_main(repeats: int, sizes: list[tuple[int, int]]) -> None:
+    from benchmarks.resnet_shapes import ResNet18Shaped, image_data
+    from lightning_rank.stats import sums
+
+    held = sums.HOLD_ROWS
+    for size, train in sizes:
+        torch.manual_seed(0)
+        model = ResNet18Shaped().eval()
+        _, val = image_data(size, train)
+        results: dict[str, dict[str, list[float]]] = {}
+        reports = {}
+        for _ in range(repeats):
+            for variant, hold in (("held rows", held), ("every row summed", 0.0)):
+                sums.HOLD_ROWS = hold
+                stats = lr.collect(model, val)
+                floor = needed_eigensolves(model, stats)
+                times = results.setdefault(variant, {"analyze": [], "floor": []})
+                times["analyze"].append(cpu_seconds(lambda: reports.__setitem__(variant, lr.analyze(
+                    model, stats, progress=False))))
+                times["floor"].append(cpu_seconds(lambda: [torch.linalg.eigvalsh(m) for m in floor]))
+        sums.HOLD_ROWS = held
+        print(f"ResNet-18 shape, {size}x{size}, {len(val.dataset)} validation images, {len(stats.sources)} layers, "
+              f"CPU seconds, median (range) of {repeats}; ranks identical: "
+              f"{ranks(reports['held rows']) == ranks(reports['every row summed'])}")
+        for variant, times in results.items():
+            a, f = times["analyze"], times["floor"]
+            ratio = [x / y for x, y in zip(a, f)]
+            print(f"  {variant:<17} analyze {statistics.median(a):6.2f} ({min(a):.2f}-{max(a):.2f}); its eigensolver "
+                  f"floor {statistics.median(f):6.2f}; ratio {statistics.median(ratio):.2f} ({min(ratio):.2f}-"
+                  f"{max(ratio):.2f})")
+        best = statistics.median(results["held rows"]["floor"])
+        print(f"  every row summed / floor of held rows: "
+              f"{statistics.median(results['every row summed']['analyze']) / best:.2f}; goal held ratio <= 1.2")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is steadier when other processes share the cores")
+    parser.add_argument("--resnet", action="store_true", help="a ResNet-18 shape's statistics instead of ViT-B's")
+    parser.add_argument("--sizes", default="32:1280,64:640", help="with --resnet: image size:training images, ...")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.resnet:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        resnet_main(args.repeats, [tuple(int(v) for v in item.split(":")) for item in args.sizes.split(",")])
+        return
     torch.manual_seed(0)
     model = vit_b_layers()
     stats = synthetic_stats()

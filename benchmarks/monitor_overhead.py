@@ -26,7 +26,15 @@ with the budget set to 64, 32, 16 and 8 rows a feature (``AUTO_ROWS_PER_FEATURE`
 times it), over ``--repeats`` draw seeds each: the worst rank difference and MLU difference against exact
 statistics, and each layer's rows.
 
-Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--epochs 3] [--threads 1] [--epoch | --rows]
+Part 4 (``--resnet``): a ResNet-18-shaped CNN (benchmarks/resnet_shapes.py) on 32x32 and 64x64 images, validation
+1/5 of training, every epoch analyzed: whole fits with and without ``RankMonitor(tensorboard=False)``, paired and
+interleaved, the CPU-time ratio (median and range) and 1 + the monitor's own time over the plain fit, with rows
+held (the default) and with every row summed into the Gram (``HOLD_ROWS = 0``, the path before them); then the
+last run's report against exact statistics of the trained model. Goals: fit ratio <= 1.15, ranks within +-1, MLU
+within 0.005.
+
+Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--epochs 3] [--threads 1] [--epoch | --rows |
+--resnet [--sizes 32:1280,64:640]]
 (one thread by default: on cores shared with other processes, torch's spinning threads distort everything)
 """
 
@@ -51,8 +59,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
-from lightning_rank.stats.collector import StatisticsCollector  # noqa: E402
 from benchmarks.collect_overhead import BATCH, distinct_inputs, gram_minimum, setup, timed  # noqa: E402
+from lightning_rank.stats.collector import StatisticsCollector  # noqa: E402
 
 
 class DigitsCNN(L.LightningModule):
@@ -266,6 +274,43 @@ def rows_part(repeats: int, epochs: int) -> None:
         rows.AUTO_ROWS_PER_FEATURE, rows.AUTO_MIN_ROWS = defaults
 
 
+def resnet_part(repeats: int, epochs: int, sizes: list[tuple[int, int]]) -> None:
+    from benchmarks.resnet_shapes import fit_seconds
+    from lightning_rank.stats import sums
+
+    held = sums.HOLD_ROWS
+    with tempfile.TemporaryDirectory() as root:
+        fit_seconds(None, 32, 64, 1, root)  # warm up
+        for size, train in sizes:
+            cpu, own = {"held rows": [], "every row summed": []}, {"held rows": [], "every row summed": []}
+            walls = []
+            for _ in range(repeats):
+                (plain_wall, plain_cpu), _, _ = fit_seconds(None, size, train, epochs, root)
+                walls.append(plain_wall)
+                for variant, hold in (("held rows", held), ("every row summed", 0.0)):
+                    sums.HOLD_ROWS = hold  # 0: no rows held, the full-width path for every layer
+                    monitor = lr.RankMonitor(tensorboard=False)
+                    timer = Inside(monitor)
+                    (wall, seconds), model, val = fit_seconds(monitor, size, train, epochs, root)
+                    cpu[variant].append(seconds / plain_cpu)
+                    own[variant].append(1 + timer.close() / plain_wall)
+                    if hold:
+                        last = monitor
+            sums.HOLD_ROWS = held
+            exact = lr.analyze(model, lr.collect(model, val, max_rows_per_batch=None), eig_dtype=torch.float64,
+                               progress=False)
+            worst, mlu = compare(last.report, exact)
+            print(f"ResNet-18 shape, {size}x{size}, {train} training / {train // 5} validation images, {epochs} "
+                  f"epochs, plain fit median {statistics.median(walls):.1f} s wall, {repeats} interleaved repeats:")
+            for variant in cpu:
+                c, o = cpu[variant], own[variant]
+                print(f"  RankMonitor, {variant:<17} CPU ratio {statistics.median(c):.3f} ({min(c):.3f}-{max(c):.3f}); "
+                      f"1 + inside / plain {statistics.median(o):.3f} ({min(o):.3f}-{max(o):.3f})")
+            print(f"  last epoch's cost {last.history[-1]['seconds']}; vs exact statistics: largest rank difference "
+                  f"{worst} (goal <= 1), MLU difference {mlu:.4f} (goal <= 0.005), MLU {last.report.mlu:.3f}")
+            print(f"  rows per layer: {[layer.rows for layer in last.report.analyzed.values()]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -274,6 +319,8 @@ def main() -> None:
                         help="torch threads; 1 is steadier when other processes share the cores")
     parser.add_argument("--epoch", action="store_true", help="part 2: validation epochs against the bare Gram updates")
     parser.add_argument("--rows", action="store_true", help="part 3: ranks against exact statistics for smaller budgets")
+    parser.add_argument("--resnet", action="store_true", help="part 4: a ResNet-18 shape on 32x32 and 64x64 images")
+    parser.add_argument("--sizes", default="32:1280,64:640", help="part 4: image size:training images, ...")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -284,6 +331,10 @@ def main() -> None:
           f"{load[0]:.2f}")
     if args.rows:
         rows_part(args.repeats, args.epochs)
+        return
+    if args.resnet:
+        sizes = [tuple(int(v) for v in item.split(":")) for item in args.sizes.split(",")]
+        resnet_part(args.repeats, args.epochs, sizes)
         return
     if not args.epoch:
         fit_part(args.repeats, args.epochs)

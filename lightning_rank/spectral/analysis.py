@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +27,13 @@ from torch import Tensor, nn
 
 from lightning_rank.checks import check_eig_dtype, check_threshold
 from lightning_rank.spectral.certify import Float64Matrices, Spectrum, input_scales, input_trace, output_errors, settle
+from lightning_rank.spectral.few_rows import few_rows_spectra, held_keys
 from lightning_rank.spectral.progress import progress_bar
 from lightning_rank.spectral.report import LayerRank, RankReport
 from lightning_rank.spectral.spectrum import (
     cholesky_output_factor,
     effective_rank,
+    eigen_batched,
     largest_eigenvalue,
     output_factor,
     output_moment,
@@ -53,10 +54,12 @@ class LayerSpectra:
     target: Target
     weight: Tensor
     bias: Tensor | None
-    moment: Tensor
+    moment: Tensor | None  # None when its spectra came from the held rows (few_rows)
     mean: Tensor
     inputs: Spectrum
     outputs: Spectrum
+    scales: Tensor | None = None  # round-off scales of the input and output moments, when from the held rows
+    out_scales: Tensor | None = None
 
 
 @dataclass
@@ -128,14 +131,18 @@ def _decompose(
     _check_analyzable(targets, stats)
     keys = dict.fromkeys(stats.sources[name] for name in targets)
     bar.total = len(keys) + len(targets)  # an eigenproblem per distinct input and layer output (reset() would draw)
-
     widening = {name for name, target in targets.items() if _widens(target)}
+    exact = Float64Matrices(stats, centered, {})
+    few = _few_rows(stats, targets, [] if vectors or output_vectors else held_keys(stats, keys), widening, centered,
+                    threshold, exact, bar.update)
+    keys = {key: None for key in keys if key not in few}
+
     with_vectors = set(keys) if vectors else set()
     # A small eigenproblem costs as little in float64 as in float32, and float64 never needs solving again.
     dtypes = {key: torch.float64 if stats.inputs[key].dim < FLOAT32_FROM else eig_dtype for key in keys}
     moments = {key: stats.inputs[key].second_moment(centered, dtype=dtypes[key]) for key in keys}
     scales = {key: input_scales(stats.inputs[key]) for key in keys}
-    exact = Float64Matrices(stats, centered, {key: m for key, m in moments.items() if m.dtype == torch.float64})
+    exact.add({key: m for key, m in moments.items() if m.dtype == torch.float64})
     errors = {key: 0.0 for key in keys}  # how far each float32 moment stands from the float64 one
     raw_in = {}
     for key in [key for key in keys if moments[key].dtype != torch.float64]:
@@ -151,8 +158,8 @@ def _decompose(
             errors[key] = 0.0
             bar.update(1)
     unsolved = {key: m for key, m in moments.items() if key not in raw_in}
-    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k in with_vectors}, True, bar.update))
-    raw_in.update(_eigen_batched({k: m for k, m in unsolved.items() if k not in with_vectors}, False, bar.update))
+    raw_in.update(eigen_batched({k: m for k, m in unsolved.items() if k in with_vectors}, True, bar.update))
+    raw_in.update(eigen_batched({k: m for k, m in unsolved.items() if k not in with_vectors}, False, bar.update))
     refined: list[str] = []
     in_spectra = {}
     for key in keys:
@@ -168,6 +175,9 @@ def _decompose(
     factors: dict[str, Tensor] = {}
     for name, target in targets.items():
         key = stats.sources[name]
+        if key in few:
+            spectra[name] = few[key][name]
+            continue
         weight, bias = (t.detach().to(device=stats.device, dtype=dtypes[key]) if t is not None else None
                         for t in weight_matrix(target))
         mean = stats.inputs[key].mean().to(dtypes[key])
@@ -184,12 +194,17 @@ def _decompose(
             output_matrices[name] = factors[name].t() @ factors[name]
         else:
             output_matrices[name] = output_moment(weight, bias, moments[key], mean, centered)
-    extras = output_errors(stats, {name: (layer.weight, layer.bias) for name, layer in spectra.items()},
+    extras = output_errors(stats, {name: (spectra[name].weight, spectra[name].bias) for name in output_matrices},
                            output_matrices, factors, exact)
-    raw_out = _eigen_batched(output_matrices, output_vectors, bar.update)
+    raw_out = eigen_batched(output_matrices, output_vectors, bar.update)
     for name, layer in spectra.items():
         key = stats.sources[name]
         inputs = stats.inputs[key]
+        if key in few:
+            if _precision_limited(inputs, few[key][name].scales, few[key][name].out_scales, layer.outputs.values,
+                                  threshold, centered):
+                imprecise.append(name)
+            continue
         # W dC W^T with independent entry errors r s_j s_k errs by about r t_a t_b, t = sqrt(W^2 s^2)
         out_scales = (layer.weight.double().square() @ scales[key].to(layer.weight.device).square()).sqrt()
         if name in widening:
@@ -314,7 +329,7 @@ def _check_analyzable(targets: dict[str, Target], stats: ActivationStatistics) -
         inputs = stats[name]
         if inputs.dtype != torch.float32:
             continue
-        diagonal = inputs.gram.diagonal()
+        diagonal = inputs.diagonal()
         lost = (diagonal < torch.finfo(torch.float32).tiny) & (inputs.total != 0)
         if not bool(torch.isfinite(diagonal).all()) or bool(lost.any()):
             largest = float(inputs.total.abs().max()) / max(int(inputs.count), 1)
@@ -336,6 +351,25 @@ def _precision_limited(inputs: InputStatistics, scales: Tensor, out_scales: Tens
     return in_bounds > left_out * input_trace(inputs, centered) or out_bounds > left_out * out_trace
 
 
+def _few_rows(stats: ActivationStatistics, targets: dict[str, Target], held: list[str], widening: set[str],
+              centered: bool, threshold: float, exact: Float64Matrices, advance: Callable[[int], Any]
+              ) -> dict[str, dict[str, LayerSpectra]]:
+    """Per input whose rows are held (:mod:`~lightning_rank.spectral.few_rows`), the spectra of each of its layers."""
+    out: dict[str, dict[str, LayerSpectra]] = {}
+    for key in held:
+        names = [name for name in targets if stats.sources[name] == key]
+        matrices = {name: tuple(t.detach().to(device=stats.device, dtype=torch.float64) if t is not None else None
+                                for t in weight_matrix(targets[name])) for name in names}
+        sizes = {name: w.shape[0] if name not in widening else w.shape[1] + (b is not None and not centered)
+                 for name, (w, b) in matrices.items()}
+        spectrum, outputs, out_scales = few_rows_spectra(stats, key, matrices, centered, threshold, exact, sizes)
+        mean, scales = stats.inputs[key].mean(), input_scales(stats.inputs[key])
+        out[key] = {name: LayerSpectra(targets[name], *matrices[name], None, mean, spectrum, outputs[name], scales,
+                                       out_scales[name]) for name in names}
+        advance(1 + len(names))
+    return out
+
+
 def _widens(target: Target) -> bool:
     weight, _ = weight_matrix(target)
     return weight.shape[0] > weight.shape[1] + 1
@@ -343,35 +377,6 @@ def _widens(target: Target) -> bool:
 
 # Moments smaller than this are solved in float64 whatever ``eig_dtype`` says.
 FLOAT32_FROM = 256
-
-# Large eigenproblems gain nothing from batching, and stacking them costs a copy of each.
-_BATCH_BELOW = 1024
-
-
-def _eigen_batched(
-    matrices: dict[str, Tensor], vectors: bool, advance: Callable[[int], Any] = lambda n: None
-) -> dict[str, Any]:
-    """Eigenvalues (with ``vectors``, eigenpairs) of each symmetric matrix, one batched call per size and dtype below
-    ``_BATCH_BELOW``, each larger one alone with its zero rows deflated (:func:`~.spectrum.symmetric_eigen`, which
-    also solves every matrix of a batch that did not converge); ``advance(n)`` after each call of ``n`` matrices."""
-    groups: dict[tuple[int, torch.dtype, str | None], list[str]] = defaultdict(list)
-    for name, matrix in matrices.items():
-        size = matrix.shape[0]
-        groups[(size, matrix.dtype, None if size < _BATCH_BELOW else name)].append(name)
-    out: dict[str, Any] = {}
-    for names in groups.values():
-        if len(names) == 1:
-            out[names[0]] = symmetric_eigen(matrices[names[0]], vectors)
-        else:
-            try:
-                stacked = torch.stack([matrices[name] for name in names])
-                result = torch.linalg.eigh(stacked) if vectors else torch.linalg.eigvalsh(stacked)
-                out.update(zip(names, zip(*result) if vectors else result))
-            except torch.linalg.LinAlgError:
-                out.update({name: symmetric_eigen(matrices[name], vectors) for name in names})
-        advance(len(names))
-    return out
-
 
 def _skipped_layer(model: nn.Module, name: str, reason: str) -> LayerRank:
     try:

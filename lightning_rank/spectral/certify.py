@@ -52,6 +52,10 @@ class Float64Matrices:
         self._eigen: dict[str, tuple[Tensor, Tensor]] = {}
         self._factors: dict[str, Tensor] = {}
 
+    def add(self, moments: dict[str, Tensor]) -> None:
+        """Take float64 moments already made as the references of their keys."""
+        self._moments.update(moments)
+
     def moment(self, key: str) -> Tensor:
         if key not in self._moments:
             self._moments[key] = self.stats.inputs[key].second_moment(self.centered, dtype=torch.float64)
@@ -116,13 +120,13 @@ def output_errors(
 
 def input_trace(inputs: InputStatistics, centered: bool) -> float:
     """The trace of the input moment in float64, as exact as the float64 moment's own."""
-    trace = float(inputs.gram.diagonal().double().sum()) / max(int(inputs.count), 1)
+    trace = float(inputs.diagonal().double().sum()) / max(int(inputs.count), 1)
     return trace - float(inputs.mean().square().sum()) if centered else trace
 
 
 def input_scales(inputs: InputStatistics) -> Tensor:
     """``sqrt(diag(C))`` of the uncentered moment in float64: the scale of each input's round-off."""
-    return (inputs.gram.diagonal().double() / max(int(inputs.count), 1)).clamp(min=0).sqrt()
+    return (inputs.diagonal().double() / max(int(inputs.count), 1)).clamp(min=0).sqrt()
 
 
 def settle(

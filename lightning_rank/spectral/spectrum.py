@@ -7,7 +7,9 @@ in ascending or any order; functions taking a spectrum accept leading batch dime
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -307,3 +309,32 @@ def rounding_error(matrix: Tensor) -> float:
 def utilization(rank: int, out_features: int, in_features: int) -> float:
     """``rank / min(out, fan_in)``."""
     return rank / min(out_features, in_features)
+
+
+# Large eigenproblems gain nothing from batching, and stacking them costs a copy of each.
+_BATCH_BELOW = 1024
+
+
+def eigen_batched(
+    matrices: dict[str, Tensor], vectors: bool, advance: Callable[[int], Any] = lambda n: None
+) -> dict[str, Any]:
+    """Eigenvalues (with ``vectors``, eigenpairs) of each symmetric matrix, one batched call per size and dtype below
+    ``_BATCH_BELOW``, each larger one alone with its zero rows deflated (:func:`symmetric_eigen`, which
+    also solves every matrix of a batch that did not converge); ``advance(n)`` after each call of ``n`` matrices."""
+    groups: dict[tuple[int, torch.dtype, str | None], list[str]] = defaultdict(list)
+    for name, matrix in matrices.items():
+        size = matrix.shape[0]
+        groups[(size, matrix.dtype, None if size < _BATCH_BELOW else name)].append(name)
+    out: dict[str, Any] = {}
+    for names in groups.values():
+        if len(names) == 1:
+            out[names[0]] = symmetric_eigen(matrices[names[0]], vectors)
+        else:
+            try:
+                stacked = torch.stack([matrices[name] for name in names])
+                result = torch.linalg.eigh(stacked) if vectors else torch.linalg.eigvalsh(stacked)
+                out.update(zip(names, zip(*result) if vectors else result))
+            except torch.linalg.LinAlgError:
+                out.update({name: symmetric_eigen(matrices[name], vectors) for name in names})
+        advance(len(names))
+    return out

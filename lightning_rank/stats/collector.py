@@ -227,7 +227,7 @@ class StatisticsCollector:
             rows, order = self._rows(target, x.detach())
             stats = self._inputs.get(key)
             if stats is None:
-                stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device)
+                stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device, hold_rows=True)
             stats.update(rows, order)
 
     def _rows(self, target: Target, x: Tensor) -> tuple[Tensor, Tensor | None]:

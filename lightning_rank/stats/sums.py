@@ -23,6 +23,12 @@ from lightning_rank.stats.precision import full_precision_matmul
 # magnitude is at most sqrt(G_ii G_jj) (Cauchy-Schwarz), so |error(C_ij)| <= r sqrt(C_ii C_jj).
 ROUNDOFF_SAFETY = 8.0
 
+# Rows are held instead of summed while fewer than this fraction of the width have been added: their small Gram
+# (``n^2 d`` work, an ``n x n`` float64 eigenproblem) costs less than the ``d x d`` Gram's ``n d^2 / 2`` and its
+# eigenproblem, and ``n x d`` rows take less memory than ``d x d`` sums. On a 64x64 ResNet-18 shape (128 validation
+# images) holding up to 0.5 and 1.0 of the width gave the same ranks, analysis in 4.4 s and 4.0 s, against 20.5 s.
+HOLD_ROWS = 1.0
+
 
 def sum_roundoff(dtype: torch.dtype, rows: int, updates: int) -> float:
     """``r`` with ``|error(C_ij)| <= r * sqrt(C_ii C_jj)`` for sums of ``rows`` rows added in ``updates`` batches.
@@ -42,6 +48,11 @@ class InputStatistics:
 
     Updates fill only the upper block triangle of the Gram matrix (a symmetric product needs about
     half the work of a full ``addmm_``); reading :attr:`gram` mirrors it into the full matrix.
+
+    While fewer than ``HOLD_ROWS * dim`` rows have been added, the rows themselves are held instead of their
+    Gram (:attr:`rows`): no more memory than the ``dim x dim`` sum, none of its ``dim^2`` work per row, and
+    the moment's nonzero spectrum is that of the rows' small Gram. The first read of :attr:`gram` (or more
+    rows) sums them into the Gram batch by batch, exactly as updates would have.
     """
 
     def __init__(
@@ -49,29 +60,66 @@ class InputStatistics:
     ) -> None:
         self._gram = gram  # upper triangle valid; lower triangle valid only while _mirrored
         self._mirrored = True
+        self._held: list[Tensor] | None = None  # rows not yet summed into the Gram, one tensor a batch
+        self._diagonal: Tensor | None = None  # of the held rows' Gram, in float64, once read
         self._total = total
         self._order: Tensor | None = None  # where each weight-order entry is stored (None: in place)
         self.count, self.nonfinite = count, nonfinite
         self.updates = updates if updates is not None else (count > 0).to(torch.int64)
 
     @classmethod
-    def zeros(cls, dim: int, dtype: torch.dtype, device: torch.device) -> InputStatistics:
+    def zeros(cls, dim: int, dtype: torch.dtype, device: torch.device, hold_rows: bool = False) -> InputStatistics:
+        """Empty sums; ``hold_rows`` holds the first rows (fewer than ``HOLD_ROWS * dim``) instead of their Gram."""
         # Created outside inference mode so that they can be updated in place anywhere later.
         with torch.inference_mode(False):
-            return cls(
-                gram=torch.zeros(dim, dim, dtype=dtype, device=device),
+            stats = cls(
+                gram=torch.zeros(dim, dim, dtype=dtype, device=device) if not hold_rows else
+                torch.zeros(dim, 0, dtype=dtype, device=device),
                 total=torch.zeros(dim, dtype=dtype, device=device),
                 count=torch.zeros((), dtype=torch.int64, device=device),
                 nonfinite=torch.zeros((), dtype=torch.int64, device=device),
                 updates=torch.zeros((), dtype=torch.int64, device=device),
             )
+        if hold_rows:
+            stats._held = []
+        return stats
 
     @property
     def gram(self) -> Tensor:
         """``sum x x^T`` as the full symmetric ``(dim, dim)`` matrix."""
+        self._sum_held()
         self._store_in(None)
         self._mirror()
         return self._gram
+
+    @property
+    def rows(self) -> Tensor | None:
+        """The rows added so far as ``(count, dim)`` in the weight's order while they are held (None once summed)."""
+        if self._held is None:
+            return None
+        rows = torch.cat(self._held) if self._held else self._total.new_zeros(0, self.dim)
+        return rows if self._order is None else rows[:, self._order]
+
+    def diagonal(self) -> Tensor:
+        """The diagonal of :attr:`gram` (``sum x_i^2``); from held rows, in float64 without summing them into the Gram
+        (as exact as the small Gram their spectrum comes from)."""
+        if self._held is None:
+            return self.gram.diagonal()
+        if self._diagonal is None:
+            self._diagonal = self.rows.double().square().sum(dim=0)
+        return self._diagonal
+
+    def _sum_held(self) -> None:
+        """Sum the held rows into the Gram matrix, one update a batch, and hold no more."""
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        with torch.inference_mode(False):
+            self._gram = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self._total.device)
+        with full_precision_matmul():
+            for rows in held:
+                symmetric_gram_update_(self._gram, rows)
+        self._mirrored = False
 
     @property
     def total(self) -> Tensor:
@@ -92,6 +140,15 @@ class InputStatistics:
         put back in the weight's order when read, one permutation instead of one per batch."""
         if order is self._order:
             return
+        if self._held is not None:
+            with torch.inference_mode(False):
+                if self._order is not None:
+                    self._held, self._total = [r[:, self._order] for r in self._held], self._total[self._order]
+                if order is not None:
+                    inverse = torch.argsort(order)
+                    self._held, self._total = [r[:, inverse] for r in self._held], self._total[inverse]
+            self._order = order
+            return
         self._mirror()
         with torch.inference_mode(False):  # new state tensors must stay updatable outside inference mode
             if self._order is not None:  # back to the weight's order
@@ -103,14 +160,15 @@ class InputStatistics:
 
     @property
     def dim(self) -> int:
-        return self._gram.shape[0]
+        return self._total.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._gram.dtype
+        return self._total.dtype
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The state tensors as stored, in the weight's order (the Gram matrix's upper triangle is the valid part)."""
+        self._sum_held()
         self._store_in(None)
         return self._gram, self._total, self.count, self.nonfinite, self.updates
 
@@ -121,7 +179,7 @@ class InputStatistics:
         self._mirrored = False  # the lower triangles of the ranks may differ: mirror again from the upper
 
     def to(self, device: torch.device | str) -> InputStatistics:
-        """A copy on ``device``."""
+        """A copy on ``device`` (held rows summed into the Gram)."""
         state = (self.gram, self.total, self.count, self.nonfinite, self.updates)
         return InputStatistics(*(t.to(device, copy=True) for t in state))
 
@@ -131,6 +189,10 @@ class InputStatistics:
         ``order``: where each entry of the weight's order lies in a row (``None``: in place)."""
         self._store_in(order)
         rows = rows.to(self.dtype)
+        if self._held is not None and int(self.count) + rows.shape[0] < HOLD_ROWS * self.dim:
+            self._hold(rows)
+            return
+        self._sum_held()
         if rows.device.type == "cpu":
             # A NaN or Inf anywhere makes the sum of the column sums non-finite: one cheap check, no copy of the
             # rows (a sum that only overflows sends the batch down the exact path, which then drops nothing).
@@ -145,6 +207,16 @@ class InputStatistics:
             symmetric_gram_update_(self._gram, rows)
         self._mirrored = False
         self._total.add_(column_sums)
+        self.count.add_(kept)
+        self.updates.add_(1)
+
+    def _hold(self, rows: Tensor) -> None:
+        """Keep a copy of the finite ``rows`` (few rows: dropping NaN/Inf rows exactly costs little anywhere)."""
+        rows, kept = self._finite_rows(rows) if not bool(torch.isfinite(rows).all()) else (rows, rows.shape[0])
+        with torch.inference_mode(False):  # held past the validation that made them
+            self._held.append(rows.clone())
+        self._diagonal = None
+        self._total.add_(rows.sum(dim=0))
         self.count.add_(kept)
         self.updates.add_(1)
 
@@ -221,7 +293,7 @@ class ActivationStatistics:
     @property
     def device(self) -> torch.device | None:
         first = next(iter(self.inputs.values()), None)
-        return first.gram.device if first is not None else None
+        return first.total.device if first is not None else None
 
     def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> ActivationStatistics:
         """Sum every statistic over processes in place; ``reduce`` is an in-place sum (e.g. ``dist.all_reduce``)."""

@@ -6,6 +6,7 @@ Measure utilized ranks with :func:`collect` and :func:`analyze`, watch them duri
 """
 
 from lightning_rank.callbacks.compression import RankCompression
+from lightning_rank.callbacks.distillation import distillation_loss
 from lightning_rank.callbacks.monitor import RankMonitor
 from lightning_rank.compress.factorize import FactorizationPlan, factorize_, plan_factorization
 from lightning_rank.compress.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
@@ -34,6 +35,7 @@ __all__ = [
     "StatisticsCollector",
     "analyze",
     "collect",
+    "distillation_loss",
     "factorize_",
     "load_factorized",
     "plan_factorization",

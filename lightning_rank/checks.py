@@ -256,3 +256,49 @@ class StatisticsArguments:
             "dtype": self.dtype,
             "seed": self.seed,
         }
+
+
+def check_schedule(
+    compress_at_epoch: Any, param_budget: Any, macs_budget: Any
+) -> tuple[list[int | float], list[tuple[float | None, float | None]]]:
+    """The compression steps ``([epoch, ...], [(param_budget, macs_budget), ...])``, one entry per step.
+
+    One epoch (an int or a float, as ``StochasticWeightAveraging`` counts) is one step with the budgets as given.
+    A list of epochs is a progressive schedule: it needs a list of as many budgets (``param_budget`` or
+    ``macs_budget``), each a fraction of the original layers, decreasing from step to step, and epochs that
+    increase (checked again against ``max_epochs`` in ``setup``)."""
+    epochs = list(compress_at_epoch) if isinstance(compress_at_epoch, (list, tuple)) else [compress_at_epoch]
+    if not epochs:
+        raise ValueError("`compress_at_epoch` must name at least one epoch, got an empty list")
+    epochs = [check_compress_at_epoch(epoch) for epoch in epochs]
+    lists = {name: value for name, value in (("param_budget", param_budget), ("macs_budget", macs_budget))
+             if isinstance(value, (list, tuple))}
+    if len(epochs) == 1 and not lists:
+        return epochs, [(check_budget(param_budget), check_budget(macs_budget, "macs_budget"))]
+    if len(lists) != 1 or (param_budget is not None and macs_budget is not None):
+        raise ValueError(
+            f"`compress_at_epoch`={compress_at_epoch!r} is a schedule of {len(epochs)} steps: pass one budget per step "
+            "as a list, `param_budget=[...]` or `macs_budget=[...]` (fractions of the original layers), and not both"
+        )
+    (argument, budgets), = lists.items()
+    if len(budgets) != len(epochs):
+        raise ValueError(f"`{argument}` has {len(budgets)} budgets but `compress_at_epoch` has {len(epochs)} epochs: "
+                         "pass one budget per compression step")
+    budgets = [check_budget(budget, argument) for budget in budgets]
+    if any(b is None for b in budgets) or any(later >= earlier for earlier, later in zip(budgets, budgets[1:])):
+        raise ValueError(f"`{argument}`={budgets} must decrease from step to step (each is a fraction of the "
+                         "original layers, so a later step keeps less)")
+    if any(type(epoch) is not type(epochs[0]) for epoch in epochs) or any(
+            later <= earlier for earlier, later in zip(epochs, epochs[1:])):
+        raise ValueError(f"`compress_at_epoch`={epochs} must increase from step to step, all epoch indices or all "
+                         "fractions of max_epochs")
+    return epochs, [(b, None) if argument == "param_budget" else (None, b) for b in budgets]
+
+
+def check_distillation(distill: Any, temperature: Any) -> tuple[float | None, float]:
+    """``(distill, temperature)``: the weight in (0, 1] of the distillation loss (None: no teacher is kept) and a
+    softmax temperature > 0."""
+    distill = check_fraction(distill, "distill", "the weight of the distillation loss against the task loss")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
+    return distill, float(temperature)

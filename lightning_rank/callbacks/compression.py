@@ -22,13 +22,20 @@ competes only with compressed models (the dense model's checkpoints stay on disk
 ends, a ``ModelCheckpoint`` that saved nothing since the swap saves the final model, so ``best_model_path``
 (and ``last.ckpt``) hold the compressed model. A plan is not saved: resuming from a checkpoint of a dense
 epoch at or after ``c - 1`` counts the inputs and plans again before the swap.
+
+Progressive compression (``compress_at_epoch=[c1, c2, ...]`` with ``param_budget=[b1, b2, ...]`` or
+``macs_budget``) repeats 1-4 at each ``c_k``: the validation before it counts the partly compressed model, the
+plan treats each low-rank pair as the dense layer ``A B`` it stands for and replaces it by a pair of lower rank
+at the same name (:mod:`~lightning_rank.compress.refactor`), and every budget is a fraction of the original
+dense layers. ``compression.json`` gains ``steps``, one entry per step; checkpoints of any step resume.
+With ``distill``, a frozen copy of the model from before the first swap is kept for
+:func:`~lightning_rank.distillation_loss` (:mod:`~lightning_rank.callbacks.distillation`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -52,34 +59,27 @@ from lightning_rank.callbacks.checkpoints import (
     restart_checkpointing,
     save_compressed,
 )
+from lightning_rank.callbacks.distillation import frozen_copy
 from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
-from lightning_rank.callbacks.summary import compression_summary, count_macs, monitored_value, publish
+from lightning_rank.callbacks.schedule import Phase, ScheduleState
+from lightning_rank.callbacks.summary import count_macs, monitored_value, publish
 from lightning_rank.checks import (
     MaskFn,
     StatisticsArguments,
     check_allocation,
     check_bool,
-    check_compress_at_epoch,
+    check_distillation,
     check_forward,
     check_method,
     check_monitor,
     check_rank_choice,
+    check_schedule,
     check_threshold,
     resolve_compress_at_epoch,
 )
 from lightning_rank.compress.factorize import FactorizationPlan, check_factorization, plan_factorization
-from lightning_rank.compress.results import FactorizationResult
 from lightning_rank.stats.collect import ForwardFn
 from lightning_rank.targets import ModuleSelector
-
-
-class Phase(str, Enum):
-    """Where a :class:`RankCompression` is: saved in its ``state_dict``."""
-
-    TRAINING = "training"  # the dense model trains
-    PLANNED = "planned"  # the plan is made; the swap happens when the next epoch starts
-    COMPRESSED = "compressed"  # the low-rank layers are in place and fine-tune
-    FINISHED = "finished"  # the fit ended after compression, or there was nothing to replace
 
 
 @dataclass
@@ -93,7 +93,7 @@ class _Run:
     unwrap_load_hook: Callable[[], None] | None = None
 
 
-class RankCompression(ValidationStatisticsCallback):
+class RankCompression(ScheduleState, ValidationStatisticsCallback):
     r"""Compress the model to its utilized rank at ``compress_at_epoch``, then fine-tune it, within ``max_epochs``.
 
     Statistics come from the validation of epoch ``compress_at_epoch - 1``; the plan made from them is
@@ -108,8 +108,11 @@ class RankCompression(ValidationStatisticsCallback):
     Args:
         compress_at_epoch: the epoch whose start swaps the layers in: an epoch index in ``[1, max_epochs - 1]``,
             or a float in (0, 1), the fraction of ``max_epochs`` trained dense (``int(f * max_epochs)``).
+            A list of increasing epochs, with a list of decreasing budgets, compresses in steps: each plans again
+            from fresh statistics of the partly compressed model (a low-rank pair from its product, to a lower rank).
         threshold: energy threshold of the utilized ranks (used when neither ``ranks`` nor ``param_budget`` is).
-        param_budget: fraction in (0, 1] of the replaceable layers' parameters to keep.
+        param_budget: fraction in (0, 1] of the replaceable layers' parameters to keep (of the original dense ones,
+            at every step of a schedule).
         macs_budget: fraction in (0, 1] of the replaceable layers' multiply-adds per example to keep (CNNs: halving
             parameters can leave compute almost unchanged).
         allocation: how a budget is shared out (see :func:`~lightning_rank.plan_factorization`): ``"auto"`` lets
@@ -125,8 +128,10 @@ class RankCompression(ValidationStatisticsCallback):
             ``"auto"`` or an int, as in :class:`~lightning_rank.RankMonitor`.
         dense_checkpoints: write checkpoints after the swap with dense layers (the original structure, loadable
             by the original model; resuming from them continues with dense layers).
-        forward: ``forward(model, batch)`` used to count multiply-adds on one validation batch (default: as in
-            :func:`~lightning_rank.collect`).
+        forward: ``forward(model, batch)`` used to count multiply-adds on one validation batch and to run the
+            teacher (default: as in :func:`~lightning_rank.collect`).
+        distill, temperature: keep a frozen copy of the model from before the first swap (the teacher), for
+            :func:`~lightning_rank.distillation_loss` to mix in with weight ``distill`` in (0, 1] at ``temperature``.
 
     Example::
 
@@ -136,10 +141,10 @@ class RankCompression(ValidationStatisticsCallback):
 
     def __init__(
         self,
-        compress_at_epoch: int | float = 0.8,
+        compress_at_epoch: int | float | list[int] | list[float] = 0.8,
         threshold: float = 0.99,
-        param_budget: float | None = None,
-        macs_budget: float | None = None,
+        param_budget: float | list[float] | None = None,
+        macs_budget: float | list[float] | None = None,
         allocation: str = "auto",
         method: str = "whiten",
         monitor: str = "val_loss",
@@ -153,10 +158,15 @@ class RankCompression(ValidationStatisticsCallback):
         dense_checkpoints: bool = False,
         forward: ForwardFn | None = None,
         seed: int = 0,
+        distill: float | None = None,
+        temperature: float = 1.0,
     ) -> None:
-        self.compress_at_epoch = check_compress_at_epoch(compress_at_epoch)
+        epochs, self.budgets = check_schedule(compress_at_epoch, param_budget, macs_budget)
+        self.compress_at_epoch = epochs if len(epochs) > 1 else epochs[0]
         self.threshold = check_threshold(threshold)
-        self.ranks, self.param_budget, self.macs_budget = check_rank_choice(ranks, param_budget, macs_budget)
+        self.ranks = check_rank_choice(ranks, *self.budgets[0])[0]
+        self.param_budget, self.macs_budget = _given(self.budgets, 0), _given(self.budgets, 1)
+        self.distill, self.temperature = check_distillation(distill, temperature)
         self.allocation = check_allocation(allocation)
         self.method = check_method(method)
         self.monitor = check_monitor(monitor)
@@ -166,18 +176,9 @@ class RankCompression(ValidationStatisticsCallback):
         self.dense_checkpoints = check_bool(dense_checkpoints, "dense_checkpoints")
         self.forward = check_forward(forward)
 
-        self.phase = Phase.TRAINING
-        self.swap_epoch: int | None = None  # compress_at_epoch resolved against max_epochs in `setup`
-        self.result: FactorizationResult | None = None
-        self.metrics: dict[str, float | None] = {"before": None, "compressed": None, "finetuned": None}
-        self.macs: dict[str, float | None] = {"before": None, "after": None}
-        self.failure: str | None = None  # why planning failed, the model having trained on dense
+        self._init_schedule()
+        self.teacher: torch.nn.Module | None = None  # the dense model before the first swap, with `distill`
         self._run = _Run()
-
-    @property
-    def compressed(self) -> bool:
-        """Whether the low-rank layers are in place."""
-        return self.phase in (Phase.COMPRESSED, Phase.FINISHED) and self.result is not None and bool(self.result.layers)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -193,7 +194,7 @@ class RankCompression(ValidationStatisticsCallback):
         needs = f"RankCompression needs validation data: the statistics and the metric {self.monitor!r} come from"
         check_validation_data(trainer, pl_module, needs)
         built = not is_overridden("configure_model", pl_module)  # else its layers exist only in on_fit_start
-        self.swap_epoch = _checked_swap_epoch(self, trainer, pl_module if built else None)
+        self.swap_epochs = _checked_swap_epochs(self, trainer, pl_module if built else None)
         self._run.unwrap_load_hook = rebuild_before_weights_load(pl_module)
 
     @override
@@ -202,9 +203,11 @@ class RankCompression(ValidationStatisticsCallback):
         if self._run.disabled:
             return
         if is_overridden("configure_model", pl_module):
-            self.swap_epoch = _checked_swap_epoch(self, trainer, pl_module)  # its layers exist only now
+            self.swap_epochs = _checked_swap_epochs(self, trainer, pl_module)  # its layers exist only now
         if self.phase == Phase.FINISHED and self.compressed:
             self.phase = Phase.COMPRESSED  # a new fit from a finished run fine-tunes further
+        if isinstance(self.teacher, dict):  # restored from a checkpoint: the dense weights, for a dense copy
+            self.teacher = frozen_copy(pl_module, self.teacher)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -214,8 +217,9 @@ class RankCompression(ValidationStatisticsCallback):
     # -- counting over the validation before the swap ----------------------------------------
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        counts = self._fit_validation(trainer) and self.phase == Phase.TRAINING and self._statistics is None
-        if counts and trainer.current_epoch == self.swap_epoch - 1:
+        upcoming = self._next_swap()
+        counts = self._fit_validation(trainer) and upcoming is not None and self._statistics is None
+        if counts and trainer.current_epoch == upcoming - 1:
             self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments, CALIBRATION_BATCHES)
 
     @override
@@ -232,8 +236,8 @@ class RankCompression(ValidationStatisticsCallback):
     # -- plan, then swap ---------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.phase == Phase.TRAINING and not self._run.disabled and epoch == self.swap_epoch - 1:
+        epoch, upcoming = trainer.current_epoch, self._next_swap()
+        if upcoming is not None and epoch == upcoming - 1:
             self._make_plan(trainer, pl_module)
         elif self.phase == Phase.COMPRESSED and epoch == trainer.max_epochs - 1 and self._run.validated_epoch != epoch:
             _lightning.run_validation(trainer)  # the last epoch did not validate: "finetuned" needs one
@@ -243,8 +247,9 @@ class RankCompression(ValidationStatisticsCallback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._run.disabled:
             return
-        if self.phase == Phase.TRAINING and trainer.current_epoch >= self.swap_epoch:
-            self._make_plan(trainer, pl_module)  # resumed at or past the swap from a dense checkpoint
+        upcoming = self._next_swap()
+        if upcoming is not None and trainer.current_epoch >= upcoming:
+            self._make_plan(trainer, pl_module)  # resumed at or past a swap from a checkpoint before it
         if self.phase == Phase.PLANNED:
             self._swap(trainer, pl_module)
 
@@ -254,33 +259,42 @@ class RankCompression(ValidationStatisticsCallback):
             self._release()
             self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments, CALIBRATION_BATCHES)
             _lightning.run_validation(trainer, listener=self)
-            self.metrics["before"] = monitored_value(trainer, self.monitor)
+            self.metrics["before" if self.phase == Phase.TRAINING else "finetuned"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None
         stats = statistics.finish(trainer)
         self._run.sample_batch = statistics.batches[0] if statistics.batches else None
-        self.macs["before"] = count_macs(pl_module, self._run.sample_batch, self.forward)
+        macs_before, later = count_macs(pl_module, self._run.sample_batch, self.forward), self.step > 0
+        state = "stays dense" if not later else f"stays as compressed by step {self.step}"
+        which = f" step {self.step + 1}" if len(self.swap_epochs) > 1 else ""
         try:
-            self._run.plan = _plan(self, trainer, pl_module, stats, statistics.batches)
-        except Exception as error:  # a plan that fails never loses the run: it trains on, dense
-            self.failure, self.phase = f"{type(error).__name__}: {error}", Phase.FINISHED
-            rank_zero_warn(f"RankCompression could not plan the compression, so the model stays dense and trains "
+            plan = _plan(self, trainer, pl_module, stats, statistics.batches)
+        except Exception as error:  # a plan that fails never loses the run: it trains on as it is
+            self.failure, self.phase = f"{type(error).__name__}: {error}", Phase.COMPRESSED if later else Phase.FINISHED
+            rank_zero_warn(f"RankCompression could not plan the compression{which}, so the model {state} and trains "
                            f"on. The cause: {self.failure}")
             return
-        self.result, self.phase = self._run.plan.result, Phase.PLANNED
-        if not self._run.plan.layers:
-            reasons = "; ".join(f"{n}: {r}" for n, r in list(self.result.not_replaced.items())[:5])
-            rank_zero_warn(f"RankCompression replaced no layer, so the model stays dense and trains on ({reasons}).")
-            self._run.plan, self.phase = None, Phase.FINISHED
+        if not plan.layers:
+            reasons = "; ".join(f"{n}: {r}" for n, r in list(plan.result.not_replaced.items())[:5])
+            rank_zero_warn(f"RankCompression{which} replaced no layer, so the model {state} and trains on ({reasons}).")
+            self.step, self.result = self.step + later, plan.result if not later else self.result
+            self.phase = Phase.COMPRESSED if later else Phase.FINISHED
+            return
+        if later:
+            self._archive_step()
+        self.macs = {"before": macs_before, "after": None}
+        self._run.plan, self.result, self.phase = plan, plan.result, Phase.PLANNED
 
     def _swap(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.distill and self.teacher is None:
+            self.teacher = frozen_copy(pl_module)
         self._run.plan.apply_(pl_module)
-        self._run.plan, self.phase = None, Phase.COMPRESSED
+        self._run.plan, self.phase, self.step = None, Phase.COMPRESSED, self.step + 1
         _lightning.rebuild_training_state(trainer)
         self.macs["after"] = count_macs(pl_module, self._run.sample_batch, self.forward)
         _lightning.run_validation(trainer)
         self.metrics["compressed"] = monitored_value(trainer, self.monitor)
         result, before, after = self.result, self.metrics["before"], self.metrics["compressed"]
-        rank_zero_info(f"RankCompression: {len(result.layers)} layers replaced, parameters {result.params_before:,} -> "
+        rank_zero_info(f"RankCompression step {self.step}: {len(result.layers)} layers replaced, parameters {result.params_before:,} -> "
                        f"{result.params_after:,}; {self.monitor} {before:.4g} -> {after:.4g}; fine-tuning begins.")
         restart_checkpointing(trainer)
 
@@ -294,44 +308,24 @@ class RankCompression(ValidationStatisticsCallback):
         self._release()
         if self._run.disabled:
             return
-        if self.phase in (Phase.TRAINING, Phase.PLANNED):
-            self._run.plan, self.phase = None, Phase.TRAINING
+        if self.phase == Phase.PLANNED:
+            self._unplan()
+        if self.phase == Phase.TRAINING:
             rank_zero_warn(f"RankCompression: training stopped at epoch {trainer.current_epoch}, before the swap "
                            f"planned at epoch {self.swap_epoch}, so nothing was compressed.")
             return
+        if self._next_swap() is not None:
+            rank_zero_warn(f"RankCompression: training stopped at epoch {trainer.current_epoch}, after {self.step} of "
+                           f"{len(self.swap_epochs)} compression steps; the later steps were not made.")
         self.phase = Phase.FINISHED
         folder = reports_dir(trainer)  # a collective under DDP: on every process
         if trainer.is_global_zero:
             publish(trainer, folder, self.summary())
 
-    def summary(self) -> dict[str, Any]:
-        """What ``compression.json`` holds (see :func:`~lightning_rank.callbacks.summary.compression_summary`)."""
-        if self.result is None and self.failure is None:
-            raise RuntimeError("RankCompression has not planned a compression yet")
-        factorization = self.result.to_dict() if self.result is not None else None
-        return compression_summary(factorization, self.metrics, self.macs, self.monitor, self.failure)
-
     # -- checkpoints and clean-up ------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         describe_factorized(pl_module, checkpoint, dense=self.dense_checkpoints)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        done = self.phase in (Phase.COMPRESSED, Phase.FINISHED) and self.result is not None
-        return {"phase": self.phase.value, "swap_epoch": self.swap_epoch, "metrics": dict(self.metrics),
-                "macs": dict(self.macs), "factorization": self.result.to_dict() if done else None,
-                "failure": self.failure}  # a plan is made again on resume
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        phase = Phase(state_dict["phase"])
-        self.phase = Phase.TRAINING if phase == Phase.PLANNED else phase  # a plan is not saved: it is made again
-        self.metrics.update(state_dict["metrics"])
-        self.macs.update(state_dict["macs"])
-        factorization = state_dict["factorization"] if self.phase != Phase.TRAINING else None
-        self.result = FactorizationResult.from_dict(factorization) if factorization else None
-        self.failure = state_dict.get("failure")
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -344,20 +338,36 @@ class RankCompression(ValidationStatisticsCallback):
             unwrap()
 
 
-def _checked_swap_epoch(compression: RankCompression, trainer: Trainer, pl_module: LightningModule | None) -> int:
-    """The epoch whose start swaps the layers in, once what needs ``max_epochs`` or the model's layers (when given)
+def _given(budgets: list[tuple[float | None, float | None]], index: int) -> float | list[float] | None:
+    """One kind of budget as the user gave it: one number for one step, a list for a schedule."""
+    values = [budget[index] for budget in budgets]
+    return values[0] if len(values) == 1 or values[0] is None else values
+
+
+def _checked_swap_epochs(
+    compression: RankCompression, trainer: Trainer, pl_module: LightningModule | None
+) -> list[int]:
+    """The epochs whose starts swap each step in, once what needs ``max_epochs`` or the model's layers (when given)
     is checked: a ``MisconfigurationException`` naming the argument otherwise."""
+    schedule = compression.compress_at_epoch
     try:
-        swap_epoch = resolve_compress_at_epoch(compression.compress_at_epoch, trainer.max_epochs)
+        epochs = [resolve_compress_at_epoch(e, trainer.max_epochs) for e in (
+            schedule if isinstance(schedule, list) else [schedule])]
+        if any(later <= earlier for earlier, later in zip(epochs, epochs[1:])):
+            raise ValueError(f"`compress_at_epoch`={schedule} swaps at epochs {epochs} with max_epochs="
+                             f"{trainer.max_epochs}: each step needs an epoch of its own, in increasing order")
         if compression.allocation == "probe" and trainer.world_size > 1:
             raise ValueError("allocation='probe' needs one process (each DDP process holds other validation "
                              "batches, so each would allocate its own ranks): use 'auto' or 'uniform'")
         if pl_module is not None and compression.phase == Phase.TRAINING:
-            check_factorization(pl_module, ranks=compression.ranks, param_budget=compression.param_budget,
-                                target_modules=compression.target_modules, exclude_modules=compression.exclude_modules)
+            check_factorization(pl_module, ranks=compression.ranks, param_budget=compression.budgets[-1][0],
+                                target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
+                                refactorize=True)
     except ValueError as err:
         raise MisconfigurationException(f"RankCompression: {err}") from err
-    return swap_epoch
+    return epochs
+
+
 
 
 def _plan(
@@ -367,9 +377,10 @@ def _plan(
     # Each process holds its own validation batches: allocating by them would give each its own ranks,
     # so under DDP they only count output positions (for macs_budget) and uniform tolerance allocates.
     allocation = "uniform" if trainer.world_size > 1 and compression.allocation == "auto" else compression.allocation
+    param_budget, macs_budget = compression.budgets[compression.step]
     return plan_factorization(
         pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
-        param_budget=compression.param_budget, macs_budget=compression.macs_budget,
+        param_budget=param_budget, macs_budget=macs_budget, refactorize=True,
         target_modules=compression.target_modules, exclude_modules=compression.exclude_modules, allocation=allocation,
         calibration=batches or None, forward=compression.forward, progress=trainer.is_global_zero,
     )  # fmt: skip

@@ -46,7 +46,7 @@ from lightning_rank.checks import (
     check_positive_int,
     check_threshold,
 )
-from lightning_rank.compress.layers import LOW_RANK_TYPES
+from lightning_rank.compress.loading import factorized_layers
 from lightning_rank.spectral.analysis import UnanalyzableError, analyze
 from lightning_rank.spectral.report import RankReport, write_json_atomic
 from lightning_rank.stats.collect import warn_about_rows
@@ -72,7 +72,8 @@ class RankMonitor(ValidationStatisticsCallback):
 
     - ``monitor.report`` holds the :class:`~lightning_rank.RankReport`, ``monitor.history`` one
       ``{"epoch", "step", "stage", "factorized", "report", "seconds"}`` entry per analyzed epoch (``report`` is
-      ``to_dict()``; ``factorized``: the model held low-rank layers, e.g. after ``RankCompression``'s swap;
+      ``to_dict()``; ``factorized``: the low-rank layers the model held, ``{name: rank}`` (empty while dense), so
+      each of ``RankCompression``'s steps shows;
       ``seconds``: what the monitor spent on that epoch, ``{"statistics", "analysis", "publish"}``, the last
       being the report's JSON, logged scalars and TensorBoard views);
     - ``trainer.callback_metrics["rank/mlu"]`` holds the MLU (so ``ModelCheckpoint`` and ``EarlyStopping``
@@ -301,7 +302,7 @@ class RankMonitor(ValidationStatisticsCallback):
     # -- results -----------------------------------------------------------------------------
     def _publish(self, trainer: Trainer, pl_module: LightningModule, report: RankReport) -> None:
         epoch, step, stage = trainer.current_epoch, trainer.global_step, trainer.state.fn.value
-        factorized = any(isinstance(module, LOW_RANK_TYPES) for module in pl_module.modules())
+        factorized = factorized_layers(pl_module)  # {name: rank}: each compression step changes it
         entry = {"epoch": epoch, "step": step, "stage": stage, "factorized": factorized, "report": report.to_dict()}
         self.history = [h for h in self.history if (h["epoch"], h["step"], h["stage"]) != (epoch, step, stage)]
         self.history.append(entry)

@@ -78,3 +78,31 @@ def publish(trainer: Trainer, folder: Path, summary: dict[str, Any]) -> None:
             write_compression(logger.experiment, summary, trainer.global_step)
         else:
             logger.log_metrics(compression_scalars(summary), step=trainer.global_step)
+
+
+def step_record(
+    epoch: int | None, factorization: dict[str, Any] | None, metrics: dict[str, float | None],
+    macs: dict[str, float | None],
+) -> dict[str, Any]:
+    """One compression step as kept in the callback's state: its swap epoch, ``FactorizationResult.to_dict()``,
+    the metric before / right after / after fine-tuning, and the multiply-adds before and after."""
+    return {"epoch": epoch, "factorization": factorization, "metrics": dict(metrics), "macs": dict(macs)}
+
+
+def schedule_summary(steps: list[dict[str, Any]], monitor: str, failure: str | None = None) -> dict[str, Any]:
+    """What ``compression.json`` holds for the steps done (:func:`step_record` each, in order): with one step, the
+    :func:`compression_summary` of it; with several, the last step's summary whose counts and metrics span the
+    whole schedule (``params_before``/``macs_before``/``metrics.before`` from the first step, ``layers`` the rank of
+    every low-rank layer at the end, the rest from the last step), and ``steps``: each step's own summary with its ``epoch``."""
+    summaries = [
+        {"epoch": s["epoch"], **compression_summary(s["factorization"], s["metrics"], s["macs"], monitor)} for s in steps
+    ]
+    if len(summaries) == 1:
+        only = {k: v for k, v in summaries[0].items() if k != "epoch"}
+        return only if failure is None else {**only, "failure": failure}
+    first, last = summaries[0], summaries[-1]
+    summary = {k: v for k, v in last.items() if k != "epoch"}
+    layers = {name: rank for step in summaries for name, rank in step["layers"].items()}  # later steps win
+    summary.update(params_before=first["params_before"], macs_before=first["macs_before"], layers=layers,
+                   metrics={**last["metrics"], "before": first["metrics"]["before"]}, steps=summaries)
+    return summary if failure is None else {**summary, "failure": failure}

@@ -36,6 +36,7 @@ from lightning_rank.compress.planning import (
     resolve_ranks,
     why_not_at_rank,
 )
+from lightning_rank.compress.refactor import dense_stand_ins, onto_pairs
 from lightning_rank.compress.results import FactorizationResult, LayerFactorization
 from lightning_rank.compress.selection import factorization_targets, shared_weights, why_not_replaceable
 from lightning_rank.spectral.progress import progress_bar
@@ -114,6 +115,7 @@ def plan_factorization(
     calibration: Iterable[Any] | None = None,
     forward: ForwardFn | None = None,
     progress: bool = True,
+    refactorize: bool = False,
 ) -> FactorizationPlan:
     """Decide the ranks of the selected layers and build their low-rank replacements; ``model`` is not changed.
 
@@ -134,8 +136,17 @@ def plan_factorization(
 
     The selected layers are those ``stats`` holds (as in ``analyze``), or every supported layer of the
     model when ``stats`` is None; ``target_modules`` / ``exclude_modules`` narrow them as in
-    :func:`~lightning_rank.collect`. A layer that is already factorized raises a ``ValueError``.
+    :func:`~lightning_rank.collect`. A layer that is already factorized raises a ``ValueError``, unless
+    ``refactorize``: then a pair ``A B`` is planned as its dense product (budgets stay fractions of the
+    dense-equivalent layers), and the plan replaces it by a pair of lower rank, or leaves it as it is
+    (see :mod:`~lightning_rank.compress.refactor`); progressive compression plans each step this way.
     """
+    if refactorize:
+        options = {k: v for k, v in locals().items() if k not in ("model", "stats", "refactorize")}
+        with dense_stand_ins(model) as pairs:
+            plan = plan_factorization(model, stats, **options)
+        onto_pairs(plan.modules, plan.replaced, plan.result, pairs, model)
+        return plan
     method = check_method(method)
     threshold = check_threshold(threshold)
     ranks, budget, macs = check_rank_choice(ranks, param_budget, macs_budget)
@@ -224,13 +235,19 @@ def check_factorization(
     param_budget: float | None = None,
     target_modules: ModuleSelector = None,
     exclude_modules: ModuleSelector = None,
+    refactorize: bool = False,
 ) -> None:
     """Raise now what :func:`plan_factorization` would raise later for any statistics of ``model``.
 
     Checks that the selectors match layers, that every ``ranks`` key names a selected layer with a
     rank that fits it, that no selected layer is already factorized, and that ``param_budget`` can be
     met with rank 1 in every replaceable layer (layers the data never reach can only make it harder).
+    ``refactorize``: low-rank pairs count as the dense layers they stand for, as in :func:`plan_factorization`.
     """
+    if refactorize:
+        with dense_stand_ins(model):
+            return check_factorization(model, ranks=ranks, param_budget=param_budget, target_modules=target_modules,
+                                       exclude_modules=exclude_modules)
     budget = check_budget(param_budget)
     ranks = check_ranks(ranks, budget)
     targets, _ = factorization_targets(model, None, target_modules, exclude_modules)

@@ -119,10 +119,12 @@ def curve_styles(count: int) -> list[tuple[tuple[int, int, int], tuple[int, ...]
 
 # -- the heatmap ------------------------------------------------------------------------------------
 def heatmap_image(values: np.ndarray, labels: Sequence[str], columns: Sequence[str], *, title: str,
-                  xlabel: str, swap: int | None = None) -> Image.Image:
+                  xlabel: str, swap: int | Sequence[int] | None = None) -> Image.Image:
     """``values`` (rows x columns in [0, 1], NaN: missing) as coloured cells with row ``labels`` (the first in
     bold, set apart by a white band), ``columns`` ticks, a viridis colour bar in percent, cell values in
-    percent when they fit, and a dashed red line before column ``swap`` labelled "compressed"."""
+    percent when they fit, and a dashed red line before column ``swap`` labelled "compressed" (before each of
+    several, labelled by step)."""
+    swaps = [] if swap is None else [swap] if isinstance(swap, int) else list(swap)
     rows, count = values.shape
     cell_h = max(6, min(22, 2600 // max(rows, 1)))
     label_size = max(7, min(12, cell_h - 4))
@@ -132,7 +134,7 @@ def heatmap_image(values: np.ndarray, labels: Sequence[str], columns: Sequence[s
     cell_w = max(2, math.ceil(grid_w / count))
     grid_w = cell_w * count
     band = 4  # white band between the MLU row and the layers
-    top = 34 + (18 if swap is not None else 0)
+    top = 34 + (18 if swaps else 0)
     grid_h = rows * cell_h + band
     width, height = left + grid_w + right, top + grid_h + 50
     image = Image.new("RGB", (width, height), WHITE)
@@ -163,10 +165,10 @@ def heatmap_image(values: np.ndarray, labels: Sequence[str], columns: Sequence[s
             if not np.isnan(value):
                 _text(image, (left + (column + 0.5) * cell_w, row_y(row)), f"{100 * value:.0f}", value_size,
                       fill=BLACK if value > 0.6 else WHITE, anchor="mm")
-    if swap is not None:
-        x = left + swap * cell_w
+    for step, column in enumerate(swaps, 1):
+        x = left + column * cell_w
         polyline(draw, [(x, top - 4), (x, top + grid_h)], RED, width=2, dash=(7, 4))
-        _text(image, (x, top - 6), "compressed", 12, fill=RED, anchor="md")
+        _text(image, (x, top - 6), "compressed" if len(swaps) == 1 else f"step {step}", 12, fill=RED, anchor="md")
 
     bar_x, bar_h = left + grid_w + 16, grid_h
     ramp = viridis(np.linspace(1, 0, bar_h))[:, None, :].repeat(18, axis=1)

@@ -33,19 +33,19 @@ def utilization_matrix(reports: Sequence[Mapping[str, Any]]) -> tuple[list[str],
                 matrix[rows[name], column] = layer["utilization"]
     return list(names), matrix
 
-def compression_column(history: Sequence[Mapping[str, Any]]) -> int | None:
-    """The index of the first history entry measured on a factorized model after one measured dense, else None."""
-    for i in range(1, len(history)):
-        if history[i].get("factorized") and not history[i - 1].get("factorized"):
-            return i
-    return None
+def compression_columns(history: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The index of every history entry measured right after a compression step: its ``factorized`` is set and
+    differs from the entry before (a bool marks the first swap; a ``{name: rank}`` mapping marks every step)."""
+    return [i for i in range(1, len(history))
+            if history[i].get("factorized") and history[i].get("factorized") != history[i - 1].get("factorized")]
+
 
 def heatmap_image(history: Sequence[Mapping[str, Any]], title: str = "") -> Image.Image:
     """A labelled image of utilization: layers x analyzed epochs, with the MLU as the top row.
 
     ``history`` holds ``RankMonitor.history`` entries (``{"epoch", "report", "factorized"?}``), oldest
     first. Cells show their value in percent when there is room; grey marks a layer skipped or absent that
-    epoch; a dashed red line marks the compression (:func:`compression_column`); a colour bar gives the scale.
+    epoch; a dashed red line marks each compression step (:func:`compression_columns`); a colour bar gives the scale.
     """
     reports = [entry["report"] for entry in history]
     names, matrix = utilization_matrix(reports)
@@ -56,7 +56,7 @@ def heatmap_image(history: Sequence[Mapping[str, Any]], title: str = "") -> Imag
         [str(entry.get("epoch", i)) for i, entry in enumerate(history)],
         title=title or "utilization per layer (utilized rank / min(out, in)), %",
         xlabel="epoch (analyzed validation)",
-        swap=compression_column(history),
+        swap=compression_columns(history),
     )
 
 def cumulative_energy(eigenvalues: Tensor) -> Tensor:

@@ -4,7 +4,6 @@ reference, then factorized, checkpointed and reloaded."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
 from tests.helpers import assert_same_report, reference
-from tests.tiny_models import make_trainer
+from tests.tiny_models import CrossEntropySteps, make_trainer
 
 
 class ResidualBlock(nn.Module):
@@ -31,7 +30,7 @@ class ResidualBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
 
 
-class ResNet(L.LightningModule):
+class ResNet(CrossEntropySteps):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
@@ -40,14 +39,6 @@ class ResNet(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=3e-3)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_rank as lr
 from lightning_rank.spectral.analysis import UnanalyzableError
 from lightning_rank.spectral.spectrum import symmetric_eigen
-from tests.tiny_models import Conv1D, PlainClassifier, low_rank_dataset, make_trainer
+from tests.tiny_models import Conv1D, CrossEntropySteps, PlainClassifier, low_rank_dataset, make_trainer
 
 DEGENERACIES = ("normal", "zero_features", "constant_features", "rank1", "all_zero", "tiny", "huge", "nan_rows",
                 "inf_rows", "no_rows")
@@ -338,7 +338,7 @@ def test_a_layer_left_dense_by_a_macs_budget_says_so_and_factorized_conv1d_keeps
     assert report.layers["wide"].kind == "hf_conv1d" and report.layers["wide"].factorized
 
 
-class CifarResNet18(L.LightningModule):
+class CifarResNet18(CrossEntropySteps):
     """torchvision's ``resnet18`` layout from torch modules (7x7/2 stem, max-pool, stages 64-128-256-512 with
     BatchNorm): on 32x32 images its last stage sees 1x1 maps, so its 3x3 convolutions' 4608-wide input moments are
     mostly exact zeros."""
@@ -356,14 +356,6 @@ class CifarResNet18(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)

@@ -31,6 +31,18 @@ def make_trainer(root: str | Path, max_epochs: int = 1, callbacks: Sequence[Call
 
 
 # -- a classifier on inputs in a 3-dim subspace ---------------------------------------------------------------
+class CrossEntropySteps(L.LightningModule):
+    """``training_step`` (cross-entropy) and ``validation_step`` (logs ``val_loss``) of an ``(x, y)`` classifier."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
 def low_rank_dataset(n: int, seed: int) -> TensorDataset:
     """Inputs in a 3-dim subspace of R^32; the class is a linear function of the subspace coordinates."""
     g = torch.Generator().manual_seed(seed)

@@ -105,7 +105,7 @@ def plan_factorization(
     stats: ActivationStatistics | None,
     *,
     threshold: float = 0.99,
-    method: str = "projection",
+    method: str = "whiten",
     ranks: RankSpec = None,
     param_budget: float | None = None,
     macs_budget: float | None = None,
@@ -130,7 +130,9 @@ def plan_factorization(
     ``calibration`` batches (a few, run through ``forward`` as in :func:`~lightning_rank.collect`)
     decide where rank matters, never worse there than one common error tolerance ("uniform", the rule
     without calibration batches). ``macs_budget`` needs ``calibration`` batches to count each layer's
-    output positions. With statistics, ranks never depend on ``method``; only the factors do. A layer
+    output positions. ``method``: ``"whiten"`` (default, as in ``RankCompression``: the least output error on the
+    data), ``"projection"`` (the paper's ``P_T W P_S``) or ``"svd"`` (data-free). With statistics, ranks never
+    depend on ``method``; only the factors do. A layer
     is replaced only where ``rank * (out + fan_in) < out * fan_in``. ``progress``: progress bars on
     stderr for the eigenproblems and the factors when they take more than a few seconds.
 

@@ -176,14 +176,21 @@ def _windows(ids: Tensor, context: int, stride: int) -> tuple[Tensor, Tensor]:
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def char_lm(seed: int = 0, steps: int = 600, dim: int = 96, depth: int = 3, context: int = 64) -> Task:
-    L.seed_everything(seed, verbose=False)
+def char_windows(context: int) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """Windows of ``context`` characters of Python's docs: training inputs and targets (90% of the text, overlapping
+    by half), test inputs and targets (the rest), and the vocabulary."""
     text = python_docs()
     chars = sorted(set(text))
     ids = _encode(text, chars)
     split = int(0.9 * len(ids))
     train_x, train_y = _windows(ids[:split], context, stride=context // 2)
     test_x, test_y = _windows(ids[split:], context, stride=context)
+    return train_x, train_y, test_x, test_y, chars
+
+
+def char_lm(seed: int = 0, steps: int = 600, dim: int = 96, depth: int = 3, context: int = 64) -> Task:
+    L.seed_everything(seed, verbose=False)
+    train_x, train_y, test_x, test_y, chars = char_windows(context)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(train_x), generator=g)
     batch = 32

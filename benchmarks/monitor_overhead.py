@@ -60,10 +60,11 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning_rank as lr  # noqa: E402
 from benchmarks.collect_overhead import BATCH, distinct_inputs, gram_minimum, setup, timed  # noqa: E402
+from benchmarks.resnet_shapes import ImageClassifier  # noqa: E402
 from lightning_rank.stats.collector import StatisticsCollector  # noqa: E402
 
 
-class DigitsCNN(L.LightningModule):
+class DigitsCNN(ImageClassifier):
     """A small CNN for the 8x8 digits: three 3x3 convolutions (16, 32, 64 channels, a max-pool) and a linear head."""
 
     def __init__(self, lr: float = 3e-3) -> None:
@@ -78,19 +79,6 @@ class DigitsCNN(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.log("val_loss", F.cross_entropy(self(images), labels))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 def one_fit(

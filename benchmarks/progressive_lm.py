@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from digits import warmup_cosine  # noqa: E402
 
 import lightning_rank as lr  # noqa: E402
-from benchmarks.allocation_models import CharLM, _encode, _windows, python_docs  # noqa: E402
+from benchmarks.allocation_models import CharLM, char_windows  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -72,12 +72,7 @@ class CompressibleLM(CharLM):
 
 def data(seed: int, steps: int, context: int = 64, batch: int = 32):
     """Training windows (``steps`` batches), the 256 held-out training windows, the test windows, the vocabulary."""
-    text = python_docs()
-    chars = sorted(set(text))
-    ids = _encode(text, chars)
-    split = int(0.9 * len(ids))
-    train_x, train_y = _windows(ids[:split], context, stride=context // 2)
-    test_x, test_y = _windows(ids[split:], context, stride=context)
+    train_x, train_y, test_x, test_y, chars = char_windows(context)
     pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     held, train = pick[-256:], pick[:-256][: steps * batch]
     return (TensorDataset(train_x[train], train_y[train]), TensorDataset(train_x[held], train_y[held]),

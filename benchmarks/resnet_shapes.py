@@ -33,7 +33,24 @@ class Block(nn.Module):
         return F.relu(out + (x if self.down is None else self.down(x)))
 
 
-class ResNet18Shaped(L.LightningModule):
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy training (``train_loss``) and validation (``val_loss``) of an image classifier, AdamW at ``lr``."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self(images), labels))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class ResNet18Shaped(ImageClassifier):
     """ResNet-18's stages and widths behind a 4x4/4 stem, for 10 classes."""
 
     def __init__(self, lr: float = 2e-3) -> None:
@@ -50,18 +67,6 @@ class ResNet18Shaped(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.stages(self.stem(images)).mean(dim=(2, 3)))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.log("val_loss", F.cross_entropy(self(images), labels))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 def image_data(size: int, train: int, batch: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:

@@ -98,35 +98,35 @@ def symmetric_eigen(matrix: Tensor, vectors: bool = True) -> Tensor | tuple[Tens
 
 
 def _robust_eigen(matrix: Tensor, vectors: bool) -> Tensor | tuple[Tensor, Tensor]:
-    attempts = [lambda m: torch.linalg.eigh(m) if vectors else torch.linalg.eigvalsh(m)]
-    if matrix.dtype != torch.float64:
-        attempts.append(lambda m: attempts[0](m.double()))
-    attempts += [_numpy_eigen(vectors), _svd_eigen(vectors)]
-    for attempt in attempts[:-1]:
+    in_float64 = [] if matrix.dtype == torch.float64 else [_float64_eigen]
+    for solve in [_torch_eigen, *in_float64, _numpy_eigen]:
         try:
-            return attempt(matrix)
+            return solve(matrix, vectors)
         except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
             continue
-    return attempts[-1](matrix)
+    return _svd_eigen(matrix, vectors)
 
 
-def _numpy_eigen(vectors: bool) -> Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]:
-    def solve(matrix: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        array = matrix.detach().double().cpu().numpy()
-        if vectors:
-            values, basis = np.linalg.eigh(array)
-            return torch.from_numpy(values).to(matrix.device), torch.from_numpy(basis).to(matrix.device)
-        return torch.from_numpy(np.linalg.eigvalsh(array)).to(matrix.device)
-
-    return solve
+def _torch_eigen(matrix: Tensor, vectors: bool) -> Tensor | tuple[Tensor, Tensor]:
+    return torch.linalg.eigh(matrix) if vectors else torch.linalg.eigvalsh(matrix)
 
 
-def _svd_eigen(vectors: bool) -> Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]:
-    def solve(matrix: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        u, s, _ = torch.linalg.svd(matrix.double())
-        return (s.flip(-1), u.flip(-1)) if vectors else s.flip(-1)
+def _float64_eigen(matrix: Tensor, vectors: bool) -> Tensor | tuple[Tensor, Tensor]:
+    return _torch_eigen(matrix.double(), vectors)
 
-    return solve
+
+def _numpy_eigen(matrix: Tensor, vectors: bool) -> Tensor | tuple[Tensor, Tensor]:
+    array = matrix.detach().double().cpu().numpy()
+    if vectors:
+        values, basis = np.linalg.eigh(array)
+        return torch.from_numpy(values).to(matrix.device), torch.from_numpy(basis).to(matrix.device)
+    return torch.from_numpy(np.linalg.eigvalsh(array)).to(matrix.device)
+
+
+def _svd_eigen(matrix: Tensor, vectors: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """For a PSD matrix its singular pairs are its eigenpairs (largest first, so flipped)."""
+    u, s, _ = torch.linalg.svd(matrix.double())
+    return (s.flip(-1), u.flip(-1)) if vectors else s.flip(-1)
 
 
 def clean_spectrum(eigenvalues: Tensor, bounds: Tensor | float) -> Tensor:

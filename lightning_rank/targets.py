@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,19 @@ def weight_matrix(target: Target) -> tuple[Tensor, Tensor | None]:
         return module.weight.t(), module.bias
     weight = module.weight
     return weight.reshape(weight.shape[0], -1), module.bias
+
+
+def layer_shape(target: Target) -> tuple[int, int]:
+    """``(out, fan_in)`` of the layer's matrix from its parameters' shapes alone: no product and no gather (a
+    sharded weight's shape is its full shape)."""
+    module = target.module
+    if target.factorized:
+        return module.second.weight.shape[0], math.prod(module.first.weight.shape[1:])
+    if target.kind == "mha_in_proj":
+        return tuple(module.in_proj_weight.shape)
+    if target.kind == "hf_conv1d":
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.weight.shape[0], math.prod(module.weight.shape[1:])
 
 
 def _unobservable_reason(module: nn.Module, kind: str, parent: nn.Module | None) -> str | None:

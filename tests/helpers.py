@@ -74,6 +74,14 @@ def assert_same_report(actual: dict, expected: dict) -> None:
     assert actual["mlu"] == pytest.approx(expected["mlu"], rel=1e-9)
 
 
+def pooled(report: dict) -> dict:
+    """A one-process report (``to_dict()``) as several processes give it when each analyzed layer's rows were summed
+    over every process (``pooled``: each process's share held fewer rows than the row budget, or every row counted)."""
+    for layer in report["layers"].values():
+        layer["pooled"] = True if layer["skipped"] is None else None
+    return report
+
+
 def moments_reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The Gram matrix, sum and count of ``rows`` (its last dim the features), in float64."""
     rows = rows.double().reshape(-1, rows.shape[-1])

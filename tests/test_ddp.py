@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_rank as lr
-from tests.helpers import assert_same_report
+from tests.helpers import assert_same_report, pooled
 from tests.tiny_models import SUBSPACE
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_ddp.py"
@@ -56,8 +56,8 @@ def test_rank_monitor_two_processes_report_as_one(tmp_path: Path) -> None:
     expected = lr.analyze(model, stats).to_dict()
     assert expected["layers"]["inp"]["in_rank"] == 7  # each rank alone sees 3 or 4 dims
     assert expected["layers"]["extra"]["rows"] == script.MONITOR_SAMPLES // 2  # all on rank 1
-    for rank in (0, 1):
-        assert_same_report(json.loads((tmp_path / f"report_rank{rank}.json").read_text()), expected)
+    for rank in (0, 1):  # each process's share holds fewer rows than the row budget: every row is summed
+        assert_same_report(json.loads((tmp_path / f"report_rank{rank}.json").read_text()), pooled(expected))
 
 
 @pytest.mark.timeout(300)

@@ -27,7 +27,7 @@ import lightning_rank as lr
 from lightning_rank.callbacks import epoch as epoch_statistics
 from lightning_rank.callbacks import monitor as monitor_module
 from lightning_rank.views import figures, tags
-from tests.helpers import Events, FakeClock, assert_same_report, reference
+from tests.helpers import Events, FakeClock, assert_same_report, pooled, reference
 from tests.tiny_models import (
     BLOCKS_LAYERS,
     Blocks,
@@ -175,12 +175,12 @@ def test_default_rows_spread_each_layers_budget_over_the_epochs_batches(tmp_path
     assert {layer["rows"] for layer in monitor.report.to_dict()["layers"].values()} == {batches * per_batch}
 
 
-def test_epoch_batches_count_every_process_and_the_chosen_dataloader():
+def test_epoch_batches_count_this_process_and_the_chosen_dataloader():
     from types import SimpleNamespace
 
-    fit = SimpleNamespace(num_val_batches=[5, 3], world_size=2)
-    assert epoch_statistics.epoch_batches(fit, None) == 16
-    assert epoch_statistics.epoch_batches(fit, 1) == 6
+    fit = SimpleNamespace(num_val_batches=[5, 3], world_size=2)  # per process: a pooled layer multiplies by 2
+    assert epoch_statistics.epoch_batches(fit, None) == 8
+    assert epoch_statistics.epoch_batches(fit, 1) == 3
     assert epoch_statistics.epoch_batches(SimpleNamespace(num_val_batches=[float("inf")], world_size=1), None) is None
     assert epoch_statistics.epoch_batches(SimpleNamespace(num_val_batches=[], world_size=1), None) is None
 
@@ -358,8 +358,9 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, argument):
 
 def test_eig_dtype_reaches_the_analysis(tmp_path, monkeypatch):
     seen = []
-    original = monitor_module.analyze
-    monkeypatch.setattr(monitor_module, "analyze", lambda *a, **k: seen.append(k["eig_dtype"]) or original(*a, **k))
+    original = monitor_module.analyze_shared
+    monkeypatch.setattr(monitor_module, "analyze_shared",
+                        lambda *a, **k: seen.append(k["eig_dtype"]) or original(*a, **k))
     monitor = lr.RankMonitor(eig_dtype=torch.float32)
     make_trainer(tmp_path, 1, [monitor], logger=False, num_sanity_val_steps=2).fit(Blocks(), datamodule=BlocksData())
     assert seen == [torch.float32] and monitor.report.analyzed
@@ -393,7 +394,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     reports = [json.loads((tmp_path / f"report_rank{r}.json").read_text()) for r in (0, 1)]
     saved = tmp_path / "rank_reports" / "epoch_000.json"
     for report in (*reports, json.loads(saved.read_text())):
-        assert_same_report(report, expected)
+        assert_same_report(report, pooled(expected))
     assert run.callback_metrics["rank/mlu"].item() == pytest.approx(expected["mlu"])
 
 
@@ -405,7 +406,7 @@ def test_monitor_records_its_cost_and_warns_once_when_it_dominates_a_fit(tmp_pat
     """On the monitor's clock a training batch takes 1 s and each analysis 10 s: the monitor takes most of every
     epoch, says so once a fit (with the knobs that lower it), and records each analyzed epoch's cost."""
     clock = FakeClock(monkeypatch, batch_seconds=1.0)
-    clock.slow(monitor_module, "analyze", 10.0)
+    clock.slow(monitor_module, "analyze_shared", 10.0)
     torch.manual_seed(0)
     monitor = lr.RankMonitor(max_rows_per_batch=None, tensorboard=False)
     run = make_trainer(tmp_path, 2, [monitor, clock.callback], logger=False)
@@ -433,7 +434,7 @@ def test_monitor_does_not_warn_about_its_cost_when_training_dominates(tmp_path, 
     from lightning_rank.callbacks.budgets import COST_WARNING_SHARE
 
     clock = FakeClock(monkeypatch, batch_seconds=10.0)
-    clock.slow(monitor_module, "analyze", 1.0)
+    clock.slow(monitor_module, "analyze_shared", 1.0)
     torch.manual_seed(0)
     monitor = lr.RankMonitor(tensorboard=False)
     run = make_trainer(tmp_path, 1, [monitor, clock.callback], logger=False)

@@ -15,25 +15,50 @@ from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+try:  # lightning >= 2.4
+    from lightning.pytorch.strategies import ModelParallelStrategy
+except ImportError:
+    ModelParallelStrategy = None
+
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+FSDP2 = ("`ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` on the layers in "
+         "`configure_model` (FSDP2)")
 
 
-def check_strategy(trainer: Trainer, who: str) -> None:
-    """Reject strategies whose model wrapping a swap of layers cannot rebuild (sharded, model-parallel, ...).
+def check_strategy(trainer: Trainer, who: str, sharded: bool = False) -> None:
+    """Reject strategies whose model wrapping a swap of layers cannot rebuild, or whose layers are split; ``sharded``:
+    FSDP2 (``ModelParallelStrategy`` with tensor parallel size 1) is supported too.
 
-    Public API only; here because it names what ``rebuild_training_state`` supports.
+    Reads ``ModelParallelStrategy._tensor_parallel_size`` (no public getter; resolved from "auto" before setup).
     """
-    if not isinstance(trainer.strategy, SUPPORTED_STRATEGIES):
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
         raise MisconfigurationException(
-            f"{who} supports single-device training and DDP (`strategy='ddp'`, `'ddp_spawn'`), not "
-            f"{type(trainer.strategy).__name__}: after the swap the model must be wrapped again around the new "
-            "layers, which sharded and model-parallel strategies do not allow."
+            f"{who} does not support FSDPStrategy (FSDP1, whose flat parameters hide each layer's weight). For sharded "
+            f"training use {FSDP2}" + ("." if sharded else f"; {who} supports single-device training and DDP only.")
+        )
+    if ModelParallelStrategy is not None and isinstance(strategy, ModelParallelStrategy):
+        tensor_parallel = strategy._tensor_parallel_size
+        tensor_parallel = strategy.num_processes if tensor_parallel == "auto" else tensor_parallel
+        if tensor_parallel != 1:
+            raise MisconfigurationException(
+                f"{who} supports ModelParallelStrategy with tensor_parallel_size=1 only (FSDP2: each process holds "
+                f"whole layers' inputs), got tensor_parallel_size={tensor_parallel}. Use {FSDP2}."
+            )
+        if sharded:
+            return
+    if not isinstance(strategy, SUPPORTED_STRATEGIES):
+        raise MisconfigurationException(
+            f"{who} supports single-device training, DDP (`strategy='ddp'`, `'ddp_spawn'`)"
+            + (f" and {FSDP2}" if sharded else "") + f", not {type(strategy).__name__}"
+            + ("." if sharded else ": after the swap the model must be wrapped again around the new layers, which "
+               "sharded and model-parallel strategies do not allow.")
         )
 
 

@@ -261,7 +261,7 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
             _lightning.run_validation(trainer, listener=self)
             self.metrics["before" if self.phase == Phase.TRAINING else "finetuned"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None
-        stats = statistics.finish(trainer)
+        stats = statistics.finish(trainer).stats
         self._run.sample_batch = statistics.batches[0] if statistics.batches else None
         macs_before, later = count_macs(pl_module, self._run.sample_batch, self.forward), self.step > 0
         state = "stays dense" if not later else f"stays as compressed by step {self.step}"

@@ -1,9 +1,9 @@
-"""Statistics of one validation epoch inside a Trainer: hooks per batch, then a sum over processes.
+"""Statistics of one validation epoch inside a Trainer: hooks per batch, then sums over processes.
 
 A :class:`~lightning_rank.stats.collector.StatisticsCollector` is attached for the epoch, with one
 ``observe`` block per validation batch of the chosen dataloader (run eagerly when the model is compiled,
 since hooks do not fire inside compiled code); at the end the statistics are summed over processes
-(:mod:`~lightning_rank.callbacks.distributed`).
+(:mod:`~lightning_rank.callbacks.owners`): to each layer's owner, or to every process.
 """
 
 from __future__ import annotations
@@ -17,24 +17,24 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from lightning_rank.callbacks.distributed import sum_over_processes
+from lightning_rank.callbacks.owners import SharedStatistics, reduce_to_owners
 from lightning_rank.checks import StatisticsArguments
 from lightning_rank.stats.collector import StatisticsCollector
-from lightning_rank.stats.sums import ActivationStatistics
+from lightning_rank.stats.ownership import ProcessShare, assign_owners
 
 _set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
 
 
 def epoch_batches(trainer: Trainer, dataloader_idx: int | None) -> int | None:
-    """How many validation batches this epoch counts over all processes (``None`` when a dataloader has no
-    length): the row policy "auto" shares each layer's budget among them, so the sum over processes holds it."""
+    """How many validation batches this process counts this epoch (``None`` when a dataloader has no length): the
+    row policy "auto" shares each layer's budget among them (among every process's, for a pooled layer)."""
     counts = list(trainer.num_val_batches)
     if dataloader_idx is not None:
         counts = counts[dataloader_idx : dataloader_idx + 1]
     total = sum(counts)
     if not counts or not math.isfinite(total) or total <= 0:
         return None
-    return int(total) * trainer.world_size
+    return int(total)
 
 CALIBRATION_BATCHES = 4  # validation batches kept for rank allocation and counting multiply-adds
 
@@ -44,13 +44,20 @@ class EpochStatistics:
     Call :meth:`batch_start` / :meth:`batch_end` from the callback's validation batch hooks,
     :meth:`finish` at the epoch's end (on every process), and :meth:`release` on exceptions. Only the
     batches of ``arguments.dataloader_idx`` are counted (all dataloaders' when it is None).
+
+    Under several processes, ``owned`` gives each layer an owner that alone ends with (and analyzes) its
+    statistics; otherwise every process ends with every layer's.
     """
 
     def __init__(
-        self, trainer: Trainer, pl_module: LightningModule, arguments: StatisticsArguments, keep_batches: int = 0
+        self, trainer: Trainer, pl_module: LightningModule, arguments: StatisticsArguments, keep_batches: int = 0,
+        owned: bool = False,
     ) -> None:
         batches = epoch_batches(trainer, arguments.dataloader_idx)
         self.collector = StatisticsCollector(pl_module, **arguments.collector_kwargs(), batches=batches)
+        if trainer.world_size > 1:
+            owners = assign_owners(self.collector.targets, trainer.world_size) if owned else {}
+            self.collector.share = ProcessShare(trainer.global_rank, trainer.world_size, owners)
         self.dataloader_idx = arguments.dataloader_idx
         self.keep_batches = keep_batches
         self.batches: list[Any] = []  # the first `keep_batches` counted, copied outside inference mode
@@ -83,13 +90,13 @@ class EpochStatistics:
         self.batch_end()
         self.collector.detach()
 
-    def finish(self, trainer: Trainer) -> ActivationStatistics:
-        """Remove the hooks and return the statistics summed over every process."""
+    def finish(self, trainer: Trainer) -> SharedStatistics:
+        """Remove the hooks and return the statistics this process analyzes, summed over every process."""
         self.release()
         stats = self.collector.compute()
-        if trainer.world_size > 1:
-            stats = sum_over_processes(self.collector, stats, trainer)
-        return stats
+        if self.collector.share is None:
+            return SharedStatistics(stats, dict.fromkeys(stats.sources, 0), {}, [self.collector.nbytes])
+        return reduce_to_owners(self.collector, stats, self.collector.share, trainer.strategy.root_device)
 
 def can_run_eagerly() -> bool:
     """Whether this torch can force compiled code to run eagerly (``torch.compiler.set_stance``)."""

@@ -37,6 +37,7 @@ from lightning_rank.callbacks.base import (
 )
 from lightning_rank.callbacks.budgets import CostWatch, FigureBudget
 from lightning_rank.callbacks.epoch import EpochStatistics, can_run_eagerly
+from lightning_rank.callbacks.owners import analyze_shared
 from lightning_rank.checks import (
     MaskFn,
     StatisticsArguments,
@@ -47,7 +48,7 @@ from lightning_rank.checks import (
     check_threshold,
 )
 from lightning_rank.compress.loading import factorized_layers
-from lightning_rank.spectral.analysis import UnanalyzableError, analyze
+from lightning_rank.spectral.analysis import UnanalyzableError
 from lightning_rank.spectral.report import RankReport, write_json_atomic
 from lightning_rank.stats.collect import warn_about_rows
 from lightning_rank.stats.collector import UNREACHED
@@ -193,6 +194,7 @@ class RankMonitor(ValidationStatisticsCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _lightning.destroy_process_group_at_exit()
+        _lightning.check_strategy(trainer, "RankMonitor", sharded=True)
         self._skip = bool(trainer.fast_dev_run)
         if self._skip:
             rank_zero_info("RankMonitor: `fast_dev_run` is on, so no rank analysis is run.")
@@ -254,7 +256,7 @@ class RankMonitor(ValidationStatisticsCallback):
         self._release()
         if not self._should_observe(trainer):
             return
-        self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments)
+        self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments, owned=True)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -262,19 +264,22 @@ class RankMonitor(ValidationStatisticsCallback):
         if statistics is None:
             return
         start = _clock()
-        stats = statistics.finish(trainer)
+        shared = statistics.finish(trainer)
+        share = statistics.collector.share
         try:
-            report = analyze(pl_module, stats, threshold=self.threshold, centered=self.centered,
-                             eig_dtype=self.eig_dtype, progress=trainer.is_global_zero)
+            report = analyze_shared(pl_module, shared, share, list(statistics.collector.targets),
+                                    threshold=self.threshold, centered=self.centered, eig_dtype=self.eig_dtype,
+                                    progress=trainer.is_global_zero)
         except UnanalyzableError as error:  # the run goes on: the monitor reports, it does not stop training
             rank_zero_warn(f"RankMonitor analyzed nothing at epoch {trainer.current_epoch}: {error}")
             return
         analyzed = _clock()
         if not report.analyzed:
             rank_zero_warn(_nothing_analyzed(report, statistics.collector.batches))
-        if trainer.is_global_zero:
-            warn_about_rows(stats)
+        if trainer.is_global_zero or share is not None:  # with owners, each process holds its own layers
+            warn_about_rows(shared.stats)
         self._publish(trainer, pl_module, report)
+        self.history[-1]["statistics_bytes"] = shared.nbytes
         seconds = {"statistics": statistics.collector.seconds, "analysis": analyzed - start,
                    "publish": _clock() - analyzed}
         self.history[-1]["seconds"] = seconds

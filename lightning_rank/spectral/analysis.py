@@ -266,7 +266,7 @@ def _report(
             factorized=layer.target.factorized,
         )
     for name, reason in {**stats.skipped, **empty}.items():
-        entries[name] = _skipped_layer(model, name, reason)
+        entries[name] = skipped_layer(model, name, reason)
     report = RankReport(threshold=threshold, layers=entries, centered=centered, spectra=spectra)
     limited = [name for name, layer in report.analyzed.items() if layer.rows_limited]
     if limited:
@@ -378,7 +378,7 @@ def _widens(target: Target) -> bool:
 # Moments smaller than this are solved in float64 whatever ``eig_dtype`` says.
 FLOAT32_FROM = 256
 
-def _skipped_layer(model: nn.Module, name: str, reason: str) -> LayerRank:
+def skipped_layer(model: nn.Module, name: str, reason: str) -> LayerRank:
     try:
         module = get_submodule(model, name)
     except AttributeError:

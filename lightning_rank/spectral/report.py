@@ -22,7 +22,10 @@ class LayerRank:
     ``rows_limited``: fewer rows than ``in_features`` were seen, so ``in_rank`` is bounded by the data, not
     by the layer. ``factorized``: the layer is a low-rank pair ``A B``, analyzed as the one map it replaced.
     ``kind`` is one of :data:`~lightning_rank.targets.LayerKind` (``"linear"``, ``"conv2d"``, ...), for
-    analyzed and skipped layers alike; ``None`` for a module that is no supported layer.
+    analyzed and skipped layers alike; ``None`` for a module that is no supported layer. ``pooled``, when
+    several processes counted (DDP, FSDP2): ``True`` when the rows of every process were summed (every row
+    counted, or its owner's share of the validation held fewer rows than the row budget), ``False`` when
+    the process owning the layer counted its own share alone; ``None`` with one process.
     """
 
     name: str
@@ -40,6 +43,7 @@ class LayerRank:
     nonfinite_rows: int | None = None
     parameters: int | None = None
     factorized: bool = False
+    pooled: bool | None = None
     skipped: str | None = None
 
     @property

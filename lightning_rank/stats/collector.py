@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rank.checks import MaskFn, check_mask_fn, check_row_policy
+from lightning_rank.stats.ownership import ProcessShare
 from lightning_rank.stats.rows import ConvGeometry, RowPolicy, SharedDraws, auto_rate, conv_input, row_limit
 from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
@@ -64,6 +65,7 @@ def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
 GATHER_BELOW = 2
 
 UNREACHED = "never called during collection (not reached by the data)"
+ELSEWHERE = "counted by the process that owns it"
 _DIVERGED = (
     "its input was the same tensor as {key!r}'s in one batch but differed in another; "
     "exclude one of them with `exclude_modules`"
@@ -84,6 +86,9 @@ class StatisticsCollector:
     wrap each forward pass in ``with collector.observe(batch):``. Forwards outside ``observe`` are
     ignored, so the hooks can stay on during training steps at no cost. ``batches``, when known, is how
     many forward passes will be observed: the row policy ``"auto"`` shares each layer's budget among them.
+    ``share``: this process's place among several (see :class:`~lightning_rank.stats.ownership.ProcessShare`);
+    layers another process counts alone are skipped here (:attr:`elsewhere`), and a pooled layer's budget is
+    shared among the batches of every process.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class StatisticsCollector:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         batches: int | None = None,
+        share: ProcessShare | None = None,
     ) -> None:
         check_row_policy(max_rows_per_batch)
         check_mask_fn(mask_fn)
@@ -106,6 +112,7 @@ class StatisticsCollector:
         self.expected_batches = batches
         self.dtype = float_dtype(dtype)
         self.seed = seed
+        self.share = share
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.reset()
 
@@ -121,7 +128,14 @@ class StatisticsCollector:
         self._geometry: dict[tuple[str, tuple[int, ...], torch.device], ConvGeometry] = {}
         self._batches = 0
         self._in_pass = False
+        self.pooled: dict[str, bool] = {}  # per layer reached, under a share: counted on every process
+        self.elsewhere: set[str] = set()  # layers reached here that their owner counts alone
         self.seconds = 0.0  # spent in the hooks counting rows since the last reset
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the statistics hold now (sums, or the rows held in their place)."""
+        return sum(stats.nbytes for stats in self._inputs.values())
 
     @property
     def batches(self) -> int:
@@ -160,7 +174,8 @@ class StatisticsCollector:
                 )
                 return
             start = time.perf_counter()
-            self._observe_input(target, x)
+            if self._counted_here(target, x):
+                self._observe_input(target, x)
             self.seconds += time.perf_counter() - start
 
         return hook
@@ -198,6 +213,46 @@ class StatisticsCollector:
                 f"got {type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}"
             )
         return mask
+
+    def _counted_here(self, target: Target, x: Tensor) -> bool:
+        """Whether this process counts ``target``: always without a share; else when it owns the layer or the layer
+        is pooled (decided on its first batch, from the rows it holds)."""
+        if self.share is None:
+            return True
+        pooled = self.pooled.get(target.name)
+        if pooled is None:
+            fan_in = self._fan_in(target, x)
+            pooled = self.pooled[target.name] = self.share.pooled(
+                self.max_rows_per_batch, fan_in, self._row_count(target, x), self.expected_batches)
+        if pooled or self.share.owns(target.name):
+            return True
+        self.elsewhere.add(target.name)
+        return False
+
+    def _fan_in(self, target: Target, x: Tensor) -> int:
+        if target.kind in ("conv1d", "conv2d"):
+            return self._geometry_of(target, *conv_input(_conv_module(target), x)).fan_in
+        return x.shape[-1]
+
+    def _row_count(self, target: Target, x: Tensor) -> int:
+        """How many rows ``x`` holds for ``target`` before any mask or draw."""
+        if x.is_nested:
+            return sum(t.numel() // max(t.shape[-1], 1) for t in x.unbind())
+        if target.kind not in ("conv1d", "conv2d"):
+            return x.numel() // max(x.shape[-1], 1)
+        batched, padding = conv_input(_conv_module(target), x)
+        geometry = self._geometry_of(target, batched, padding)
+        return batched.shape[0] * geometry.out_h * geometry.out_w
+
+    def _geometry_of(self, target: Target, batched: Tensor, padding: tuple[int, int]) -> ConvGeometry:
+        """The patch geometry of ``target`` on a ``(B, C, H, W)`` input with ``padding`` left (made once per shape)."""
+        _, channels, height, width = batched.shape
+        padded_shape = (channels, height + 2 * padding[0], width + 2 * padding[1])
+        geometry = self._geometry.get((target.name, padded_shape, batched.device))
+        if geometry is None:
+            geometry = ConvGeometry(_conv_module(target), padded_shape, batched.device)
+            self._geometry[(target.name, padded_shape, batched.device)] = geometry
+        return geometry
 
     def _observe_input(self, target: Target, x: Tensor) -> None:
         name = target.name
@@ -244,12 +299,8 @@ class StatisticsCollector:
             rows = x.reshape(-1, x.shape[-1])
             return (rows if positions is None else rows.index_select(0, positions)), None
         batched, padding = conv_input(_conv_module(target), x)
-        batch, channels, height, width = batched.shape
-        padded_shape = (channels, height + 2 * padding[0], width + 2 * padding[1])
-        geometry = self._geometry.get((target.name, padded_shape, x.device))
-        if geometry is None:
-            geometry = ConvGeometry(_conv_module(target), padded_shape, x.device)
-            self._geometry[(target.name, padded_shape, x.device)] = geometry
+        batch = batched.shape[0]
+        geometry = self._geometry_of(target, batched, padding)
         lead = (batch, geometry.out_h * geometry.out_w)
         positions = self._positions(target.name, lead, batch * lead[1], geometry.fan_in, x.device)
         padded = geometry.padded(batched, padding)
@@ -290,7 +341,8 @@ class StatisticsCollector:
         if rate is None:
             if count == 0:
                 return None
-            rate = self._rates[name] = auto_rate(fan_in, count, self.expected_batches)
+            batches = self.expected_batches * (self.share.world_size if self.pooled.get(name, False) else 1)
+            rate = self._rates[name] = auto_rate(fan_in, count, batches)
         return math.ceil(rate * count)
 
     def _check_sharing(self) -> None:
@@ -311,7 +363,7 @@ class StatisticsCollector:
             if name in skipped:
                 continue
             if name not in self._sources:
-                skipped[name] = UNREACHED
+                skipped[name] = ELSEWHERE if name in self.elsewhere else UNREACHED
             else:
                 sources[name] = self._sources[name]
         inputs = {key: self._inputs[key] for key in dict.fromkeys(sources.values())}

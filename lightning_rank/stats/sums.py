@@ -163,6 +163,12 @@ class InputStatistics:
         return self._total.shape[0]
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held: the sums, or the rows held in place of the Gram."""
+        held = sum(rows.nbytes for rows in self._held) if self._held is not None else self._gram.nbytes
+        return held + self._total.nbytes
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._total.dtype
 

@@ -1,0 +1,147 @@
+"""One validation's statistics over several processes: each layer's sums end on the process that analyzes it,
+and the reports of the processes are gathered, so that every process ends with the same report.
+
+The processes first agree, from a few integers per layer, on which accumulators exist (a layer may be reached on
+some processes only; accumulators are made lazily and keyed by the first layer that saw an input), on which
+layers were pooled (:class:`~lightning_rank.stats.ownership.ProcessShare`) and on what each held. A pooled
+input is then summed to its owner (``reduce``), or to every process when there are no owners (``all_reduce``);
+an input its owner counted alone stays where it is. Plain ``torch.distributed`` collectives, in the same order
+on every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_rank.callbacks.sharded import full_weights
+from lightning_rank.spectral.analysis import UnanalyzableError, decompose, skipped_layer
+from lightning_rank.spectral.report import RankReport
+from lightning_rank.stats.collector import ELSEWHERE, UNREACHED, StatisticsCollector
+from lightning_rank.stats.ownership import ProcessShare
+from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
+from lightning_rank.targets import layer_shape
+
+ONLY_ELSEWHERE = (
+    "reached only on processes that do not own it, which leave it to its owner under the row budget 'auto': count "
+    "every row (`max_rows_per_batch=None`) to sum it over processes"
+)
+
+
+@dataclass
+class SharedStatistics:
+    """The statistics this process analyzes (``stats``), which process analyzes each layer (``analyzer``), whether
+    each layer's rows were summed over processes (``pooled``) and the bytes each process held (``nbytes``)."""
+
+    stats: ActivationStatistics
+    analyzer: dict[str, int]
+    pooled: dict[str, bool]
+    nbytes: list[int]
+
+
+def reduce_to_owners(
+    collector: StatisticsCollector, stats: ActivationStatistics, share: ProcessShare, device: torch.device
+) -> SharedStatistics:
+    """``stats`` (this process's, from ``collector``) summed to the processes that analyze them (see module doc)."""
+    names = list(collector.targets)
+    index = {name: i for i, name in enumerate(names)}
+    codes = torch.full((3, len(names) + 1), -1, dtype=torch.int64, device=device)  # (key, diverged, pooled); bytes
+    for i, name in enumerate(names):
+        if name in stats.sources:
+            codes[0, i] = index[stats.sources[name]]
+        codes[1, i] = int(stats.skipped.get(name, UNREACHED) not in (UNREACHED, ELSEWHERE))
+        codes[2, i] = int(collector.pooled[name]) if name in collector.pooled else -1
+    codes[0, -1] = collector.nbytes
+    parts = [torch.empty_like(codes) for _ in range(share.world_size)]
+    dist.all_gather(parts, codes)
+    gathered = torch.stack(parts).cpu()
+    keys, diverged, pooled_codes = gathered[:, 0, :-1], gathered[:, 1, :-1].amax(dim=0) > 0, gathered[:, 2, :-1]
+
+    skipped = {name: reason for name, reason in stats.skipped.items() if name not in index}  # unobservable layers
+    sources: dict[str, str] = {}
+    pooled: dict[str, bool] = {}
+    for i, name in enumerate(names):
+        owner = share.owners.get(name) if share.owners else None
+        if owner is not None and pooled_codes[owner, i] >= 0:
+            pool = bool(pooled_codes[owner, i] > 0)
+        else:
+            pool = bool(pooled_codes[:, i].amax() > 0)
+        counted = keys[:, i] if pool or owner is None else keys[owner : owner + 1, i]
+        reached = counted >= 0
+        local = stats.skipped.get(name)
+        if diverged[i]:
+            skipped[name] = local if local not in (None, UNREACHED, ELSEWHERE) else (
+                "its input was shared with other layers differently on another process")
+        elif not reached.any():
+            skipped[name] = ONLY_ELSEWHERE if bool((pooled_codes[:, i] >= 0).any()) else UNREACHED
+        elif counted.amax() != torch.where(reached, counted, len(names)).amin():
+            skipped[name] = "its input was shared with other layers on some processes but not on others"
+        else:
+            sources[name], pooled[name] = names[int(counted.amax())], pool
+
+    def analyzer_of(key: str) -> int:
+        return share.owners[key] if share.owners else share.rank
+
+    inputs: dict[str, InputStatistics] = {}
+    for key in dict.fromkeys(sources.values()):
+        destination = analyzer_of(key)
+        local_stats = stats.inputs.get(key)
+        if pooled[key]:
+            if local_stats is None:
+                local_stats = InputStatistics.zeros(layer_shape(collector.targets[key])[1], collector.dtype, device)
+            if share.owners:
+                local_stats.all_reduce_(lambda tensor, dst=destination: dist.reduce(tensor, dst=dst))
+            else:
+                local_stats.all_reduce_(dist.all_reduce)
+        if destination == share.rank:
+            inputs[key] = local_stats
+    here = {name: key for name, key in sources.items() if key in inputs}
+    analyzed_here = ActivationStatistics(inputs, here, skipped, [n for n in stats.unmasked if n in here])
+    analyzer = {name: analyzer_of(key) for name, key in sources.items()}
+    return SharedStatistics(analyzed_here, analyzer, pooled, [int(n) for n in gathered[:, 0, -1]])
+
+
+def analyze_shared(
+    model: nn.Module, shared: SharedStatistics, share: ProcessShare | None, order: list[str], **options
+) -> RankReport:
+    """The report of every layer, each analyzed by the process holding its statistics, gathered on every process
+    (``share``: this process among several; ``None`` with one process). ``options``: those of
+    :func:`~lightning_rank.spectral.analysis.decompose`.
+
+    Sharded (FSDP2) weights are gathered one layer at a time, kept only by the process analyzing the layer.
+    Raises :class:`~lightning_rank.spectral.analysis.UnanalyzableError` on every process when any process
+    could not analyze a layer (so none waits for the others). ``order``: the layers in model order.
+    """
+    if share is None:
+        with full_weights(model, [name for name in order if name in shared.analyzer], keep=shared.analyzer):
+            return decompose(model, shared.stats, **options).report
+    mine = {name for name, rank in shared.analyzer.items() if rank == share.rank}
+    part: RankReport | None = None
+    reasons: dict[str, str] = {}
+    with full_weights(model, [name for name in order if name in shared.analyzer], keep=mine):
+        try:
+            if shared.stats.sources:
+                part = decompose(model, shared.stats, **options).report
+        except UnanalyzableError as error:
+            reasons = error.reasons
+    payload = {"reasons": reasons, "layers": {} if part is None else part.layers,
+               "spectra": {} if part is None else {n: (a.cpu(), b.cpu()) for n, (a, b) in part.spectra.items()}}
+    parts: list[dict] = [None] * share.world_size  # type: ignore[list-item]
+    dist.all_gather_object(parts, payload)
+    reasons = {name: reason for p in parts for name, reason in p["reasons"].items()}
+    if reasons:
+        raise UnanalyzableError(reasons)
+    layers = {name: layer for p in parts for name, layer in p["layers"].items()}
+    layers.update((name, skipped_layer(model, name, reason)) for name, reason in shared.stats.skipped.items()
+                  if name not in layers)
+    analyzed = [name for name in order if name in layers and layers[name].analyzed]
+    ordered = {name: dataclasses.replace(layers[name], pooled=shared.pooled[name]) for name in analyzed}
+    ordered.update((name, layer) for name, layer in layers.items() if name not in ordered)
+    spectra = {name: s for p in parts for name, s in p["spectra"].items()}
+    return RankReport(threshold=options.get("threshold", 0.99), layers=ordered,
+                      centered=options.get("centered", False), spectra={name: spectra[name] for name in analyzed})
+

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -422,7 +426,7 @@ def test_output_weighted_truncation_is_the_least_weighted_error_of_its_rank_and_
     out, fan_in = 6, 9
     weight = torch.randn(out, fan_in, generator=g, dtype=torch.float64)
     s_in = torch.randn(fan_in, fan_in, generator=g, dtype=torch.float64)
-    moment = s_in @ s_in.t()  # input second moment C = S S^T
+    # s_in is S, with the input second moment C = S S^T
     j = torch.randn(3 * out, out, generator=g, dtype=torch.float64) * torch.logspace(1, -2, out, dtype=torch.float64)
     sensitivity = j.t() @ j  # output gradient moment G
     u, s, _ = torch.linalg.svd(weight @ s_in, full_matrices=False)
@@ -511,3 +515,156 @@ def test_weighted_damage_matches_real_truncation_of_convolutions_and_linears_whe
         for rank in (1, 2, c.max_rank):
             truth = probe.error({c.target: c.weight_at(rank)})
             assert float(curves[name][rank]) == pytest.approx(truth, rel=0.25), (name, rank)
+
+
+# -- many processes: a probe whose sums run over every process's batches ---------------------------
+class ThreadProcesses:
+    """``world`` threads standing in for processes, each with ``reduce``, an in-place sum over all of them (what
+    ``torch.distributed.all_reduce`` gives processes; no process group, no Lightning). ``calls[rank]`` records the
+    shape and dtype of every tensor a rank reduced, in order."""
+
+    def __init__(self, world: int = 2) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=120)
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.calls: list[list[tuple]] = [[] for _ in range(world)]
+
+    def reducer(self, rank: int) -> Callable[[torch.Tensor], None]:
+        def reduce(tensor: torch.Tensor) -> None:
+            self.calls[rank].append((tuple(tensor.shape), tensor.dtype))
+            self.slots[rank] = tensor.detach().clone()
+            self.barrier.wait()
+            total = functools.reduce(torch.add, self.slots)  # in rank order, the same on every rank
+            self.barrier.wait()  # every rank has read the slots before any writes them again
+            tensor.copy_(total)
+
+        return reduce
+
+    def run(self, work: Callable[[int, Callable[[torch.Tensor], None]], Any]) -> list[Any]:
+        """``work(rank, reduce)`` on every rank at once; the results in rank order (the first error is raised)."""
+        results: list[Any] = [None] * self.world
+        errors: list[BaseException] = []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = work(rank, self.reducer(rank))
+            except BaseException as error:  # the other ranks must not wait for this one
+                errors.append(error)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return results
+
+
+def assert_same_allocation(a, b) -> None:
+    """Bit for bit: the ranks, the rule, the errors, every layer's record and the truncations the factors follow."""
+    assert (a.rule, a.ranks, a.calibration_error, a.tolerance, a.kept) == (
+        b.rule, b.ranks, b.calibration_error, b.tolerance, b.kept)
+    assert a.layers == b.layers
+    for name, c in a.candidates.items():
+        other = b.candidates[name]
+        assert torch.equal(c.basis, other.basis) and torch.equal(c.singular_values, other.singular_values)
+        assert (c.dual is None and other.dual is None) or torch.equal(c.dual, other.dual)
+
+
+def test_processes_with_uneven_batches_allocate_alike_on_the_sum_of_their_curves_and_errors() -> None:
+    """Reference, from one-process probes: each process's curves and errors weighted by its output energy."""
+    model, batches, stats, _ = two_branches_with_data()
+    shares = [batches[:1], batches[1:]]  # 1 and 2 calibration batches
+    copies = [copy.deepcopy(model) for _ in shares]
+
+    def work(rank: int, reduce: Callable[[torch.Tensor], None]):
+        candidates, _ = layer_candidates(copies[rank], stats)
+        probe = Probe(copies[rank], shares[rank], reduce=reduce)
+        return allocate(candidates, param_budget=0.4, probe=probe, output_weighted=False)
+
+    processes = ThreadProcesses(2)
+    results = processes.run(work)
+    assert_same_allocation(*results)
+    assert processes.calls[0] == processes.calls[1]
+
+    candidates, _ = layer_candidates(model, stats)
+    probes = [Probe(model, share) for share in shares]
+    curves = [probe.linear_damage(candidates) for probe in probes]
+    energies = [sum(probe.energies) for probe in probes]
+    damage = {name: sum(c[name] * e for c, e in zip(curves, energies)) / sum(energies) for name in candidates}
+    allowed = 0.4 * sum(c.params(None) for c in candidates.values())
+    ranks = {"probe": allocate_on_curves(candidates, damage, allowed), "uniform": uniform_tolerance(candidates, allowed)[0]}
+
+    def error(chosen: dict) -> float:
+        weights = {candidates[n].target: candidates[n].weight_at(r) for n, r in chosen.items() if r is not None}
+        return sum(probe.error(weights) * e for probe, e in zip(probes, energies)) / sum(energies)
+
+    errors = {rule: error(chosen) for rule, chosen in ranks.items()}
+    winner = "probe" if errors["probe"] <= errors["uniform"] else "uniform"
+    result = results[0]
+    assert result.rule == winner == "probe"
+    assert result.ranks == {name: rank for name, rank in ranks[winner].items() if rank is not None}
+    assert result.calibration_error == pytest.approx(errors, rel=1e-9)
+    for name, layer in result.layers.items():
+        expected = 0.0 if layer.rank is None else float(damage[name][layer.rank])
+        assert layer.output_error == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    alone = allocate(candidates, param_budget=0.4, probe=Probe(model, shares[0]), output_weighted=False)
+    assert alone.calibration_error != result.calibration_error  # the other process's batches count
+
+
+def first_direction_moments(model: nn.Module, batch: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    """``sum_p g_p g_p^T`` at each layer's output, ``g_p`` the gradient of ``z . f`` for the probe's first direction
+    ``z`` (its seed 0) on ``batch``: the moment the output weighting starts from."""
+    outputs = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: outputs.__setitem__(name, out)) for name in layers]
+    try:
+        f = model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    z = torch.randn(f.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(f)
+    grads = torch.autograd.grad((f * z).sum(), [outputs[name] for name in layers])
+    return {name: g.reshape(-1, g.shape[-1]).t() @ g.reshape(-1, g.shape[-1]) for name, g in zip(layers, grads)}
+
+
+def test_output_weighted_truncations_follow_the_gradient_moment_summed_over_every_process() -> None:
+    torch.manual_seed(0)
+    model = Amplified().eval()
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(128, 16, generator=g) for _ in range(3)]
+    stats = lr.collect(model, batches)
+    shares = [batches[:2], batches[2:]]
+    copies = [copy.deepcopy(model) for _ in shares]
+
+    def work(rank: int, reduce: Callable[[torch.Tensor], None]):
+        candidates, _ = layer_candidates(copies[rank], stats)
+        return allocate(candidates, param_budget=0.5, probe=Probe(copies[rank], shares[rank], reduce=reduce))
+
+    processes = ThreadProcesses(2)
+    results = processes.run(work)
+    assert_same_allocation(*results)
+    candidates, _ = layer_candidates(model, stats)
+    moments = [first_direction_moments(model, share[0], list(candidates)) for share in shares]
+    for name, c in candidates.items():
+        expected = c.output_weighted(moments[0][name] + moments[1][name])
+        chosen = results[0].candidates[name]
+        for rank in (1, c.max_rank):
+            assert torch.allclose(chosen.weight_at(rank), expected.weight_at(rank), atol=1e-5), (name, rank)
+    alone = candidates["fc"].output_weighted(moments[0]["fc"])  # the other process's batch counts
+    assert not torch.allclose(results[0].candidates["fc"].weight_at(1), alone.weight_at(1), atol=1e-3)
+    assert results[0].rule == "probe"
+
+
+def test_a_reduce_that_sums_identical_processes_changes_nothing() -> None:
+    """Four processes holding the same batches (a reduce that multiplies by 4) decide exactly as one."""
+    model, batches, candidates, _ = mixed_candidates()
+    alone = allocate(candidates, param_budget=0.5, probe=Probe(model, batches))
+    summed = allocate(candidates, param_budget=0.5, probe=Probe(model, batches, reduce=lambda t: t.mul_(4)))
+    assert (summed.rule, summed.ranks) == (alone.rule, alone.ranks)
+    assert summed.calibration_error == pytest.approx(alone.calibration_error, rel=1e-12)
+    assert Probe(model, batches, reduce=lambda t: t.mul_(4)).positions({n: c.target for n, c in candidates.items()}) == (
+        Probe(model, batches).positions({n: c.target for n, c in candidates.items()}))
+

@@ -6,6 +6,7 @@ The launcher re-executes the running script for the other processes, so each tes
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import lightning_rank as lr
 from tests.helpers import assert_same_report, pooled
+from tests.test_allocation import ThreadProcesses
 from tests.tiny_models import SUBSPACE
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_ddp.py"
@@ -73,3 +75,47 @@ def test_rank_compression_two_processes_identical_after_finetuning(tmp_path: Pat
     assert results[0]["ranks"] == results[1]["ranks"] and results[0]["numel"] == results[1]["numel"]
     assert results[0]["metrics"] == results[1]["metrics"]
     assert results[0]["metrics"]["finetuned"] > 0.8
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_share_a_budget_out_by_the_probe_on_all_their_calibration_batches(tmp_path: Path) -> None:
+    """The default allocation under DDP: each process probes its own validation batches, the sums run over both, and
+    both processes choose what one process allocating on the two processes' batches chooses."""
+    run("allocation", tmp_path)
+    script = load_script()
+    results = [json.loads((tmp_path / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == results[1]  # ranks, rule, and every layer's errors and sensitivities, bit for bit
+    summary = json.loads((tmp_path / "rank_reports" / "compression.json").read_text())
+    assert summary["allocation"] == "probe" and summary["param_budget"] == script.ALLOCATION_BUDGET
+    assert summary["layers"] == results[0]["layers"] and summary["details"] == results[0]["details"]
+    assert all(d["sensitivity"] is not None for d in summary["details"].values())  # probed
+    for rank in (0, 1):
+        params = json.loads((tmp_path / f"params_rank{rank}.json").read_text())
+        assert params["equal"] and params["ranks"] == summary["layers"]
+
+    # The reference, in this process: the dense weights the plan was made from, the samples the DistributedSampler
+    # gave each rank (r, r + 2, ...), statistics over all of them, and the probe of each rank's batches summed over
+    # two threads standing in for the processes.
+    model = script.PlainClassifier()
+    model.load_state_dict(torch.load(tmp_path / "dense.pt", weights_only=True))
+    data = script.allocation_validation()
+    shares = [list(DataLoader(Subset(data, range(rank, len(data), 2)), batch_size=script.VALIDATION_BATCH))
+              for rank in (0, 1)]
+    for rank, share in enumerate(shares):  # what each process kept (at most 4 batches) is what it was given
+        seen = torch.load(tmp_path / f"calibration_rank{rank}.pt", weights_only=True)
+        assert len(seen) == len(share) == 2 and all(torch.equal(a, b) for s, t in zip(seen, share) for a, b in zip(s, t))
+    stats = lr.collect(model, shares[0] + shares[1], max_rows_per_batch=None)
+    copies = [copy.deepcopy(model) for _ in shares]
+
+    def plan(rank, reduce):
+        return lr.plan_factorization(copies[rank], stats, param_budget=script.ALLOCATION_BUDGET,
+                                     calibration=shares[rank], reduce=reduce, progress=False).result
+
+    reference = ThreadProcesses(2).run(plan)
+    assert reference[0].to_dict() == reference[1].to_dict()
+    expected = reference[0]
+    assert expected.allocation == summary["allocation"] and expected.layers == summary["layers"]
+    # the plain single-process sums differ from the processes' in the last bits only
+    for name, entry in summary["details"].items():
+        assert entry["energy_kept"] == pytest.approx(expected.details[name].energy_kept, rel=1e-4, abs=1e-6)
+

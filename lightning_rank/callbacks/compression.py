@@ -60,6 +60,7 @@ from lightning_rank.callbacks.checkpoints import (
     save_compressed,
 )
 from lightning_rank.callbacks.distillation import frozen_copy
+from lightning_rank.callbacks.distributed import moving_sum_reducer
 from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
 from lightning_rank.callbacks.schedule import Phase, ScheduleState
 from lightning_rank.callbacks.summary import count_macs, monitored_value, publish
@@ -116,8 +117,8 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
         macs_budget: fraction in (0, 1] of the replaceable layers' multiply-adds per example to keep (CNNs: halving
             parameters can leave compute almost unchanged).
         allocation: how a budget is shared out (see :func:`~lightning_rank.plan_factorization`): ``"auto"`` lets
-            the model's own output on the first validation batches decide (uniform error tolerance under DDP,
-            where each process holds other batches), or ``"probe"``, ``"uniform"``.
+            the model's own output on the first validation batches decide (under DDP, those of every process,
+            summed), or ``"probe"``, ``"uniform"``.
         method: ``"whiten"`` (least output error on the data), ``"projection"`` (the paper's ``P_T W P_S``) or ``"svd"``.
         monitor: the validation metric reported before, right after, and after fine-tuning.
         ranks: explicit ranks, one int or ``{name or regex: rank}``.
@@ -356,9 +357,6 @@ def _checked_swap_epochs(
         if any(later <= earlier for earlier, later in zip(epochs, epochs[1:])):
             raise ValueError(f"`compress_at_epoch`={schedule} swaps at epochs {epochs} with max_epochs="
                              f"{trainer.max_epochs}: each step needs an epoch of its own, in increasing order")
-        if compression.allocation == "probe" and trainer.world_size > 1:
-            raise ValueError("allocation='probe' needs one process (each DDP process holds other validation "
-                             "batches, so each would allocate its own ranks): use 'auto' or 'uniform'")
         if pl_module is not None and compression.phase == Phase.TRAINING:
             check_factorization(pl_module, ranks=compression.ranks, param_budget=compression.budgets[-1][0],
                                 target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
@@ -374,13 +372,18 @@ def _plan(
     compression: RankCompression, trainer: Trainer, pl_module: LightningModule, stats: Any, batches: list[Any]
 ) -> FactorizationPlan:
     """The factorization ``compression`` asks for, from the statistics and kept batches of one validation."""
-    # Each process holds its own validation batches: allocating by them would give each its own ranks,
-    # so under DDP they only count output positions (for macs_budget) and uniform tolerance allocates.
-    allocation = "uniform" if trainer.world_size > 1 and compression.allocation == "auto" else compression.allocation
+    # Under DDP each process probes its own validation batches and the probe sums what it measures over all of
+    # them, so every process allocates the same ranks; if any process kept no batch, none calibrates.
+    reduce = moving_sum_reducer(trainer) if trainer.world_size > 1 else None
+    if reduce is not None:
+        empty = torch.tensor([float(not batches)], dtype=torch.float64)
+        reduce(empty)
+        batches = batches if float(empty) == 0 else []
     param_budget, macs_budget = compression.budgets[compression.step]
     return plan_factorization(
         pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
         param_budget=param_budget, macs_budget=macs_budget, refactorize=True,
-        target_modules=compression.target_modules, exclude_modules=compression.exclude_modules, allocation=allocation,
-        calibration=batches or None, forward=compression.forward, progress=trainer.is_global_zero,
+        target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
+        allocation=compression.allocation, calibration=batches or None, forward=compression.forward,
+        progress=trainer.is_global_zero, reduce=reduce,
     )  # fmt: skip

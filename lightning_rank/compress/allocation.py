@@ -29,6 +29,10 @@ can never be factorized are out of its base.
   linear in depth, independent of the ranks; plus, per layer and pass, products of its outputs with
   ``max_rank + 1`` directions, and once its gradient moment (``rows x out^2``), a Cholesky factorization
   of it and an SVD of ``out x min(out, fan_in)``.
+
+With a probe that has a ``reduce`` (each process probing its own calibration batches), the gradient moments,
+the damage curves and both rules' output errors are sums over every process's batches, so every process
+allocates the same ranks and picks the same rule.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ come from :mod:`~lightning_rank.compress.planning`, the math from :mod:`~lightni
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -116,6 +116,7 @@ def plan_factorization(
     forward: ForwardFn | None = None,
     progress: bool = True,
     refactorize: bool = False,
+    reduce: Callable[[Tensor], None] | None = None,
 ) -> FactorizationPlan:
     """Decide the ranks of the selected layers and build their low-rank replacements; ``model`` is not changed.
 
@@ -142,6 +143,11 @@ def plan_factorization(
     ``refactorize``: then a pair ``A B`` is planned as its dense product (budgets stay fractions of the
     dense-equivalent layers), and the plan replaces it by a pair of lower rank, or leaves it as it is
     (see :mod:`~lightning_rank.compress.refactor`); progressive compression plans each step this way.
+
+    ``reduce``: an in-place sum over processes (e.g. ``torch.distributed.all_reduce``) when each process calls
+    this with the same model and statistics but its own ``calibration`` batches (at least one each): the probe
+    then sums what it measures over all of them, so every process decides the same ranks (``RankCompression``
+    passes one under DDP).
     """
     if refactorize:
         options = {k: v for k, v in locals().items() if k not in ("model", "stats", "refactorize")}
@@ -189,7 +195,7 @@ def plan_factorization(
     allocated = None
     if budgeted:
         allocated = plan_budget(model, layers, param_budget=budget, macs_budget=macs, allocation=allocation,
-                                calibration=calibration, forward=forward, method=method)
+                                calibration=calibration, forward=forward, method=method, reduce=reduce)
     else:
         plan_ranks(layers, wanted, threshold)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,7 @@ def plan_budget(
     calibration: list | None,
     forward: ForwardFn | None,
     method: str = "whiten",
+    reduce: Callable[[Tensor], None] | None = None,
 ) -> Allocation:
     """Set each layer's rank so that the replaceable layers keep ``param_budget`` of their parameters or
     ``macs_budget`` of their multiply-adds per example; returns the :class:`~lightning_rank.compress.allocation.Allocation`.
@@ -206,12 +208,14 @@ def plan_budget(
     output error: the floor) or ``"auto"`` (``"probe"`` with calibration batches, else ``"uniform"``).
     With ``method="whiten"`` the probe rule also weights each layer's truncation by how much its output
     directions move the model's output (:meth:`~lightning_rank.compress.candidates.LayerCandidate.output_weighted`);
-    the factors then follow those truncations.
+    the factors then follow those truncations. ``reduce``: an in-place sum over processes, when each process
+    passes its own ``calibration`` batches (see :class:`~lightning_rank.compress.probe.Probe`): every process
+    then allocates on the sum over all of them and gets the same ranks.
     """
     fits = {name: layer for name, layer in layers.items() if break_even_rank(*layer.shape) >= 1}
     for name, layer in layers.items():
         layer.rank = 1 if name not in fits else None  # rank 1 does not save: reported as such
-    probe = Probe(model, calibration, forward=forward) if calibration is not None else None
+    probe = Probe(model, calibration, forward=forward, reduce=reduce) if calibration is not None else None
     positions = probe.positions({name: layer.target for name, layer in fits.items()}) if probe else {}
     candidates = {name: candidate(name, layer, positions.get(name, 1.0)) for name, layer in fits.items()}
     rule = ("probe" if probe is not None else "uniform") if allocation == "auto" else allocation

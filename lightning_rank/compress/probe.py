@@ -3,7 +3,8 @@
 The probe overwrites weights in place under ``no_grad`` and restores them bit-exactly (no module is
 swapped, so it works for Linear, Conv and Hugging Face Conv1D alike); :meth:`Probe.linear_damage` gives every
 layer's end-to-end damage at every rank from one forward and backward pass per calibration batch.
-:mod:`~lightning_rank.compress.allocation` allocates ranks on those curves.
+:mod:`~lightning_rank.compress.allocation` allocates ranks on those curves. With ``reduce`` (an in-place sum over
+processes) each process probes its own calibration batches and every sum over batches is taken over all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class Probe:
     first element of a tuple). The error of a set of truncated layers is the relative squared error
     ``sum ||f' - f||^2 / sum ||f||^2`` over all batches. Weights are overwritten in place under
     ``no_grad`` and restored bit-exactly, even when the forward raises; no module is swapped.
+
+    ``reduce``: an in-place sum over processes (e.g. ``torch.distributed.all_reduce``) when each process holds
+    its own calibration batches (at least one): every sum over batches that a decision depends on (output
+    energies and errors, damage curves, gradient moments, output positions) is then summed over all processes'
+    batches before it is used, so every process gets the same numbers. Every process must make the same calls
+    in the same order; :meth:`error`'s ``batches`` then counts the first batches of each process.
     """
 
     def __init__(
@@ -38,6 +45,7 @@ class Probe:
         forward: Callable[[nn.Module, Any], Any] | None = None,
         output: Callable[[Any], Tensor] | None = None,
         seed: int = 0,
+        reduce: Callable[[Tensor], None] | None = None,
     ) -> None:
         self.model = model
         self.batches = list(batches)
@@ -46,6 +54,7 @@ class Probe:
         self.forward = forward or default_forward
         self.output = output or _output_tensor
         self.seed = seed
+        self.reduce = reduce
         self.passes = 0
         self._reference: list[Tensor] | None = None
         self.energies: list[float] = []
@@ -72,7 +81,16 @@ class Probe:
         with eval_mode(self.model), torch.no_grad(), overwritten(weights):
             diff = sum(float((self._run(b).double() - r).square().sum()) for b, r in zip(self.batches, reference))
         energy = sum(self.energies[: len(reference)])
+        diff, energy = self._summed(diff, energy)
         return diff / energy if energy > 0 else 0.0
+
+    def _summed(self, *values: float) -> list[float]:
+        """``values`` summed over processes with ``reduce`` (as they are without it)."""
+        if self.reduce is None:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64)
+        self.reduce(total)
+        return total.tolist()
 
     def positions(self, targets: Mapping[str, Target], batch_size: Callable[[Any], int] | None = None) -> dict[str, float]:
         """Output positions per example of each target, from hooks on one forward pass (rows / batch size)."""
@@ -92,6 +110,9 @@ class Probe:
             for handle in handles:
                 handle.remove()
         size = batch_size(batch) if batch_size is not None else _batch_size(batch)
+        if self.reduce is not None:  # over every process's first batch
+            *counts, size = self._summed(*rows.values(), size)
+            rows = dict(zip(rows, counts))
         return {name: count / size for name, count in rows.items()}
 
     def linear_damage(self, candidates: Mapping[str, LayerCandidate], samples: int = 1) -> dict[str, Tensor]:
@@ -116,17 +137,19 @@ class Probe:
         as in :meth:`linear_damage`, for a direction ``z`` of its own), and
         :meth:`~lightning_rank.compress.candidates.LayerCandidate.output_weighted` turns it into truncations that keep the
         output directions the model amplifies; their curves then come from the usual backward passes. Cost: one
-        forward and ``samples`` backward passes per batch, plus one backward pass."""
+        forward and ``samples`` backward passes per batch, plus one backward pass. With ``reduce``, ``G`` is summed over
+        the first calibration batch of every process."""
         weighted = dict(candidates)
 
         def prepare(captured: dict[str, list[Tensor]], grads: dict[str, list[Tensor | None]]) -> None:
-            for name, c in candidates.items():
-                moment = None
-                for g in grads[name]:
-                    if g is not None:
-                        g = _channels_last(c, g).reshape(-1, c.shape[0]).float()
-                        moment = g.t() @ g if moment is None else moment + g.t() @ g
-                if moment is not None:
+            reached = [any(g is not None for g in grads[name]) for name in candidates]
+            if self.reduce is not None:  # a layer reached on any process gets its moment summed over all of them
+                reached = [count > 0 for count in self._summed(*map(float, reached))]
+            for (name, c), seen in zip(candidates.items(), reached):
+                if seen:
+                    moment = _gradient_moment(c, grads[name])
+                    if self.reduce is not None:
+                        self.reduce(moment)
                     weighted[name] = c.output_weighted(moment, damping)
 
         curves = self._damage(weighted, samples, prepare)
@@ -157,8 +180,14 @@ class Probe:
                     sums[name][: tails.shape[1]] += tails.square().sum(0) / samples
 
         self._backward_passes(candidates, accumulate, samples, prepare)
+        totals = {name: sum(batch[name] for batch in per_batch) for name in candidates}
         energy = sum(self.energies)
-        return {name: sum(batch[name] for batch in per_batch) / (energy if energy > 0 else 1.0) for name in candidates}
+        if self.reduce is not None:  # one collective: every curve, then the energy
+            flat = torch.cat([*totals.values(), torch.tensor([energy], dtype=torch.float64)])
+            self.reduce(flat)
+            *curves, energy = flat.split([len(t) for t in totals.values()] + [1])
+            totals, energy = dict(zip(totals, curves)), float(energy)
+        return {name: totals[name] / (energy if energy > 0 else 1.0) for name in candidates}
 
 
     def _backward_passes(
@@ -215,6 +244,16 @@ class Probe:
 
 def _channels_last(c: LayerCandidate, t: Tensor) -> Tensor:
     return t.movedim(1, -1) if c.target.kind in ("conv1d", "conv2d") else t
+
+
+def _gradient_moment(c: LayerCandidate, grads: list[Tensor | None]) -> Tensor:
+    """``sum_p g_p g_p^T`` (float32) over the output gradients of one layer (zeros where none reached it)."""
+    moment = None
+    for g in grads:
+        if g is not None:
+            g = _channels_last(c, g).reshape(-1, c.shape[0]).float()
+            moment = g.t() @ g if moment is None else moment + g.t() @ g
+    return moment if moment is not None else torch.zeros(c.shape[0], c.shape[0], dtype=torch.float32, device=c.basis.device)
 
 
 def _coefficients(c: LayerCandidate, y: Tensor, g: Tensor) -> Tensor:

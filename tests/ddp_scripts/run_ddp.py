@@ -6,6 +6,8 @@ writes what it saw to ``OUT_DIR`` as JSON; the test compares them with a one-pro
 
 - ``monitor``: fit one epoch with ``RankMonitor``; each rank gets a different subspace of the data.
 - ``compression``: fit with ``RankCompression`` (compress after epoch 0, fine-tune one epoch).
+- ``allocation``: the same with a parameter budget, shared out by the default allocation: each process probes its
+  own validation batches; the dense weights, each process's calibration batches and its result are written.
 
 Also, in every process, whether the process group was still alive when the interpreter began to exit
 (``exit_rank{R}.json``), and on rank 0 the exit codes of the other processes (``exit_codes.json``).
@@ -45,9 +47,42 @@ MONITOR_SAMPLES = 32
 # -- RankCompression ---------------------------------------------------------------------------
 
 
-def compression() -> lr.RankCompression:
+def compression(**options) -> lr.RankCompression:
     """The one place these DDP runs build RankCompression: one dense epoch, the swap, one fine-tuning epoch."""
-    return lr.RankCompression(compress_at_epoch=1, monitor="val_acc")
+    return lr.RankCompression(compress_at_epoch=1, monitor="val_acc", **options)
+
+
+ALLOCATION_BUDGET, VALIDATION_SAMPLES, VALIDATION_BATCH = 0.3, 128, 32
+
+
+def allocation_validation() -> torch.utils.data.TensorDataset:
+    """The validation data of the ``allocation`` run (the DistributedSampler gives rank r the samples r, r + 2, ...)."""
+    return low_rank_dataset(VALIDATION_SAMPLES, 2)
+
+
+class AllocationRecord(Callback):
+    """What the test needs to allocate again in one process: on rank 0 the dense weights the plan is made from
+    (``dense.pt``, at the validation that counts the statistics), on every process the validation batches it saw
+    then (``calibration_rank{R}.pt``), and at the end its ``FactorizationResult`` (``result_rank{R}.json``)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.batches: list = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.current_epoch == 0 and not trainer.sanity_checking:
+            self.batches.append([t.clone() for t in batch])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0 and not trainer.sanity_checking:
+            torch.save(self.batches, self.out / f"calibration_rank{trainer.global_rank}.pt")
+            if trainer.global_rank == 0:
+                torch.save(pl_module.state_dict(), self.out / "dense.pt")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (compression,) = [c for c in trainer.callbacks if isinstance(c, lr.RankCompression)]
+        result = compression.result.to_dict()
+        (self.out / f"result_rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
 # -- every process -----------------------------------------------------------------------------
@@ -83,8 +118,15 @@ def main(mode: str, out: Path) -> None:
         trainer = make_trainer(out, 2, [ExitProbe(out), compression(), ParameterCheck(out)], **options)
         trainer.fit(model, DataLoader(low_rank_dataset(256, 1), batch_size=32, shuffle=True),
                     DataLoader(low_rank_dataset(128, 2), batch_size=32))
+    elif mode == "allocation":
+        model = PlainClassifier(lr_=0.2)
+        callbacks = [ExitProbe(out), compression(param_budget=ALLOCATION_BUDGET), AllocationRecord(out),
+                     ParameterCheck(out)]
+        trainer = make_trainer(out, 2, callbacks, **options)
+        trainer.fit(model, DataLoader(low_rank_dataset(256, 1), batch_size=32, shuffle=True),
+                    DataLoader(allocation_validation(), batch_size=VALIDATION_BATCH))
     else:
-        raise SystemExit(f"unknown mode {mode!r}: use 'monitor' or 'compression'")
+        raise SystemExit(f"unknown mode {mode!r}: use 'monitor', 'compression' or 'allocation'")
     if trainer.global_rank == 0:  # the launcher does not wait for the processes it started
         codes = [proc.wait(timeout=120) for proc in getattr(trainer.strategy.launcher, "procs", [])]
         (out / "exit_codes.json").write_text(json.dumps(codes))

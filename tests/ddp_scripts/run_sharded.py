@@ -1,0 +1,109 @@
+"""Two-process runs on CPU (gloo) of the callbacks on a model sharded with FSDP2, for tests/test_sharded.py.
+
+``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` launches this script again for the second
+process (like ``strategy="ddp"``), so it is a file run as ``python run_sharded.py MODE OUT_DIR``. Each process writes
+what it saw to ``OUT_DIR`` as JSON; the test compares it with a one-process reference.
+
+- ``monitor``: ``trainer.validate`` twice with ``RankMonitor``: counting every row in float64 (``exact``), then
+  under the default row budget (``auto``), where each process's share holds more rows than the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_rank as lr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
+from tests.tiny_models import make_trainer  # noqa: E402
+
+WIDTH, HIDDEN, BLOCKS, TOKENS, SUBSPACE = 16, 48, 2, 64, 7
+SAMPLES = 256  # 128 per process: 8192 rows a layer, twice the row budget of these widths
+
+
+def token_data(samples: int = SAMPLES, seed: int = 0) -> TensorDataset:
+    """Token sequences whose features lie near a ``SUBSPACE``-dim subspace, with a class per sequence."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(SUBSPACE, WIDTH, generator=generator)
+    x = torch.randn(samples, TOKENS, SUBSPACE, generator=generator) @ basis
+    x = x + 0.01 * torch.randn(samples, TOKENS, WIDTH, generator=generator)
+    return TensorDataset(x, torch.randint(0, 4, (samples,), generator=generator))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(WIDTH, HIDDEN), nn.Linear(HIDDEN, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class ShardedBlocks(L.LightningModule):
+    """Residual MLP blocks and a head, each block and the whole model sharded with ``fully_shard`` (FSDP2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.head = nn.Linear(WIDTH, 4)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def strategy() -> ModelParallelStrategy:
+    # A short collective timeout turns a disagreement between the processes into an error, not a hang.
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=60))
+
+
+def main(mode: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    loader = DataLoader(token_data(), batch_size=32)
+    if mode == "monitor":
+        written = {}
+        for name, monitor in (("exact", lr.RankMonitor(max_rows_per_batch=None, dtype=torch.float64)),
+                              ("auto", lr.RankMonitor())):
+            trainer = make_trainer(out / name, 1, [monitor], devices=2, strategy=strategy(), logger=False,
+                                   enable_checkpointing=False)
+            trainer.validate(ShardedBlocks(), loader)
+            written[name] = {"report": monitor.report.to_dict(), "bytes": monitor.history[-1]["statistics_bytes"]}
+        (out / f"monitor_rank{trainer.global_rank}.json").write_text(json.dumps(written))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,145 @@
+"""Several processes and sharded models: who owns each layer's statistics, and FSDP2 runs of the callbacks.
+
+The two-process runs use ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard``
+(FSDP2) on CPU with gloo; its launcher re-runs the script, so each runs ``tests/ddp_scripts/run_sharded.py`` in a
+subprocess and reads what every process wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+import lightning_rank as lr
+from lightning_rank.stats.collector import ELSEWHERE, StatisticsCollector
+from lightning_rank.stats.ownership import ProcessShare, assign_owners
+from lightning_rank.stats.rows import AUTO_MIN_ROWS
+from lightning_rank.targets import select_targets
+from tests.helpers import assert_same_report, pooled
+
+SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_sharded.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_sharded", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(mode: str, out: Path) -> list[dict]:
+    """Run the script on 2 processes; what each wrote as ``<mode>_rank{R}.json``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, f"rank 0 failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return [json.loads((out / f"{mode}_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+# -- owners --------------------------------------------------------------------------------------
+class VitShapes(nn.Module):
+    """The layers of ViT-B/16 blocks (q, k, v read one input; the MLP widens to 4x), on the meta device."""
+
+    def __init__(self, blocks: int = 12, width: int = 768) -> None:
+        super().__init__()
+        def block() -> nn.Module:
+            attention = nn.ModuleDict({n: nn.Linear(width, width, device="meta") for n in ("q", "k", "v", "proj")})
+            mlp = nn.ModuleDict({"fc1": nn.Linear(width, 4 * width, device="meta"),
+                                 "fc2": nn.Linear(4 * width, width, device="meta")})
+            return nn.ModuleDict({"attn": attention, "mlp": mlp})
+        self.blocks = nn.ModuleList(block() for _ in range(blocks))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_owners_balance_the_eigenproblems_and_keep_siblings_together(world_size):
+    targets, _ = select_targets(VitShapes())
+    owners = assign_owners(targets, world_size)
+    assert set(owners) == set(targets) and set(owners.values()) == set(range(world_size))
+    assert owners == assign_owners(targets, world_size)  # a pure function: every process computes the same
+    for block in range(12):  # q, k, v (and proj, same parent and width) share one owner, so they share one sum
+        assert len({owners[f"blocks.{block}.attn.{n}"] for n in ("q", "k", "v", "proj")}) == 1
+    wide = [sum(owners[f"blocks.{b}.mlp.fc2"] == p for b in range(12)) for p in range(world_size)]
+    assert max(wide) - min(wide) <= 1  # the 3072-wide inputs, the costliest, are spread evenly
+    if world_size == 4:  # 12 of 3072 and 36 of 768 in all: 3 and 9 a process, a quarter of the memory each
+        assert wide == [3, 3, 3, 3]
+        narrow = [sum(owners[n] == p for n in owners if not n.endswith("fc2")) for p in range(4)]
+        assert narrow == [15, 15, 15, 15]  # 3 blocks: q, k, v and proj (one owner) and fc1
+
+
+def test_a_layer_owned_elsewhere_is_left_to_its_owner_unless_the_share_is_too_small():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    owners = {"0": 0, "2": 1}
+    batches = [torch.randn(100, 8) for _ in range(3)]
+
+    def collect_on(rank: int, batches_per_process: int) -> tuple[StatisticsCollector, lr.ActivationStatistics]:
+        collector = StatisticsCollector(model, batches=batches_per_process, share=ProcessShare(rank, 2, owners))
+        with collector.attached():
+            for batch in batches:
+                with collector.observe(batch):
+                    model(batch)
+        return collector, collector.compute()
+
+    # 100 rows a batch and 1000 batches a process: far more than the budget, so each owner counts alone
+    collector, stats = collect_on(1, 1000)
+    assert collector.pooled == {"0": False, "2": False}
+    assert stats.layers == ["2"] and stats.skipped["0"] == ELSEWHERE and collector.elsewhere == {"0"}
+    expected_rows = 3 * -(-AUTO_MIN_ROWS // 1000)  # the budget over this process's batches only
+    assert int(stats["2"].count) == expected_rows
+    # 3 batches of 100 rows hold fewer than the budget: every process counts every row, to be summed to the owner
+    collector, stats = collect_on(1, 3)
+    assert collector.pooled == {"0": True, "2": True} and stats.layers == ["0", "2"]
+    assert int(stats["0"].count) == 300 and not collector.elsewhere
+
+
+def test_fsdp1_and_tensor_parallel_are_rejected_naming_what_is_supported():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    class Fake:  # Lightning refuses FSDP without a GPU, so the trainer is a stand-in
+        fast_dev_run = False
+
+    Fake.strategy = FSDPStrategy()
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy .* `ModelParallelStrategy\(data_parallel_size"):
+        lr.RankMonitor().setup(Fake(), nn.Linear(2, 2), "fit")
+    Fake.strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    with pytest.raises(MisconfigurationException, match="tensor_parallel_size=1 only .* got tensor_parallel_size=2"):
+        lr.RankMonitor().setup(Fake(), nn.Linear(2, 2), "fit")
+
+
+# -- FSDP2 runs ----------------------------------------------------------------------------------
+@needs_distributed
+@pytest.mark.timeout(420)
+def test_rank_monitor_under_fsdp2_reports_as_one_process(tmp_path: Path) -> None:
+    written = run("monitor", tmp_path)
+    assert written[0] == written[1]  # every process ends with the same report
+    script = load_script()
+    model = script.ShardedBlocks()  # the same seeded weights, unsharded
+    batches = list(DataLoader(script.token_data(), batch_size=32))
+    expected = lr.analyze(model, lr.collect(model, batches, max_rows_per_batch=None, dtype=torch.float64)).to_dict()
+
+    exact, auto = written[0]["exact"], written[0]["auto"]
+    assert_same_report(exact["report"], pooled(expected))  # every row counted: the exact sum over processes
+    blocks = [name for name in expected["layers"] if name.startswith("blocks.")]
+    for name, layer in expected["layers"].items():
+        sharded = auto["report"]["layers"][name]
+        assert abs(sharded["rank"] - layer["rank"]) <= 1 and abs(sharded["in_rank"] - layer["in_rank"]) <= 1, name
+        if name in blocks:  # 8192 rows a process, twice the budget: the owner's share alone, 4096 rows of it
+            assert sharded["pooled"] is False and sharded["rows"] == AUTO_MIN_ROWS
+        else:  # the head gets one row a sequence, 128 a process: fewer than the budget, so every row is summed
+            assert sharded["pooled"] is True and sharded["rows"] == layer["rows"]
+    assert auto["report"]["mlu"] == pytest.approx(expected["mlu"], abs=0.005)
+    # each process held only its own layers' sums: a quarter of what every process held when every row was summed
+    assert max(auto["bytes"]) <= 0.3 * max(exact["bytes"])

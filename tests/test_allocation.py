@@ -238,7 +238,9 @@ def test_candidates_leave_out_what_cannot_be_factorized_and_hold_the_whitened_cu
         y = x @ c.weight.t()
         for rank in (1, 3, c.max_rank):
             error = float((x @ (c.weight - c.weight_at(rank)).t()).square().sum() / y.square().sum())
-            assert error == pytest.approx(c.error(rank), rel=1e-5, abs=1e-9)
+            # W_r is float32: its rounding, against a difference W - W_r of a few percent of W, moves this error by
+            # about 1e-5 of itself, and by more or less with the BLAS kernels the thread count picks
+            assert error == pytest.approx(c.error(rank), rel=5e-5, abs=1e-9)
             rows = torch.linalg.svdvals(x @ c.weight.t())  # the least error of any rank-r map on these rows
             assert c.error(rank) == pytest.approx(float(rows[rank:].square().sum() / rows.square().sum()), abs=1e-6)
 

@@ -98,6 +98,9 @@ def test_layout_charts_have_at_most_five_named_lines_with_anchored_tags():
     ((title, (kind, tags)),) = layout["lightning-rank summary"].items()
     assert kind == "Multiline" and [t for t in tags if re.search(t, "0_rank_summary/mlu")] == [tags[0]]
     assert re.search(tags[1], "0_rank_summary/mlu_weighted") and "MLU" in title
+    # With RankCompression, the parameters and multiply-adds kept share the chart: their drop marks the swap.
+    assert [re.search(t, "0_rank_summary/params_ratio") is not None for t in tags] == [False, False, True, False]
+    assert re.search(tags[3], "0_rank_summary/multiply_adds_ratio") and "swap" in title
 
     charts = {title: tags for category in list(layout.values())[1:] for title, (_, tags) in category.items()}
     assert max(len(tags) for tags in charts.values()) <= tag_names.MAX_LINES_PER_CHART == 5
@@ -231,9 +234,15 @@ def axes_frame(image: np.ndarray) -> tuple[int, int, int, int]:
     return columns[0], rows[0], columns[-1], rows[-1]
 
 
-def test_energy_images_one_per_block_curves_at_their_energy_and_the_legend_outside(tmp_path):
+def test_log_ticks():
+    assert drawing.log_ticks(96) == ([1, 2, 5, 10, 20, 50], [3, 4, 6, 7, 8, 9, 30, 40, 60, 70, 80, 90])
+    assert drawing.log_ticks(2)[0] == [1, 2]
+
+
+def test_energy_images_one_per_block_curves_on_a_log_axis_ranks_dotted_and_the_legend_outside(tmp_path):
     spectra = {f"blocks.0.l{i}": torch.rand(6, generator=torch.Generator().manual_seed(i)) for i in range(12)}
-    spectra["head"] = torch.tensor([3.0, 1.0, 0.0, 0.0])  # cumulative energy 0.75, 1, 1, 1
+    spectra["head"] = torch.tensor([3.0, 1.0, 0.0, 0.0])  # cumulative energy 0.75, 1, 1, 1: in rank 2 at 0.9
+    spectra["wide"] = torch.tensor([1.0] * 4 + [0.0] * 96)  # energy k / 4 up to k = 4, then 1 up to k = 100
     writer = SummaryWriter(tmp_path)
     writers.write_energy_curves(writer, spectra, 0.9, step=1, epoch=0)
     writer.close()
@@ -241,23 +250,34 @@ def test_energy_images_one_per_block_curves_at_their_energy_and_the_legend_outsi
     assert run.tags("images") == ["rank_energy/(top level)", "rank_energy/blocks.0"]
     assert run.images("rank_energy/blocks.0") == [(1, 900, 420)]
     assert "energy threshold" in run.description("rank_energy/blocks.0")
+    assert "log" in run.description("rank_energy/blocks.0") and "in rank" in run.description("rank_energy/blocks.0")
 
-    head = run.picture("rank_energy/(top level)")
-    x0, y0, x1, y1 = axes_frame(head)
+    top = run.picture("rank_energy/(top level)")
+    x0, y0, x1, y1 = axes_frame(top)
     assert x1 - x0 > 400 and y1 - y0 > 250
 
-    def at(share: float, energy: float) -> tuple[int, int]:  # the pixel of a point in data coordinates
-        return round(y1 - energy / 1.02 * (y1 - y0)), round(x0 + share * (x1 - x0))
+    def at(k: float, energy: float) -> tuple[int, int]:  # the pixel of a point in data coordinates: x = log k, 1..100
+        return round(y1 - energy / 1.02 * (y1 - y0)), round(x0 + np.log(k) / np.log(100) * (x1 - x0))
 
-    blue = drawing.curve_styles(1)[0][0]
-    for share, energy in ((0.375, 0.75), (0.625, 1.0), (0.125, 0.0)):  # k = 1 holds 75%, k >= 2 all of it
-        y, x = at(share, energy)
-        window = head[y - 2 : y + 3, x - 2 : x + 3]
-        assert len(pixels_of(window, blue)), (share, energy)
-    y, x = at(0.375, 0.5)
-    assert not len(pixels_of(head[y - 3 : y + 4, x - 3 : x + 4], blue))  # no curve where the energy is not
-    threshold_row = at(0.5, 0.9)[0]
-    assert (head[threshold_row - 1 : threshold_row + 2, x0 + 5 : x1 - 5] == 0).all(axis=-1).any(axis=0).mean() > 0.4
+    (head, _), (wide, _) = drawing.curve_styles(2)
+    for color, points in ((head, ((1, 0.75), (2, 1.0), (3, 1.0))), (wide, ((1, 0.25), (2, 0.5), (4, 1.0), (50, 1.0)))):
+        for k, energy in points:
+            y, x = at(k, energy)
+            assert len(pixels_of(top[y - 2 : y + 3, x - 2 : x + 3], color)), (k, energy)
+    # The wide layer's 4 directions of 100 take the left 30% of the axes (on a linear axis: 4%).
+    assert 0.25 < (at(4, 1.0)[1] - x0) / (x1 - x0) < 0.35
+    y, x = at(20, 0.5)
+    assert not len(pixels_of(top[y - 3 : y + 4, x - 3 : x + 4], wide))  # no curve where the energy is not
+    # Each layer's in rank (the first k at the threshold) is a dot: the curve's colour ringed in black, centred there.
+    for color, k, energy in ((head, 2, 1.0), (wide, 4, 1.0)):
+        y, x = at(k, energy)
+        window = top[y - 6 : y + 7, x - 6 : x + 7]
+        assert len(pixels_of(window, color)) >= 25 and len(pixels_of(window, drawing.BLACK)) >= 12, k
+    threshold_row = at(1, 0.9)[0]
+    assert (top[threshold_row - 1 : threshold_row + 2, x0 + 5 : x1 - 5] == 0).all(axis=-1).any(axis=0).mean() > 0.4
+    legend = Image.fromarray(top[:, x1 + 10 :])  # "head: 2 of 4", "wide: 4 of 100" beside the axes
+    assert legend.getbbox() is not None
+    assert figures.energy_image({"wide": spectra["wide"]}, 0.9).size == (900, 420)
 
     block = run.picture("rank_energy/blocks.0")
     x0, y0, x1, y1 = axes_frame(block)
@@ -334,16 +354,44 @@ def test_compression_headline_scalars_and_one_table():
     assert tag_names.compression_scalars(SUMMARY_OF_COMPRESSION) == {
         "0_rank_summary/params_ratio": 0.4,
         "0_rank_summary/multiply_adds_ratio": 0.25,
-        "0_rank_summary/val_acc_change": pytest.approx(-0.05),
+        "0_rank_summary/val_acc_change": pytest.approx(-0.05),  # at the end: fine-tuned - before
     }
+    assert tag_names.compression_scalars(SUMMARY_OF_COMPRESSION, at="swap") == {
+        "0_rank_summary/params_ratio": 0.4,
+        "0_rank_summary/multiply_adds_ratio": 0.25,
+        "0_rank_summary/val_acc_change": pytest.approx(-0.2),  # at the swap: right after it - before
+    }
+    with pytest.raises(ValueError, match="`at` must be 'swap' or 'end'"):
+        tag_names.compression_scalars(SUMMARY_OF_COMPRESSION, at="start")
     unmeasured = {**SUMMARY_OF_COMPRESSION, "macs_after": None, "metrics": {"before": 0.9, "finetuned": None}}
     assert tag_names.compression_scalars(unmeasured) == {"0_rank_summary/params_ratio": 0.4}
-    table = tables.compression_markdown(SUMMARY_OF_COMPRESSION)
+    assert tag_names.kept_ratios(None) == {"0_rank_summary/params_ratio": 1.0, "0_rank_summary/multiply_adds_ratio": 1.0}
+    table = tables.compression_markdown(SUMMARY_OF_COMPRESSION, step=80)
+    assert table.startswith("**Compression** (whiten) after fine-tuning, at the end of fit (step 80): 1 layers")
     assert "| parameters | 1,000 | 400 | 40.0% |" in table
     assert "| multiply-adds per example | 2,000 | 500 | 25.0% |" in table
-    assert "| val_acc | before | compressed | fine-tuned |" in table and "| value | 0.9 | 0.7 | 0.85 |" in table
+    assert "| val_acc | before | right after the swap | after fine-tuning |" in table
+    assert "| value | 0.9 | 0.7 | 0.85 |" in table
+    # The rank a layer keeps is named apart from the utilized rank a report measures.
+    assert "| layer | out x in | kept rank | rel. output error | parameters | replaced |" in table
     assert "| net.0 | 16 x 8 | 3 | 0.0123 | 144 -> 88 | yes |" in table
     assert "| net.2 | 4 x 16 |  | 0.0000 | 68 -> 68 | no: no saving |" in table
+    assert "*kept rank*" in table and "utilized rank" in table
+    at_swap = tables.compression_markdown(SUMMARY_OF_COMPRESSION, at="swap", step=40, epoch=3)
+    assert at_swap.startswith("**Compression** (whiten) at the swap, when epoch 3 starts (step 40): 1 layers")
+    assert "| value | 0.9 | 0.7 | at the end of fit |" in at_swap
+
+
+def test_kept_ratios_before_the_last_step_of_a_schedule():
+    steps = [{**SUMMARY_OF_COMPRESSION, "epoch": 2},
+             {**SUMMARY_OF_COMPRESSION, "epoch": 4, "params_before": 400, "params_after": 200, "macs_before": 500.0,
+              "macs_after": 400.0}]
+    summary = {**steps[-1], "params_before": 1000, "macs_before": 2000.0, "steps": steps}
+    assert tag_names.kept_ratios(summary) == {"0_rank_summary/params_ratio": 0.2, "0_rank_summary/multiply_adds_ratio": 0.2}
+    assert tag_names.kept_ratios(tag_names.before_last_step(summary)) == {
+        "0_rank_summary/params_ratio": 0.4, "0_rank_summary/multiply_adds_ratio": 0.25}
+    assert tag_names.before_last_step(SUMMARY_OF_COMPRESSION) is None  # one step: before it, the dense model
+    assert tables.compression_markdown(summary, at="swap").startswith("**Compression step 2** (whiten) at the swap")
 
 
 # -- real runs, read back with TensorBoard's reader ------------------------------------------------------
@@ -441,23 +489,61 @@ def compressed_run(tmp_path_factory):
     return monitor, compression, Events(tb.log_dir)
 
 
-def test_compression_results_as_headline_scalars_and_one_table(compressed_run):
+def test_compression_results_at_the_swap_step_and_at_the_end(compressed_run):
     monitor, compression, run = compressed_run
     summary = compression.summary()
     assert [bool(h["factorized"]) for h in monitor.history] == [False, True]  # {name: rank} of the low-rank layers
-    assert not [t for t in run.tags("scalars") if t.startswith("compression")]  # no one-point chart per number
-    ((_, ratio),) = run.scalars("0_rank_summary/params_ratio")
-    assert ratio == pytest.approx(summary["params_after"] / summary["params_before"])
-    ((_, ratio),) = run.scalars("0_rank_summary/multiply_adds_ratio")
-    assert ratio == pytest.approx(summary["macs_after"] / summary["macs_before"])
-    ((_, change),) = run.scalars("0_rank_summary/val_acc_change")
-    assert change == pytest.approx(summary["metrics"]["finetuned"] - summary["metrics"]["before"], abs=1e-6)
-    ((_, table),) = run.text("0_rank_summary/compression")
-    assert table == tables.compression_markdown(summary)
-    assert f"| parameters | {summary['params_before']:,} | {summary['params_after']:,} |" in table
+    assert not [t for t in run.tags("scalars") if t.startswith("compression")]
+    # 4 training steps an epoch: the swap happens when epoch 1 starts, at global step 4; fit ends at step 8.
+    swap, end = 4, 8
+    assert [step for step, _ in run.scalars("epoch")][-1] == end - 1
+    metrics, monitor_tag = summary["metrics"], "0_rank_summary/val_acc_change"
+    kept = summary["params_after"] / summary["params_before"]
+    assert 0 < kept < 1
+    # The swap-marking lines: 1 while dense from the first step, at the step before the swap too, then the kept share.
+    assert run.scalars("0_rank_summary/params_ratio") == [(0, 1.0), (swap - 1, 1.0), (swap, pytest.approx(kept)),
+                                                          (end, pytest.approx(kept))]
+    macs = summary["macs_after"] / summary["macs_before"]
+    assert run.scalars("0_rank_summary/multiply_adds_ratio") == [(0, 1.0), (swap - 1, 1.0), (swap, pytest.approx(macs)),
+                                                                 (end, pytest.approx(macs))]
+    # The metric's change: right after the swap at its step, after fine-tuning at the end.
+    assert run.scalars(monitor_tag) == [
+        (swap, pytest.approx(metrics["compressed"] - metrics["before"], abs=1e-6)),
+        (end, pytest.approx(metrics["finetuned"] - metrics["before"], abs=1e-6)),
+    ]
+    assert "right after the swap" in run.description(monitor_tag)
+    assert "drops at the global step of each swap" in run.description("0_rank_summary/params_ratio")
+    # The table: as known at the swap (fine-tuned to follow), then complete at the end.
+    (at_swap, swap_table), (at_end, end_table) = run.text("0_rank_summary/compression")
+    assert (at_swap, at_end) == (swap, end)
+    assert swap_table == tables.compression_markdown(summary, at="swap", step=swap, epoch=1)
+    assert "at the swap, when epoch 1 starts (step 4)" in swap_table and "| at the end of fit |" in swap_table
+    assert end_table == tables.compression_markdown(summary, step=end)
+    assert f"| parameters | {summary['params_before']:,} | {summary['params_after']:,} |" in end_table
     for name, rank in summary["layers"].items():
-        assert f"| {name} | " in table and f"| {rank} | " in table
+        assert f"| {name} | " in end_table and f"| {rank} | " in end_table
     assert groups_in_order(run.tags("scalars") + run.tags("text"))[0] == "0_rank_summary"
+    # The monitor's layout charts the swap-marking lines beside the MLU.
+    (mlu_chart,) = [chart for category in run.layout().category for chart in category.chart if "MLU" in chart.title]
+    assert r"^0_rank_summary/params_ratio$" in mlu_chart.multiline.tag
+
+
+def test_other_loggers_get_the_swap_marking_lines_too(tmp_path):
+    csv = CSVLogger(tmp_path, name="csv")
+    compression = lr.RankCompression(compress_at_epoch=1, ranks=2, monitor="val_acc", exclude_modules=["head"])
+    fit(tmp_path, [compression], max_epochs=2, loggers=[csv])
+    rows = list(csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv", "0_rank_summary/params_ratio"))
+    kept = compression.result.params_after / compression.result.params_before
+    assert rows == [(0, 1.0), (3, 1.0), (4, pytest.approx(kept)), (8, pytest.approx(kept))]
+
+
+def csv_rows(path, column: str):
+    import csv
+
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row.get(column):
+                yield int(row["step"]), float(row[column])
 
 
 def test_a_factorized_layer_keeps_one_curve_across_the_swap(compressed_run):

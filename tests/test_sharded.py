@@ -143,3 +143,53 @@ def test_rank_monitor_under_fsdp2_reports_as_one_process(tmp_path: Path) -> None
     assert auto["report"]["mlu"] == pytest.approx(expected["mlu"], abs=0.005)
     # each process held only its own layers' sums: a quarter of what every process held when every row was summed
     assert max(auto["bytes"]) <= 0.3 * max(exact["bytes"])
+
+
+@needs_distributed
+@pytest.mark.timeout(600)
+def test_rank_compression_under_fsdp2_shards_the_new_layers_and_resumes_exactly(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    written = run("compression", tmp_path)
+    for run_name in ("full", "first", "resumed"):  # every process holds the same full parameters, in every run
+        assert written[0][run_name]["parameters"] == written[1][run_name]["parameters"], run_name
+        assert written[0][run_name]["ranks"] == written[1][run_name]["ranks"], run_name
+    full, resumed = written[0]["full"], written[0]["resumed"]
+    assert set(full["types"].values()) == {"FSDPLowRankLinear"}  # swapped, then sharded as FSDP2 units of their own
+    assert set(full["ranks"]) == {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"}
+    assert full["sharded"] == sorted(full["parameters"])  # every parameter is a shard; no dense weight is left over
+    for name, shape in full["local"].items():  # each process holds half of each factor's rows
+        assert shape[0] == -(-len_rows(full, name) // 2), name
+    # the dense epoch, the swap (MLU measured on the factorized layers as the layers they replace), fine-tuning
+    assert len(full["reports"]) == 3 and full["factorized"][0] == {} and full["factorized"][1] == full["ranks"]
+    assert full["metrics"]["compressed"] != full["metrics"]["before"] != full["metrics"]["finetuned"]
+    # resumed from the distributed checkpoint written after the swap: exactly where the uninterrupted run ends
+    assert resumed["parameters"] == full["parameters"] and resumed["metrics"] == full["metrics"]
+    assert resumed["reports"] == full["reports"]
+
+    # a consolidated checkpoint loads into a freshly built model with lr.load_factorized
+    consolidated = tmp_path / "consolidated.pt"
+    dcp_to_torch_save(tmp_path / "full" / "checkpoints" / "last.ckpt", consolidated)
+    model = lr.load_factorized(load_script().ShardedBlocks(), consolidated)
+    for name, parameter in model.named_parameters():
+        assert parameter.detach().double().flatten().tolist() == full["parameters"][name], name
+
+
+def len_rows(written: dict, name: str) -> int:
+    """The rows (first dimension) of parameter ``name`` in full, from its flattened values and its shard's shape."""
+    local = written["local"][name]
+    per_row = 1 if len(local) == 1 else local[1]
+    return len(written["parameters"][name]) // per_row
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"allocation": "probe"}, "allocation='probe' is not supported on a model sharded with FSDP2"),
+    ({"macs_budget": 0.5, "param_budget": None}, "macs_budget is not supported on a model sharded with FSDP2"),
+    ({"distill": 0.5}, "distill is not supported on a model sharded with FSDP2"),
+])
+def test_what_fsdp2_compression_cannot_do_yet_is_refused_by_name(arguments, message):
+    from lightning_rank.callbacks.steps import check_sharded
+
+    check_sharded(lr.RankCompression(param_budget=0.5))  # the defaults are supported
+    with pytest.raises(ValueError, match=message):
+        check_sharded(lr.RankCompression(**{"param_budget": 0.5, **arguments}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,6 +145,31 @@ def before_weights_load(pl_module: LightningModule, prepare: Callable[[dict[str,
             pl_module.on_load_checkpoint = own_attribute
 
     pl_module.on_load_checkpoint = on_load_checkpoint
+    return restore
+
+
+def before_strategy_load(strategy: Any, prepare: Callable[[Path], None]) -> Callable[[], None]:
+    """Call ``prepare(path)`` right before ``strategy`` loads the checkpoint at ``path`` into the model and optimizers.
+
+    Stands in for: a hook before ``ModelParallelStrategy.load_checkpoint``, which loads a distributed checkpoint in
+    place into the sharded model and the optimizers already built, before any module or callback hook hears of
+    it (``restore_checkpoint_after_setup``). ``load_checkpoint`` is wrapped on the instance; returns the function
+    that unwraps it.
+    """
+    own_attribute = vars(strategy).get("load_checkpoint")
+    original = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        prepare(Path(strategy.broadcast(checkpoint_path)))
+        return original(checkpoint_path, *args, **kwargs)
+
+    def restore() -> None:
+        if own_attribute is None:
+            vars(strategy).pop("load_checkpoint", None)
+        else:
+            strategy.load_checkpoint = own_attribute
+
+    strategy.load_checkpoint = load_checkpoint
     return restore
 
 

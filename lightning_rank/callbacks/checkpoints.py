@@ -10,18 +10,23 @@ the swap, and when training ends a ``ModelCheckpoint`` that saved nothing since 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_rank.callbacks import _lightning
+from lightning_rank.callbacks.sharded import full_weights, mesh_of, shard_swapped_layers
 from lightning_rank.compress.loading import (
     CHECKPOINT_KEY,
     LOAD_HINT,
     dense_state_dict,
     factorized_layers,
+    factorized_modules,
+    install_factorized,
     rebuild_factorized_,
 )
 
@@ -72,12 +77,58 @@ def describe_factorized(pl_module: LightningModule, checkpoint: dict[str, Any], 
         checkpoint[CHECKPOINT_KEY] = {"factorized_layers": layers, "how_to_load": LOAD_HINT}
 
 
+def rebuild_before_load(trainer: Trainer, pl_module: LightningModule) -> Callable[[], None]:
+    """Rebuild the low-rank layers a checkpoint holds in ``pl_module`` right before Lightning loads its weights (under
+    FSDP2: before the strategy loads it); returns the function that stops doing so."""
+    unwrap = [rebuild_before_weights_load(pl_module)]
+    if isinstance(trainer.strategy, _lightning.ModelParallelStrategy or ()):
+        unwrap.append(rebuild_before_sharded_load(trainer, pl_module))
+    return lambda: [undo() for undo in reversed(unwrap)] and None
+
+
 def rebuild_before_weights_load(pl_module: LightningModule) -> Callable[[], None]:
     """Rebuild the low-rank layers a checkpoint holds in ``pl_module`` right before Lightning loads its weights;
     returns the function that stops doing so."""
 
-    def rebuild(checkpoint: dict[str, Any]) -> None:
-        if rebuild_factorized_(pl_module, checkpoint["state_dict"]):
+    def rebuild(checkpoint: dict[str, Any]) -> None:  # a distributed checkpoint's weights are loaded already
+        if "state_dict" in checkpoint and rebuild_factorized_(pl_module, checkpoint["state_dict"]):
             rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
 
     return _lightning.before_weights_load(pl_module, rebuild)
+
+
+def rebuild_before_sharded_load(trainer: Trainer, pl_module: LightningModule) -> Callable[[], None]:
+    """Under FSDP2, rebuild the low-rank layers a checkpoint holds in ``pl_module`` (sharded like the swap shards
+    them) and the optimizers right before the strategy loads it; returns the function that stops doing so.
+
+    A distributed checkpoint is loaded in place into the model and optimizers the strategy already built, so the
+    structure must be there first. The factors' shapes come from the checkpoint's metadata, without reading it.
+    """
+
+    def rebuild(path: Path) -> None:
+        shapes = checkpoint_shapes(path)
+        names = [key[: -len(".first.weight")] for key in shapes if key.endswith(".first.weight")]
+        with full_weights(pl_module, names, keep=names):  # the placeholders are made like the full dense weights
+            modules = factorized_modules(pl_module, shapes)
+        if not modules:
+            return
+        replaced, mesh = {name: pl_module.get_submodule(name) for name in modules}, mesh_of(pl_module)
+        install_factorized(pl_module, modules)
+        shard_swapped_layers(pl_module, replaced, mesh)
+        _lightning.rebuild_training_state(trainer)
+        rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
+
+    return _lightning.before_strategy_load(trainer.strategy, rebuild)
+
+
+def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors in the checkpoint at ``path`` (a distributed checkpoint's folder, or a file) as empty
+    tensors of their shapes on the meta device, by name; nothing is read but the metadata."""
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+        return {key[len("state_dict."):]: torch.empty(tuple(entry.size), device="meta")
+                for key, entry in metadata.items() if key.startswith("state_dict.") and hasattr(entry, "size")}
+    state = torch.load(path, map_location="meta", weights_only=True, mmap=True).get("state_dict", {})
+    return {key: torch.empty(value.shape, device="meta") for key, value in state.items()}

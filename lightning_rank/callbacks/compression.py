@@ -55,15 +55,16 @@ from lightning_rank.callbacks.base import (
 )
 from lightning_rank.callbacks.checkpoints import (
     describe_factorized,
-    rebuild_before_weights_load,
+    rebuild_before_load,
     restart_checkpointing,
     save_compressed,
 )
 from lightning_rank.callbacks.distillation import frozen_copy
-from lightning_rank.callbacks.distributed import moving_sum_reducer
 from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
 from lightning_rank.callbacks.schedule import Phase, ScheduleState
-from lightning_rank.callbacks.summary import count_macs, monitored_value, publish
+from lightning_rank.callbacks.sharded import is_sharded, mesh_of, shard_swapped_layers
+from lightning_rank.callbacks.steps import check_sharded, plan_step
+from lightning_rank.callbacks.summary import count_macs, monitored_value, publish, publish_epoch_start
 from lightning_rank.checks import (
     MaskFn,
     StatisticsArguments,
@@ -78,7 +79,7 @@ from lightning_rank.checks import (
     check_threshold,
     resolve_compress_at_epoch,
 )
-from lightning_rank.compress.factorize import FactorizationPlan, check_factorization, plan_factorization
+from lightning_rank.compress.factorize import FactorizationPlan, check_factorization
 from lightning_rank.stats.collect import ForwardFn
 from lightning_rank.targets import ModuleSelector
 
@@ -184,23 +185,22 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:  # trainer.validate/test/predict(model, ckpt_path=<after the swap>)
-            self._run = _Run(unwrap_load_hook=rebuild_before_weights_load(pl_module))
+            self._run = _Run(unwrap_load_hook=rebuild_before_load(trainer, pl_module))
             return
         _lightning.destroy_process_group_at_exit()
         self._run = _Run(disabled=bool(trainer.fast_dev_run))
         if self._run.disabled:
             rank_zero_info("RankCompression: `fast_dev_run` is on, so nothing is compressed.")
             return
-        _lightning.check_strategy(trainer, "RankCompression")
+        _lightning.check_strategy(trainer, "RankCompression", sharded=True)
         needs = f"RankCompression needs validation data: the statistics and the metric {self.monitor!r} come from"
         check_validation_data(trainer, pl_module, needs)
         built = not is_overridden("configure_model", pl_module)  # else its layers exist only in on_fit_start
         self.swap_epochs = _checked_swap_epochs(self, trainer, pl_module if built else None)
-        self._run.unwrap_load_hook = rebuild_before_weights_load(pl_module)
+        self._run.unwrap_load_hook = rebuild_before_load(trainer, pl_module)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._unwrap()
         if self._run.disabled:
             return
         if is_overridden("configure_model", pl_module):
@@ -212,6 +212,7 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unwrap()  # the checkpoint, if any, is loaded (under FSDP2 after on_fit_start)
         if not self._run.disabled:
             check_validation_batches(trainer, "RankCompression", self.dataloader_idx)
 
@@ -251,8 +252,10 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
         upcoming = self._next_swap()
         if upcoming is not None and trainer.current_epoch >= upcoming:
             self._make_plan(trainer, pl_module)  # resumed at or past a swap from a checkpoint before it
-        if self.phase == Phase.PLANNED:
+        swapped = self.phase == Phase.PLANNED
+        if swapped:
             self._swap(trainer, pl_module)
+        publish_epoch_start(trainer, self.summary() if self.compressed else None, swapped)
 
     def _make_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Plan the factorization from this epoch's validation (run one if it had none); the model is not changed."""
@@ -268,7 +271,7 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
         state = "stays dense" if not later else f"stays as compressed by step {self.step}"
         which = f" step {self.step + 1}" if len(self.swap_epochs) > 1 else ""
         try:
-            plan = _plan(self, trainer, pl_module, stats, statistics.batches)
+            plan = plan_step(self, trainer, pl_module, stats, statistics.batches)
         except Exception as error:  # a plan that fails never loses the run: it trains on as it is
             self.failure, self.phase = f"{type(error).__name__}: {error}", Phase.COMPRESSED if later else Phase.FINISHED
             rank_zero_warn(f"RankCompression could not plan the compression{which}, so the model {state} and trains "
@@ -288,7 +291,10 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
     def _swap(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.distill and self.teacher is None:
             self.teacher = frozen_copy(pl_module)
+        mesh = mesh_of(pl_module) if is_sharded(pl_module) else None
         self._run.plan.apply_(pl_module)
+        if mesh is not None:
+            shard_swapped_layers(pl_module, self._run.plan.replaced, mesh)
         self._run.plan, self.phase, self.step = None, Phase.COMPRESSED, self.step + 1
         _lightning.rebuild_training_state(trainer)
         self.macs["after"] = count_macs(pl_module, self._run.sample_batch, self.forward)
@@ -357,6 +363,8 @@ def _checked_swap_epochs(
         if any(later <= earlier for earlier, later in zip(epochs, epochs[1:])):
             raise ValueError(f"`compress_at_epoch`={schedule} swaps at epochs {epochs} with max_epochs="
                              f"{trainer.max_epochs}: each step needs an epoch of its own, in increasing order")
+        if pl_module is not None and is_sharded(pl_module):
+            check_sharded(compression)
         if pl_module is not None and compression.phase == Phase.TRAINING:
             check_factorization(pl_module, ranks=compression.ranks, param_budget=compression.budgets[-1][0],
                                 target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
@@ -364,26 +372,3 @@ def _checked_swap_epochs(
     except ValueError as err:
         raise MisconfigurationException(f"RankCompression: {err}") from err
     return epochs
-
-
-
-
-def _plan(
-    compression: RankCompression, trainer: Trainer, pl_module: LightningModule, stats: Any, batches: list[Any]
-) -> FactorizationPlan:
-    """The factorization ``compression`` asks for, from the statistics and kept batches of one validation."""
-    # Under DDP each process probes its own validation batches and the probe sums what it measures over all of
-    # them, so every process allocates the same ranks; if any process kept no batch, none calibrates.
-    reduce = moving_sum_reducer(trainer) if trainer.world_size > 1 else None
-    if reduce is not None:
-        empty = torch.tensor([float(not batches)], dtype=torch.float64)
-        reduce(empty)
-        batches = batches if float(empty) == 0 else []
-    param_budget, macs_budget = compression.budgets[compression.step]
-    return plan_factorization(
-        pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
-        param_budget=param_budget, macs_budget=macs_budget, refactorize=True,
-        target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
-        allocation=compression.allocation, calibration=batches or None, forward=compression.forward,
-        progress=trainer.is_global_zero, reduce=reduce,
-    )  # fmt: skip

@@ -8,9 +8,11 @@ that needs a layer keeps it, for as long as the block is open.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_rank.targets import select_targets
@@ -47,8 +49,50 @@ def full_weights(model: nn.Module, names: Sequence[str], keep: Collection[str]) 
                         full = parameter.full_tensor()
                     if name in keep:
                         swapped.append((module, parameter_name, parameter))
-                        module._parameters[parameter_name] = nn.Parameter(full, requires_grad=False)
+                        module._parameters[parameter_name] = nn.Parameter(full, parameter.requires_grad)
         yield
     finally:
         for module, parameter_name, parameter in reversed(swapped):
             module._parameters[parameter_name] = parameter
+
+
+def mesh_of(model: nn.Module) -> Any:
+    """The device mesh of ``model``'s sharded parameters (FSDP2's data-parallel mesh)."""
+    return next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
+
+
+def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], mesh: Any) -> None:
+    """After dense layers of an FSDP2 model were swapped for new modules (``replaced``: name -> the dense module it
+    replaced): the new modules become FSDP2 units of their own on ``mesh`` and the dense weights leave the units
+    that held them, so no process gathers or keeps them again.
+
+    Every process must have swapped the same layers; the new modules take process 0's values, so every process
+    shards the same tensors. Uses FSDP2 internals (no public API removes parameters from a unit): each unit's
+    ``_fsdp_param_groups[i].fsdp_params`` loses the replaced parameters (a group left empty goes), and every unit is
+    marked not yet
+    initialized (``_is_root = None``, a fresh state context on the root), so the next forward initializes them all
+    again, the new units included, from the root, as after ``fully_shard`` in ``configure_model``.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
+
+    gone = {id(p) for module in replaced.values() for p in module.parameters()}
+    states = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            states.append(state)
+            for group in state._fsdp_param_groups:
+                group.fsdp_params = [p for p in group.fsdp_params if id(p.sharded_param) not in gone]
+            state._fsdp_param_groups = [group for group in state._fsdp_param_groups if group.fsdp_params]
+    group_of_mesh = mesh.get_group()
+    for name in replaced:
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=dist.get_global_rank(group_of_mesh, 0), group=group_of_mesh)
+        fully_shard(module, mesh=mesh)
+    for state in states:
+        state._is_root = None
+    if states:
+        states[0]._state_ctx = FSDPStateContext()  # the root's: model.modules() starts at the root

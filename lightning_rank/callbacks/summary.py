@@ -16,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_rank.spectral.report import write_json_atomic
 from lightning_rank.stats.collect import ForwardFn, default_forward, eval_mode
-from lightning_rank.views.tags import compression_scalars
-from lightning_rank.views.writers import write_compression
+from lightning_rank.views.tags import before_last_step, compression_scalars, kept_ratios
+from lightning_rank.views.writers import write_compression, write_scalars
 
 
 def count_macs(model: nn.Module, batch: Any, forward: ForwardFn | None) -> float | None:
@@ -70,14 +70,40 @@ def compression_summary(
 
 
 def publish(trainer: Trainer, folder: Path, summary: dict[str, Any]) -> None:
-    """Write ``folder/compression.json`` and the headline scalars to every logger; each ``TensorBoardLogger``
-    also gets the one results table (see :func:`~lightning_rank.views.writers.write_compression`). Global rank zero only."""
+    """At the end of fit: write ``folder/compression.json`` and, at the last step, the headline scalars (the last
+    point of the kept-parameter and multiply-add lines, the metric's change after fine-tuning) to every logger; each
+    ``TensorBoardLogger`` also gets the results table with the fine-tuned figure (see
+    :func:`~lightning_rank.views.writers.write_compression`). Global rank zero only."""
     write_json_atomic(folder / "compression.json", summary)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            write_compression(logger.experiment, summary, trainer.global_step)
+            write_compression(logger.experiment, summary, trainer.global_step, at="end")
         else:
-            logger.log_metrics(compression_scalars(summary), step=trainer.global_step)
+            logger.log_metrics(compression_scalars(summary, at="end"), step=trainer.global_step)
+
+
+def publish_epoch_start(trainer: Trainer, summary: dict[str, Any] | None, swapped: bool) -> None:
+    """When a training epoch starts, after a swap due then: the parameters and multiply-adds kept
+    (:func:`~lightning_rank.views.tags.kept_ratios`; 1.0 while dense, ``summary`` None) at the global step, so the
+    two lines run through the whole fit and drop at each swap. At a swap (``swapped``) also: the value before it at
+    the step before (so the drop is drawn at the swap's step, not across an epoch), the metric's change right after
+    the swap, and the results table as known then (the fine-tuned figure follows at the end). Every process calls it;
+    global rank zero writes."""
+    if not trainer.is_global_zero:
+        return
+    step, swap = trainer.global_step, swapped and summary is not None
+    before = [(step - 1, kept_ratios(before_last_step(summary)))] if swap and step > 0 else []
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for at_step, scalars in before:
+                write_scalars(logger.experiment, scalars, at_step)
+            if swap:
+                write_compression(logger.experiment, summary, step, at="swap", epoch=trainer.current_epoch)
+            else:
+                write_scalars(logger.experiment, kept_ratios(summary), step)
+        else:
+            for at_step, scalars in [*before, (step, compression_scalars(summary, "swap") if swap else kept_ratios(summary))]:
+                logger.log_metrics(scalars, step=at_step)
 
 
 def step_record(

@@ -42,7 +42,7 @@ def load_factorized(
     state = _read_state_dict(state_dict_or_path)
     modules = factorized_modules(model, state)
     missing, unexpected = _check_fit(model, modules, state, strict)
-    _install(model, modules)
+    install_factorized(model, modules)
     model.load_state_dict(state, strict=False)  # every key was checked above; tied twins load through their twin
     if missing or unexpected:
         warnings.warn(
@@ -61,7 +61,7 @@ def rebuild_factorized_(model: nn.Module, state_dict: Mapping[str, Any]) -> dict
     Returns ``{name: rank}`` of the layers swapped; layers already of that structure are left as they are.
     """
     modules = factorized_modules(model, state_dict)
-    _install(model, modules)
+    install_factorized(model, modules)
     return {name: module.rank for name, module in modules.items()}
 
 
@@ -124,7 +124,8 @@ class FactorizedCheckpointMixin:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
 
-def _install(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+def install_factorized(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Put the low-rank ``modules`` into ``model`` by name (from :func:`factorized_modules`)."""
     for name, module in modules.items():
         set_submodule(model, name, module)
     if modules:

@@ -184,12 +184,36 @@ def heatmap_image(values: np.ndarray, labels: Sequence[str], columns: Sequence[s
 
 
 # -- cumulative energy ------------------------------------------------------------------------------
-def curves_image(curves: Mapping[str, np.ndarray], threshold: float, *, title: str, xlabel: str, ylabel: str,
-                 legend_title: str) -> Image.Image:
-    """Step curves ``y = curves[label]`` against ``k / len`` (from 0 at k = 0) on [0, 1] x [0, 1.02], a dashed
-    line at ``threshold``, and a legend beside the axes (two columns beyond 16 entries)."""
+def log_ticks(high: float) -> tuple[list[int], list[int]]:
+    """Labelled (1, 2, 5, 10, 20, ...) and unlabelled (3, 4, 6, ...) ticks of a log axis from 1 to ``high``."""
+    major, minor, decade = [], [], 1
+    while decade <= high:
+        for digit in range(1, 10):
+            if digit * decade <= high:
+                (major if digit in (1, 2, 5) else minor).append(digit * decade)
+        decade *= 10
+    return major, minor
+
+
+def _kept_points(xs: np.ndarray, ys: np.ndarray, keep: int | None) -> list[tuple[float, float]]:
+    """The polyline's points, at most the first and last of each pixel column (and point ``keep``): a spectrum of
+    thousands of eigenvalues crowds into a few columns at the right of a log axis."""
+    columns = np.rint(xs)
+    wanted = np.ones(len(xs), dtype=bool)
+    wanted[1:-1] = (columns[1:-1] != columns[:-2]) | (columns[1:-1] != columns[2:])
+    if keep is not None:
+        wanted[keep] = True
+    return list(zip(xs[wanted].tolist(), ys[wanted].tolist()))
+
+
+def curves_image(curves: Mapping[str, np.ndarray], threshold: float, *, marks: Mapping[str, int] | None = None,
+                 title: str, xlabel: str, ylabel: str, legend_title: str, mark_label: str = "") -> Image.Image:
+    """Curves ``y = curves[label][k - 1]`` against ``k = 1 .. len`` on a log x axis from 1 to the longest curve's
+    length, y on [0, 1.02], a dashed line at ``threshold``, a dot on each curve at ``k = marks[label]`` (none for
+    0), and a legend beside the axes (two columns beyond 16 entries; ``mark_label`` explains the dots)."""
+    marks = marks or {}
     styles = curve_styles(len(curves))
-    entries = [*curves, f"threshold {threshold:g}"]
+    entries = [*curves, f"threshold {threshold:g}", *([mark_label] if mark_label else [])]
     per_column = len(entries) if len(entries) <= 17 else math.ceil(len(entries) / 2)
     column_w = 34 + max(text_width(label, 12) for label in [*entries, legend_title])
     legend_w = column_w * math.ceil(len(entries) / per_column)
@@ -198,25 +222,45 @@ def curves_image(curves: Mapping[str, np.ndarray], threshold: float, *, title: s
     x0, y0, x1, y1 = 62, 36, width - legend_w - 24, height - 52
     image = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(image)
+    top = max(2, max((len(y) for y in curves.values()), default=2))
 
-    def px(x: np.ndarray | float, y: np.ndarray | float) -> tuple[Any, Any]:
-        return x0 + np.asarray(x) * (x1 - x0), y1 - np.asarray(y) / 1.02 * (y1 - y0)
+    def px(k: np.ndarray | float, y: np.ndarray | float) -> tuple[Any, Any]:
+        return x0 + np.log(np.asarray(k, dtype=np.float64)) / math.log(top) * (x1 - x0), y1 - np.asarray(y) / 1.02 * (y1 - y0)
 
-    for tick in np.linspace(0, 1, 6):
-        gx, gy = px(tick, tick)
+    major, minor = log_ticks(top)
+    for tick in minor:
+        gx = float(px(tick, 0)[0])
+        draw.line([(gx, y0), (gx, y1)], fill=(242, 242, 242))
+        draw.line([(gx, y1), (gx, y1 + 2)], fill=BLACK)
+    last_label = -math.inf
+    for tick in major:
+        gx = float(px(tick, 0)[0])
         draw.line([(gx, y0), (gx, y1)], fill=GRID)
-        draw.line([(x0, gy), (x1, gy)], fill=GRID)
         draw.line([(gx, y1), (gx, y1 + 4)], fill=BLACK)
+        label = f"{tick:,}"
+        if gx - text_width(label, 11) / 2 > last_label + 6:  # no label runs into the one before it
+            _text(image, (gx, y1 + 6), label, 11, anchor="ma")
+            last_label = gx + text_width(label, 11) / 2
+    for tick in np.linspace(0, 1, 6):
+        gy = float(px(1, tick)[1])
+        draw.line([(x0, gy), (x1, gy)], fill=GRID)
         draw.line([(x0 - 4, gy), (x0, gy)], fill=BLACK)
-        _text(image, (gx, y1 + 6), f"{tick:g}", 11, anchor="ma")
         _text(image, (x0 - 7, gy), f"{tick:g}", 11, anchor="rm")
-    for (color, dash), y in zip(styles, curves.values()):
-        y = np.concatenate([[0.0], np.asarray(y, dtype=np.float64)])
-        x = np.arange(len(y)) / max(len(y) - 1, 1)
-        xs, ys = px(np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1])  # steps: hold each value up to the next k
-        polyline(draw, list(zip(xs.tolist(), ys.tolist())), color, width=2, dash=dash)
-    threshold_y = float(px(0, threshold)[1])
+    dots = []
+    for (color, dash), (label, y) in zip(styles, curves.items()):
+        y = np.asarray(y, dtype=np.float64)
+        if not len(y):
+            continue
+        k = marks.get(label) or 0
+        xs, ys = px(np.arange(1, len(y) + 1), y)
+        points = _kept_points(np.atleast_1d(xs), np.atleast_1d(ys), k - 1 if 0 < k <= len(y) else None)
+        polyline(draw, points if len(points) > 1 else points * 2, color, width=2, dash=dash)
+        if 0 < k <= len(y):
+            dots.append((float(xs[k - 1]), float(ys[k - 1]), color))
+    threshold_y = float(px(1, threshold)[1])
     polyline(draw, [(x0, threshold_y), (x1, threshold_y)], BLACK, width=1, dash=(6, 4))
+    for x, y, color in dots:  # over every curve and the threshold line
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color, outline=BLACK)
     draw.rectangle([x0, y0, x1, y1], outline=BLACK)
 
     _text(image, ((x0 + x1) / 2, 10), title, 13, anchor="ma")
@@ -225,8 +269,12 @@ def curves_image(curves: Mapping[str, np.ndarray], threshold: float, *, title: s
     _text(image, (x1 + 20, y0), legend_title, 12, anchor="la")
     for i, label in enumerate(entries):
         lx, ly = x1 + 20 + (i // per_column) * column_w, y0 + 24 + (i % per_column) * 17
-        color, dash, line_width = (*styles[i], 2) if i < len(styles) else (BLACK, (6, 4), 1)
-        polyline(draw, [(lx, ly + 7), (lx + 24, ly + 7)], color, width=line_width, dash=dash)
+        if i < len(styles):
+            polyline(draw, [(lx, ly + 7), (lx + 24, ly + 7)], styles[i][0], width=2, dash=styles[i][1])
+        elif i == len(styles):
+            polyline(draw, [(lx, ly + 7), (lx + 24, ly + 7)], BLACK, width=1, dash=(6, 4))
+        else:
+            draw.ellipse([lx + 8, ly + 3, lx + 16, ly + 11], fill=WHITE, outline=BLACK)
         _text(image, (lx + 30, ly + 7), label, 12, anchor="lm")
     return image
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lightning_rank.spectral.spectrum import energy_rank
 from lightning_rank.views import drawing
 
 
@@ -66,12 +67,20 @@ def cumulative_energy(eigenvalues: Tensor) -> Tensor:
     return values.cumsum(0) / total if total > 0 else torch.zeros_like(values)
 
 def energy_image(spectra: Mapping[str, Tensor], threshold: float, title: str = "") -> Image.Image:
-    """Cumulative-energy curves of ``spectra`` against ``k / dim``, the threshold, and a legend beside the axes.
+    """Cumulative-energy curves of ``spectra`` against ``k`` on a log axis (1 to the largest input size), the
+    threshold, a dot where each curve first reaches it (the layer's in rank), and a legend beside the axes giving
+    each layer's in rank of its input size.
 
     Up to 10 curves get tab10's colours, up to 20 tab20's; beyond that dash patterns repeat the colours.
     """
-    curves = {f"{name} ({len(values)})": cumulative_energy(values).numpy() for name, values in spectra.items()}
+    curves, marks = {}, {}
+    for name, values in spectra.items():
+        rank = int(energy_rank(values, threshold))
+        label = f"{name}: {rank} of {len(values)}"
+        curves[label], marks[label] = cumulative_energy(values).numpy(), rank
     return drawing.curves_image(
-        curves, threshold, title=title, xlabel="top-k eigenvalues / input size",
-        ylabel="share of the input's energy", legend_title="layer (input size)",
+        curves, threshold, marks=marks, title=title,
+        xlabel="k: the top-k eigenvalues of the input's second moment (log scale)",
+        ylabel="their share of the input's energy", legend_title="layer: in rank of input size",
+        mark_label="in rank: the first k at the threshold",
     )

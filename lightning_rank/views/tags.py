@@ -89,17 +89,20 @@ def describe(tag: str) -> str | None:
                 f"y: 0 to 1 (1: every layer uses all of its space). {_AXES}.")
     if tag == WEIGHTED_MLU_TAG:
         return f"MLU weighted by each layer's parameter count. y: 0 to 1. {_AXES}."
-    if tag == PARAMS_RATIO_TAG:
-        return "Parameters of the whole model after compression / before (one point, at the end of fit)."
-    if tag == MACS_RATIO_TAG:
-        return "Multiply-adds per example of the whole model after compression / before (one point, at the end of fit)."
+    if tag in (PARAMS_RATIO_TAG, MACS_RATIO_TAG):
+        what = "Parameters" if tag == PARAMS_RATIO_TAG else "Multiply-adds per example"
+        return (f"{what} of the whole model / those of the dense model (RankCompression): 1 while dense, logged when "
+                "each training epoch starts; it drops at the global step of each swap (the point one step before "
+                "holds the value before it) and ends with a point at the end of fit.")
     if tag.startswith(f"{SUMMARY_GROUP}/") and tag.endswith("_change"):
-        return "The monitored metric after fine-tuning minus before compression (one point, at the end of fit)."
+        return ("The monitored metric minus its value before compression: at the step of a swap, right after the swap "
+                "(before fine-tuning); at the end of fit, after fine-tuning.")
     if tag.startswith(f"{UTILIZATION_PREFIX}/"):
         return f"Utilization of layer {layer}: {_UTILIZATION}. y: 0 to 1. {_AXES}."
     if tag.startswith(f"{IN_RANK_PREFIX}/"):
-        return (f"In rank of layer {layer}: how many eigenvalues of its input second moment hold the energy "
-                f"threshold's share of the trace. y: a count, at most the input size. {_AXES}.")
+        return (f"In rank of layer {layer} (its utilized rank is the smaller of the in and out ranks): how many "
+                "eigenvalues of its input second moment hold the energy threshold's share of the trace. "
+                f"y: a count, at most the input size. {_AXES}.")
     if tag.startswith(f"{OUT_RANK_PREFIX}/"):
         return (f"Out rank of layer {layer}: the same count for its output second moment. "
                 f"y: a count, at most the output size. {_AXES}.")
@@ -110,9 +113,10 @@ def describe(tag: str) -> str | None:
         return (f"Rows: layers (top row: the MLU); columns: analyzed validation epochs; colour: {_UTILIZATION}. "
                 "A dashed line marks where the model was compressed.")
     if tag.startswith(f"{ENERGY_PREFIX}/"):
-        return ("Cumulative energy of each layer's input: x: the top-k eigenvalues as a fraction of the input size; "
-                "y: their share of the trace. The dashed line is the energy threshold: a curve that reaches it "
-                "early uses few input directions.")
+        return ("Cumulative energy of each layer's input: x: k, the top-k eigenvalues of its second moment, on a log "
+                "scale; y: their share of the trace. The dashed line is the energy threshold; a dot marks where each "
+                "curve first reaches it, the layer's in rank (the legend gives it of the input size). A curve that "
+                "reaches it early uses few input directions.")
     return None
 
 
@@ -132,20 +136,39 @@ def report_scalars(report: RankReport, ranks: bool = False) -> dict[str, float]:
 def ratio(after: float | None, before: float | None) -> float | None:
     return None if after is None or not before else after / before
 
-def compression_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The headline scalars of a ``RankCompression.summary()``: parameter and multiply-add ratios (after /
-    before, whole model) and the monitored metric's change from before compression to after fine-tuning.
-    Figures that were not measured are left out."""
-    metrics = summary.get("metrics", {})
-    before, finetuned = metrics.get("before"), metrics.get("finetuned")
-    change = None if before is None or finetuned is None else finetuned - before
-    monitor = summary.get("monitor") or "metric"
+def kept_ratios(summary: Mapping[str, Any] | None) -> dict[str, float]:
+    """Parameters and multiply-adds of the whole model / those of the dense model, for the model a
+    ``RankCompression.summary()`` describes (after its last step); 1.0 each for the dense model (``None``). Figures
+    that were not measured are left out."""
+    if summary is None:
+        return {PARAMS_RATIO_TAG: 1.0, MACS_RATIO_TAG: 1.0}
     scalars = {
         PARAMS_RATIO_TAG: ratio(summary.get("params_after"), summary.get("params_before")),
         MACS_RATIO_TAG: ratio(summary.get("macs_after"), summary.get("macs_before")),
-        f"{SUMMARY_GROUP}/{monitor}_change": change,
     }
     return {tag: float(v) for tag, v in scalars.items() if v is not None and math.isfinite(v)}
+
+def before_last_step(summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The summary of the model before the last step of a schedule (None: the dense model), for :func:`kept_ratios`:
+    the step before's counts against the first step's."""
+    steps = summary.get("steps") or []
+    if len(steps) < 2:
+        return None
+    return {**steps[-2], "params_before": summary.get("params_before"), "macs_before": summary.get("macs_before")}
+
+def compression_scalars(summary: Mapping[str, Any], at: str = "end") -> dict[str, float]:
+    """The headline scalars of a ``RankCompression.summary()``: :func:`kept_ratios` and the monitored metric's change
+    from before compression, ``at`` the swap (to right after it) or the ``"end"`` of fit (to after fine-tuning).
+    Figures that were not measured are left out."""
+    if at not in ("swap", "end"):
+        raise ValueError(f"`at` must be 'swap' or 'end', got {at!r}")
+    metrics = summary.get("metrics", {})
+    before, now = metrics.get("before"), metrics.get("compressed" if at == "swap" else "finetuned")
+    change = None if before is None or now is None else now - before
+    scalars = kept_ratios(summary)
+    if change is not None and math.isfinite(change):
+        scalars[f"{SUMMARY_GROUP}/{summary.get('monitor') or 'metric'}_change"] = float(change)
+    return scalars
 
 def _chunks(items: Sequence[str], most: int = MAX_LINES_PER_CHART) -> list[Sequence[str]]:
     """``items`` in order, cut into the fewest runs of at most ``most``, as even as possible (6 -> 3 + 3)."""
@@ -153,7 +176,9 @@ def _chunks(items: Sequence[str], most: int = MAX_LINES_PER_CHART) -> list[Seque
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 def utilization_layout(layers: Sequence[str]) -> dict[str, dict[str, list]]:
-    """A custom-scalars layout: the MLU, every layer's utilization by block, and by role across blocks.
+    """A custom-scalars layout: the MLU (with the parameters and multiply-adds kept, which a ``RankCompression``
+    logs from the start of fit: their drop marks each swap), every layer's utilization by block, and by role across
+    blocks.
 
     Charts are ``Multiline`` over anchored tag regexes (so ``fc1`` never collects ``fc10``), with at most
     :data:`MAX_LINES_PER_CHART` lines each, so every line of a chart has its own marker symbol; titles
@@ -170,11 +195,11 @@ def utilization_layout(layers: Sequence[str]) -> dict[str, dict[str, list]]:
     for group, members in group_layers(layers, layer_group).items():
         for chunk in _chunks(members):
             by_block[f"{group}: {', '.join(short(m, group) for m in chunk)}"] = ["Multiline", tags(chunk)]
+    summary = [MLU_TAG, WEIGHTED_MLU_TAG, PARAMS_RATIO_TAG, MACS_RATIO_TAG]
     layout = {
         "lightning-rank summary": {
-            "mean layer utilization (MLU) and parameter-weighted MLU": [
-                "Multiline", [f"^{re.escape(MLU_TAG)}$", f"^{re.escape(WEIGHTED_MLU_TAG)}$"]
-            ],
+            "MLU and parameter-weighted MLU; with RankCompression, parameters and multiply-adds kept / dense "
+            "(their drop marks the swap)": ["Multiline", [f"^{re.escape(tag)}$" for tag in summary]],
         },
         "utilization by block": by_block,
     }

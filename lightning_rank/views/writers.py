@@ -100,8 +100,9 @@ def write_report_text(writer: Any, report: RankReport, step: int, tag: str = REP
     """The report as a markdown table in TensorBoard's text tab."""
     writer.add_text(tag, report.to_markdown(), step)
 
-def write_compression(writer: Any, summary: Mapping[str, Any], step: int) -> None:
-    """Write :func:`compression_scalars` (with descriptions) and :func:`compression_markdown` as text."""
-    write_scalars(writer, compression_scalars(summary), step)
-    writer.add_text(COMPRESSION_TEXT_TAG, compression_markdown(summary), step)
+def write_compression(writer: Any, summary: Mapping[str, Any], step: int, at: str = "end", epoch: int | None = None) -> None:
+    """Write :func:`compression_scalars` (with descriptions) and :func:`compression_markdown` as text, ``at`` the
+    swap (with the metric right after it) or the ``"end"`` of fit (after fine-tuning)."""
+    write_scalars(writer, compression_scalars(summary, at), step)
+    writer.add_text(COMPRESSION_TEXT_TAG, compression_markdown(summary, at, step=step, epoch=epoch), step)
     writer.flush()

@@ -6,6 +6,8 @@ what it saw to ``OUT_DIR`` as JSON; the test compares it with a one-process refe
 
 - ``monitor``: ``trainer.validate`` twice with ``RankMonitor``: counting every row in float64 (``exact``), then
   under the default row budget (``auto``), where each process's share holds more rows than the budget.
+- ``compression``: ``RankCompression`` (and ``RankMonitor``) in a fit of 3 epochs, the swap at epoch 1, a
+  distributed checkpoint at every epoch; then a second fit resumed from the checkpoint of epoch 1 (after the swap).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
@@ -101,8 +105,39 @@ def main(mode: str, out: Path) -> None:
             trainer.validate(ShardedBlocks(), loader)
             written[name] = {"report": monitor.report.to_dict(), "bytes": monitor.history[-1]["statistics_bytes"]}
         (out / f"monitor_rank{trainer.global_rank}.json").write_text(json.dumps(written))
+    elif mode == "compression":
+        written = {"full": fit_compressed(out / "full", 3), "first": fit_compressed(out / "resumed", 2)}
+        written["resumed"] = fit_compressed(out / "resumed", 3, resume=out / "resumed" / "checkpoints" / "last.ckpt")
+        (out / f"compression_rank{written['full']['rank']}.json").write_text(json.dumps(written))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def fit_compressed(root: Path, epochs: int, resume: Path | None = None) -> dict:
+    """Fit ``ShardedBlocks`` with ``RankCompression`` to ``epochs`` epochs; what this process then holds."""
+    L.seed_everything(0, verbose=False)
+    compression = lr.RankCompression(compress_at_epoch=1, param_budget=0.6, monitor="val_loss")
+    monitor = lr.RankMonitor()
+    checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=-1, every_n_epochs=1)
+    trainer = make_trainer(root, epochs, [compression, monitor, checkpoint], devices=2, strategy=strategy(),
+                           logger=False)
+    model = ShardedBlocks()
+    trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(token_data(128, seed=1), batch_size=32),
+                ckpt_path=resume)
+    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().double()
+            for name, p in model.named_parameters()}
+    return {
+        "rank": trainer.global_rank,
+        "types": {name: type(module).__name__ for name, module in model.named_modules() if name.count(".") == 2},
+        "sharded": sorted(name for name, p in model.named_parameters() if isinstance(p, DTensor)),
+        "parameters": {name: t.flatten().tolist() for name, t in full.items()},
+        "local": {name: list(p.to_local().shape) for name, p in model.named_parameters() if isinstance(p, DTensor)},
+        "ranks": compression.result.layers if compression.result else None,
+        "metrics": compression.metrics,
+        "reports": [entry["report"]["mlu"] for entry in monitor.history],
+        "factorized": [entry["factorized"] for entry in monitor.history],
+        "checkpoint": str(trainer.checkpoint_callback.last_model_path),
+    }
 
 
 if __name__ == "__main__":

@@ -96,3 +96,36 @@ def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], me
         state._is_root = None
     if states:
         states[0]._state_ctx = FSDPStateContext()  # the root's: model.modules() starts at the root
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """While open, every FSDP2 unit of ``model`` holds its full parameters as plain tensors, through forwards and
+    backwards too (a planner may run the model): ``unshard()`` each unit, with resharding after forward and backward
+    off; on leaving, ``reshard()`` each and put their resharding settings back. Every process must enter it.
+    Without FSDP2 units this does nothing.
+
+    Reads and restores FSDP2 internals (``_auto_reshard_after_forward``, each parameter group's
+    ``post_forward_mesh_info`` and ``reshard_after_backward``): the public setters have no getters.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        groups = [(g, g.post_forward_mesh_info, g.reshard_after_backward) for g in state._fsdp_param_groups]
+        saved.append((state, state._auto_reshard_after_forward, groups))
+    try:
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, post_forward, after_backward in groups:
+                group.post_forward_mesh_info, group.reshard_after_backward = post_forward, after_backward

@@ -2,9 +2,8 @@
 
 Single device and DDP: every process plans from the same summed statistics; a budget is shared out by the
 model's own output on each process's first validation batches, summed over processes, so every process decides
-the same ranks. FSDP2: every process plans from the full weights, gathered one layer at a time; nothing runs
-the model while planning (FSDP would gather its own weights for that forward), so a budget is shared out by
-uniform tolerance.
+the same ranks. FSDP2: the same, with every unit unsharded while planning (every process holds the full weights,
+the model's forwards and backwards run on them, and the probe's truncations are written into them).
 """
 
 from __future__ import annotations
@@ -15,19 +14,13 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_rank.callbacks.distributed import moving_sum_reducer
-from lightning_rank.callbacks.sharded import full_weights, is_sharded
+from lightning_rank.callbacks.sharded import unsharded
 from lightning_rank.compress.factorize import FactorizationPlan, plan_factorization
 
 
 def check_sharded(compression: Any) -> None:
-    """Raise for what ``compression`` (a ``RankCompression``) cannot do on FSDP2 yet: forwards while planning (the
-    probe of ``allocation="probe"`` and the output positions of ``macs_budget``: FSDP gathers its own weights for
-    them, not those the planner sees) and distillation (a frozen dense copy of a sharded module)."""
-    if compression.allocation == "probe":
-        raise ValueError("allocation='probe' is not supported on a model sharded with FSDP2 yet: use 'auto' (which "
-                         "there is uniform tolerance) or 'uniform'")
-    if any(macs is not None for _, macs in compression.budgets):
-        raise ValueError("macs_budget is not supported on a model sharded with FSDP2 yet: use param_budget")
+    """Raise for what ``compression`` (a ``RankCompression``) cannot do on FSDP2 yet: distillation (it keeps a frozen
+    dense copy of the model, and FSDP2 modules cannot be copied)."""
     if compression.distill:
         raise ValueError("distill is not supported on a model sharded with FSDP2 yet (it keeps a dense copy of the "
                          "model): fine-tune without it")
@@ -46,14 +39,11 @@ def plan_step(
         reduce(empty)
         batches = batches if float(empty) == 0 else []
     param_budget, macs_budget = compression.budgets[compression.step]
-    names, allocation = list(stats.layers), compression.allocation
-    if is_sharded(pl_module):  # see check_sharded: no forward while planning
-        allocation, batches = "uniform", []
-    with full_weights(pl_module, names, keep=names):  # under FSDP2, every process plans from the full weights
+    with unsharded(pl_module):  # under FSDP2, every process plans from (and probes) the full weights
         return plan_factorization(
             pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
             param_budget=param_budget, macs_budget=macs_budget, refactorize=True,
             target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
-            allocation=allocation, calibration=batches or None, forward=compression.forward,
+            allocation=compression.allocation, calibration=batches or None, forward=compression.forward,
             progress=trainer.is_global_zero, reduce=reduce,
         )  # fmt: skip

@@ -6,8 +6,9 @@ what it saw to ``OUT_DIR`` as JSON; the test compares it with a one-process refe
 
 - ``monitor``: ``trainer.validate`` twice with ``RankMonitor``: counting every row in float64 (``exact``), then
   under the default row budget (``auto``), where each process's share holds more rows than the budget.
-- ``compression``: ``RankCompression`` (and ``RankMonitor``) in a fit of 3 epochs, the swap at epoch 1, a
-  distributed checkpoint at every epoch; then a second fit resumed from the checkpoint of epoch 1 (after the swap).
+- ``compression``: ``RankCompression`` (default allocation: the probe on each process's validation batches) and
+  ``RankMonitor`` in a fit of 3 epochs, the swap at epoch 1, a distributed checkpoint at every epoch; then a second
+  fit to epoch 2 and a third resumed from its checkpoint of epoch 1 (after the swap).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from tests.tiny_models import make_trainer  # noqa: E402
 
 WIDTH, HIDDEN, BLOCKS, TOKENS, SUBSPACE = 16, 48, 2, 64, 7
 SAMPLES = 256  # 128 per process: 8192 rows a layer, twice the row budget of these widths
+
+
+BUDGET, BATCH = 0.6, 32  # RankCompression's param_budget; validation batch size
+
+
+def validation_data() -> TensorDataset:
+    return token_data(128, seed=1)
 
 
 def token_data(samples: int = SAMPLES, seed: int = 0) -> TensorDataset:
@@ -116,13 +124,14 @@ def main(mode: str, out: Path) -> None:
 def fit_compressed(root: Path, epochs: int, resume: Path | None = None) -> dict:
     """Fit ``ShardedBlocks`` with ``RankCompression`` to ``epochs`` epochs; what this process then holds."""
     L.seed_everything(0, verbose=False)
-    compression = lr.RankCompression(compress_at_epoch=1, param_budget=0.6, monitor="val_loss")
+    compression = lr.RankCompression(compress_at_epoch=1, param_budget=BUDGET, monitor="val_loss", dtype=torch.float64,
+                                     max_rows_per_batch=None)
     monitor = lr.RankMonitor()
     checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=-1, every_n_epochs=1)
     trainer = make_trainer(root, epochs, [compression, monitor, checkpoint], devices=2, strategy=strategy(),
                            logger=False)
     model = ShardedBlocks()
-    trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(token_data(128, seed=1), batch_size=32),
+    trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH),
                 ckpt_path=resume)
     full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().double()
             for name, p in model.named_parameters()}
@@ -136,7 +145,7 @@ def fit_compressed(root: Path, epochs: int, resume: Path | None = None) -> dict:
         "metrics": compression.metrics,
         "reports": [entry["report"]["mlu"] for entry in monitor.history],
         "factorized": [entry["factorized"] for entry in monitor.history],
-        "checkpoint": str(trainer.checkpoint_callback.last_model_path),
+        "allocation": compression.result.allocation if compression.result else None,
     }
 
 

@@ -76,7 +76,7 @@ class RankMonitor(ValidationStatisticsCallback):
       ``to_dict()``; ``factorized``: the low-rank layers the model held, ``{name: rank}`` (empty while dense), so
       each of ``RankCompression``'s steps shows;
       ``seconds``: what the monitor spent on that epoch, ``{"statistics", "analysis", "publish"}``, the last
-      being the report's JSON, logged scalars and TensorBoard views);
+      being the report's JSON, logged scalars and TensorBoard views; ``statistics_bytes``: what each process held);
     - ``trainer.callback_metrics["rank/mlu"]`` holds the MLU (so ``ModelCheckpoint`` and ``EarlyStopping``
       can monitor it);
 
@@ -89,8 +89,9 @@ class RankMonitor(ValidationStatisticsCallback):
     If during ``fit`` the monitor takes more than a quarter of the time since the previous analyzed epoch (or
     the start), it says so once, with where the time went and what lowers it (a ``PossibleUserWarning``).
 
-    Under DDP the statistics are summed over processes before any rank is computed, so the report equals
-    that of one process that saw all the data. A compiled model is run eagerly during analyzed epochs
+    Under DDP and FSDP2 each layer input has an owning process that counts it on its own share of the data (row
+    budget ``"auto"``; rows of every process when its share is short or every row counts: ``pooled``) and
+    analyzes it; every process ends with the same report. A compiled model is run eagerly during analyzed epochs
     (``torch.compiler.set_stance("force_eager")``), because hooks do not fire inside compiled code.
 
     Args:

@@ -96,7 +96,7 @@ class FactorizationResult:
             f"**{self.method}**: parameters {self.params_before:,} -> {self.params_after:,} "
             f"({100 * self.params_after / max(self.params_before, 1):.1f}%), {len(self.layers)} layers replaced",
             "",
-            "| layer | out x in | rank | rel. output error | params | replaced |",
+            "| layer | out x in | kept rank | rel. output error | params | replaced |",
             "|---|---|---:|---:|---:|---|",
         ]
         for name, d in self.details.items():

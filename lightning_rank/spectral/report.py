@@ -127,7 +127,7 @@ class RankReport:
             f"energy threshold {self.threshold:g}, {len(self.analyzed)} layers analyzed"
             + (f", {len(self.skipped)} skipped" if self.skipped else ""),
             "",
-            "| layer | kind | out x in | in rank | out rank | rank | utilization | eff. rank in / out | rows |",
+            "| layer | kind | out x in | in rank | out rank | utilized rank | utilization | eff. rank in / out | rows |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, layer in self.analyzed.items():

@@ -63,13 +63,13 @@ def reduce_to_owners(
 
     skipped = {name: reason for name, reason in stats.skipped.items() if name not in index}  # unobservable layers
     sources: dict[str, str] = {}
-    pooled: dict[str, bool] = {}
+    pool_of: dict[str, bool] = {}  # the owner's decision where it reached the layer, else any process's
     for i, name in enumerate(names):
         owner = share.owners.get(name) if share.owners else None
-        if owner is not None and pooled_codes[owner, i] >= 0:
-            pool = bool(pooled_codes[owner, i] > 0)
-        else:
-            pool = bool(pooled_codes[:, i].amax() > 0)
+        owner_decided = owner is not None and pooled_codes[owner, i] >= 0
+        pool_of[name] = bool((pooled_codes[owner, i] if owner_decided else pooled_codes[:, i].amax()) > 0)
+    for i, name in enumerate(names):
+        owner, pool = share.owners.get(name) if share.owners else None, pool_of[name]
         counted = keys[:, i] if pool or owner is None else keys[owner : owner + 1, i]
         reached = counted >= 0
         local = stats.skipped.get(name)
@@ -81,7 +81,8 @@ def reduce_to_owners(
         elif counted.amax() != torch.where(reached, counted, len(names)).amin():
             skipped[name] = "its input was shared with other layers on some processes but not on others"
         else:
-            sources[name], pooled[name] = names[int(counted.amax())], pool
+            sources[name] = names[int(counted.amax())]
+    pooled = {name: pool_of[key] for name, key in sources.items()}
 
     def analyzer_of(key: str) -> int:
         return share.owners[key] if share.owners else share.rank
@@ -90,7 +91,7 @@ def reduce_to_owners(
     for key in dict.fromkeys(sources.values()):
         destination = analyzer_of(key)
         local_stats = stats.inputs.get(key)
-        if pooled[key]:
+        if pool_of[key]:
             if local_stats is None:
                 local_stats = InputStatistics.zeros(layer_shape(collector.targets[key])[1], collector.dtype, device)
             if share.owners:

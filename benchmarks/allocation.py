@@ -3,11 +3,11 @@
 Rules compared at 60%, 50%, 40% and 25% of the replaceable layers' parameters:
 
 - ``uniform``: one common tolerance on every layer's relative output error, bisected to meet the budget
-  (``allocation="uniform"``, what ``factorize_`` does without calibration batches): the floor;
+  (``allocation="uniform"``, what ``factorize_`` does with no calibration batch at all): the floor;
 - ``probe (plain)``: the probe rule on plain whitened truncations (``allocate(..., output_weighted=False)``,
   the default before output weighting), applied with ``factorize_(ranks=..., method="whiten")``;
-- ``probe``: the default with calibration batches, ``lr.factorize_(model, stats, param_budget=b,
-  method="whiten", calibration=batches)``: truncations weighted by the model-output gradient moment at
+- ``probe``: the default, ``lr.factorize_(model, stats, param_budget=b, method="whiten", calibration=batches)``
+  (without ``calibration=``, on the first 4 batches ``lr.collect`` kept): truncations weighted by the model-output gradient moment at
   each layer's output, ranks allocated on their linearized end-to-end damage, checked against uniform.
 
 The probe runs on the first ``--probe-batches`` calibration batches (default 1: 128 images, or 64 sequences).
@@ -22,6 +22,10 @@ Also printed: what each rule cost (forward passes over a calibration batch, seco
 ``param_budget`` and a ``macs_budget`` of 50% keep of each.
 
 Timings are CPU seconds on one thread (``torch.set_num_threads(1)``), so they do not swing with other jobs.
+
+``--plain``: only what the plain call ``lr.factorize_(model, stats, param_budget=b)`` gives (the budget shared
+out on the first batches ``lr.collect`` kept) against uniform tolerance and against the same call given those
+batches explicitly (``calibration=task.calibration[:4]``, ``forward`` as collect's): the plain call must match it.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/allocation.py   (about 7 minutes on two busy CPU cores, 2 of them
 for the ViT-B-shaped encoders, which `--skip-wide` leaves out;
@@ -96,6 +100,31 @@ def run(task: models.Task, budgets: tuple[float, ...], probe_batches: int) -> li
             row[rule] = models.evaluate(task, compressed, dense["logits"])
         rows.append(row)
     return rows
+
+
+def plain_call(task: models.Task, budgets: tuple[float, ...]) -> list[str]:
+    """Rows of the ``--plain`` table: uniform tolerance, the plain call and the explicitly calibrated call."""
+    stats = lr.collect(task.model, task.calibration)
+    kept = len(stats.calibration)
+    dense = models.evaluate(task, task.model)
+    fmt = (lambda s: f"{s:.3f}") if task.kind == "lm" else (lambda s: f"{100 * s:.1f}%")
+    lines = []
+    for budget in budgets:
+        results, judged = {}, {}
+        for label, options in (("uniform", {"allocation": "uniform"}), ("plain", {}),
+                               ("calibrated", {"calibration": task.calibration[:kept]})):
+            compressed = copy.deepcopy(task.model)
+            results[label] = lr.factorize_(compressed, stats, param_budget=budget, progress=False, **options)
+            judged[label] = models.evaluate(task, compressed, dense["logits"])
+        same = results["plain"].layers == results["calibrated"].layers and (
+            judged["plain"]["error"] == judged["calibrated"]["error"])
+        assert same, (results["plain"].layers, results["calibrated"].layers)
+        cells = " | ".join(f"{judged[k]['error']:.4g} / {fmt(judged[k]['score'])}" for k in ("uniform", "plain",
+                                                                                            "calibrated"))
+        lines.append(f"| {task.name} | {budget:.0%} | {fmt(dense['score'])} | {cells} | "
+                     f"{judged['plain']['error'] / judged['uniform']['error']:.2f} | {results['plain'].allocation} | "
+                     f"{'yes' if same else 'NO'} |")
+    return lines
 
 
 def table(rows: list[dict]) -> str:
@@ -189,6 +218,8 @@ def main() -> None:
     parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches the probe runs on (of 4)")
     parser.add_argument("--models", nargs="+", default=["digits_vit", "digits_cnn", "char_lm"])
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the trained models in between runs")
+    parser.add_argument("--plain", action="store_true", help="only the plain factorize_(param_budget=...) call against "
+                        "uniform tolerance and the explicitly calibrated call")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # two busy cores: more threads only spin, and CPU times stay comparable
@@ -205,8 +236,21 @@ def main() -> None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(task, cached)
         tasks.append(task)
+        if args.plain:
+            rows += plain_call(task, tuple(args.budgets))
+            continue
         rows += run(task, tuple(args.budgets), args.probe_batches)
         print(f"[{time.perf_counter() - started:.0f}s] {task.name} done", flush=True)
+    if args.plain:
+        print("\nThe plain call lr.factorize_(model, stats, param_budget=b) (method 'whiten'; the budget shared out on "
+              "the 4 batches lr.collect kept) vs uniform tolerance (allocation='uniform') and vs the same call with "
+              "calibration= those 4 batches. Error: relative squared error of the logits vs dense, held-out / task "
+              "score (top-1, or perplexity for the LM)\n")
+        print("| model | kept | dense | uniform | plain call | calibrated call | plain / uniform error | rule | "
+              "plain = calibrated |\n|---|---:|---:|---:|---:|---:|---:|---|---|")
+        print("\n".join(rows))
+        print(f"\ntotal {time.perf_counter() - started:.0f}s")
+        return
     print("\nModel-output error (relative squared error of the logits vs dense, held-out) / task score "
           "(top-1, or perplexity for the LM); best error in bold\n")
     print(table(rows))

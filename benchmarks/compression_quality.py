@@ -3,7 +3,8 @@
 Two models trained here on scikit-learn's bundled digits (8x8 images, 10 classes; no download): an
 MLP 64-256-256-10 and a small ViT (``benchmarks/vit.py``: 2x2 patches, 16 tokens, dim 64, 2 blocks).
 Statistics are collected on the training split; each method then keeps the same fraction
-(``param_budget``) of the factorizable layers' parameters. Reported on the test split: accuracy
+(``param_budget``) of the factorizable layers' parameters, shared out by uniform tolerance (``allocation="uniform"``,
+so that only the method differs). Reported on the test split: accuracy
 (torchmetrics), the relative error of the logits ``||f'(x) - f(x)||^2 / ||f(x)||^2``, and the mean over
 layers of the relative output error ``factorize_`` reports from the statistics (each layer on the
 dense model's inputs). Expected order: whiten better than projection, both far better than svd.
@@ -97,7 +98,7 @@ def main() -> None:
         for budget in BUDGETS:
             for method in METHODS:
                 compressed = copy.deepcopy(model)
-                result = lr.factorize_(compressed, stats, method=method, param_budget=budget)
+                result = lr.factorize_(compressed, stats, method=method, param_budget=budget, allocation="uniform")
                 accuracy, logit_error = evaluate(compressed, x_test, y_test, reference)
                 errors = [d.relative_error for d in result.details.values() if d.replaced]
                 kept = result.layer_params_after / result.layer_params_before

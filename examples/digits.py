@@ -81,7 +81,8 @@ class DigitsViT(L.LightningModule):
     ``max_epochs`` when None; ``RankCompression(compress_at_epoch=dense_epochs)`` swaps right after them). When
     ``RankCompression`` has swapped in low-rank layers, it calls ``configure_optimizers`` again: the model then
     fine-tunes with a cosine decay from ``finetune_lr`` over the remaining steps, gentle enough to keep the
-    factors close to the trained weights.
+    factors close to the trained weights; with ``RankCompression(distill=w)`` it fine-tunes towards the dense
+    model's predictions (``lr.distillation_loss``), a no-op before the swap and without ``distill``.
     """
 
     def __init__(
@@ -110,7 +111,9 @@ class DigitsViT(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
+        logits = self(images)
+        # after a swap by RankCompression(distill=w): mixed with KL(dense teacher || model); otherwise the loss itself
+        loss = lr.distillation_loss(self, batch, logits, F.cross_entropy(logits, labels))
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

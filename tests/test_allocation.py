@@ -18,6 +18,7 @@ import lightning_rank as lr
 from lightning_rank.compress.allocation import allocate, allocate_on_curves, uniform_tolerance
 from lightning_rank.compress.candidates import LayerCandidate
 from lightning_rank.compress.probe import Probe
+from lightning_rank.stats.collect import CALIBRATION_BATCHES
 from tests.helpers import layer_candidates
 from tests.tiny_models import Conv1D
 
@@ -401,7 +402,7 @@ def test_factorize_with_calibration_batches_allocates_by_the_models_own_output()
     with torch.no_grad():
         reference = model(fresh)
     errors, results = {}, {}
-    for label, kwargs in (("uniform", {}), ("probe", {"calibration": batches})):
+    for label, kwargs in (("uniform", {"allocation": "uniform"}), ("probe", {"calibration": batches})):
         compressed = copy.deepcopy(model)
         results[label] = lr.factorize_(compressed, stats, method="whiten", param_budget=0.45, exclude_modules=["mix"],
                                        **kwargs)
@@ -413,8 +414,10 @@ def test_factorize_with_calibration_batches_allocates_by_the_models_own_output()
     assert details["loud"].sensitivity > 10 * details["quiet"].sensitivity
     assert 0 < details["loud"].energy_kept <= 1 and details["loud"].rank > results["uniform"].details["loud"].rank
     assert results["probe"].to_dict()["allocation"] == "probe"
-    with pytest.raises(ValueError, match="`macs_budget` needs `calibration`"):
-        lr.factorize_(copy.deepcopy(model), stats, macs_budget=0.5)
+    with pytest.raises(ValueError, match="`macs_budget` needs calibration batches"):
+        lr.factorize_(copy.deepcopy(model), stats, macs_budget=0.5, calibration=[])
+    with pytest.raises(ValueError, match="allocation='probe' needs calibration batches"):
+        lr.factorize_(copy.deepcopy(model), stats, param_budget=0.5, allocation="probe", calibration=[])
     with pytest.raises(ValueError, match="either `param_budget` or `macs_budget`"):
         lr.factorize_(copy.deepcopy(model), stats, param_budget=0.5, macs_budget=0.5, calibration=batches)
     with pytest.raises(ValueError, match="`allocation` must be one of"):
@@ -422,6 +425,58 @@ def test_factorize_with_calibration_batches_allocates_by_the_models_own_output()
 
 
 # -- output-weighted truncations ------------------------------------------------------------------
+def test_the_plain_call_shares_a_budget_out_on_the_first_batches_collect_kept() -> None:
+    """``factorize_(model, stats, param_budget=b)``: the probe rule on ``stats.calibration`` (the first batches collect
+    ran, with its forward), exactly as the call given those batches; ``calibration=`` overrides; opting out is uniform."""
+    model, _, _, g = two_branches_with_data()
+    data = [{"x": torch.randn(128, 16, generator=g) * SCALES} for _ in range(6)]
+    seen: list[Any] = []
+
+    def forward(m: nn.Module, batch: dict) -> torch.Tensor:  # the default forward would call m(x=...) and fail
+        seen.append(batch)
+        return m(batch["x"])
+
+    stats = lr.collect(model, (batch for batch in data), forward=forward)  # a generator: no length
+    assert len(stats.calibration) == CALIBRATION_BATCHES == 4 and stats.forward is forward
+    options = {"method": "whiten", "param_budget": 0.45, "exclude_modules": ["mix"], "progress": False}
+
+    def factorized(**kwargs: Any) -> tuple[lr.FactorizationResult, list[Any]]:
+        seen.clear()
+        result = lr.factorize_(copy.deepcopy(model), stats, **options, **kwargs)
+        return result, list(seen)
+
+    plain, plain_seen = factorized()
+    explicit, explicit_seen = factorized(calibration=data[:4], forward=forward)
+    assert plain.allocation == explicit.allocation == "probe"
+    assert plain.layers == explicit.layers and plain.details == explicit.details
+    assert len(plain_seen) == len(explicit_seen) > 0  # each kept batch run as often as a given one: none twice over
+    assert all(any(b is kept for kept in stats.calibration) for b in plain_seen)
+    uniform, uniform_seen = factorized(allocation="uniform")
+    assert uniform.allocation == "uniform" and not uniform_seen
+    assert uniform.layers["loud"] < plain.layers["loud"]  # the probe gives the layer the output reads more rank
+    no_batches, _ = factorized(calibration=[])
+    assert no_batches.allocation == "uniform" and no_batches.layers == uniform.layers
+    other = [{"x": torch.randn(128, 16, generator=g) * SCALES}]
+    overridden, overridden_seen = factorized(calibration=other, forward=forward)
+    assert overridden.allocation == "probe" and all(b is other[0] for b in overridden_seen)
+    # statistics without kept batches (as a callback's, or collect(..., calibration_batches=0)): uniform
+    bare = lr.collect(model, data, forward=forward, calibration_batches=0)
+    assert bare.calibration == []
+    assert lr.factorize_(copy.deepcopy(model), bare, **options).allocation == "uniform"
+
+
+def test_the_plain_call_counts_multiply_adds_on_the_kept_batches() -> None:
+    torch.manual_seed(0)
+    model = WideConvNet().eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(2)]
+    stats = lr.collect(model, batches)
+    plain = lr.factorize_(copy.deepcopy(model), stats, macs_budget=0.5, progress=False)
+    explicit = lr.factorize_(copy.deepcopy(model), stats, macs_budget=0.5, calibration=batches, progress=False)
+    assert plain.allocation == "probe" and plain.layers == explicit.layers
+    assert plain.layers.keys() & {"conv1", "conv2"}
+
+
 def test_output_weighted_truncation_is_the_least_weighted_error_of_its_rank_and_its_curve_the_layer_error() -> None:
     """Against the closed form ``W_r = R^-1 [R W S]_r S^-1`` (``R^T R = G + damping``), computed here independently."""
     g = torch.Generator().manual_seed(0)

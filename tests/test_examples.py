@@ -44,6 +44,8 @@ def test_demo_fast(example, tmp_path) -> None:
     assert out["accuracy"]["dense"] == pytest.approx(summary["metrics"]["before"], abs=1e-6)
     assert out["accuracy"]["compressed"] == pytest.approx(summary["metrics"]["finetuned"], abs=1e-6)
     assert all(seconds > 0 for seconds in out["latency"].values())
+    # fine-tuning distills from the dense model (the setting of benchmarks/digits_compression.py)
+    assert out["compression"].distill == 1.0 and out["compression"].teacher is not None
 
     assert [h["epoch"] for h in out["history"]] == [0, 1, 2]  # 2 dense epochs, 1 of fine-tuning
     reports = out["log_dir"] / "rank_reports"

@@ -376,6 +376,40 @@ def test_statistics_stay_on_the_activations_device_and_move_on_request() -> None
     assert stats.device == torch.device("cpu")
     moved = stats.to("meta")
     assert moved[""].gram.device.type == "meta" and stats[""].gram.device.type == "cpu"
+    # the kept calibration batches move along, so that a model moved there runs on them
+    assert moved.calibration[0].device.type == "meta" and stats.calibration[0].device.type == "cpu"
+    assert moved.forward is stats.forward
+
+
+def test_collect_keeps_detached_copies_of_its_first_few_batches_for_calibration() -> None:
+    layer = nn.Linear(4, 2)
+    batches = [torch.randn(3, 4) for _ in range(6)]
+    stats = lr.collect(layer, (b for b in batches))  # a generator: no length
+    assert len(stats.calibration) == 4 and stats.forward is None
+    for kept, batch in zip(stats.calibration, batches):
+        assert torch.equal(kept, batch) and kept.data_ptr() != batch.data_ptr()
+    batches[0].zero_()
+    assert stats.calibration[0].abs().sum() > 0  # a copy: changing the original does not change it
+    assert "calibration" not in repr(stats)
+    assert len(lr.collect(layer, batches[:2]).calibration) == 2  # fewer batches than that: all of them
+    assert lr.collect(layer, batches, calibration_batches=0).calibration == []
+    with pytest.raises(ValueError, match="`calibration_batches` must be an int >= 0"):
+        lr.collect(layer, batches, calibration_batches=-1)
+
+    # nested batches keep their structure; tensors made or read under inference mode come back as normal tensors
+    def forward(model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["inputs"][0])
+
+    with torch.inference_mode():
+        nested = [{"inputs": (torch.randn(3, 4), "label"), "n": 3}]
+        stats = lr.collect(layer, nested, forward=forward, calibration_batches=1)
+    (kept,) = stats.calibration
+    assert kept["n"] == 3 and kept["inputs"][1] == "label" and stats.forward is forward
+    assert not kept["inputs"][0].is_inference() and torch.equal(kept["inputs"][0], nested[0]["inputs"][0])
+    x = torch.randn(3, 4, requires_grad=True)
+    with torch.enable_grad():
+        (kept,) = lr.collect(layer, [x], calibration_batches=1).calibration
+    assert not kept.requires_grad
 
 
 def test_all_reduce_sums_every_tensor_in_place() -> None:

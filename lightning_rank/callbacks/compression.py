@@ -135,10 +135,19 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
         distill, temperature: keep a frozen copy of the model from before the first swap (the teacher), for
             :func:`~lightning_rank.distillation_loss` to mix in with weight ``distill`` in (0, 1] at ``temperature``.
 
-    Example::
+    Example:
+        >>> import lightning_rank as lr
+        >>> compression = lr.RankCompression(compress_at_epoch=10, param_budget=0.5, monitor="val_acc")
+        >>> compression.compress_at_epoch, compression.param_budget, compression.method, compression.allocation
+        (10, 0.5, 'whiten', 'auto')
 
-        trainer = Trainer(max_epochs=12, callbacks=[lr.RankCompression(compress_at_epoch=10, param_budget=0.5,
-                                                                       monitor="val_acc")])
+        In ``Trainer(max_epochs=12, callbacks=[compression]).fit(model)`` it swaps after 10 dense epochs and 2
+        fine-tune. Every argument is checked when the callback is made:
+
+        >>> lr.RankCompression(param_budget=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `param_budget` must be a fraction in (0, 1] of the replaceable layers' parameters to keep, got 1.5
     """
 
     def __init__(

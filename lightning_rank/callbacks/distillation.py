@@ -53,7 +53,21 @@ def distillation_loss(pl_module: LightningModule, batch: Any, output: Tensor, lo
     (``T``: its ``temperature``). Before the first swap, or without such a callback, ``loss`` itself.
 
     ``output`` is the model's output (logits) on ``batch``, the teacher's comes from the callback's ``forward``
-    (default: as in :func:`~lightning_rank.collect`), so call it with the batch ``training_step`` got."""
+    (default: as in :func:`~lightning_rank.collect`), so call it with the batch ``training_step`` got. In a
+    LightningModule trained with ``RankCompression(distill=1.0)`` among its callbacks::
+
+        def training_step(self, batch, batch_idx):
+            images, labels = batch
+            logits = self(images)
+            return lr.distillation_loss(self, batch, logits, F.cross_entropy(logits, labels))
+
+    Without such a callback (or before its first swap) it is ``loss`` itself:
+
+    >>> import torch, lightning as L, lightning_rank as lr
+    >>> loss = torch.tensor(2.3)
+    >>> lr.distillation_loss(L.LightningModule(), (torch.zeros(2, 8),), torch.zeros(2, 10), loss) is loss
+    True
+    """
     trainer = getattr(pl_module, "_trainer", None)
     for callback in trainer.callbacks if trainer is not None else []:
         teacher = getattr(callback, "teacher", None)

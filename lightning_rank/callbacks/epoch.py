@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_rank.callbacks.owners import SharedStatistics, reduce_to_owners
 from lightning_rank.checks import StatisticsArguments
+from lightning_rank.stats.collect import CALIBRATION_BATCHES  # noqa: F401 (RankCompression's, from here)
 from lightning_rank.stats.collector import StatisticsCollector
 from lightning_rank.stats.ownership import ProcessShare, assign_owners
 
@@ -36,7 +37,6 @@ def epoch_batches(trainer: Trainer, dataloader_idx: int | None) -> int | None:
         return None
     return int(total)
 
-CALIBRATION_BATCHES = 4  # validation batches kept for rank allocation and counting multiply-adds
 
 class EpochStatistics:
     """Count the inputs of ``pl_module``'s target layers over the validation batches of one epoch.

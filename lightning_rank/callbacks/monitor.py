@@ -103,12 +103,11 @@ class RankMonitor(ValidationStatisticsCallback):
         exclude_modules: layers to leave out, in the same forms.
         mask_fn: ``mask_fn(batch)`` returns a bool mask over the inputs' leading dims (e.g. ``(B, T)``),
             so padding rows are not counted.
-        max_rows_per_batch: the row policy. ``"auto"`` (default): count about ``max(4096, 64 * fan_in)``
-            uniformly drawn rows of each layer input per analyzed epoch, the same fraction of each of the
-            epoch's validation batches (one draw per batch shared by the layers), which keeps ranks within
-            +-1 of exact statistics at a fraction of the cost; an int: at most that many rows a batch;
-            ``None``: every row (exact statistics). Each layer's ``rows`` in the report says how many rows
-            were counted.
+        max_rows_per_batch: the row policy. ``"auto"`` (default): count about ``max(4096, 64 * fan_in)`` uniformly drawn
+            rows of each layer input per analyzed epoch, the same fraction of each of the epoch's validation batches
+            (one draw per batch shared by the layers), which keeps ranks within +-1 of exact statistics at a fraction of
+            the cost; an int: at most that many rows a batch; ``None``: every row (exact statistics). Each layer's
+            ``rows`` in the report says how many rows were counted.
         dtype: accumulation dtype, ``torch.float32`` or ``torch.float64``.
         centered: use covariances instead of uncentered second moments.
         tensorboard: write the layout and the ``views`` to each ``TensorBoardLogger``.
@@ -127,13 +126,14 @@ class RankMonitor(ValidationStatisticsCallback):
             seconds only at its end. ``None``: on every analyzed epoch. Scalars, the layout, the table and the
             histograms are written on every analyzed epoch whatever this says.
         seed: seed of the row subsampling.
-        eig_dtype: precision of the epoch-end eigenproblems. float32 (default) gives exactly the ranks of
-            float64: a moment whose rank its float32 error bounds leave open is solved again in float64.
+        eig_dtype: precision of the epoch-end eigenproblems: float32 (default), certified to give float64's ranks.
         dataloader_idx: the validation dataloader whose batches are counted (None: all of them, pooled).
 
-    Example::
-
-        trainer = Trainer(callbacks=[lr.RankMonitor(every_n_epochs=2)])
+    Example:
+        >>> import lightning_rank as lr
+        >>> monitor = lr.RankMonitor(every_n_epochs=2)  # then: Trainer(callbacks=[monitor]).fit(model)
+        >>> monitor.every_n_epochs, monitor.threshold, monitor.eig_dtype, monitor.report, monitor.history
+        (2, 0.99, torch.float32, None, [])
     """
 
     def __init__(

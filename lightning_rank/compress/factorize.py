@@ -126,12 +126,18 @@ def plan_factorization(
     layers' parameters or ``macs_budget`` of their multiply-adds per example (at most one of ``ranks``,
     ``param_budget``, ``macs_budget``). Layers that can never be replaced (tied weights,
     ``nn.MultiheadAttention`` projections, layers without statistics) are out of a budget's base and
-    listed with the reason in ``result.details``. ``allocation`` (see
-    :func:`~lightning_rank.compress.planning.plan_budget`): ``"auto"`` lets the model's own output on the
-    ``calibration`` batches (a few, run through ``forward`` as in :func:`~lightning_rank.collect`)
-    decide where rank matters, never worse there than one common error tolerance ("uniform", the rule
-    without calibration batches). ``macs_budget`` needs ``calibration`` batches to count each layer's
-    output positions. ``method``: ``"whiten"`` (default, as in ``RankCompression``: the least output error on the
+    listed with the reason in ``result.details``.
+
+    A budget is shared out end to end by default: ``allocation="auto"`` (see
+    :func:`~lightning_rank.compress.planning.plan_budget`) lets the model's own output on a few calibration
+    batches decide where rank matters, never worse there than one common error tolerance on every layer
+    (``"uniform"``). The calibration batches are, by default, the first ones :func:`~lightning_rank.collect` ran
+    (``stats.calibration``, run through ``forward`` or else the ``forward`` collect was given), so the plain
+    ``factorize_(model, stats, param_budget=0.5)`` allocates as ``RankCompression`` does; ``calibration=``
+    (a few batches the model's ``forward`` takes) replaces them. ``allocation="uniform"`` opts out (no
+    forward or backward pass); ``calibration=[]`` too, as there is then no batch to calibrate on.
+    ``result.allocation`` names the rule that decided. ``macs_budget`` needs calibration batches to count
+    each layer's output positions. ``method``: ``"whiten"`` (default, as in ``RankCompression``: the least output error on the
     data), ``"projection"`` (the paper's ``P_T W P_S``) or ``"svd"`` (data-free). With statistics, ranks never
     depend on ``method``; only the factors do. A layer
     is replaced only where ``rank * (out + fan_in) < out * fan_in``. ``progress``: progress bars on
@@ -159,18 +165,23 @@ def plan_factorization(
     threshold = check_threshold(threshold)
     ranks, budget, macs = check_rank_choice(ranks, param_budget, macs_budget)
     allocation = check_allocation(allocation)
-    calibration = list(calibration) if calibration is not None else None
-    if macs is not None and not calibration:
-        raise ValueError("`macs_budget` needs `calibration` batches (e.g. a few of those given to lr.collect) to "
-                         "count each layer's output positions per example")
-    if allocation == "probe" and not calibration:
-        raise ValueError("allocation='probe' needs `calibration` batches: a few batches the model's forward takes")
     if stats is None and method != "svd":
         raise ValueError(
             f"method={method!r} needs `stats`: collect them with lr.collect(model, batches), or use method='svd'"
         )
     if stats is not None and not isinstance(stats, ActivationStatistics):
         raise TypeError(f"`stats` must be ActivationStatistics from lr.collect or None, got {type(stats).__name__}")
+    if calibration is not None:
+        calibration = list(calibration) or None  # []: no calibration batches, not even those `stats` kept
+    elif stats is not None and stats.calibration and (allocation != "uniform" or macs is not None):
+        # the first batches lr.collect ran, with its forward (uniform tolerance needs them only to count MACs)
+        calibration, forward = list(stats.calibration), forward or stats.forward
+    if macs is not None and not calibration:
+        raise ValueError("`macs_budget` needs calibration batches to count each layer's output positions per example: "
+                         "statistics from lr.collect keep their first batches, or pass `calibration=` (a few batches)")
+    if allocation == "probe" and not calibration:
+        raise ValueError("allocation='probe' needs calibration batches: statistics from lr.collect keep their first "
+                         "batches, or pass `calibration=` (a few batches the model's forward takes)")
 
     targets, unselectable = factorization_targets(model, stats, target_modules, exclude_modules)
     wanted = resolve_ranks(ranks, targets)
@@ -226,7 +237,17 @@ def factorize_(model: nn.Module, stats: ActivationStatistics | None, **options: 
     """Replace the selected layers of ``model`` in place by low-rank factors; returns what was done.
 
     :func:`plan_factorization` with the same arguments, then :meth:`FactorizationPlan.apply_`: either every
-    planned layer is replaced, or, on an error, none.
+    planned layer is replaced, or, on an error, none. A ``param_budget`` (or ``macs_budget``) is shared out by
+    the model's own output on the batches ``stats`` kept (``stats.calibration``, the first ones
+    :func:`~lightning_rank.collect` ran) unless ``calibration=`` gives others; ``allocation="uniform"`` opts out.
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> stats = lr.collect(model, [torch.randn(128, 64) for _ in range(4)])
+    >>> result = lr.factorize_(model, stats, param_budget=0.5, progress=False)
+    >>> result.allocation, result.layer_params_after <= 0.5 * result.layer_params_before  # on stats.calibration
+    ('probe', True)
     """
     return plan_factorization(model, stats, **options).apply_(model)
 

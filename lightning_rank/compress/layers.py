@@ -60,6 +60,19 @@ class LowRankLinear(nn.Module):
 
     ``dense_type`` is the class :meth:`to_dense` rebuilds (``nn.Linear``, or the ``Conv1D`` class the
     layer came from, whose weight is stored transposed).
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> dense = torch.nn.Linear(16, 8)
+    >>> u, s, vh = torch.linalg.svd(dense.weight.detach())
+    >>> low = lr.LowRankLinear.from_dense(dense, u[:, :4] * s[:4], vh[:4])  # W ~ A B of rank 4: A (8, 4), B (4, 16)
+    >>> low.rank, low.first.weight.shape, low.second.weight.shape
+    (4, torch.Size([4, 16]), torch.Size([8, 4]))
+    >>> sum(p.numel() for p in low.parameters()), sum(p.numel() for p in dense.parameters())
+    (104, 136)
+    >>> x = torch.randn(2, 16)
+    >>> torch.allclose(low.to_dense()(x), low(x), atol=1e-6)  # the dense layer of weight A B
+    True
     """
 
 
@@ -250,14 +263,36 @@ class _LowRankConv(nn.Module):
 
 
 class LowRankConv2d(_LowRankConv):
-    """A Conv2d of weight ``W ~ A B`` as a ``k x k`` Conv2d to ``rank`` channels and a ``1 x 1`` Conv2d with the bias."""
+    """A Conv2d of weight ``W ~ A B`` as a ``k x k`` Conv2d to ``rank`` channels and a ``1 x 1`` Conv2d with the bias.
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1)
+    >>> u, s, vh = torch.linalg.svd(conv.weight.detach().flatten(1))  # W as (out, C_in * kh * kw) = (8, 27)
+    >>> low = lr.LowRankConv2d.from_dense(conv, u[:, :2] * s[:2], vh[:2])
+    >>> low.first
+    Conv2d(3, 2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
+    >>> low.second
+    Conv2d(2, 8, kernel_size=(1, 1), stride=(1, 1))
+    >>> low.to_dense()
+    Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    """
 
     _conv = nn.Conv2d
     factorized_kind = "conv2d"
 
 
 class LowRankConv1d(_LowRankConv):
-    """A Conv1d of weight ``W ~ A B`` as a size-``k`` Conv1d to ``rank`` channels and a size-1 Conv1d with the bias."""
+    """A Conv1d of weight ``W ~ A B`` as a size-``k`` Conv1d to ``rank`` channels and a size-1 Conv1d with the bias.
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> conv = torch.nn.Conv1d(4, 6, kernel_size=5)
+    >>> u, s, vh = torch.linalg.svd(conv.weight.detach().flatten(1))  # (6, 4 * 5)
+    >>> low = lr.LowRankConv1d.from_dense(conv, u[:, :3] * s[:3], vh[:3])
+    >>> low.rank, low.first, low.second
+    (3, Conv1d(4, 3, kernel_size=(5,), stride=(1,), bias=False), Conv1d(3, 6, kernel_size=(1,), stride=(1,)))
+    """
 
     _conv = nn.Conv1d
     factorized_kind = "conv1d"

@@ -38,6 +38,15 @@ def load_factorized(
     missing or unexpected key; ``strict=False`` loads what fits and warns about the rest, as
     ``load_state_dict(strict=False)`` and ``LightningModule.load_from_checkpoint`` do. Shapes must fit
     either way.
+
+    >>> import torch, lightning_rank as lr
+    >>> def build():
+    ...     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> compressed = build()
+    >>> compressed[0] = lr.LowRankLinear(16, 32, rank=4)  # as factorize_ or RankCompression leave it
+    >>> model = lr.load_factorized(build(), compressed.state_dict())  # or a path to a saved one, or a checkpoint
+    >>> type(model[0]).__name__, model[0].rank, torch.equal(model[0].first.weight, compressed[0].first.weight)
+    ('LowRankLinear', 4, True)
     """
     state = _read_state_dict(state_dict_or_path)
     modules = factorized_modules(model, state)
@@ -112,11 +121,20 @@ class FactorizedCheckpointMixin:
     layers the checkpoint holds before its weights load. A subclass that overrides ``on_load_checkpoint`` calls
     ``super().on_load_checkpoint(checkpoint)``.
 
-    Example::
-
-        class Model(lr.FactorizedCheckpointMixin, L.LightningModule): ...
-
-        model = Model.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    >>> import pathlib, tempfile
+    >>> import lightning as L, torch, lightning_rank as lr
+    >>> class Model(lr.FactorizedCheckpointMixin, L.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(8, 4)
+    >>> compressed = Model()
+    >>> compressed.fc = lr.LowRankLinear(8, 4, rank=2)  # as RankCompression leaves it
+    >>> with tempfile.TemporaryDirectory() as folder:  # a checkpoint as a Trainer writes it, in short
+    ...     path = pathlib.Path(folder) / "last.ckpt"
+    ...     torch.save({"state_dict": compressed.state_dict(), "pytorch-lightning_version": L.__version__}, path)
+    ...     model = Model.load_from_checkpoint(path)  # e.g. trainer.checkpoint_callback.best_model_path
+    >>> model.fc.rank, torch.equal(model.fc.first.weight, compressed.fc.first.weight)
+    (2, True)
     """
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -17,6 +17,15 @@ class LayerFactorization:
     dense, ``None`` without statistics), ``reason`` why it was not replaced. Under a budget,
     ``energy_kept`` is the share of the layer's output energy its rank keeps, and ``sensitivity``
     (``allocation="probe"``) the model's relative output error per unit of this layer's relative error.
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> data = torch.randn(256, 4) @ torch.randn(4, 16)  # 256 rows spanning 4 of the 16 input directions
+    >>> result = lr.factorize_(model, lr.collect(model, data.split(64)))
+    >>> first = result.details["0"]
+    >>> first.replaced, first.rank, first.params_before, first.params_after, first.relative_error < 1e-6
+    (True, 4, 544, 224, True)
     """
 
     name: str
@@ -45,6 +54,16 @@ class FactorizationResult:
     ``layer_params_before`` / ``layer_params_after`` count the selected layers only; a budget is a
     fraction of the replaceable ones among them. ``allocation`` is the rule that decided the ranks under
     a budget (``"probe"`` or ``"uniform"``).
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> data = torch.randn(256, 4) @ torch.randn(4, 16)  # 256 rows spanning 4 of the 16 input directions
+    >>> result = lr.factorize_(model, lr.collect(model, data.split(64)))
+    >>> result.params_before, result.params_after, result.layers  # layers: {name: kept rank} of the replaced
+    (676, 356, {'0': 4})
+    >>> print(result.not_replaced["2"])
+    rank 4 (utilized rank at threshold 0.99) needs 144 weight parameters as factors, not fewer than the 128 ...
     """
 
     method: str

@@ -1,17 +1,12 @@
 """``analyze``: from streamed input statistics to a :class:`RankReport`; the one spectral core.
 
-Each distinct input moment is decomposed once (layers sharing an input share it). Output moments
-are derived from the input's, never streamed: formed directly when the layer narrows, and through a
-factor ``A`` (``C_y = A A^T``) whose small ``A^T A`` is decomposed when it widens. Eigenproblems of
-the same size are batched, on the statistics' device.
-
-Round-off is removed by bounds, never by a blanket cut (see :mod:`~lightning_rank.spectral.spectrum`). The
-bounds certify each energy rank from float32 eigenvalues without eigenvectors wherever they can
-(a float32 input moment carries its rounding bound, ``2u ||M||_F``; float32 products carry their error against
-the float64 ones, measured by Gaussian probes); a moment
-they leave open is solved again in float64, for its eigenvalues and then, if still open, with
-eigenvectors, whose per-direction bounds are tight even where a few huge channels hold most of the
-energy. :func:`decompose` keeps the eigenvectors for factorization.
+Each distinct input moment is decomposed once (layers sharing an input share it). Output moments are derived, never
+streamed: formed directly when the layer narrows, through a factor ``A`` (``C_y = A A^T``, its small ``A^T A``
+decomposed) when it widens. Eigenproblems of one size are batched on the statistics' device. Round-off is removed by
+bounds, never by a blanket cut (:mod:`~lightning_rank.spectral.spectrum`): float32 eigenvalues certify each energy rank
+wherever the bounds can (a float32 moment carries its rounding bound ``2u ||M||_F``, float32 products their error
+measured by Gaussian probes); a moment left open is solved again in float64, then with eigenvectors (tight even where
+a few huge channels carry most of the energy). :func:`decompose` keeps the eigenvectors for factorization.
 """
 
 from __future__ import annotations
@@ -64,8 +59,7 @@ class LayerSpectra:
 
 @dataclass
 class Analysis:
-    """What :func:`decompose` computed: the report, per analyzed layer its :class:`LayerSpectra`, and which moments
-    were solved again in float64 (``refined``: input keys, and layer names for outputs)."""
+    """What :func:`decompose` computed: the report, each layer's :class:`LayerSpectra`, the moments ``refined``."""
 
     report: RankReport
     layers: dict[str, LayerSpectra]
@@ -80,6 +74,14 @@ def analyze(model: nn.Module, stats: ActivationStatistics, *, threshold: float =
     precision of the eigenvalue problems: float32 by default, which gives exactly the ranks of float64
     because every moment whose energy rank its error bounds leave open is solved again in float64.
     ``progress``: a progress bar on stderr when the analysis takes more than a few seconds.
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> basis = torch.randn(4, 16)  # the data span 4 of the 16 input directions
+    >>> report = lr.analyze(model, lr.collect(model, [torch.randn(64, 4) @ basis for _ in range(4)]))
+    >>> report.layers["0"].in_rank, report.layers["0"].utilization  # rank 4 of min(32, 16)
+    (4, 0.25)
     """
     return decompose(model, stats, threshold=threshold, centered=centered, eig_dtype=eig_dtype,
                      progress=progress).report
@@ -99,9 +101,11 @@ def decompose(
 ) -> Analysis:
     """:func:`analyze`, also returning each layer's matrices and spectra: the one place moments are decomposed.
 
-    ``vectors`` / ``output_vectors`` keep the eigenvectors of the input / output moments (factorization
-    needs them; a report does not). ``layers`` restricts the work to those layers of ``stats``. Products
-    run at full float32 precision whatever ``torch.set_float32_matmul_precision`` says.
+    ``vectors`` / ``output_vectors`` keep the eigenvectors of the input / output moments (factorization needs them; a
+    report does not). ``layers`` restricts the work to those layers of ``stats``. Products run at full float32
+    precision whatever ``torch.set_float32_matmul_precision`` says. ``eig_dtype`` defaults to float64, unlike the public
+    paths (:func:`analyze`, ``RankMonitor``: float32, passed explicitly): factorization relies on it, computing factors
+    in float64 from these weights and eigenvectors (float32 would mix float32 weights with float64 refined vectors).
     """
     threshold = check_threshold(threshold)
     check_eig_dtype(eig_dtype)
@@ -319,8 +323,7 @@ _DIVERGED = ("its weight holds NaN or Inf, so no rank can be computed from it: t
 
 
 def _check_analyzable(targets: dict[str, Target], stats: ActivationStatistics) -> None:
-    """Raise an :class:`UnanalyzableError` for layers with NaN or Inf weights, and for float32 sums of inputs too
-    large or too small for float32 (their squares overflow, or underflow below its normal range)."""
+    """Raise an :class:`UnanalyzableError` for NaN or Inf weights and float32 input sums that over- or underflowed."""
     reasons = {}
     for name, target in targets.items():
         if not all(bool(torch.isfinite(t).all()) for t in weight_matrix(target) if t is not None):
@@ -341,8 +344,7 @@ def _check_analyzable(targets: dict[str, Target], stats: ActivationStatistics) -
 
 def _precision_limited(inputs: InputStatistics, scales: Tensor, out_scales: Tensor, out_values: Tensor,
                        threshold: float, centered: bool) -> bool:
-    """Whether the round-off bounds of a layer's input or output moment sum to more than the ``1 - threshold`` of its
-    trace that the energy rank leaves out: then the sums' precision, not the data, can decide the rank."""
+    """Whether the round-off bounds of the input or output moment exceed the ``1 - threshold`` the rank leaves out."""
     if threshold >= 1:
         return False  # at threshold 1 every eigenvalue counts: round-off removal decides by design
     roundoff, left_out = inputs.roundoff(), 1 - threshold

@@ -26,6 +26,10 @@ class LayerRank:
     several processes counted (DDP, FSDP2): ``True`` when the rows of every process were summed (every row
     counted, or its owner's share of the validation held fewer rows than the row budget), ``False`` when
     the process owning the layer counted its own share alone; ``None`` with one process.
+
+    >>> from lightning_rank import LayerRank
+    >>> LayerRank(name="fc", kind="linear", in_features=16, out_features=32, skipped="no rows reached it").analyzed
+    False
     """
 
     name: str
@@ -62,6 +66,25 @@ class RankReport:
 
     ``spectra`` holds, for reports made by :func:`~lightning_rank.analyze`, each analyzed layer's input
     and output eigenvalues (float64, descending, round-off removed); it is not part of the JSON form.
+
+    >>> import pathlib, tempfile
+    >>> from lightning_rank import LayerRank, RankReport
+    >>> fc = LayerRank(name="fc", kind="linear", in_features=16, out_features=32, in_rank=4, out_rank=5, rank=4,
+    ...                utilization=0.25, in_effective_rank=3.6, out_effective_rank=4.2, rows=256, parameters=544)
+    >>> report = RankReport(threshold=0.99, layers={"fc": fc})  # as lr.analyze makes them
+    >>> report.mlu, report.to_dict()["layers"]["fc"]["rank"]
+    (0.25, 4)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = report.save(pathlib.Path(folder) / "rank.json")
+    ...     RankReport.load(path) == report
+    True
+    >>> print(report.to_markdown())  # doctest: +NORMALIZE_WHITESPACE
+    **MLU 25.0%** (parameter-weighted 25.0%), energy threshold 0.99, 1 layers analyzed
+    <BLANKLINE>
+    | layer | kind | out x in | in rank | out rank | utilized rank | utilization | eff. rank in / out | rows |
+    |---|---|---|---:|---:|---:|---:|---:|---:|
+    | fc | linear | 32 x 16 | 4 | 5 | 4 | 25.0% | 3.6 / 4.2 | 256 |
+    <BLANKLINE>
     """
 
     threshold: float

@@ -13,10 +13,14 @@ from torch import nn
 from lightning_rank.checks import MaskFn
 from lightning_rank.stats.collector import StatisticsCollector
 from lightning_rank.stats.rows import RowPolicy
-from lightning_rank.stats.sums import ActivationStatistics
+from lightning_rank.stats.sums import ActivationStatistics, map_tensors
 from lightning_rank.targets import ModuleSelector
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+# The batches kept to share out a budget by the model's own output (and to count multiply-adds): ``collect`` keeps its
+# first ones on the statistics, ``RankCompression`` the first validation batches of the epoch it plans from.
+CALIBRATION_BATCHES = 4
 
 
 @contextlib.contextmanager
@@ -42,8 +46,8 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 def collect(model: nn.Module, batches: Iterable[Any], *, forward: ForwardFn | None = None,
             target_modules: ModuleSelector = None, exclude_modules: ModuleSelector = None, mask_fn: MaskFn | None = None,
-            max_rows_per_batch: RowPolicy = "auto", dtype: torch.dtype = torch.float32, seed: int = 0
-            ) -> ActivationStatistics:
+            max_rows_per_batch: RowPolicy = "auto", dtype: torch.dtype = torch.float32, seed: int = 0,
+            calibration_batches: int = CALIBRATION_BATCHES) -> ActivationStatistics:
     """Run ``model`` over ``batches`` in eval mode without gradients and stream each layer's input statistics.
 
     No activation is stored: each input adds to ``sum x x^T``, ``sum x`` and ``n`` on its own device.
@@ -55,23 +59,48 @@ def collect(model: nn.Module, batches: Iterable[Any], *, forward: ForwardFn | No
     ranks within +-1 of exact statistics at a fraction of the cost; an int counts at most that many a
     batch; ``None`` counts every row (exact statistics). ``seed`` seeds the draws. Each layer's rows
     counted are in its report's ``rows``.
+
+    The first ``calibration_batches`` batches (4, as ``RankCompression`` keeps; 0 keeps none) are kept on the
+    result as ``stats.calibration``, with ``forward``: :func:`~lightning_rank.factorize_` shares out a budget by
+    the model's own output on them. They are detached copies (so changing or freeing the originals does not
+    change them) on the devices the batches came on, the only memory the result holds beyond the sums: a few
+    batches, not the data.
+
+    >>> import torch, lightning_rank as lr
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> stats = lr.collect(model, (torch.randn(64, 16) for _ in range(10)))  # any iterable, a generator too
+    >>> stats.layers, stats["0"].dim, len(stats.calibration)
+    (['0', '2'], 16, 4)
     """
+    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
+        raise ValueError(f"`calibration_batches` must be an int >= 0, got {calibration_batches!r}")
     try:
         count = len(batches)  # type: ignore[arg-type]
     except TypeError:  # a generator, or a DataLoader over an iterable dataset
         count = None
     collector = StatisticsCollector(model, target_modules=target_modules, exclude_modules=exclude_modules, mask_fn=mask_fn,
                                     max_rows_per_batch=max_rows_per_batch, dtype=dtype, seed=seed, batches=count)
-    forward = forward or default_forward
+    run = forward or default_forward
+    kept: list[Any] = []
     with eval_mode(model), collector.attached(), torch.no_grad():
         for batch in batches:
+            if len(kept) < calibration_batches:
+                kept.append(_copy(batch))
             with collector.observe(batch):
-                forward(model, batch)
+                run(model, batch)
     if collector.batches == 0:
         raise ValueError("`batches` yielded no batch: pass an iterable with at least one batch")
     stats = collector.compute()
+    stats.calibration, stats.forward = kept, forward
     warn_about_rows(stats)
     return stats
+
+
+def _copy(batch: Any) -> Any:
+    """A copy of ``batch`` whose tensors are detached, made outside inference mode: the probe's backward passes
+    (which share out a budget) may use it, even when ``collect`` ran inside ``torch.inference_mode``."""
+    with torch.inference_mode(False):
+        return map_tensors(batch, lambda t: t.detach().clone())
 
 
 def warn_about_rows(stats: ActivationStatistics) -> None:

@@ -89,6 +89,18 @@ class StatisticsCollector:
     ``share``: this process's place among several (see :class:`~lightning_rank.stats.ownership.ProcessShare`);
     layers another process counts alone are skipped here (:attr:`elsewhere`), and a pooled layer's budget is
     shared among the batches of every process.
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> collector = lr.StatisticsCollector(model, max_rows_per_batch=None)  # None: count every row
+    >>> with collector.attached(), torch.no_grad():
+    ...     for batch in torch.randn(96, 8).split(32):
+    ...         with collector.observe(batch):
+    ...             _ = model(batch)
+    >>> stats = collector.compute()  # what lr.collect(model, batches) returns
+    >>> collector.batches, stats.layers, int(stats["0"].count), stats["2"].gram.shape
+    (3, ['0', '2'], 96, torch.Size([16, 16]))
     """
 
     def __init__(

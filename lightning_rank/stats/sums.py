@@ -8,7 +8,7 @@ layers of a model to them. Gram updates run at full float32 precision whatever
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,17 @@ class InputStatistics:
     Gram (:attr:`rows`): no more memory than the ``dim x dim`` sum, none of its ``dim^2`` work per row, and
     the moment's nonzero spectrum is that of the rows' small Gram. The first read of :attr:`gram` (or more
     rows) sums them into the Gram batch by batch, exactly as updates would have.
+
+    >>> import torch
+    >>> from lightning_rank import InputStatistics
+    >>> stats = InputStatistics.zeros(3, torch.float64, torch.device("cpu"))
+    >>> stats.update(torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]))  # two rows of a 3-wide input
+    >>> int(stats.count), stats.mean()
+    (2, tensor([0.5000, 1.5000, 1.0000], dtype=torch.float64))
+    >>> stats.second_moment()  # sum x x^T / n
+    tensor([[0.5000, 0.0000, 1.0000],
+            [0.0000, 4.5000, 0.0000],
+            [1.0000, 0.0000, 2.0000]], dtype=torch.float64)
     """
 
     def __init__(
@@ -274,12 +285,26 @@ class ActivationStatistics:
 
     ``inputs`` is keyed by the first layer that saw each distinct input; ``sources`` maps every
     analyzed layer to that key, so layers sharing an input share one :class:`InputStatistics`.
+
+    >>> import torch, lightning_rank as lr
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> stats = lr.collect(model, torch.randn(96, 8).split(32), max_rows_per_batch=None)
+    >>> stats.layers, stats.skipped, stats["0"].dim, int(stats["0"].count)
+    (['0', '2'], {}, 8, 96)
+
+    ``calibration``: the first few batches ``collect`` ran (copies, on the devices they came on; empty for the
+    statistics of a callback, which keeps its own), with ``forward``, the function it ran them with (None: the
+    default). A budget in :func:`~lightning_rank.factorize_` is shared out by the model's own output on them
+    unless its ``calibration=`` says otherwise. They are per process, never summed, and never saved in a report.
     """
 
     inputs: dict[str, InputStatistics] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     unmasked: list[str] = field(default_factory=list)
+    calibration: list[Any] = field(default_factory=list, repr=False, compare=False)
+    forward: Callable[[Any, Any], Any] | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, name: str) -> InputStatistics:
         if name in self.sources:
@@ -308,9 +333,30 @@ class ActivationStatistics:
         return self
 
     def to(self, device: torch.device | str) -> ActivationStatistics:
-        """A copy with every tensor on ``device``."""
+        """A copy with every tensor on ``device``, the kept ``calibration`` batches' included (so that a model moved
+        to ``device`` runs on them)."""
         moved = {key: stats.to(device) for key, stats in self.inputs.items()}
-        return ActivationStatistics(moved, dict(self.sources), dict(self.skipped), list(self.unmasked))
+        batches = [map_tensors(batch, lambda t: t.to(device, copy=True)) for batch in self.calibration]
+        return ActivationStatistics(moved, dict(self.sources), dict(self.skipped), list(self.unmasked), batches,
+                                    self.forward)
+
+
+def map_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``data`` with ``fn`` applied to every tensor inside Mappings, lists and tuples (named ones included);
+    any other object is kept as it is."""
+    if isinstance(data, Tensor):
+        return fn(data)
+    if isinstance(data, Mapping):
+        items = {key: map_tensors(value, fn) for key, value in data.items()}
+        try:
+            return type(data)(items)  # dict, OrderedDict, Hugging Face's BatchEncoding
+        except (TypeError, ValueError):  # e.g. a defaultdict
+            return items
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(map_tensors(value, fn) for value in data))
+    if isinstance(data, (tuple, list)):
+        return type(data)(map_tensors(value, fn) for value in data)
+    return data
 
 
 def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None) -> None:

@@ -96,7 +96,9 @@ class EpochStatistics:
         stats = self.collector.compute()
         if self.collector.share is None:
             return SharedStatistics(stats, dict.fromkeys(stats.sources, 0), {}, [self.collector.nbytes])
-        return reduce_to_owners(self.collector, stats, self.collector.share, trainer.strategy.root_device)
+        shared = reduce_to_owners(self.collector, stats, self.collector.share, trainer.strategy.root_device)
+        self.collector.drop_sums()  # the sums summed to other processes are freed before the analysis
+        return shared
 
 def can_run_eagerly() -> bool:
     """Whether this torch can force compiled code to run eagerly (``torch.compiler.set_stance``)."""

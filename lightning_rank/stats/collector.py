@@ -128,6 +128,10 @@ class StatisticsCollector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.reset()
 
+    def drop_sums(self) -> None:
+        """Let go of the accumulators (those :meth:`compute` returned live on with whoever holds them)."""
+        self._inputs = {}
+
     def reset(self) -> None:
         """Forget every statistic collected so far (the hooks stay as they are)."""
         self._inputs: dict[str, InputStatistics] = {}

@@ -189,6 +189,12 @@ def test_rank_compression_under_fsdp2_shards_the_new_layers_and_resumes_exactly(
     # a consolidated checkpoint loads into a freshly built model with lr.load_factorized
     consolidated = tmp_path / "consolidated.pt"
     dcp_to_torch_save(tmp_path / "full" / "checkpoints" / "last.ckpt", consolidated)
+    from lightning_rank.callbacks.checkpoints import checkpoint_shapes
+
+    folder_shapes = checkpoint_shapes(tmp_path / "full" / "checkpoints" / "last.ckpt")  # what a resume rebuilds from
+    file_shapes = checkpoint_shapes(consolidated)
+    assert {k: v.shape for k, v in folder_shapes.items()} == {k: v.shape for k, v in file_shapes.items()}
+    assert folder_shapes["blocks.0.fc1.first.weight"].shape == (full["ranks"]["blocks.0.fc1"], script.WIDTH)
     model = lr.load_factorized(script.ShardedBlocks(), consolidated)
     for name, parameter in model.named_parameters():
         assert parameter.detach().double().flatten().tolist() == full["parameters"][name], name

@@ -80,10 +80,15 @@ def describe_factorized(pl_module: LightningModule, checkpoint: dict[str, Any], 
 def rebuild_before_load(trainer: Trainer, pl_module: LightningModule) -> Callable[[], None]:
     """Rebuild the low-rank layers a checkpoint holds in ``pl_module`` right before Lightning loads its weights (under
     FSDP2: before the strategy loads it); returns the function that stops doing so."""
-    unwrap = [rebuild_before_weights_load(pl_module)]
+    unwraps = [rebuild_before_weights_load(pl_module)]
     if isinstance(trainer.strategy, _lightning.ModelParallelStrategy or ()):
-        unwrap.append(rebuild_before_sharded_load(trainer, pl_module))
-    return lambda: [undo() for undo in reversed(unwrap)] and None
+        unwraps.append(rebuild_before_sharded_load(trainer, pl_module))
+
+    def unwrap() -> None:
+        for undo in reversed(unwraps):
+            undo()
+
+    return unwrap
 
 
 def rebuild_before_weights_load(pl_module: LightningModule) -> Callable[[], None]:
@@ -130,5 +135,6 @@ def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
         metadata = FileSystemReader(path).read_metadata().state_dict_metadata
         return {key[len("state_dict."):]: torch.empty(tuple(entry.size), device="meta")
                 for key, entry in metadata.items() if key.startswith("state_dict.") and hasattr(entry, "size")}
-    state = torch.load(path, map_location="meta", weights_only=True, mmap=True).get("state_dict", {})
+    # Lightning's own load reads the whole file next; here it is mapped, on the meta device
+    state = torch.load(path, map_location="meta", weights_only=False, mmap=True).get("state_dict", {})
     return {key: torch.empty(value.shape, device="meta") for key, value in state.items()}

@@ -213,3 +213,15 @@ def test_distillation_is_refused_on_fsdp2_by_name():
     check_sharded(lr.RankCompression(param_budget=0.5, allocation="probe"))  # the probe and budgets are supported
     with pytest.raises(ValueError, match="distill is not supported on a model sharded with FSDP2"):
         check_sharded(lr.RankCompression(param_budget=0.5, distill=0.5))
+
+
+@needs_distributed
+@pytest.mark.timeout(300)
+def test_rank_compression_under_fsdp2_with_a_root_per_block(tmp_path: Path) -> None:
+    """Blocks sharded one by one and the model not at all: every block is an FSDP2 root of its own, and each must be
+    initialized again after the swap (a shared state context would see its parameters twice)."""
+    written = run("noroot", tmp_path)
+    assert written[0] == written[1]  # ranks, metrics and every block parameter, on both processes
+    assert set(written[0]["ranks"]) == {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"}
+    assert any(name.endswith("first.weight") for name in written[0]["blocks"])  # fine-tuned as low-rank pairs
+    assert written[0]["metrics"]["finetuned"] != written[0]["metrics"]["compressed"]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_rank.callbacks import _lightning
@@ -29,6 +30,7 @@ from lightning_rank.compress.loading import (
     install_factorized,
     rebuild_factorized_,
 )
+from lightning_rank.targets import select_targets
 
 
 def restart_checkpointing(trainer: Trainer) -> None:
@@ -111,8 +113,9 @@ def rebuild_before_sharded_load(trainer: Trainer, pl_module: LightningModule) ->
     """
 
     def rebuild(path: Path) -> None:
-        shapes = checkpoint_shapes(path)
+        shapes, (targets, _) = checkpoint_shapes(path), select_targets(pl_module)
         names = [key[: -len(".first.weight")] for key in shapes if key.endswith(".first.weight")]
+        names = [name for name in names if name in targets and f"{name}.second.weight" in shapes]
         with full_weights(pl_module, names, keep=names):  # the placeholders are made like the full dense weights
             modules = factorized_modules(pl_module, shapes)
         if not modules:
@@ -120,7 +123,8 @@ def rebuild_before_sharded_load(trainer: Trainer, pl_module: LightningModule) ->
         replaced, mesh = {name: pl_module.get_submodule(name) for name in modules}, mesh_of(pl_module)
         install_factorized(pl_module, modules)
         shard_swapped_layers(pl_module, replaced, mesh)
-        _lightning.rebuild_training_state(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:  # the optimizers load from the checkpoint next
+            _lightning.rebuild_training_state(trainer)
         rank_zero_info("RankCompression: rebuilt the factorized layers of the checkpoint before loading it.")
 
     return _lightning.before_strategy_load(trainer.strategy, rebuild)

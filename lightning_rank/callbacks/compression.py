@@ -214,16 +214,17 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
             return
         if is_overridden("configure_model", pl_module):
             self.swap_epochs = _checked_swap_epochs(self, trainer, pl_module)  # its layers exist only now
-        if self.phase == Phase.FINISHED and self.compressed:
-            self.phase = Phase.COMPRESSED  # a new fit from a finished run fine-tunes further
         if isinstance(self.teacher, dict):  # restored from a checkpoint: the dense weights, for a dense copy
             self.teacher = frozen_copy(pl_module, self.teacher)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._unwrap()  # the checkpoint, if any, is loaded (under FSDP2 after on_fit_start)
-        if not self._run.disabled:
-            check_validation_batches(trainer, "RankCompression", self.dataloader_idx)
+        if self._run.disabled:
+            return
+        if self.phase == Phase.FINISHED and self.compressed:
+            self.phase = Phase.COMPRESSED  # a new fit from a finished run fine-tunes further
+        check_validation_batches(trainer, "RankCompression", self.dataloader_idx)
 
     # -- counting over the validation before the swap ----------------------------------------
     @override

@@ -12,6 +12,7 @@ on every process.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,15 @@ def reduce_to_owners(
         owner = share.owners.get(name) if share.owners else None
         owner_decided = owner is not None and pooled_codes[owner, i] >= 0
         pool_of[name] = bool((pooled_codes[owner, i] if owner_decided else pooled_codes[:, i].amax()) > 0)
+    short = [name for i, name in enumerate(names) if pool_of[name] and bool((pooled_codes[:, i] == 0).any())]
+    if short and share.rank == 0:
+        warnings.warn(
+            f"Layers {short} were summed over processes, but some processes left them to their owner: their first "
+            "validation batches held different numbers of rows, so they decided differently, and those processes' "
+            "rows are missing from these layers' statistics (fewer rows, still an unbiased sample). Give every process "
+            "batches of one shape, or count every row (`max_rows_per_batch=None`).",
+            stacklevel=2,
+        )
     for i, name in enumerate(names):
         owner, pool = share.owners.get(name) if share.owners else None, pool_of[name]
         counted = keys[:, i] if pool or owner is None else keys[owner : owner + 1, i]
@@ -113,9 +123,10 @@ def analyze_shared(
     (``share``: this process among several; ``None`` with one process). ``options``: those of
     :func:`~lightning_rank.spectral.analysis.decompose`.
 
-    Sharded (FSDP2) weights are gathered one layer at a time, kept only by the process analyzing the layer.
-    Raises :class:`~lightning_rank.spectral.analysis.UnanalyzableError` on every process when any process
-    could not analyze a layer (so none waits for the others). ``order``: the layers in model order.
+    Sharded (FSDP2) weights are gathered one layer at a time; the process analyzing a layer keeps its full weight
+    for the analysis. Raises :class:`~lightning_rank.spectral.analysis.UnanalyzableError` on every process when
+    any process could not analyze a layer, and a ``RuntimeError`` naming the process when one failed otherwise
+    (so none waits for the others). ``order``: the layers in model order.
     """
     if share is None:
         with full_weights(model, [name for name in order if name in shared.analyzer], keep=shared.analyzer):
@@ -123,16 +134,25 @@ def analyze_shared(
     mine = {name for name, rank in shared.analyzer.items() if rank == share.rank}
     part: RankReport | None = None
     reasons: dict[str, str] = {}
+    failure: Exception | None = None
     with full_weights(model, [name for name in order if name in shared.analyzer], keep=mine):
         try:
             if shared.stats.sources:
                 part = decompose(model, shared.stats, **options).report
         except UnanalyzableError as error:
             reasons = error.reasons
-    payload = {"reasons": reasons, "layers": {} if part is None else part.layers,
+        except Exception as error:  # told to the others before raising, or they would wait in the gather
+            failure = error
+    payload = {"reasons": reasons, "failure": None if failure is None else repr(failure),
+               "layers": {} if part is None else part.layers,
                "spectra": {} if part is None else {n: (a.cpu(), b.cpu()) for n, (a, b) in part.spectra.items()}}
     parts: list[dict] = [None] * share.world_size  # type: ignore[list-item]
     dist.all_gather_object(parts, payload)
+    if failure is not None:
+        raise failure
+    failed = {rank: p["failure"] for rank, p in enumerate(parts) if p["failure"] is not None}
+    if failed:
+        raise RuntimeError(f"the rank analysis failed on process(es) {failed}")
     reasons = {name: reason for p in parts for name, reason in p["reasons"].items()}
     if reasons:
         raise UnanalyzableError(reasons)

@@ -63,39 +63,44 @@ def mesh_of(model: nn.Module) -> Any:
 
 def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], mesh: Any) -> None:
     """After dense layers of an FSDP2 model were swapped for new modules (``replaced``: name -> the dense module it
-    replaced): the new modules become FSDP2 units of their own on ``mesh`` and the dense weights leave the units
-    that held them, so no process gathers or keeps them again.
+    replaced): the new modules become FSDP2 units of their own on ``mesh``, with the mixed-precision and offload
+    policies of the unit that held the dense layer and in its parameters' dtype, and the dense weights leave the
+    units that held them, so no process gathers or keeps them again.
 
     Every process must have swapped the same layers; the new modules take process 0's values, so every process
     shards the same tensors. Uses FSDP2 internals (no public API removes parameters from a unit): each unit's
-    ``_fsdp_param_groups[i].fsdp_params`` loses the replaced parameters (a group left empty goes), and every unit is
-    marked not yet
-    initialized (``_is_root = None``, a fresh state context on the root), so the next forward initializes them all
-    again, the new units included, from the root, as after ``fully_shard`` in ``configure_model``.
+    ``_fsdp_param_groups[i].fsdp_params`` loses the replaced parameters (a group left empty goes), its policies are
+    read from ``_mp_policy`` and the groups' ``offload_policy``, and every unit is marked not yet initialized
+    (``_is_root = None``, a fresh state context), so the next forward initializes them all again from the root(s),
+    the new units included, as after ``fully_shard`` in ``configure_model``.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 
-    gone = {id(p) for module in replaced.values() for p in module.parameters()}
-    states = []
+    gone = {id(p): name for name, module in replaced.items() for p in module.parameters()}
+    states, policies = [], {}
     for module in model.modules():
         if isinstance(module, FSDPModule):
             state = module._get_fsdp_state()
             states.append(state)
             for group in state._fsdp_param_groups:
+                for param in group.fsdp_params:
+                    if id(param.sharded_param) in gone:
+                        policies[gone[id(param.sharded_param)]] = {"mp_policy": state._mp_policy,
+                                                                   "offload_policy": group.offload_policy}
                 group.fsdp_params = [p for p in group.fsdp_params if id(p.sharded_param) not in gone]
             state._fsdp_param_groups = [group for group in state._fsdp_param_groups if group.fsdp_params]
     group_of_mesh = mesh.get_group()
-    for name in replaced:
+    for name, dense in replaced.items():
         module = model.get_submodule(name)
+        dtype = next(dense.parameters()).dtype  # a sharded parameter keeps the dtype of its master weights
+        module.to(dtype=dtype)
         with torch.no_grad():
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor, src=dist.get_global_rank(group_of_mesh, 0), group=group_of_mesh)
-        fully_shard(module, mesh=mesh)
+        fully_shard(module, mesh=mesh, **policies.get(name, {}))
     for state in states:
-        state._is_root = None
-    if states:
-        states[0]._state_ctx = FSDPStateContext()  # the root's: model.modules() starts at the root
+        state._is_root, state._state_ctx = None, FSDPStateContext()  # a model may have several roots
 
 
 @contextlib.contextmanager

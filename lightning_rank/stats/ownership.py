@@ -35,9 +35,12 @@ class ProcessShare:
         return self.owners.get(name, self.rank) == self.rank
 
     def pooled(self, policy: RowPolicy, fan_in: int, rows: int, batches: int | None) -> bool:
-        """Whether a layer of ``fan_in`` whose first batch has ``rows`` rows is counted on every process and summed
-        to its owner, ``batches`` being this process's validation batches. Equal on every process whose first
-        batch has as many rows (a ``DistributedSampler`` gives every process the same batch size)."""
+        """Whether a layer of ``fan_in`` is counted on every process and summed to its owner, decided by each process
+        from ``rows``, the rows of the layer's first batch it sees, and ``batches``, its validation batches: pooled
+        when that many batches of that many rows hold no more than the budget. Equal on every process whose first
+        batch has as many rows (a ``DistributedSampler`` gives every process the same batch size); where they
+        differ, the owner's decision holds and the sum lacks the rows of processes that decided otherwise
+        (:func:`~lightning_rank.callbacks.owners.reduce_to_owners` warns)."""
         if not self.owners or policy != "auto" or not batches or self.world_size == 1:
             return True
         return auto_rate(fan_in, max(rows, 1), batches) >= 1

@@ -95,6 +95,16 @@ class ShardedBlocks(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class BlocksOnly(ShardedBlocks):
+    """``ShardedBlocks`` with ``fully_shard`` on each block and none on the whole model: several FSDP2 roots."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.blocks:
+            fully_shard(block, mesh=self.device_mesh["data_parallel"])
+
+
 def strategy() -> ModelParallelStrategy:
     # A short collective timeout turns a disagreement between the processes into an error, not a hang.
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=60))
@@ -117,6 +127,16 @@ def main(mode: str, out: Path) -> None:
         written = {"full": fit_compressed(out / "full", 3), "first": fit_compressed(out / "resumed", 2)}
         written["resumed"] = fit_compressed(out / "resumed", 3, resume=out / "resumed" / "checkpoints" / "last.ckpt")
         (out / f"compression_rank{written['full']['rank']}.json").write_text(json.dumps(written))
+    elif mode == "noroot":  # every block its own FSDP2 root: the swap re-initializes each root
+        L.seed_everything(0, verbose=False)
+        model, compression = BlocksOnly(), lr.RankCompression(compress_at_epoch=1, target_modules=r"blocks\..*",
+                                                                 param_budget=BUDGET, monitor="val_loss")
+        trainer = make_trainer(out, 2, [compression], devices=2, strategy=strategy(), logger=False,
+                               enable_checkpointing=False)
+        trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH))
+        blocks = {name: p.full_tensor().flatten().tolist() for name, p in model.blocks.named_parameters()}
+        (out / f"noroot_rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"ranks": compression.result.layers, "blocks": blocks, "metrics": compression.metrics}))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -32,9 +32,9 @@ FSDP2 = ("`ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` 
          "`configure_model` (FSDP2)")
 
 
-def check_strategy(trainer: Trainer, who: str, sharded: bool = False) -> None:
-    """Reject strategies whose model wrapping a swap of layers cannot rebuild, or whose layers are split; ``sharded``:
-    FSDP2 (``ModelParallelStrategy`` with tensor parallel size 1) is supported too.
+def check_strategy(trainer: Trainer, who: str) -> None:
+    """Reject strategies the callbacks cannot follow: ``FSDPStrategy`` (FSDP1), tensor parallelism, and any but
+    single-device, DDP and FSDP2 (``ModelParallelStrategy`` with tensor parallel size 1), naming what is supported.
 
     Reads ``ModelParallelStrategy._tensor_parallel_size`` (no public getter; resolved from "auto" before setup).
     """
@@ -42,7 +42,7 @@ def check_strategy(trainer: Trainer, who: str, sharded: bool = False) -> None:
     if isinstance(strategy, FSDPStrategy):
         raise MisconfigurationException(
             f"{who} does not support FSDPStrategy (FSDP1, whose flat parameters hide each layer's weight). For sharded "
-            f"training use {FSDP2}" + ("." if sharded else f"; {who} supports single-device training and DDP only.")
+            f"training use {FSDP2}."
         )
     if ModelParallelStrategy is not None and isinstance(strategy, ModelParallelStrategy):
         tensor_parallel = strategy._tensor_parallel_size
@@ -52,14 +52,11 @@ def check_strategy(trainer: Trainer, who: str, sharded: bool = False) -> None:
                 f"{who} supports ModelParallelStrategy with tensor_parallel_size=1 only (FSDP2: each process holds "
                 f"whole layers' inputs), got tensor_parallel_size={tensor_parallel}. Use {FSDP2}."
             )
-        if sharded:
-            return
+        return
     if not isinstance(strategy, SUPPORTED_STRATEGIES):
         raise MisconfigurationException(
-            f"{who} supports single-device training, DDP (`strategy='ddp'`, `'ddp_spawn'`)"
-            + (f" and {FSDP2}" if sharded else "") + f", not {type(strategy).__name__}"
-            + ("." if sharded else ": after the swap the model must be wrapped again around the new layers, which "
-               "sharded and model-parallel strategies do not allow.")
+            f"{who} supports single-device training, DDP (`strategy='ddp'`, `'ddp_spawn'`) and {FSDP2}, not "
+            f"{type(strategy).__name__}."
         )
 
 
@@ -109,7 +106,8 @@ def run_validation(trainer: Trainer, listener: Callback | None = None) -> None:
 
 
 def rebuild_training_state(trainer: Trainer) -> None:
-    """After layers were swapped: wrap the model in DDP again and rebuild optimizers and schedulers.
+    """After layers were swapped: wrap the model in DDP again and rebuild optimizers and schedulers (under FSDP2 the
+    new layers are sharded already, by :func:`~lightning_rank.callbacks.sharded.shard_swapped_layers`).
 
     Stands in for: the part of ``strategy.setup(trainer)`` that runs after ``configure_model``
     (``configure_ddp`` wraps the LightningModule so the new parameters' gradients are synchronized;

@@ -201,7 +201,7 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
         if self._run.disabled:
             rank_zero_info("RankCompression: `fast_dev_run` is on, so nothing is compressed.")
             return
-        _lightning.check_strategy(trainer, "RankCompression", sharded=True)
+        _lightning.check_strategy(trainer, "RankCompression")
         needs = f"RankCompression needs validation data: the statistics and the metric {self.monitor!r} come from"
         check_validation_data(trainer, pl_module, needs)
         built = not is_overridden("configure_model", pl_module)  # else its layers exist only in on_fit_start

@@ -195,7 +195,7 @@ class RankMonitor(ValidationStatisticsCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _lightning.destroy_process_group_at_exit()
-        _lightning.check_strategy(trainer, "RankMonitor", sharded=True)
+        _lightning.check_strategy(trainer, "RankMonitor")
         self._skip = bool(trainer.fast_dev_run)
         if self._skip:
             rank_zero_info("RankMonitor: `fast_dev_run` is on, so no rank analysis is run.")

@@ -16,21 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-
-class Block(nn.Module):
-    def __init__(self, inputs: int, width: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.down = None
-        if stride != 1 or inputs != width:
-            self.down = nn.Sequential(nn.Conv2d(inputs, width, 1, stride, bias=False), nn.BatchNorm2d(width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (x if self.down is None else self.down(x)))
+from tests.tiny_models import BasicBlock
 
 
 class ImageClassifier(L.LightningModule):
@@ -59,7 +45,7 @@ class ResNet18Shaped(ImageClassifier):
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 4, 4, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         widths, blocks, inputs = (64, 128, 256, 512), [], 64
         for i, width in enumerate(widths):
-            blocks += [Block(inputs, width, 1 if i == 0 else 2), Block(width, width, 1)]
+            blocks += [BasicBlock(inputs, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)]
             inputs = width
         self.stages = nn.Sequential(*blocks)
         self.fc = nn.Linear(512, 10)

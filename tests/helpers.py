@@ -4,8 +4,14 @@ Models, data and the Trainer factory are in tests/tiny_models.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -220,3 +226,26 @@ class FakeClock:
             return original(*args, **kwargs)
 
         self.monkeypatch.setattr(owner, name, slowed)
+
+
+# -- multi-process scripts (tests/ddp_scripts) --------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(script: Path) -> ModuleType:
+    """A script of ``tests/ddp_scripts`` imported as a module (its models and data, for a reference in the test)."""
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch(script: Path, mode: str, out: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``python script mode out`` in ``out`` as a Lightning launcher's first process (no leftover rank variables;
+    the repository on the path, for the scripts' ``tests`` imports) and assert that it succeeded."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(script), mode, str(out)], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"rank 0 failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done

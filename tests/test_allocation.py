@@ -368,12 +368,17 @@ class WideConvNet(nn.Module):
         return self.fc(nn.functional.avg_pool2d(x, 2).flatten(1))
 
 
-def test_halving_parameters_leaves_multiply_adds_almost_unchanged_but_a_macs_budget_halves_them() -> None:
+def wide_conv_net() -> tuple[WideConvNet, list[torch.Tensor], lr.ActivationStatistics]:
+    """A seeded ``WideConvNet`` in eval mode, two batches of images, and its statistics on them."""
     torch.manual_seed(0)
     model = WideConvNet().eval()
     g = torch.Generator().manual_seed(3)
     batches = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(2)]
-    stats = lr.collect(model, batches)
+    return model, batches, lr.collect(model, batches)
+
+
+def test_halving_parameters_leaves_multiply_adds_almost_unchanged_but_a_macs_budget_halves_them() -> None:
+    model, batches, stats = wide_conv_net()
     candidates, _ = layer_candidates(model, stats)
     probe = Probe(model, batches)
     positions = probe.positions({n: c.target for n, c in candidates.items()})
@@ -466,11 +471,7 @@ def test_the_plain_call_shares_a_budget_out_on_the_first_batches_collect_kept() 
 
 
 def test_the_plain_call_counts_multiply_adds_on_the_kept_batches() -> None:
-    torch.manual_seed(0)
-    model = WideConvNet().eval()
-    g = torch.Generator().manual_seed(3)
-    batches = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(2)]
-    stats = lr.collect(model, batches)
+    model, batches, stats = wide_conv_net()
     plain = lr.factorize_(copy.deepcopy(model), stats, macs_budget=0.5, progress=False)
     explicit = lr.factorize_(copy.deepcopy(model), stats, macs_budget=0.5, calibration=batches, progress=False)
     assert plain.allocation == "probe" and plain.layers == explicit.layers

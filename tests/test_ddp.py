@@ -7,11 +7,7 @@ The launcher re-executes the running script for the other processes, so each tes
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,29 +15,22 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import lightning_rank as lr
+from tests import helpers
 from tests.helpers import assert_same_report, pooled
 from tests.test_allocation import ThreadProcesses
 from tests.tiny_models import SUBSPACE
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_ddp.py"
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("run_ddp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.load_script(SCRIPT)
 
 
 def run(mode: str, out: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], cwd=out, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert done.returncode == 0, f"rank 0 failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    done = helpers.launch(SCRIPT, mode, out, timeout=240)
     assert json.loads((out / "exit_codes.json").read_text()) == [0], done.stderr[-5000:]  # rank 1 exited cleanly
     for rank in (0, 1):  # the process group was destroyed before the interpreter finalized (no SIGABRT at exit)
         assert json.loads((out / f"exit_rank{rank}.json").read_text()) == {"initialized": False}

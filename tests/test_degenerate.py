@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_rank as lr
 from lightning_rank.spectral.analysis import UnanalyzableError
 from lightning_rank.spectral.spectrum import symmetric_eigen
-from tests.tiny_models import Conv1D, CrossEntropySteps, PlainClassifier, low_rank_dataset, make_trainer
+from tests.tiny_models import BasicBlock, Conv1D, CrossEntropySteps, PlainClassifier, low_rank_dataset, make_trainer
 
 DEGENERACIES = ("normal", "zero_features", "constant_features", "rank1", "all_zero", "tiny", "huge", "nan_rows",
                 "inf_rows", "no_rows")
@@ -359,20 +359,6 @@ class CifarResNet18(CrossEntropySteps):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(y + (x if self.down is None else self.down(x)))
 
 
 def test_a_cifar_shaped_resnet18_is_monitored_and_compressed_to_half_its_multiply_adds(tmp_path) -> None:

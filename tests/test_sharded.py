@@ -8,11 +8,7 @@ subprocess and reads what every process wrote.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,29 +22,22 @@ from lightning_rank.stats.collector import ELSEWHERE, StatisticsCollector
 from lightning_rank.stats.ownership import ProcessShare, assign_owners
 from lightning_rank.stats.rows import AUTO_MIN_ROWS
 from lightning_rank.targets import select_targets
+from tests import helpers
 from tests.helpers import assert_same_report, pooled
 from tests.test_allocation import ThreadProcesses
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_sharded.py"
-ROOT = Path(__file__).resolve().parents[1]
 
 needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("run_sharded", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.load_script(SCRIPT)
 
 
 def run(mode: str, out: Path) -> list[dict]:
     """Run the script on 2 processes; what each wrote as ``<mode>_rank{R}.json``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], cwd=out, env=env, capture_output=True,
-                          text=True, timeout=400)
-    assert done.returncode == 0, f"rank 0 failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    helpers.launch(SCRIPT, mode, out, timeout=400)
     return [json.loads((out / f"{mode}_rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

@@ -210,6 +210,23 @@ class Conv1D(nn.Module):
         return x @ self.weight + self.bias
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with BatchNorm, and a 1x1 projection on the shortcut when the
+    stride or the width changes (torchvision's layout, built from torch modules)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
 # -- callbacks that write what each process saw ---------------------------------------------------------------
 class DumpReport(Callback):
     """After each validation, on every process: its ``RankMonitor`` report as ``<out>/report_rank{R}.json``, and on

@@ -129,21 +129,7 @@ def before_weights_load(pl_module: LightningModule, prepare: Callable[[dict[str,
     The module's ``on_load_checkpoint``, which Lightning calls with the checkpoint just before
     ``load_state_dict``, is wrapped on the instance; returns the function that unwraps it.
     """
-    user_hook = pl_module.on_load_checkpoint
-    own_attribute = vars(pl_module).get("on_load_checkpoint")
-
-    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        prepare(checkpoint)
-        user_hook(checkpoint)
-
-    def restore() -> None:
-        if own_attribute is None:
-            vars(pl_module).pop("on_load_checkpoint", None)
-        else:
-            pl_module.on_load_checkpoint = own_attribute
-
-    pl_module.on_load_checkpoint = on_load_checkpoint
-    return restore
+    return _call_first(pl_module, "on_load_checkpoint", prepare)
 
 
 def before_strategy_load(strategy: Any, prepare: Callable[[Path], None]) -> Callable[[], None]:
@@ -154,20 +140,26 @@ def before_strategy_load(strategy: Any, prepare: Callable[[Path], None]) -> Call
     it (``restore_checkpoint_after_setup``). ``load_checkpoint`` is wrapped on the instance; returns the function
     that unwraps it.
     """
-    own_attribute = vars(strategy).get("load_checkpoint")
-    original = strategy.load_checkpoint
+    return _call_first(strategy, "load_checkpoint", lambda path, *_, **__: prepare(Path(strategy.broadcast(path))))
 
-    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        prepare(Path(strategy.broadcast(checkpoint_path)))
-        return original(checkpoint_path, *args, **kwargs)
+
+def _call_first(owner: Any, method: str, before: Callable[..., None]) -> Callable[[], None]:
+    """Wrap ``owner.<method>`` on the instance so that ``before`` gets its arguments first; returns the function that
+    puts back what the instance had (its own attribute, or none, so the class's method shows again)."""
+    own_attribute = vars(owner).get(method)
+    original = getattr(owner, method)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        before(*args, **kwargs)
+        return original(*args, **kwargs)
 
     def restore() -> None:
         if own_attribute is None:
-            vars(strategy).pop("load_checkpoint", None)
+            vars(owner).pop(method, None)
         else:
-            strategy.load_checkpoint = own_attribute
+            setattr(owner, method, own_attribute)
 
-    strategy.load_checkpoint = load_checkpoint
+    setattr(owner, method, wrapped)
     return restore
 
 

@@ -23,7 +23,7 @@ from lightning_rank.checks import MaskFn, check_mask_fn, check_row_policy
 from lightning_rank.stats.ownership import ProcessShare
 from lightning_rank.stats.rows import ConvGeometry, RowPolicy, SharedDraws, auto_rate, conv_input, row_limit
 from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
-from lightning_rank.targets import ModuleSelector, Target, float_dtype, select_targets
+from lightning_rank.targets import ModuleSelector, Target, float_dtype, layer_shape, select_targets
 
 
 def nested_rows(x: Tensor) -> Tensor:
@@ -237,18 +237,12 @@ class StatisticsCollector:
             return True
         pooled = self.pooled.get(target.name)
         if pooled is None:
-            fan_in = self._fan_in(target, x)
             pooled = self.pooled[target.name] = self.share.pooled(
-                self.max_rows_per_batch, fan_in, self._row_count(target, x), self.expected_batches)
+                self.max_rows_per_batch, layer_shape(target)[1], self._row_count(target, x), self.expected_batches)
         if pooled or self.share.owns(target.name):
             return True
         self.elsewhere.add(target.name)
         return False
-
-    def _fan_in(self, target: Target, x: Tensor) -> int:
-        if target.kind in ("conv1d", "conv2d"):
-            return self._geometry_of(target, *conv_input(_conv_module(target), x)).fan_in
-        return x.shape[-1]
 
     def _row_count(self, target: Target, x: Tensor) -> int:
         """How many rows ``x`` holds for ``target`` before any mask or draw."""

@@ -57,9 +57,23 @@ class Sizes(Callback):
         self.ranks[trainer.current_epoch] = {n: getattr(pl_module.get_submodule(n), "rank", None) for n in LAYERS}
 
 
-def fit(root: Path, ckpt_path: Path | None = None, distill: bool = False, **options):
+class BuiltLate(Steady):
+    """:class:`Steady` whose layers are built in ``configure_model``, after the callbacks' ``setup``."""
+
+    def __init__(self, distill: bool = False) -> None:
+        super().__init__(distill)
+        del self.net
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "net"):
+            self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                                           torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def fit(root: Path, ckpt_path: Path | None = None, distill: bool = False, model_class: type[Steady] = Steady,
+        **options):
     L.seed_everything(0)
-    model = Steady(distill)
+    model = model_class(distill)
     compression = lr.RankCompression(compress_at_epoch=[2, 4], param_budget=BUDGETS, monitor="val_acc",
                                      distill=1.0 if distill else None, **options)
     sizes = Sizes()
@@ -152,6 +166,27 @@ def test_distillation_uses_a_frozen_dense_copy_that_survives_a_resume(tmp_path: 
         torch.testing.assert_close(resumed.teacher.state_dict()[key], value, rtol=0, atol=0, msg=key)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("epoch", [1, 3])  # the last dense epoch; between the steps, the teacher in the checkpoint
+def test_a_teacher_of_layers_built_in_configure_model_is_restored_on_resume(epoch: int, tmp_path: Path) -> None:
+    model, compression, _ = fit(tmp_path / "a", distill=True, model_class=BuiltLate)
+    dense = torch.load(tmp_path / "a" / "ckpt" / "epoch=1.ckpt", weights_only=False)["state_dict"]
+    assert compression.teacher.state_dict().keys() == dense.keys()
+    checkpoint = torch.load(tmp_path / "a" / "ckpt" / f"epoch={epoch}.ckpt", weights_only=False)
+    saved = checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "RankCompression" in k)]["teacher"]
+    assert (saved is None) == (epoch == 1)  # after the first swap the checkpoint carries the dense weights
+
+    resumed_model, resumed, _ = fit(tmp_path / "b", tmp_path / "a" / "ckpt" / f"epoch={epoch}.ckpt", distill=True,
+                                    model_class=BuiltLate)
+    assert isinstance(resumed.teacher, torch.nn.Module) and not resumed.teacher.training
+    assert not any(isinstance(m, lr.LowRankLinear) for m in resumed.teacher.modules())
+    for key, value in dense.items():  # the model as the last dense epoch left it, not as the checkpoint holds it
+        torch.testing.assert_close(resumed.teacher.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    expected, got = model.state_dict(), resumed_model.state_dict()
+    assert expected.keys() == got.keys() and any(isinstance(m, lr.LowRankLinear) for m in resumed_model.modules())
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_distillation_loss_is_the_loss_itself_without_a_teacher(tmp_path: Path) -> None:

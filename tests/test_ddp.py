@@ -29,6 +29,19 @@ def load_script():
     return helpers.load_script(SCRIPT)
 
 
+def assert_planned_on_owners(plans: list[dict]) -> None:
+    """While planning, each layer input's sums were on exactly one process (its owner), and fewer bytes on each than
+    every process counted; every process swapped in the very same factors (those its owners sent)."""
+    assert plans[0]["factors"] and plans[0]["factors"] == plans[1]["factors"]
+    assert len(plans[0]["held"]) == len(plans[1]["held"]) >= 1
+    for step in zip(*(plan["held"] for plan in plans)):
+        keys = [set(held["keys"]) for held in step]
+        assert all(keys) and not keys[0] & keys[1]  # each process holds some sums, and none holds another's
+        assert keys[0] | keys[1] == set(step[0]["sources"].values())  # every sum is held by its owner
+        for held in step:
+            assert held["bytes"] < min(held["counted"])  # below the pooled total each process counted
+
+
 def run(mode: str, out: Path) -> None:
     done = helpers.launch(SCRIPT, mode, out, timeout=240)
     assert json.loads((out / "exit_codes.json").read_text()) == [0], done.stderr[-5000:]  # rank 1 exited cleanly
@@ -64,6 +77,7 @@ def test_rank_compression_two_processes_identical_after_finetuning(tmp_path: Pat
     assert results[0]["ranks"] == results[1]["ranks"] and results[0]["numel"] == results[1]["numel"]
     assert results[0]["metrics"] == results[1]["metrics"]
     assert results[0]["metrics"]["finetuned"] > 0.8
+    assert_planned_on_owners([json.loads((tmp_path / f"plan_rank{rank}.json").read_text()) for rank in (0, 1)])
 
 
 @pytest.mark.timeout(300)
@@ -74,6 +88,7 @@ def test_two_processes_share_a_budget_out_by_the_probe_on_all_their_calibration_
     script = load_script()
     results = [json.loads((tmp_path / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0] == results[1]  # ranks, rule, and every layer's errors and sensitivities, bit for bit
+    assert_planned_on_owners([json.loads((tmp_path / f"plan_rank{rank}.json").read_text()) for rank in (0, 1)])
     summary = json.loads((tmp_path / "rank_reports" / "compression.json").read_text())
     assert summary["allocation"] == "probe" and summary["param_budget"] == script.ALLOCATION_BUDGET
     assert summary["layers"] == results[0]["layers"] and summary["details"] == results[0]["details"]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import lightning_rank as lr
+from lightning_rank.compress.sharing import PlanOwners
 from lightning_rank.stats.collector import ELSEWHERE, StatisticsCollector
 from lightning_rank.stats.ownership import ProcessShare, assign_owners
 from lightning_rank.stats.rows import AUTO_MIN_ROWS
@@ -25,6 +26,7 @@ from lightning_rank.targets import select_targets
 from tests import helpers
 from tests.helpers import assert_same_report, pooled
 from tests.test_allocation import ThreadProcesses
+from tests.test_ddp import assert_planned_on_owners
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_sharded.py"
 
@@ -96,6 +98,114 @@ def test_a_layer_owned_elsewhere_is_left_to_its_owner_unless_the_share_is_too_sm
     assert int(stats["0"].count) == 300 and not collector.elsewhere
 
 
+# -- planning on the owners ------------------------------------------------------------------------
+class ThreadOwners(ThreadProcesses):
+    """:class:`ThreadProcesses` with the two collectives of :class:`~lightning_rank.compress.sharing.PlanOwners`."""
+
+    def owners(self, rank: int, owners: dict[str, int]) -> PlanOwners:
+        def broadcast(tensor: torch.Tensor, src: int) -> None:
+            if rank == src:
+                self.slots[src] = tensor.detach().clone()
+            self.barrier.wait()
+            if rank != src:
+                tensor.copy_(self.slots[src])
+            self.barrier.wait()
+
+        def gather(obj):
+            self.slots[rank] = copy.deepcopy(obj)
+            self.barrier.wait()
+            parts = list(self.slots)
+            self.barrier.wait()
+            return parts
+
+        return PlanOwners(rank, owners, broadcast, gather)
+
+
+class SmallBlocks(nn.Module):
+    """Blocks whose q, k and v read one input (one sum, one owner), an MLP that widens, and a head."""
+
+    def __init__(self, width: int = 12, blocks: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "q": nn.Linear(width, width), "k": nn.Linear(width, width), "v": nn.Linear(width, width),
+            "fc1": nn.Linear(width, 3 * width), "fc2": nn.Linear(3 * width, width)}) for _ in range(blocks))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + torch.tanh(b["q"](x)) * b["k"](x) + b["v"](x)
+            x = x + b["fc2"](torch.relu(b["fc1"](x)))
+        return self.head(x.mean(dim=1))
+
+
+def owned_view(stats: lr.ActivationStatistics, owners: dict[str, int], rank: int) -> lr.ActivationStatistics:
+    """What a process holds after the sums went to the owners: every layer's name, only its own layers' sums."""
+    inputs = {key: s for key, s in stats.inputs.items() if owners[key] == rank}
+    return lr.ActivationStatistics(inputs, dict(stats.sources), dict(stats.skipped), list(stats.unmasked))
+
+
+@pytest.mark.parametrize(("world", "options"), [
+    (2, {"param_budget": 0.5}),  # the probe on each process's batches, whitened factors on its truncations
+    (3, {"param_budget": 0.5, "allocation": "uniform", "method": "projection"}),
+    (2, {"threshold": 0.95, "method": "projection"}),
+    (2, {"ranks": {"fc1": 2}, "threshold": 0.9}),
+])
+def test_owners_plan_exactly_what_every_process_planning_alone_plans_and_send_everyone_the_same_factors(world, options):
+    model = SmallBlocks()
+    generator = torch.Generator().manual_seed(3)
+    basis = torch.randn(4, 12, generator=generator)
+    batches = [torch.randn(8, 6, 4, generator=generator) @ basis + 0.05 * torch.randn(8, 6, 12, generator=generator)
+               for _ in range(2 * world)]
+    stats = lr.collect(model, batches, max_rows_per_batch=None, dtype=torch.float64)
+    shares = [batches[rank::world] for rank in range(world)]
+    owners = {name: owner for name, owner in assign_owners(select_targets(model)[0], world).items()
+              if name in stats.sources}
+    assert len(set(owners.values())) == world  # every process owns some layers
+    copies = [copy.deepcopy(model) for _ in range(2 * world)]
+
+    def plan(rank, reduce, sharing=None, view=stats):
+        return lr.plan_factorization(copies[rank + (world if sharing else 0)], view, calibration=shares[rank],
+                                     reduce=reduce, owners=sharing, progress=False, **options)
+
+    alone = ThreadProcesses(world).run(plan)  # every process holds every sum and plans every layer itself
+    processes = ThreadOwners(world)
+    views = [owned_view(stats, owners, rank) for rank in range(world)]
+    owned = processes.run(lambda rank, reduce: plan(rank, reduce, processes.owners(rank, owners), views[rank]))
+    for rank in range(world):
+        assert owned[rank].result.to_dict() == alone[rank].result.to_dict()  # ranks, rule, every error, bit for bit
+        assert list(owned[rank].modules) == list(alone[0].modules)
+        for name, module in owned[rank].modules.items():  # the owner's factors, on every process
+            for key, tensor in module.state_dict().items():
+                assert torch.equal(tensor, alone[0].modules[name].state_dict()[key]), (rank, name, key)
+        # each process held only its own layers' sums: fewer bytes than all of them
+        assert sum(s.nbytes for s in views[rank].inputs.values()) < sum(s.nbytes for s in stats.inputs.values())
+    assert alone[0].modules and (options.get("param_budget") is None or alone[0].result.allocation)
+
+
+def test_a_failure_on_one_owner_is_raised_on_every_process():
+    model = SmallBlocks()
+    stats = lr.collect(model, [torch.randn(4, 6, 12) for _ in range(2)], max_rows_per_batch=None)
+    owners = {name: owner for name, owner in assign_owners(select_targets(model)[0], 2).items()}
+    with torch.no_grad():  # a diverged weight on a layer process 1 owns: only its owner can tell
+        model.blocks[0]["fc2"].weight[0, 0] = float("nan")
+    processes = ThreadOwners(2)
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    failures: list[str] = [""] * 2
+
+    def plan(rank, reduce):
+        try:
+            lr.plan_factorization(copies[rank], owned_view(stats, owners, rank), threshold=0.9, progress=False,
+                                  owners=processes.owners(rank, owners))
+        except Exception as error:  # noqa: BLE001 - what each process raises
+            failures[rank] = f"{type(error).__name__}: {error}"
+
+    processes.run(plan)
+    owner = owners["blocks.0.fc2"]
+    assert "NaN or Inf" in failures[owner] and "blocks.0.fc2" in failures[owner]
+    assert failures[1 - owner].startswith(f"RuntimeError: planning failed on process(es) {{{owner}:")
+
+
 def test_fsdp1_and_tensor_parallel_are_rejected_naming_what_is_supported():
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -146,6 +256,8 @@ def test_rank_compression_under_fsdp2_shards_the_new_layers_and_resumes_exactly(
         assert written[0][run_name]["parameters"] == written[1][run_name]["parameters"], run_name
         assert written[0][run_name]["ranks"] == written[1][run_name]["ranks"], run_name
     full, resumed = written[0]["full"], written[0]["resumed"]
+    # each layer planned by the one process holding its sums; every process swapped in its factors
+    assert_planned_on_owners([written[rank]["full"]["plan"] for rank in (0, 1)])
     assert set(full["types"].values()) == {"FSDPLowRankLinear"}  # swapped, then sharded as FSDP2 units of their own
     assert {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"} <= set(full["ranks"])
     assert full["sharded"] == sorted(full["parameters"])  # every parameter is a shard; no dense weight is left over

@@ -5,9 +5,9 @@ fraction ``f`` of ``E`` giving ``c = int(f * E)``, as ``StochasticWeightAveragin
 
 1. epochs ``0 .. c - 1`` train the dense model; the validation of epoch ``c - 1`` counts the layer
    inputs and gives the metric "before";
-2. when epoch ``c - 1`` ends, the statistics are summed over processes and ``plan_factorization``
-   decides the ranks and builds the low-rank layers (phase ``PLANNED``); the dense layers stay in
-   place for that epoch's checkpoints;
+2. when epoch ``c - 1`` ends, each layer's statistics are summed over processes to one process, which
+   decomposes it for ``plan_factorization`` (:mod:`~lightning_rank.callbacks.steps`); it decides the ranks and
+   builds the low-rank layers (phase ``PLANNED``); the dense layers stay in place for that epoch's checkpoints;
 3. when epoch ``c`` starts, the plan is applied (phase ``COMPRESSED``), DDP is set up again around the
    new parameters, the optimizers and schedulers are rebuilt from ``configure_optimizers``, and a
    validation gives "compressed";
@@ -60,10 +60,9 @@ from lightning_rank.callbacks.checkpoints import (
     save_compressed,
 )
 from lightning_rank.callbacks.distillation import frozen_copy
-from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
 from lightning_rank.callbacks.schedule import Phase, ScheduleState
 from lightning_rank.callbacks.sharded import is_sharded, mesh_of, shard_swapped_layers
-from lightning_rank.callbacks.steps import check_sharded, plan_step
+from lightning_rank.callbacks.steps import check_sharded, counting, plan_step
 from lightning_rank.callbacks.summary import count_macs, monitored_value, publish, publish_epoch_start
 from lightning_rank.checks import (
     MaskFn,
@@ -232,7 +231,7 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
         upcoming = self._next_swap()
         counts = self._fit_validation(trainer) and upcoming is not None and self._statistics is None
         if counts and trainer.current_epoch == upcoming - 1:
-            self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments, CALIBRATION_BATCHES)
+            self._statistics = counting(trainer, pl_module, self.statistics_arguments)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -271,17 +270,17 @@ class RankCompression(ScheduleState, ValidationStatisticsCallback):
         """Plan the factorization from this epoch's validation (run one if it had none); the model is not changed."""
         if self._statistics is None or self._run.validated_epoch != trainer.current_epoch:
             self._release()
-            self._statistics = EpochStatistics(trainer, pl_module, self.statistics_arguments, CALIBRATION_BATCHES)
+            self._statistics = counting(trainer, pl_module, self.statistics_arguments)
             _lightning.run_validation(trainer, listener=self)
             self.metrics["before" if self.phase == Phase.TRAINING else "finetuned"] = monitored_value(trainer, self.monitor)
         statistics, self._statistics = self._statistics, None
-        stats = statistics.finish(trainer).stats
+        shared = statistics.finish(trainer)
         self._run.sample_batch = statistics.batches[0] if statistics.batches else None
         macs_before, later = count_macs(pl_module, self._run.sample_batch, self.forward), self.step > 0
         state = "stays dense" if not later else f"stays as compressed by step {self.step}"
         which = f" step {self.step + 1}" if len(self.swap_epochs) > 1 else ""
         try:
-            plan = plan_step(self, trainer, pl_module, stats, statistics.batches)
+            plan = plan_step(self, trainer, pl_module, shared, statistics.batches)
         except Exception as error:  # a plan that fails never loses the run: it trains on as it is
             self.failure, self.phase = f"{type(error).__name__}: {error}", Phase.COMPRESSED if later else Phase.FINISHED
             rank_zero_warn(f"RankCompression could not plan the compression{which}, so the model {state} and trains "

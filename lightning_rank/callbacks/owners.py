@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lightning_rank.callbacks.sharded import full_weights
+from lightning_rank.compress.sharing import PlanOwners
 from lightning_rank.spectral.analysis import UnanalyzableError, decompose, skipped_layer
 from lightning_rank.spectral.report import RankReport
 from lightning_rank.stats.collector import ELSEWHERE, UNREACHED, StatisticsCollector
 from lightning_rank.stats.ownership import ProcessShare
+from lightning_rank.stats.rows import RowPolicy
 from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 from lightning_rank.targets import layer_shape
 
@@ -42,6 +45,20 @@ class SharedStatistics:
     analyzer: dict[str, int]
     pooled: dict[str, bool]
     nbytes: list[int]
+    sources: dict[str, str] = field(default_factory=dict)  # every analyzed layer's input key, on every process
+
+    def planning_view(self) -> ActivationStatistics:
+        """What :func:`~lightning_rank.plan_factorization` with owners takes: every layer's name, this process's sums."""
+        return ActivationStatistics(self.stats.inputs, dict(self.sources), dict(self.stats.skipped),
+                                    list(self.stats.unmasked))
+
+
+class PooledShare(ProcessShare):
+    """Owners that hold the exact sum over every process's rows: every layer is counted on every process and summed to
+    its owner, whatever the row policy (``RankCompression`` factorizes from the statistics of all the data)."""
+
+    def pooled(self, policy: RowPolicy, fan_in: int, rows: int, batches: int | None) -> bool:
+        return True
 
 
 def reduce_to_owners(
@@ -113,7 +130,7 @@ def reduce_to_owners(
     here = {name: key for name, key in sources.items() if key in inputs}
     analyzed_here = ActivationStatistics(inputs, here, skipped, [n for n in stats.unmasked if n in here])
     analyzer = {name: analyzer_of(key) for name, key in sources.items()}
-    return SharedStatistics(analyzed_here, analyzer, pooled, [int(n) for n in gathered[:, 0, -1]])
+    return SharedStatistics(analyzed_here, analyzer, pooled, [int(n) for n in gathered[:, 0, -1]], sources)
 
 
 def analyze_shared(
@@ -166,3 +183,21 @@ def analyze_shared(
     return RankReport(threshold=options.get("threshold", 0.99), layers=ordered,
                       centered=options.get("centered", False), spectra={name: spectra[name] for name in analyzed})
 
+
+def plan_owners(shared: SharedStatistics, rank: int, device: torch.device) -> PlanOwners:
+    """:class:`~lightning_rank.compress.sharing.PlanOwners` over the default process group: each layer planned where
+    its sums are (``shared.analyzer``); tensors sent from ``device`` (the strategy's root device: under NCCL a CPU
+    tensor is moved there and back)."""
+
+    def broadcast(tensor: torch.Tensor, src: int) -> None:
+        moved = tensor if tensor.device == device else tensor.to(device)
+        dist.broadcast(moved, src=src)
+        if moved is not tensor:
+            tensor.copy_(moved)
+
+    def gather(obj: Any) -> list[Any]:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    return PlanOwners(rank, dict(shared.analyzer), broadcast, gather)

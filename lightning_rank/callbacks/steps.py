@@ -1,9 +1,13 @@
-"""How ``RankCompression`` plans one step under each strategy, from the statistics of one validation.
+"""How ``RankCompression`` counts and plans one step under each strategy, from the statistics of one validation.
 
-Single device and DDP: every process plans from the same summed statistics; a budget is shared out by the
-model's own output on each process's first validation batches, summed over processes, so every process decides
-the same ranks. FSDP2: the same, with every unit unsharded while planning (every process holds the full weights,
-the model's forwards and backwards run on them, and the probe's truncations are written into them).
+Single device: one process counts and plans. DDP and FSDP2: every process counts every layer's rows, and each
+layer's sums go to one process, its owner (:class:`~lightning_rank.callbacks.owners.PooledShare`: the exact sum over
+every process, whatever the row policy); the owner alone decomposes the layer and builds its factors, and sends
+every process what it needs (:mod:`~lightning_rank.compress.sharing`). A budget is shared out by the model's own
+output on each process's first validation batches, summed over processes, so every process decides the same ranks
+and builds its low-rank layers from the owner's factors. FSDP2: every unit is unsharded while planning (every process
+holds the full weights, the model's forwards and backwards run on them, and the probe's truncations are written into
+them).
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_rank.callbacks.distributed import moving_sum_reducer
+from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
+from lightning_rank.callbacks.owners import PooledShare, SharedStatistics, plan_owners
 from lightning_rank.callbacks.sharded import unsharded
+from lightning_rank.checks import StatisticsArguments
 from lightning_rank.compress.factorize import FactorizationPlan, plan_factorization
+from lightning_rank.stats.ownership import assign_owners
 
 
 def check_sharded(compression: Any) -> None:
@@ -26,11 +34,20 @@ def check_sharded(compression: Any) -> None:
                          "model): fine-tune without it")
 
 
+def counting(trainer: Trainer, pl_module: LightningModule, arguments: StatisticsArguments) -> EpochStatistics:
+    """The statistics of one validation for a plan: under several processes each layer's exact sums go to its owner."""
+    statistics = EpochStatistics(trainer, pl_module, arguments, CALIBRATION_BATCHES)
+    if trainer.world_size > 1:
+        owners = assign_owners(statistics.collector.targets, trainer.world_size)
+        statistics.collector.share = PooledShare(trainer.global_rank, trainer.world_size, owners)
+    return statistics
+
+
 def plan_step(
-    compression: Any, trainer: Trainer, pl_module: LightningModule, stats: Any, batches: list[Any]
+    compression: Any, trainer: Trainer, pl_module: LightningModule, shared: SharedStatistics, batches: list[Any]
 ) -> FactorizationPlan:
-    """The factorization ``compression`` (a ``RankCompression``) asks for at its current step, from the statistics and
-    kept batches of one validation."""
+    """The factorization ``compression`` (a ``RankCompression``) asks for at its current step, from the statistics
+    (this process's share, from :func:`counting`) and kept batches of one validation."""
     # Under DDP each process probes its own validation batches and the probe sums what it measures over all of
     # them, so every process allocates the same ranks; if any process kept no batch, none calibrates.
     reduce = moving_sum_reducer(trainer) if trainer.world_size > 1 else None
@@ -39,11 +56,13 @@ def plan_step(
         reduce(empty)
         batches = batches if float(empty) == 0 else []
     param_budget, macs_budget = compression.budgets[compression.step]
+    owners = plan_owners(shared, trainer.global_rank, trainer.strategy.root_device) if reduce is not None else None
+    stats = shared.planning_view() if owners is not None else shared.stats
     with unsharded(pl_module):  # under FSDP2, every process plans from (and probes) the full weights
         return plan_factorization(
             pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
             param_budget=param_budget, macs_budget=macs_budget, refactorize=True,
             target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
             allocation=compression.allocation, calibration=batches or None, forward=compression.forward,
-            progress=trainer.is_global_zero, reduce=reduce,
+            progress=trainer.is_global_zero, reduce=reduce, owners=owners,
         )  # fmt: skip

@@ -39,6 +39,7 @@ from lightning_rank.compress.planning import (
 from lightning_rank.compress.refactor import dense_stand_ins, onto_pairs
 from lightning_rank.compress.results import FactorizationResult, LayerFactorization
 from lightning_rank.compress.selection import factorization_targets, shared_weights, why_not_replaceable
+from lightning_rank.compress.sharing import PlanOwners, owned_decompositions, owned_modules, replaceable_reasons
 from lightning_rank.spectral.progress import progress_bar
 from lightning_rank.stats.collect import ForwardFn
 from lightning_rank.stats.sums import ActivationStatistics
@@ -117,6 +118,7 @@ def plan_factorization(
     progress: bool = True,
     refactorize: bool = False,
     reduce: Callable[[Tensor], None] | None = None,
+    owners: PlanOwners | None = None,
 ) -> FactorizationPlan:
     """Decide the ranks of the selected layers and build their low-rank replacements; ``model`` is not changed.
 
@@ -153,7 +155,9 @@ def plan_factorization(
     ``reduce``: an in-place sum over processes (e.g. ``torch.distributed.all_reduce``) when each process calls
     this with the same model and statistics but its own ``calibration`` batches (at least one each): the probe
     then sums what it measures over all of them, so every process decides the same ranks (``RankCompression``
-    passes one under DDP).
+    passes one under DDP). ``owners``: which process holds each layer's statistics, when each process's ``stats``
+    hold only its own layers' sums (and name every layer): each owner then decomposes and factorizes its layers and
+    sends every process what it needs (:mod:`~lightning_rank.compress.sharing`), so all build the same plan.
     """
     if refactorize:
         options = {k: v for k, v in locals().items() if k not in ("model", "stats", "refactorize")}
@@ -188,19 +192,22 @@ def plan_factorization(
     details = {name: _kept(model, name, None, reason) for name, reason in unselectable.items()}
     shared = shared_weights(model)
     replaceable: dict[str, Target] = {}
-    for name, target in targets.items():
-        reason = why_not_replaceable(name, target, stats, shared)
+    for name, reason in replaceable_reasons(targets, stats, shared, owners).items():
         if reason is not None:
-            details[name] = _kept(model, name, target, reason)
+            details[name] = _kept(model, name, targets[name], reason)
         else:
-            replaceable[name] = target
+            replaceable[name] = targets[name]
 
     budgeted = budget is not None or macs is not None
     if budgeted and not replaceable:
         reasons = "; ".join(f"{name}: {entry.reason}" for name, entry in details.items())
         raise ValueError(f"no selected layer can be factorized, so no budget can be met ({reasons or 'no layer'})")
     needs_ranks = not budgeted and any(name not in wanted for name in replaceable)
-    spectra = decompositions(model, stats, replaceable, threshold, needs_ranks, method == "projection", progress)
+    if owners is None:
+        spectra = decompositions(model, stats, replaceable, threshold, needs_ranks, method == "projection", progress)
+    else:
+        spectra = owned_decompositions(model, stats, replaceable, owners, threshold, needs_ranks, method == "projection",
+                                       budgeted, progress)
     layers = {name: Replaceable(target, spectra[name]) for name, target in replaceable.items()}
     layer_params_before = sum(parameter_count(t) for t in targets.values())
     allocated = None
@@ -211,9 +218,14 @@ def plan_factorization(
         plan_ranks(layers, wanted, threshold)
 
     modules: dict[str, nn.Module] = {}
+    unit = allocated.unit if allocated is not None else "params"
+    built = None if owners is None else owned_modules(layers, [
+        name for name, layer in layers.items() if why_not_at_rank(layer, threshold, name in wanted or budgeted, unit)
+        is None], method, owners)
     with progress_bar("factors", enabled=progress, total=len(layers), unit="layer") as bar:
         for name, layer in layers.items():
-            _plan_layer(model, name, layer, method, threshold, name in wanted or budgeted, allocated, modules, details)
+            _plan_layer(model, name, layer, method, threshold, name in wanted or budgeted, allocated, modules, details,
+                        None if built is None else built.get(name))
             bar.update()
 
     params_before = _count_parameters(model)
@@ -298,11 +310,16 @@ def _plan_layer(
     allocated: Any,
     modules: dict[str, nn.Module],
     details: dict[str, LayerFactorization],
+    built: tuple[nn.Module, float | None] | None = None,
 ) -> None:
-    """Build one layer's low-rank replacement into ``modules`` (or say why not), and its entry in ``details``."""
+    """Build one layer's low-rank replacement into ``modules`` (or say why not), and its entry in ``details``;
+    ``built``: the module and its relative output error, when the layer's owner planned it."""
     reason = why_not_at_rank(layer, threshold, explicit, allocated.unit if allocated is not None else "params")
     if reason is not None:
         details[name] = _kept(model, name, layer.target, reason, layer)
+    elif built is not None:
+        modules[name] = built[0]
+        details[name] = _replaced(layer, modules[name], built[1])
     else:
         modules[name] = low_rank_from_dense(layer.target.module, *factors(layer, method))
         details[name] = _replaced(layer, modules[name])
@@ -311,8 +328,11 @@ def _plan_layer(
         details[name] = replace(details[name], energy_kept=chosen.energy_kept, sensitivity=chosen.sensitivity)
 
 
-def _replaced(layer: Replaceable, new: nn.Module) -> LayerFactorization:
-    """The entry of a layer the plan replaces by ``new``."""
+def _replaced(layer: Replaceable, new: nn.Module, error: float | None = None) -> LayerFactorization:
+    """The entry of a layer the plan replaces by ``new`` (``error``: its relative output error, when its owner sent
+    it)."""
+    if error is None:
+        error = relative_output_error(layer, new.dense_weight().detach().to(layer.weight))
     return LayerFactorization(
         name=layer.target.name,
         kind=layer.target.kind,
@@ -320,7 +340,7 @@ def _replaced(layer: Replaceable, new: nn.Module) -> LayerFactorization:
         in_features=layer.shape[1],
         replaced=True,
         rank=layer.rank,
-        relative_error=relative_output_error(layer, new.dense_weight().detach().to(layer.weight)),
+        relative_error=error,
         params_before=parameter_count(layer.target),
         params_after=sum(p.numel() for p in new.parameters()),
     )
@@ -350,7 +370,7 @@ def _kept(
         in_features=fan_in,
         replaced=False,
         rank=layer.rank if layer is not None else None,
-        relative_error=0.0 if layer is not None and layer.spectra.moment is not None else None,
+        relative_error=0.0 if layer is not None and layer.spectra.measured else None,
         params_before=params,
         params_after=params,
         reason=reason,

@@ -40,7 +40,9 @@ class Decomposition:
 
     ``values``/``vectors``: eigenpairs of the input moment ``C``, largest first, round-off removed;
     ``out_vectors``: eigenvectors of the output moment ``C_y`` (``projection`` only); ``in_rank``,
-    ``out_rank``, ``rank``: the utilized ranks at the threshold (when asked for).
+    ``out_rank``, ``rank``: the utilized ranks at the threshold (when asked for). ``whitened``: the whitened SVD
+    (:func:`~lightning_rank.compress.factors.whitened_svd`) when its owner sent it; ``held_elsewhere``: the
+    statistics and spectra are on the process that owns the layer (:mod:`~lightning_rank.compress.sharing`).
     """
 
     weight: Tensor
@@ -53,6 +55,13 @@ class Decomposition:
     in_rank: int | None = None
     out_rank: int | None = None
     rank: int | None = None
+    whitened: tuple[Tensor, Tensor] | None = None
+    held_elsewhere: bool = False
+
+    @property
+    def measured(self) -> bool:
+        """Whether the layer has statistics (here or on its owner)."""
+        return self.moment is not None or self.held_elsewhere
 
 
 def decompositions(
@@ -108,14 +117,15 @@ class Replaceable:
     def whitened(self) -> tuple[Tensor, Tensor]:
         """Left singular vectors and singular values of ``W S`` (computed once)."""
         if self._whitened_svd is None:
-            self._whitened_svd = whitened_svd(self.weight, self.spectra.values, self.spectra.vectors)
+            self._whitened_svd = self.spectra.whitened or whitened_svd(self.weight, self.spectra.values,
+                                                                       self.spectra.vectors)
         return self._whitened_svd
 
 
 def candidate(name: str, layer: Replaceable, positions: float = 1.0) -> LayerCandidate:
     """What rank allocation needs of one replaceable layer: its weight and the SVD of its whitened weight
     (of the weight itself without statistics), from the planner's own decompositions."""
-    if layer.spectra.moment is not None:
+    if layer.spectra.measured:
         basis, singular_values = layer.whitened()
     else:
         basis, singular_values = torch.linalg.svd(layer.weight, full_matrices=False)[:2]

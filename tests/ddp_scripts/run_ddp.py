@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 import lightning_rank as lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
+from tests.ddp_scripts.records import PlanRecord  # noqa: E402
 from tests.tiny_models import (  # noqa: E402
     Branchy,
     DumpReport,
@@ -114,17 +115,20 @@ def main(mode: str, out: Path) -> None:
         loader = DataLoader(split_subspaces(MONITOR_SAMPLES), batch_size=4)
         trainer.fit(model, loader, loader)
     elif mode == "compression":
-        model = PlainClassifier(lr_=0.2)
-        trainer = make_trainer(out, 2, [ExitProbe(out), compression(), ParameterCheck(out)], **options)
+        model, compressing = PlainClassifier(lr_=0.2), compression()
+        record = PlanRecord(compressing)
+        trainer = make_trainer(out, 2, [ExitProbe(out), record, compressing, ParameterCheck(out)], **options)
         trainer.fit(model, DataLoader(low_rank_dataset(256, 1), batch_size=32, shuffle=True),
                     DataLoader(low_rank_dataset(128, 2), batch_size=32))
+        (out / f"plan_rank{trainer.global_rank}.json").write_text(json.dumps(record.written()))
     elif mode == "allocation":
-        model = PlainClassifier(lr_=0.2)
-        callbacks = [ExitProbe(out), compression(param_budget=ALLOCATION_BUDGET), AllocationRecord(out),
-                     ParameterCheck(out)]
+        model, compressing = PlainClassifier(lr_=0.2), compression(param_budget=ALLOCATION_BUDGET)
+        record = PlanRecord(compressing)
+        callbacks = [ExitProbe(out), record, compressing, AllocationRecord(out), ParameterCheck(out)]
         trainer = make_trainer(out, 2, callbacks, **options)
         trainer.fit(model, DataLoader(low_rank_dataset(256, 1), batch_size=32, shuffle=True),
                     DataLoader(allocation_validation(), batch_size=VALIDATION_BATCH))
+        (out / f"plan_rank{trainer.global_rank}.json").write_text(json.dumps(record.written()))
     else:
         raise SystemExit(f"unknown mode {mode!r}: use 'monitor', 'compression' or 'allocation'")
     if trainer.global_rank == 0:  # the launcher does not wait for the processes it started

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_rank as lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
+from tests.ddp_scripts.records import PlanRecord  # noqa: E402
 from tests.tiny_models import make_trainer  # noqa: E402
 
 WIDTH, HIDDEN, BLOCKS, TOKENS, SUBSPACE = 16, 48, 2, 64, 7
@@ -146,9 +147,9 @@ def fit_compressed(root: Path, epochs: int, resume: Path | None = None) -> dict:
     L.seed_everything(0, verbose=False)
     compression = lr.RankCompression(compress_at_epoch=1, param_budget=BUDGET, monitor="val_loss", dtype=torch.float64,
                                      max_rows_per_batch=None)
-    monitor = lr.RankMonitor()
+    monitor, record = lr.RankMonitor(), PlanRecord(compression)
     checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=-1, every_n_epochs=1)
-    trainer = make_trainer(root, epochs, [compression, monitor, checkpoint], devices=2, strategy=strategy(),
+    trainer = make_trainer(root, epochs, [record, compression, monitor, checkpoint], devices=2, strategy=strategy(),
                            logger=False)
     model = ShardedBlocks()
     trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH),
@@ -166,6 +167,7 @@ def fit_compressed(root: Path, epochs: int, resume: Path | None = None) -> dict:
         "reports": [entry["report"]["mlu"] for entry in monitor.history],
         "factorized": [entry["factorized"] for entry in monitor.history],
         "allocation": compression.result.allocation if compression.result else None,
+        "plan": record.written(),
     }
 
 

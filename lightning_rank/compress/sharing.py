@@ -1,0 +1,165 @@
+"""Planning split over processes: each layer is decomposed and factorized by the one process that holds its statistics.
+
+Under several processes (DDP, FSDP2) a layer's input statistics are summed to one process, its owner, and no
+other process holds them. :func:`~lightning_rank.compress.factorize.plan_factorization` with ``owners`` (a
+:class:`PlanOwners`) then has each owner do what needs the ``d x d`` statistics, for its layers only: the checks on
+them, the eigenproblems, the whitened SVD, the factors and their output error. What every process needs is sent
+from the owner, layer by layer in model order: the ranks (a few ints), the whitened SVD of a budget's candidates
+(``(out, k)``, the size of the weight) for the probe, which then runs alike on every process, and the factors. So
+every process decides the same ranks and builds its low-rank layers from the very same factors, while the
+statistics, moments and eigenvectors of a layer exist on its owner alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_rank.compress.factors import whitened_svd
+from lightning_rank.compress.layers import low_rank_from_dense
+from lightning_rank.compress.planning import Decomposition, Replaceable, decompositions, factors, relative_output_error
+from lightning_rank.compress.selection import why_not_replaceable
+from lightning_rank.stats.sums import ActivationStatistics
+from lightning_rank.targets import Target, weight_matrix
+
+
+@dataclass(frozen=True)
+class PlanOwners:
+    """This process (``rank``), the process holding each layer's statistics (``owners``, by layer name: those of
+    ``stats`` that this process holds are its own), and two collectives, called on every process in the same order:
+    ``broadcast(tensor, src)`` (in place, from process ``src``) and ``gather(obj)`` (every process's ``obj``, in rank
+    order; picklable and small)."""
+
+    rank: int
+    owners: Mapping[str, int]
+    broadcast: Callable[[Tensor, int], None]
+    gather: Callable[[Any], list[Any]]
+
+    def judges(self, name: str) -> bool:
+        """Whether this process decides for layer ``name``: it owns it, or the layer has no owner (no statistics: every
+        process decides alike from the names alone)."""
+        return self.owners.get(name, self.rank) == self.rank
+
+    def agree(self, mine: dict[str, Any], failure: Exception | None) -> dict[str, Any]:
+        """What each owner found for its layers (``mine`` here), on every process; raises on every process when any
+        failed (``failure`` here), so that none waits for the others."""
+        parts = self.gather({"found": mine, "failure": None if failure is None else f"{type(failure).__name__}: "
+                                                                                     f"{failure}"})
+        if failure is not None:
+            raise failure
+        failed = {rank: part["failure"] for rank, part in enumerate(parts) if part["failure"] is not None}
+        if failed:
+            raise RuntimeError(f"planning failed on process(es) {failed}")
+        return {name: value for part in parts for name, value in part["found"].items()}
+
+
+def replaceable_reasons(
+    targets: dict[str, Target], stats: ActivationStatistics | None, shared: dict[int, list[str]],
+    owners: PlanOwners | None,
+) -> dict[str, str | None]:
+    """Why each of ``targets`` cannot be replaced (None: it can), judged where its statistics are
+    (:func:`~lightning_rank.compress.selection.why_not_replaceable`); raises what it raises, on every process."""
+    reasons: dict[str, str | None] = {}
+    failure = None
+    for name, target in targets.items():
+        if owners is None or owners.judges(name):
+            try:
+                reasons[name] = why_not_replaceable(name, target, stats, shared)
+            except ValueError as error:
+                if owners is None:
+                    raise
+                failure = failure or error
+    if owners is None:
+        return reasons
+    owned = {name: reason for name, reason in reasons.items() if name in owners.owners}
+    reasons.update(owners.agree(owned, failure))
+    return {name: reasons[name] for name in targets}
+
+
+def owned_decompositions(
+    model: nn.Module,
+    stats: ActivationStatistics,
+    targets: dict[str, Target],
+    owners: PlanOwners,
+    threshold: float,
+    with_ranks: bool,
+    with_output_basis: bool,
+    with_candidates: bool,
+    progress: bool = False,
+) -> dict[str, Decomposition]:
+    """:func:`~lightning_rank.compress.planning.decompositions` of ``targets``, each computed by its owner.
+
+    Every process gets each layer's ranks; with ``with_candidates`` (a budget to share out) also the whitened SVD a
+    candidate needs (``Decomposition.whitened``). A layer owned elsewhere carries its own weight and no statistics."""
+    mine = {name: target for name, target in targets.items() if owners.owners[name] == owners.rank}
+    here = {name: key for name, key in stats.sources.items() if key in stats.inputs}
+    local = ActivationStatistics(stats.inputs, here, dict(stats.skipped), [n for n in stats.unmasked if n in here])
+    found: dict[str, Decomposition] = {}
+    summary: dict[str, tuple] = {}
+    failure = None
+    try:
+        found = decompositions(model, local, mine, threshold, with_ranks, with_output_basis, progress)
+        for name, entry in found.items():
+            if with_candidates:
+                entry.whitened = whitened_svd(entry.weight, entry.values, entry.vectors)
+            layouts = [_layout(t) for t in entry.whitened] if with_candidates else None
+            summary[name] = (entry.in_rank, entry.out_rank, entry.rank, layouts)
+    except Exception as error:  # told to the others, or they would wait for this process
+        failure = error
+    summaries = owners.agree(summary, failure)
+    out: dict[str, Decomposition] = {}
+    for name, target in targets.items():  # model order: every process broadcasts alike
+        owner, (in_rank, out_rank, rank, layouts) = owners.owners[name], summaries[name]
+        entry = found.get(name)
+        if entry is None:
+            weight, bias = (t.detach().double() if t is not None else None for t in weight_matrix(target))
+            entry = Decomposition(weight, bias, in_rank=in_rank, out_rank=out_rank, rank=rank, held_elsewhere=True)
+        if with_candidates:
+            sent = entry.whitened or (None, None)
+            entry.whitened = tuple(_send(owners, t, layout, owner, entry.weight) for t, layout in zip(sent, layouts))
+        out[name] = entry
+    return out
+
+
+def owned_modules(
+    layers: dict[str, Replaceable], names: list[str], method: str, owners: PlanOwners
+) -> dict[str, tuple[nn.Module, float | None]]:
+    """The low-rank module of each of ``names`` and its relative output error: the owner computes the factors (and the
+    error, from the statistics), and every process builds its module from the owner's factors."""
+    built: dict[str, tuple[Tensor, Tensor, nn.Module]] = {}
+    summary: dict[str, tuple] = {}
+    failure = None
+    try:
+        for name in names:
+            layer = layers[name]
+            if owners.owners[name] == owners.rank:
+                a, b = factors(layer, method)
+                built[name] = a, b, low_rank_from_dense(layer.target.module, a, b)
+                error = relative_output_error(layer, built[name][2].dense_weight().detach().to(layer.weight))
+                summary[name] = (_layout(a), _layout(b), error)
+    except Exception as error:  # told to the others, or they would wait for this process
+        failure = error
+    summaries = owners.agree(summary, failure)
+    modules: dict[str, tuple[nn.Module, float | None]] = {}
+    for name in names:  # model order: every process broadcasts alike
+        layer, (a_layout, b_layout, error) = layers[name], summaries[name]
+        a, b, new = built.get(name) or (None, None, None)
+        a, b = (_send(owners, t, layout, owners.owners[name], layer.weight) for t, layout in ((a, a_layout), (b, b_layout)))
+        modules[name] = (new if new is not None else low_rank_from_dense(layer.target.module, a, b), error)
+    return modules
+
+
+def _layout(tensor: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(tensor.shape), tuple(tensor.stride())
+
+
+def _send(owners: PlanOwners, tensor: Tensor | None, layout: tuple, src: int, like: Tensor) -> Tensor:
+    """``tensor`` on process ``src``, sent to every process in the very memory layout it has there (products of
+    tensors laid out otherwise may round otherwise, and every process must compute what the owner computes)."""
+    shape, stride = layout
+    buffer = tensor.contiguous() if tensor is not None else like.new_empty(shape)
+    owners.broadcast(buffer, src)
+    return tensor if tensor is not None else like.new_empty_strided(shape, stride).copy_(buffer)

@@ -157,11 +157,14 @@ def test_validate_without_logger_with_mask(tmp_path):
 
 
 @pytest.mark.parametrize("limit", [None, 3])
-def test_default_rows_spread_each_layers_budget_over_the_epochs_batches(tmp_path, limit):
+def test_default_rows_spread_each_layers_budget_over_the_epochs_batches(tmp_path, limit, monkeypatch):
     """"auto" counts about max(AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE * fan_in) rows of each layer per analyzed
-    epoch, the same fraction of each batch the epoch validates (``limit_val_batches`` included)."""
+    epoch, the same fraction of each batch the epoch validates (``limit_val_batches`` included). Settling, which
+    would thin these random inputs early, is kept out here (tests/test_settling.py)."""
+    from lightning_rank.stats import settling
     from lightning_rank.stats.rows import AUTO_MIN_ROWS, AUTO_ROWS_PER_FEATURE
 
+    monkeypatch.setattr(settling, "SETTLE_FIRST_ROWS", 10**9)
     torch.manual_seed(0)
     model = Blocks()  # fan_in 8 and 12: the floor holds for every layer
     assert AUTO_MIN_ROWS > AUTO_ROWS_PER_FEATURE * 12

@@ -26,6 +26,10 @@ class LayerRank:
     several processes counted (DDP, FSDP2): ``True`` when the rows of every process were summed (every row
     counted, or its owner's share of the validation held fewer rows than the row budget), ``False`` when
     the process owning the layer counted its own share alone; ``None`` with one process.
+    ``rows`` is how many rows of its input were summed and ``rows_reason`` why that many: ``"all"`` (every row
+    the data gave), ``"budget"`` (the ``"auto"`` row budget kept a share of each batch), ``"cap"`` (an int
+    ``max_rows_per_batch``), or ``"settled"`` (its spectrum stopped moving after ``settled_at`` rows, and the
+    rest of the data was counted from 1 row in 16, each weighing 16; see :mod:`~lightning_rank.stats.settling`).
 
     >>> from lightning_rank import LayerRank
     >>> LayerRank(name="fc", kind="linear", in_features=16, out_features=32, skipped="no rows reached it").analyzed
@@ -44,6 +48,8 @@ class LayerRank:
     out_effective_rank: float | None = None
     rows: int | None = None
     rows_limited: bool | None = None
+    rows_reason: str | None = None
+    settled_at: int | None = None
     nonfinite_rows: int | None = None
     parameters: int | None = None
     factorized: bool = False
@@ -155,7 +161,8 @@ class RankReport:
         ]
         for name, layer in self.analyzed.items():
             kind = f"{layer.kind} (factorized)" if layer.factorized else layer.kind
-            rows = f"{layer.rows} (limited)" if layer.rows_limited else f"{layer.rows}"
+            notes = ["limited"] * bool(layer.rows_limited) + [layer.rows_reason] * (layer.rows_reason not in (None, "all"))
+            rows = f"{layer.rows} ({', '.join(notes)})" if notes else f"{layer.rows}"
             lines.append(
                 f"| {name} | {kind} | {layer.out_features} x {layer.in_features} | {layer.in_rank} | "
                 f"{layer.out_rank} | {layer.rank} | {_percent(layer.utilization)} | "
@@ -163,6 +170,8 @@ class RankReport:
             )
         if any(layer.rows_limited for layer in self.analyzed.values()):
             lines += ["", "*(limited)*: fewer rows than inputs were seen, so the input rank is bounded by the data."]
+        if any(layer.rows_reason == "settled" for layer in self.analyzed.values()):
+            lines += ["", "*(settled)*: counting slowed to 1 row in 16 once more rows stopped moving the spectrum."]
         if self.skipped:
             lines += ["", "| skipped layer | reason |", "|---|---|"]
             lines += [f"| {name} | {reason} |" for name, reason in self.skipped.items()]

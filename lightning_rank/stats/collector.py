@@ -21,15 +21,19 @@ from torch import Tensor, nn
 
 from lightning_rank.checks import MaskFn, check_mask_fn, check_row_policy
 from lightning_rank.stats.ownership import ProcessShare
-from lightning_rank.stats.rows import ConvGeometry, RowPolicy, SharedDraws, auto_rate, conv_input, row_limit
+from lightning_rank.stats.rows import (
+    ConvGeometry,
+    RowPolicy,
+    SharedDraws,
+    auto_rate,
+    conv_input,
+    expand_mask,
+    nested_rows,
+    row_limit,
+)
+from lightning_rank.stats.settling import Settling
 from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 from lightning_rank.targets import ModuleSelector, Target, float_dtype, layer_shape, select_targets
-
-
-def nested_rows(x: Tensor) -> Tensor:
-    """The rows of a nested tensor (e.g. from ``nn.TransformerEncoder`` with a padding mask): its values are
-    the real rows only, so no mask applies."""
-    return torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
 
 
 def _row_kind(target: Target) -> tuple:
@@ -51,13 +55,6 @@ def _token_major(target: Target, x: Tensor) -> Tensor:
     if target.kind == "mha_in_proj" and target.module.batch_first is False and x.dim() == 3:
         return x.transpose(0, 1)  # (T, B, E) -> (B, T, E), so masks read (B, T) for every layer
     return x
-
-
-def _expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
-    """The mask broadcast over ``lead`` when it covers its first dims, else ``None``."""
-    if tuple(mask.shape) != lead[: mask.dim()]:
-        return None
-    return mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead).reshape(-1)
 
 
 # Conv patches are gathered at the kept positions when fewer than 1/GATHER_BELOW of them are kept; above
@@ -141,6 +138,8 @@ class StatisticsCollector:
         self._diverged: dict[str, str] = {}
         self._unmasked: set[str] = set()
         self._draws = SharedDraws(self.seed)
+        self._settling = Settling()
+        self._subsampled: set[str] = set()  # accumulators some of whose rows the row policy left out
         self._geometry: dict[tuple[str, tuple[int, ...], torch.device], ConvGeometry] = {}
         self._batches = 0
         self._in_pass = False
@@ -289,57 +288,66 @@ class StatisticsCollector:
         seen.keys.append(key)
         self._input_tokens.setdefault(key, set()).add(seen.token)
         with torch.no_grad():
-            rows, order = self._rows(target, x.detach())
+            rows, order, weight = self._rows(target, x.detach())
             stats = self._inputs.get(key)
             if stats is None:
                 stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device, hold_rows=True)
-            stats.update(rows, order)
+            stats.update(rows, order, weight)
+            if self.max_rows_per_batch == "auto":
+                self._settling.observe(key, stats, rows.shape[0])
 
-    def _rows(self, target: Target, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The rows of ``x`` the mask and the row policy keep, and the order of their entries (``None``: the
-        weight's; conv patches come channels-last, see :class:`~lightning_rank.stats.rows.ConvGeometry`)."""
+    def _rows(self, target: Target, x: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """The rows of ``x`` the mask and the row policy keep, the order of their entries (``None``: the weight's;
+        conv patches come channels-last, see :class:`~lightning_rank.stats.rows.ConvGeometry`) and how many rows of
+        the data each stands for."""
         if x.is_nested:
             rows = nested_rows(x)
-            positions = self._positions(target.name, None, rows.shape[0], rows.shape[1], rows.device)
-            return (rows if positions is None else rows.index_select(0, positions)), None
+            positions, weight = self._positions(target.name, None, rows.shape[0], rows.shape[1], rows.device)
+            return (rows if positions is None else rows.index_select(0, positions)), None, weight
         if target.kind not in ("conv1d", "conv2d"):
             x = _token_major(target, x)
             lead = tuple(x.shape[:-1])
-            positions = self._positions(target.name, lead, x.numel() // max(x.shape[-1], 1), x.shape[-1], x.device)
+            positions, weight = self._positions(target.name, lead, x.numel() // max(x.shape[-1], 1), x.shape[-1],
+                                                x.device)
             rows = x.reshape(-1, x.shape[-1])
-            return (rows if positions is None else rows.index_select(0, positions)), None
+            return (rows if positions is None else rows.index_select(0, positions)), None, weight
         batched, padding = conv_input(_conv_module(target), x)
         batch = batched.shape[0]
         geometry = self._geometry_of(target, batched, padding)
         lead = (batch, geometry.out_h * geometry.out_w)
-        positions = self._positions(target.name, lead, batch * lead[1], geometry.fan_in, x.device)
+        positions, weight = self._positions(target.name, lead, batch * lead[1], geometry.fan_in, x.device)
         padded = geometry.padded(batched, padding)
         if positions is None:
-            return geometry.patches(padded), geometry.order
+            return geometry.patches(padded), geometry.order, weight
         if positions.numel() * GATHER_BELOW > lead[0] * lead[1]:  # most positions kept: copying all is faster
-            return geometry.patches(padded).index_select(0, positions), geometry.order
-        return geometry.gather(padded, positions), geometry.order
+            return geometry.patches(padded).index_select(0, positions), geometry.order, weight
+        return geometry.gather(padded, positions), geometry.order, weight
 
     def _positions(
         self, name: str, lead: tuple[int, ...] | None, n: int, fan_in: int, device: torch.device
-    ) -> Tensor | None:
-        """Flat indices of the rows to count among ``n`` rows of leading dims ``lead`` (None: every row)."""
+    ) -> tuple[Tensor | None, float]:
+        """Flat indices of the rows to count among ``n`` rows of leading dims ``lead`` (None: every row), and how many
+        rows each stands for (more than 1 once the layer's spectrum has settled)."""
         valid = None
         if self._mask is not None and lead is not None:
             mask = self._masks.get(device)
             if mask is None:
                 mask = self._masks[device] = self._mask.to(device)
-            expanded = _expand_mask(mask, lead)
+            expanded = expand_mask(mask, lead)
             if expanded is None:
                 self._unmasked.add(name)
             elif not bool(expanded.all()):
                 valid = expanded.nonzero().squeeze(1)
         count = n if valid is None else valid.numel()
         limit = self._row_limit(name, fan_in, count)
+        weight = 1.0
+        if self.max_rows_per_batch == "auto" and count > 0:
+            limit, weight = self._settling.keep(self._sources[name], count if limit is None else min(limit, count))
         if limit is None or count <= limit:
-            return valid
+            return valid, weight
+        self._subsampled.add(self._sources[name])
         keep = self._draws.positions(count, limit, device)
-        return keep if valid is None else valid[keep]
+        return (keep if valid is None else valid[keep]), weight
 
     def _row_limit(self, name: str, fan_in: int, count: int) -> int | None:
         """How many of a batch's ``count`` rows layer ``name`` keeps (None: all). Under "auto" with a known number
@@ -377,6 +385,10 @@ class StatisticsCollector:
             else:
                 sources[name] = self._sources[name]
         inputs = {key: self._inputs[key] for key in dict.fromkeys(sources.values())}
+        for key, stats in inputs.items():
+            stats.settled_at = self._settling.settled_at.get(key)
+            stats.rows_reason = ("settled" if stats.settled_at is not None else "all" if key not in self._subsampled
+                                 else "budget" if self.max_rows_per_batch == "auto" else "cap")
         return ActivationStatistics(inputs, sources, skipped, sorted(self._unmasked & set(sources)))
 
 

@@ -151,3 +151,16 @@ def conv_input(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[
     if spatial == 1:
         return x.unsqueeze(2), (0, *padding)
     return x, padding
+
+
+def nested_rows(x: Tensor) -> Tensor:
+    """The rows of a nested tensor (e.g. from ``nn.TransformerEncoder`` with a padding mask): its values are
+    the real rows only, so no mask applies."""
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
+
+
+def expand_mask(mask: Tensor, lead: tuple[int, ...]) -> Tensor | None:
+    """The mask broadcast over ``lead`` when it covers its first dims, else ``None``."""
+    if tuple(mask.shape) != lead[: mask.dim()]:
+        return None
+    return mask.reshape(*mask.shape, *([1] * (len(lead) - mask.dim()))).expand(lead).reshape(-1)

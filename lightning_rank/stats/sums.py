@@ -42,9 +42,11 @@ def sum_roundoff(dtype: torch.dtype, rows: int, updates: int) -> float:
 class InputStatistics:
     """Sums over the rows ``x`` (length ``dim``) one layer input produced: ``gram``, ``total``, ``count``.
 
-    ``count`` is the number of rows really added; ``nonfinite`` counts rows dropped because they held
-    NaN or Inf; ``updates`` counts the additions (batches), which with ``count`` sizes the round-off
-    bound of the sums. All three are 0-d int64 tensors on the statistics' device.
+    ``count`` is the number of rows the sums stand for and ``summed`` the number really added: they differ only
+    where rows were added with a ``weight`` (a row kept from 1 in ``w`` counts ``w`` times, see
+    :mod:`~lightning_rank.stats.settling`). ``nonfinite`` counts rows dropped because they held NaN or Inf;
+    ``updates`` counts the additions (batches), which with ``summed`` sizes the round-off bound of the sums.
+    All four are 0-d int64 tensors on the statistics' device.
 
     Updates fill only the upper block triangle of the Gram matrix (a symmetric product needs about
     half the work of a full ``addmm_``); reading :attr:`gram` mirrors it into the full matrix.
@@ -67,7 +69,8 @@ class InputStatistics:
     """
 
     def __init__(
-        self, gram: Tensor, total: Tensor, count: Tensor, nonfinite: Tensor, updates: Tensor | None = None
+        self, gram: Tensor, total: Tensor, count: Tensor, nonfinite: Tensor, updates: Tensor | None = None,
+        summed: Tensor | None = None,
     ) -> None:
         self._gram = gram  # upper triangle valid; lower triangle valid only while _mirrored
         self._mirrored = True
@@ -77,6 +80,9 @@ class InputStatistics:
         self._order: Tensor | None = None  # where each weight-order entry is stored (None: in place)
         self.count, self.nonfinite = count, nonfinite
         self.updates = updates if updates is not None else (count > 0).to(torch.int64)
+        self.summed = summed if summed is not None else count.clone()
+        self.rows_reason = "all"  # why ``summed`` is that many rows; set by the collector (see LayerRank)
+        self.settled_at: int | None = None  # rows summed when the spectrum settled, if it did
 
     @classmethod
     def zeros(cls, dim: int, dtype: torch.dtype, device: torch.device, hold_rows: bool = False) -> InputStatistics:
@@ -90,6 +96,7 @@ class InputStatistics:
                 count=torch.zeros((), dtype=torch.int64, device=device),
                 nonfinite=torch.zeros((), dtype=torch.int64, device=device),
                 updates=torch.zeros((), dtype=torch.int64, device=device),
+                summed=torch.zeros((), dtype=torch.int64, device=device),
             )
         if hold_rows:
             stats._held = []
@@ -169,6 +176,12 @@ class InputStatistics:
                 self._gram, self._total = self._gram[inverse][:, inverse], self._total[inverse]
         self._order = order
 
+    def eigenvalues(self) -> Tensor:
+        """Eigenvalues (ascending) of the running ``sum x x^T`` in its own dtype, in whatever order the sums are
+        stored (a permutation leaves them as they are); for a stopping test, not for a reported rank."""
+        self._sum_held()
+        return torch.linalg.eigvalsh(self._gram, UPLO="U")
+
     @property
     def dim(self) -> int:
         return self._total.shape[0]
@@ -183,11 +196,11 @@ class InputStatistics:
     def dtype(self) -> torch.dtype:
         return self._total.dtype
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The state tensors as stored, in the weight's order (the Gram matrix's upper triangle is the valid part)."""
         self._sum_held()
         self._store_in(None)
-        return self._gram, self._total, self.count, self.nonfinite, self.updates
+        return self._gram, self._total, self.count, self.nonfinite, self.updates, self.summed
 
     def all_reduce_(self, reduce: Callable[[Tensor], Any]) -> None:
         """Sum the state over processes in place with ``reduce`` (an in-place sum such as ``dist.all_reduce``)."""
@@ -197,16 +210,20 @@ class InputStatistics:
 
     def to(self, device: torch.device | str) -> InputStatistics:
         """A copy on ``device`` (held rows summed into the Gram)."""
-        state = (self.gram, self.total, self.count, self.nonfinite, self.updates)
-        return InputStatistics(*(t.to(device, copy=True) for t in state))
+        state = (self.gram, self.total, self.count, self.nonfinite, self.updates, self.summed)
+        moved = InputStatistics(*(t.to(device, copy=True) for t in state))
+        moved.rows_reason, moved.settled_at = self.rows_reason, self.settled_at
+        return moved
 
-    def update(self, rows: Tensor, order: Tensor | None = None) -> None:
+    def update(self, rows: Tensor, order: Tensor | None = None, weight: float = 1.0) -> None:
         """Add ``rows`` of shape ``(N, dim)``, upcast to the statistics' dtype; non-finite rows are dropped.
 
-        ``order``: where each entry of the weight's order lies in a row (``None``: in place)."""
+        ``order``: where each entry of the weight's order lies in a row (``None``: in place). ``weight``: how many
+        rows of the data each row stands for, when rows were kept from 1 in ``weight`` (the count then grows
+        by the rows they stand for, ``summed`` by the rows added)."""
         self._store_in(order)
         rows = rows.to(self.dtype)
-        if self._held is not None and int(self.count) + rows.shape[0] < HOLD_ROWS * self.dim:
+        if self._held is not None and weight == 1 and int(self.summed) + rows.shape[0] < HOLD_ROWS * self.dim:
             self._hold(rows)
             return
         self._sum_held()
@@ -221,10 +238,11 @@ class InputStatistics:
             rows, kept = self._finite_rows(rows, masked=True)
             column_sums = rows.sum(dim=0)
         with full_precision_matmul():  # a TF32/bf16 Gram would silently change the ranks
-            symmetric_gram_update_(self._gram, rows)
+            symmetric_gram_update_(self._gram, rows, alpha=weight)
         self._mirrored = False
-        self._total.add_(column_sums)
-        self.count.add_(kept)
+        self._total.add_(column_sums, alpha=weight)
+        self.count.add_(kept if weight == 1 else torch.as_tensor(kept * weight).round().long())
+        self.summed.add_(kept)
         self.updates.add_(1)
 
     def _hold(self, rows: Tensor) -> None:
@@ -235,6 +253,7 @@ class InputStatistics:
         self._diagonal = None
         self._total.add_(rows.sum(dim=0))
         self.count.add_(kept)
+        self.summed.add_(kept)
         self.updates.add_(1)
 
     def _finite_rows(self, rows: Tensor, masked: bool = False) -> tuple[Tensor, Tensor | int]:
@@ -259,7 +278,7 @@ class InputStatistics:
     def roundoff(self) -> float:
         """``u`` with ``|error of C_ij| <= u * sqrt(C_ii C_jj)`` for the second moment of these sums
         (see :func:`sum_roundoff`)."""
-        return sum_roundoff(self.dtype, int(self.count), int(self.updates))
+        return sum_roundoff(self.dtype, int(self.summed), int(self.updates))
 
     def mean(self) -> Tensor:
         """``E[x]`` in float64 (zeros when no row was seen)."""
@@ -359,8 +378,8 @@ def map_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return data
 
 
-def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None) -> None:
-    """``gram += rows^T rows`` on the upper block triangle only, one GEMM per block row.
+def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None, alpha: float = 1.0) -> None:
+    """``gram += alpha * rows^T rows`` on the upper block triangle only, one GEMM per block row.
 
     Blocks of 128-256 columns keep every GEMM large enough to run at full speed while skipping
     about half of the products; below two blocks a plain ``addmm_`` is used.
@@ -368,8 +387,8 @@ def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None)
     dim = rows.shape[1]
     block = block or (128 if dim <= 1024 else 256)
     if dim < 2 * block:
-        gram.addmm_(rows.t(), rows)
+        gram.addmm_(rows.t(), rows, alpha=alpha)
         return
     for start in range(0, dim, block):
         stop = min(start + block, dim)
-        gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:])
+        gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:], alpha=alpha)

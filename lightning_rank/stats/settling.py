@@ -1,0 +1,72 @@
+"""When a layer's spectrum has settled, so that counting more of its rows would not move its ranks.
+
+Under the row policy ``"auto"`` the running sums of each input are checked as rows arrive: at
+``max(SETTLE_FIRST_ROWS, SETTLE_ROWS_PER_FEATURE * dim)`` rows, then each time the rows have doubled. A check
+takes the energy ranks of the running moment at ``SETTLE_THRESHOLDS`` (one float32 ``eigvalsh``). Energy ranks
+of a sample moment creep up towards their limit about as ``1/n``, so what doubling the rows still added is
+about what all further rows would add: once no rank moved by more than ``SETTLE_TOLERANCE`` between two
+checks, the input has settled.
+
+A settled input still sees the rest of the data, from 1 row in ``THIN`` of what the policy would have kept,
+each row weighing what the rows it stands for would have weighed. So the sums stay an estimate of the whole
+data's moment, not of its first batches (a validation set in class order would otherwise be judged by its
+first classes), at a sixteenth of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightning_rank.stats.sums import InputStatistics
+
+SETTLE_FIRST_ROWS = 1024
+SETTLE_ROWS_PER_FEATURE = 4
+SETTLE_THRESHOLDS = (0.9, 0.99, 0.999)
+SETTLE_TOLERANCE = 1
+THIN = 16
+
+
+def energy_ranks(stats: InputStatistics, thresholds: tuple[float, ...] = SETTLE_THRESHOLDS) -> list[int]:
+    """The energy ranks of the running ``sum x x^T`` at ``thresholds``, from float32 eigenvalues (a stopping
+    test, not a reported rank: those are certified by the analysis)."""
+    values = stats.eigenvalues().double().clamp(min=0).flip(0)
+    energy = values.cumsum(0)
+    total = float(energy[-1]) if energy.numel() else 0.0
+    if total <= 0:
+        return [0 for _ in thresholds]
+    return [int(torch.searchsorted(energy, t * total)) + 1 for t in thresholds]
+
+
+class Settling:
+    """Which inputs have settled, and how many rows each had summed when it did (``settled_at``)."""
+
+    def __init__(self) -> None:
+        self.settled_at: dict[str, int] = {}
+        self._rows: dict[str, int] = {}
+        self._next: dict[str, int] = {}
+        self._ranks: dict[str, list[int]] = {}
+
+    def keep(self, key: str, limit: int) -> tuple[int, float]:
+        """How many of the ``limit`` rows the policy keeps of a batch of ``key`` are summed, and the weight of each."""
+        if key not in self.settled_at or limit <= 1:
+            return limit, 1.0
+        kept = math.ceil(limit / THIN)
+        return kept, limit / kept
+
+    def observe(self, key: str, stats: InputStatistics, rows: int) -> None:
+        """Count ``rows`` just summed into ``stats`` and, at a checkpoint, test whether ``key`` has settled."""
+        if key in self.settled_at:
+            return
+        self._rows[key] = self._rows.get(key, 0) + rows
+        checkpoint = self._next.setdefault(key, max(SETTLE_FIRST_ROWS, SETTLE_ROWS_PER_FEATURE * stats.dim))
+        if self._rows[key] < checkpoint:
+            return
+        ranks = energy_ranks(stats)
+        last = self._ranks.get(key)
+        if last is not None and all(abs(a - b) <= SETTLE_TOLERANCE for a, b in zip(ranks, last)):
+            self.settled_at[key] = self._rows[key]
+            return
+        self._ranks[key] = ranks
+        self._next[key] = 2 * self._rows[key]

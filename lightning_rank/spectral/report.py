@@ -29,7 +29,7 @@ class LayerRank:
     ``rows`` is how many rows of its input were summed and ``rows_reason`` why that many: ``"all"`` (every row
     the data gave), ``"budget"`` (the ``"auto"`` row budget kept a share of each batch), ``"cap"`` (an int
     ``max_rows_per_batch``), or ``"settled"`` (its spectrum stopped moving after ``settled_at`` rows, and the
-    rest of the data was counted from 1 row in 16, each weighing 16; see :mod:`~lightning_rank.stats.settling`).
+    rest of the data was counted from 1 row in 4, each weighing 4; see :mod:`~lightning_rank.stats.settling`).
 
     >>> from lightning_rank import LayerRank
     >>> LayerRank(name="fc", kind="linear", in_features=16, out_features=32, skipped="no rows reached it").analyzed
@@ -171,7 +171,7 @@ class RankReport:
         if any(layer.rows_limited for layer in self.analyzed.values()):
             lines += ["", "*(limited)*: fewer rows than inputs were seen, so the input rank is bounded by the data."]
         if any(layer.rows_reason == "settled" for layer in self.analyzed.values()):
-            lines += ["", "*(settled)*: counting slowed to 1 row in 16 once more rows stopped moving the spectrum."]
+            lines += ["", "*(settled)*: counting slowed to 1 row in 4 once more rows stopped moving the spectrum."]
         if self.skipped:
             lines += ["", "| skipped layer | reason |", "|---|---|"]
             lines += [f"| {name} | {reason} |" for name, reason in self.skipped.items()]

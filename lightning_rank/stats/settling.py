@@ -4,13 +4,14 @@ Under the row policy ``"auto"`` the running sums of each input are checked as ro
 ``max(SETTLE_FIRST_ROWS, SETTLE_ROWS_PER_FEATURE * dim)`` rows, then each time the rows have doubled. A check
 takes the energy ranks of the running moment at ``SETTLE_THRESHOLDS`` (one float32 ``eigvalsh``). Energy ranks
 of a sample moment creep up towards their limit about as ``1/n``, so what doubling the rows still added is
-about what all further rows would add: once no rank moved by more than ``SETTLE_TOLERANCE`` between two
-checks, the input has settled.
+about what all further rows would add: once doubling moved no rank at all, the input has settled.
 
 A settled input still sees the rest of the data, from 1 row in ``THIN`` of what the policy would have kept,
 each row weighing what the rows it stands for would have weighed. So the sums stay an estimate of the whole
 data's moment, not of its first batches (a validation set in class order would otherwise be judged by its
-first classes), at a sixteenth of the cost.
+first classes). Thinner than 1 in 4, the few rows left add their own small-sample spread, which lowers
+energy ranks: 1 in 16 cost an untrained digits CNN 3 ranks of its 144-wide layer against every row, 1 in 4
+one (``benchmarks/monitor_overhead.py`` holds the policy to exact statistics on trained models).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from lightning_rank.stats.sums import InputStatistics
 SETTLE_FIRST_ROWS = 1024
 SETTLE_ROWS_PER_FEATURE = 4
 SETTLE_THRESHOLDS = (0.9, 0.99, 0.999)
-SETTLE_TOLERANCE = 1
-THIN = 16
+SETTLE_TOLERANCE = 0
+THIN = 4
 
 
 def energy_ranks(stats: InputStatistics, thresholds: tuple[float, ...] = SETTLE_THRESHOLDS) -> list[int]:
@@ -49,7 +50,8 @@ class Settling:
         self._ranks: dict[str, list[int]] = {}
 
     def keep(self, key: str, limit: int) -> tuple[int, float]:
-        """How many of the ``limit`` rows the policy keeps of a batch of ``key`` are summed, and the weight of each."""
+        """How many of the ``limit`` rows the policy keeps of a batch of ``key`` are summed, and the weight of each
+        (the rows kept stand for all ``limit``)."""
         if key not in self.settled_at or limit <= 1:
             return limit, 1.0
         kept = math.ceil(limit / THIN)

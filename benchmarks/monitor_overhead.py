@@ -28,9 +28,9 @@ statistics, and each layer's rows.
 
 Part 4 (``--resnet``): a ResNet-18-shaped CNN (benchmarks/resnet_shapes.py) on 32x32 and 64x64 images, validation
 1/5 of training, every epoch analyzed: whole fits with and without ``RankMonitor(tensorboard=False)``, paired and
-interleaved, the CPU-time ratio (median and range) and 1 + the monitor's own time over the plain fit, with rows
-held (the default) and with every row summed into the Gram (``HOLD_ROWS = 0``, the path before them); then the
-last run's report against exact statistics of the trained model. Goals: fit ratio <= 1.15, ranks within +-1, MLU
+interleaved, the CPU-time ratio (median and range) and 1 + the monitor's own time over the plain fit, at the defaults
+and with settling off (:mod:`lightning_rank.stats.settling`); each one's last report against exact statistics of the
+trained model, and the rows each layer summed with the reason. Goals: fit ratio <= 1.15, ranks within +-1, MLU
 within 0.005.
 
 Run: .venv/bin/python benchmarks/monitor_overhead.py [--repeats 5] [--epochs 3] [--threads 1] [--epoch | --rows |
@@ -264,39 +264,42 @@ def rows_part(repeats: int, epochs: int) -> None:
 
 def resnet_part(repeats: int, epochs: int, sizes: list[tuple[int, int]]) -> None:
     from benchmarks.resnet_shapes import fit_seconds
-    from lightning_rank.stats import sums
+    from lightning_rank.stats import settling
 
-    held = sums.HOLD_ROWS
+    first = settling.SETTLE_FIRST_ROWS
+    variants = {"default": first, "without settling": 10**12}  # a first check no layer reaches: settling off
     with tempfile.TemporaryDirectory() as root:
         fit_seconds(None, 32, 64, 1, root)  # warm up
         for size, train in sizes:
-            cpu, own = {"held rows": [], "every row summed": []}, {"held rows": [], "every row summed": []}
-            walls = []
+            cpu, own = {v: [] for v in variants}, {v: [] for v in variants}
+            walls, last = [], {}
             for _ in range(repeats):
                 (plain_wall, plain_cpu), _, _ = fit_seconds(None, size, train, epochs, root)
                 walls.append(plain_wall)
-                for variant, hold in (("held rows", held), ("every row summed", 0.0)):
-                    sums.HOLD_ROWS = hold  # 0: no rows held, the full-width path for every layer
+                for variant, first_check in variants.items():
+                    settling.SETTLE_FIRST_ROWS = first_check
                     monitor = lr.RankMonitor(tensorboard=False)
                     timer = Inside(monitor)
                     (wall, seconds), model, val = fit_seconds(monitor, size, train, epochs, root)
                     cpu[variant].append(seconds / plain_cpu)
                     own[variant].append(1 + timer.close() / plain_wall)
-                    if hold:
-                        last = monitor
-            sums.HOLD_ROWS = held
+                    last[variant] = monitor
+            settling.SETTLE_FIRST_ROWS = first
             exact = lr.analyze(model, lr.collect(model, val, max_rows_per_batch=None), eig_dtype=torch.float64,
                                progress=False)
-            worst, mlu = compare(last.report, exact)
             print(f"ResNet-18 shape, {size}x{size}, {train} training / {train // 5} validation images, {epochs} "
                   f"epochs, plain fit median {statistics.median(walls):.1f} s wall, {repeats} interleaved repeats:")
-            for variant in cpu:
+            for variant in variants:
                 c, o = cpu[variant], own[variant]
+                worst, mlu = compare(last[variant].report, exact)
                 print(f"  RankMonitor, {variant:<17} CPU ratio {statistics.median(c):.3f} ({min(c):.3f}-{max(c):.3f}); "
-                      f"1 + inside / plain {statistics.median(o):.3f} ({min(o):.3f}-{max(o):.3f})")
-            print(f"  last epoch's cost {last.history[-1]['seconds']}; vs exact statistics: largest rank difference "
-                  f"{worst} (goal <= 1), MLU difference {mlu:.4f} (goal <= 0.005), MLU {last.report.mlu:.3f}")
-            print(f"  rows per layer: {[layer.rows for layer in last.report.analyzed.values()]}")
+                      f"1 + inside / plain {statistics.median(o):.3f} ({min(o):.3f}-{max(o):.3f}); last epoch "
+                      f"{ {k: round(v, 2) for k, v in last[variant].history[-1]['seconds'].items()} }; vs exact "
+                      f"statistics (the last run's model): largest rank difference {worst} (goal <= 1), MLU difference "
+                      f"{mlu:.4f} (goal <= 0.005)")
+            report = last["default"].report
+            print("  rows per layer (why): " + ", ".join(
+                f"{name} {layer.rows} ({layer.rows_reason})" for name, layer in report.analyzed.items()))
 
 
 def main() -> None:

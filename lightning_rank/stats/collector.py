@@ -294,7 +294,7 @@ class StatisticsCollector:
                 stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device, hold_rows=True)
             stats.update(rows, order, weight)
             if self.max_rows_per_batch == "auto":
-                self._settling.observe(key, stats, rows.shape[0])
+                self._settling.observe(key, stats, rows.shape[0], self.expected_batches, self._batches)
 
     def _rows(self, target: Target, x: Tensor) -> tuple[Tensor, Tensor | None, float]:
         """The rows of ``x`` the mask and the row policy keep, the order of their entries (``None``: the weight's;

@@ -4,7 +4,11 @@ Under the row policy ``"auto"`` the running sums of each input are checked as ro
 ``max(SETTLE_FIRST_ROWS, SETTLE_ROWS_PER_FEATURE * dim)`` rows, then each time the rows have doubled. A check
 takes the energy ranks of the running moment at ``SETTLE_THRESHOLDS`` (one float32 ``eigvalsh``). Energy ranks
 of a sample moment creep up towards their limit about as ``1/n``, so what doubling the rows still added is
-about what all further rows would add: once doubling moved no rank at all, the input has settled.
+about what all further rows would add: once doubling moved no rank at all, the input has settled. A check costs
+about what summing ``3 * dim`` rows costs on a CPU, so checks start at 16 rows a feature and are made only while
+the batches still to come hold at least as many of the input's rows as it has (three times as many before its
+first check, so that a second can follow): a short validation is never checked, and an input that never settles
+pays for at most two or three checks.
 
 A settled input still sees the rest of the data, from 1 row in ``THIN`` of what the policy would have kept,
 each row weighing what the rows it stands for would have weighed. So the sums stay an estimate of the whole
@@ -23,7 +27,7 @@ import torch
 from lightning_rank.stats.sums import InputStatistics
 
 SETTLE_FIRST_ROWS = 1024
-SETTLE_ROWS_PER_FEATURE = 4
+SETTLE_ROWS_PER_FEATURE = 16
 SETTLE_THRESHOLDS = (0.9, 0.99, 0.999)
 SETTLE_TOLERANCE = 0
 THIN = 4
@@ -57,16 +61,19 @@ class Settling:
         kept = math.ceil(limit / THIN)
         return kept, limit / kept
 
-    def observe(self, key: str, stats: InputStatistics, rows: int) -> None:
-        """Count ``rows`` just summed into ``stats`` and, at a checkpoint, test whether ``key`` has settled."""
+    def observe(self, key: str, stats: InputStatistics, rows: int, batches: int | None, done: int) -> None:
+        """Count ``rows`` just summed into ``stats`` during batch ``done`` (from 0) of ``batches`` (None: unknown)
+        and, at a checkpoint, test whether ``key`` has settled."""
         if key in self.settled_at:
             return
+        batches_left = batches - done - 1 if batches else None
         self._rows[key] = self._rows.get(key, 0) + rows
         checkpoint = self._next.setdefault(key, max(SETTLE_FIRST_ROWS, SETTLE_ROWS_PER_FEATURE * stats.dim))
-        if self._rows[key] < checkpoint:
+        last = self._ranks.get(key)
+        ahead = self._rows[key] * (1 if last is not None else 3)
+        if self._rows[key] < checkpoint or (batches_left is not None and batches_left * rows < ahead):
             return
         ranks = energy_ranks(stats)
-        last = self._ranks.get(key)
         if last is not None and all(abs(a - b) <= SETTLE_TOLERANCE for a, b in zip(ranks, last)):
             self.settled_at[key] = self._rows[key]
             return

@@ -21,7 +21,8 @@ from torch import nn
 
 import lightning_rank as lr
 from lightning_rank.spectral.spectrum import energy_rank
-from lightning_rank.stats.sums import InputStatistics, symmetric_gram_update_
+from lightning_rank.stats.precision import symmetric_gram_update_
+from lightning_rank.stats.sums import InputStatistics
 
 THRESHOLDS = (0.9, 0.99, 0.999)
 SPECTRA = {  # name: (d, decades, outlier channels, outliers on every n-th row)

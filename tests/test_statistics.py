@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_rank as lr
 from lightning_rank.stats.collector import StatisticsCollector
-from lightning_rank.stats.sums import symmetric_gram_update_
+from lightning_rank.stats.precision import symmetric_gram_update_
 from tests.helpers import CONV_GEOMETRIES, assert_stats, moments_reference, patches_reference
 from tests.tiny_models import Conv1D
 

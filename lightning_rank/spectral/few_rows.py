@@ -22,7 +22,7 @@ from lightning_rank.stats.sums import ActivationStatistics
 
 def held_keys(stats: ActivationStatistics, keys: Collection[str]) -> list[str]:
     """The inputs among ``keys`` whose rows are still held (fewer rows than ``HOLD_ROWS`` times their width)."""
-    return [key for key in keys if stats.inputs[key].rows is not None and int(stats.inputs[key].count) > 0]
+    return [key for key in keys if stats.inputs[key].holds_rows and int(stats.inputs[key].count) > 0]
 
 
 def _nonzero_spectrum(rows: Tensor, count: int, size: int) -> Tensor:

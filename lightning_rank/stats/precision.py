@@ -4,7 +4,8 @@
 matmuls run in TF32 or bf16: on GPUs, and on CPUs whose oneDNN supports it (bf16 there gives relative
 errors of about 3e-4 instead of 3e-7). A Gram matrix or output moment computed so would change the
 ranks silently. :func:`full_precision_matmul` sets full precision around such products only and puts the
-user's setting back, so the user's own forward keeps the speed they asked for.
+user's setting back, so the user's own forward keeps the speed they asked for. :func:`symmetric_gram_update_` is
+the package's main product, the Gram update of the statistics.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
 _FULL = "ieee"  # the per-backend API's name of full precision ("highest" in the legacy one)
 
@@ -54,3 +56,19 @@ def full_precision_matmul() -> Iterator[None]:
     finally:
         for matmul, value in saved:
             matmul.fp32_precision = value
+
+
+def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None, alpha: float = 1.0) -> None:
+    """``gram += alpha * rows^T rows`` on the upper block triangle only, one GEMM per block row.
+
+    Blocks of 128-256 columns keep every GEMM large enough to run at full speed while skipping
+    about half of the products; below two blocks a plain ``addmm_`` is used.
+    """
+    dim = rows.shape[1]
+    block = block or (128 if dim <= 1024 else 256)
+    if dim < 2 * block:
+        gram.addmm_(rows.t(), rows, alpha=alpha)
+        return
+    for start in range(0, dim, block):
+        stop = min(start + block, dim)
+        gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:], alpha=alpha)

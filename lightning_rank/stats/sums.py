@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_rank.stats.precision import full_precision_matmul
+from lightning_rank.stats.precision import full_precision_matmul, symmetric_gram_update_
 
 # Round-off of accumulated sums. Summing m products in a dtype of unit round-off u leaves an error of
 # about sqrt(m) u times the sum of their magnitudes (the probabilistic bound of Higham and Mary, 2019;
@@ -75,6 +75,7 @@ class InputStatistics:
         self._gram = gram  # upper triangle valid; lower triangle valid only while _mirrored
         self._mirrored = True
         self._held: list[Tensor] | None = None  # rows not yet summed into the Gram, one tensor a batch
+        self._held_rows: Tensor | None = None  # all of them in one tensor, once read
         self._diagonal: Tensor | None = None  # of the held rows' Gram, in float64, once read
         self._total = total
         self._order: Tensor | None = None  # where each weight-order entry is stored (None: in place)
@@ -111,12 +112,22 @@ class InputStatistics:
         return self._gram
 
     @property
+    def holds_rows(self) -> bool:
+        """Whether the rows themselves are held (fewer than ``HOLD_ROWS * dim`` added)."""
+        return self._held is not None
+
+    @property
     def rows(self) -> Tensor | None:
-        """The rows added so far as ``(count, dim)`` in the weight's order while they are held (None once summed)."""
+        """The rows added so far as ``(summed, dim)`` in the weight's order while they are held (None once summed); kept
+        so, in one tensor, until more rows come (read it, never change it)."""
         if self._held is None:
             return None
-        rows = torch.cat(self._held) if self._held else self._total.new_zeros(0, self.dim)
-        return rows if self._order is None else rows[:, self._order]
+        self._store_in(None)
+        if self._held_rows is None:  # one copy, its batches kept as views for summing them as updates would
+            with torch.inference_mode(False):
+                self._held_rows = torch.cat(self._held) if self._held else self._total.new_zeros(0, self.dim)
+                self._held = list(self._held_rows.split([len(rows) for rows in self._held]))
+        return self._held_rows
 
     def diagonal(self) -> Tensor:
         """The diagonal of :attr:`gram` (``sum x_i^2``); from held rows, in float64 without summing them into the Gram
@@ -131,7 +142,7 @@ class InputStatistics:
         """Sum the held rows into the Gram matrix, one update a batch, and hold no more."""
         if self._held is None:
             return
-        held, self._held = self._held, None
+        held, self._held, self._held_rows = self._held, None, None
         with torch.inference_mode(False):
             self._gram = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self._total.device)
         with full_precision_matmul():
@@ -165,7 +176,7 @@ class InputStatistics:
                 if order is not None:
                     inverse = torch.argsort(order)
                     self._held, self._total = [r[:, inverse] for r in self._held], self._total[inverse]
-            self._order = order
+            self._order, self._held_rows = order, None
             return
         self._mirror()
         with torch.inference_mode(False):  # new state tensors must stay updatable outside inference mode
@@ -247,11 +258,15 @@ class InputStatistics:
 
     def _hold(self, rows: Tensor) -> None:
         """Keep a copy of the finite ``rows`` (few rows: dropping NaN/Inf rows exactly costs little anywhere)."""
-        rows, kept = self._finite_rows(rows) if not bool(torch.isfinite(rows).all()) else (rows, rows.shape[0])
+        column_sums, kept = rows.sum(dim=0), rows.shape[0]
+        if not math.isfinite(float(column_sums.sum())):  # one cheap check, as in update
+            rows, kept = self._finite_rows(rows)
+            column_sums = rows.sum(dim=0)
         with torch.inference_mode(False):  # held past the validation that made them
             self._held.append(rows.clone())
+        self._held_rows = None
         self._diagonal = None
-        self._total.add_(rows.sum(dim=0))
+        self._total.add_(column_sums)
         self.count.add_(kept)
         self.summed.add_(kept)
         self.updates.add_(1)
@@ -376,19 +391,3 @@ def map_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(data, (tuple, list)):
         return type(data)(map_tensors(value, fn) for value in data)
     return data
-
-
-def symmetric_gram_update_(gram: Tensor, rows: Tensor, block: int | None = None, alpha: float = 1.0) -> None:
-    """``gram += alpha * rows^T rows`` on the upper block triangle only, one GEMM per block row.
-
-    Blocks of 128-256 columns keep every GEMM large enough to run at full speed while skipping
-    about half of the products; below two blocks a plain ``addmm_`` is used.
-    """
-    dim = rows.shape[1]
-    block = block or (128 if dim <= 1024 else 256)
-    if dim < 2 * block:
-        gram.addmm_(rows.t(), rows, alpha=alpha)
-        return
-    for start in range(0, dim, block):
-        stop = min(start + block, dim)
-        gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:], alpha=alpha)

@@ -131,3 +131,14 @@ def test_monitor_reports_settled_rows_in_its_json_and_they_load_back(tmp_path) -
     assert lr.RankReport.load(next((tmp_path / "rank_reports").glob("*.json"))).layers["net.0"].settled_at == \
         first["settled_at"]
     assert monitor.report.layers["net.0"].in_rank == 3
+
+
+def test_checks_are_made_only_while_enough_rows_are_still_to_come(monkeypatch) -> None:
+    """A check costs an eigenproblem: none where too few batches remain for settling to save anything."""
+    calls = []
+    monkeypatch.setattr(settling, "energy_ranks", lambda stats: calls.append(int(stats.summed)) or [1, 2, 3])
+    model = nn.Linear(WIDTH, 32)
+    short = lr.collect(model, [subspace_rows(8192, range(6), seed) for seed in range(2)])[""]
+    assert (calls, short.rows_reason) == ([], "budget")  # 2048 rows a batch: after the first, too few to come
+    long = lr.collect(model, [subspace_rows(ROWS, range(6), seed) for seed in range(BATCHES)])[""]
+    assert calls == [1025, 2050] and long.settled_at == 2050  # 205 rows a batch: checks at batches 5 and 10

@@ -35,7 +35,8 @@ seed 4; O: one step, P: progressive; issue 24, 2026-12-06):
     T 4, lr 1e-3, --segments:                                             P +0.22 / +0.44
     T 4, lr 1e-3, method projection:                                      P +0.22 / +0.44
 
-Seed 4 lost 2 images (96.44% -> 96.00%) in every setting with T 4. Earlier, with T 1 and lr 1e-4: one step
+Seed 4 lost 2 images (96.44% -> 96.00%) in every setting with T 4. Seed 5, run once after the choice: O +0.89,
+P +0.89 (98.00% -> 97.11%). Earlier, with T 1 and lr 1e-4: one step
 (seeds 0-2, as issue 24 found it) +0.67 / +1.11 / +0.67; 0.5 -> 0.25 10 epochs apart (seeds 3-5) +0.67 / +1.78 / +1.33.
 
 Run (25%, both schedules side by side): OMP_NUM_THREADS=1 .venv/bin/python benchmarks/digits_compression.py

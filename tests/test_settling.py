@@ -1,4 +1,4 @@
-"""Settling under the row policy "auto": a layer whose spectrum stopped moving is counted from 1 row in 16, each
+"""Settling under the row policy "auto": a layer whose spectrum stopped moving is counted from 1 row in 4, each
 weighing what it stands for, so the sums still estimate the whole data's moment; the report says why."""
 
 from __future__ import annotations
@@ -142,3 +142,14 @@ def test_checks_are_made_only_while_enough_rows_are_still_to_come(monkeypatch) -
     assert (calls, short.rows_reason) == ([], "budget")  # 2048 rows a batch: after the first, too few to come
     long = lr.collect(model, [subspace_rows(ROWS, range(6), seed) for seed in range(BATCHES)])[""]
     assert calls == [1025, 2050] and long.settled_at == 2050  # 205 rows a batch: checks at batches 5 and 10
+
+
+def test_sums_that_overflow_float32_never_settle_and_the_analysis_says_why() -> None:
+    """Finite rows whose float32 Gram overflows (diverged training) leave the check unsolvable: the layer is counted
+    to its budget and the analysis names the overflow, as without settling."""
+    model = nn.Linear(WIDTH, 32)
+    batches = [subspace_rows(ROWS, range(6), seed) * 1e20 for seed in range(BATCHES)]
+    stats = lr.collect(model, batches)
+    assert (stats[""].rows_reason, not torch.isfinite(stats[""].gram).all()) == ("budget", True)
+    with pytest.raises(ValueError, match="overflowed.*dtype=torch.float64"):
+        lr.analyze(model, stats)

@@ -271,6 +271,9 @@ def test_rank_compression_under_fsdp2_shards_the_new_layers_and_resumes_exactly(
     assert full["metrics"]["compressed"] != full["metrics"]["before"] != full["metrics"]["finetuned"]
     # resumed from the distributed checkpoint written after the swap: exactly where the uninterrupted run ends
     assert resumed["parameters"] == full["parameters"] and resumed["metrics"] == full["metrics"]
+    # its rebuild gathered each factorized layer's full weight in turn, never two at once
+    assert resumed["gathered"] and all(len(kept) == 1 for kept in resumed["gathered"]), resumed["gathered"]
+    assert sorted(kept[0] for kept in resumed["gathered"]) == sorted(full["ranks"])
     assert resumed["reports"] == full["reports"]
 
     # The budget was shared out by the probe, on the full weights, over both processes' batches: as one process that

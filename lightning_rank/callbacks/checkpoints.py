@@ -116,8 +116,11 @@ def rebuild_before_sharded_load(trainer: Trainer, pl_module: LightningModule) ->
         shapes, (targets, _) = checkpoint_shapes(path), select_targets(pl_module)
         names = [key[: -len(".first.weight")] for key in shapes if key.endswith(".first.weight")]
         names = [name for name in names if name in targets and f"{name}.second.weight" in shapes]
-        with full_weights(pl_module, names, keep=names):  # the placeholders are made like the full dense weights
-            modules = factorized_modules(pl_module, shapes)
+        modules = {}
+        for name in names:  # placeholders made like the full dense weights, one layer gathered at a time
+            with full_weights(pl_module, [name], keep=[name]):
+                factors = (f"{name}.first.weight", f"{name}.second.weight")
+                modules.update(factorized_modules(pl_module, {key: shapes[key] for key in factors}))
         if not modules:
             return
         replaced, mesh = {name: pl_module.get_submodule(name) for name in modules}, mesh_of(pl_module)

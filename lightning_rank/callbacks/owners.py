@@ -27,6 +27,7 @@ from lightning_rank.spectral.report import RankReport
 from lightning_rank.stats.collector import ELSEWHERE, UNREACHED, StatisticsCollector
 from lightning_rank.stats.ownership import ProcessShare
 from lightning_rank.stats.rows import RowPolicy
+from lightning_rank.stats.settling import ROWS_REASONS
 from lightning_rank.stats.sums import ActivationStatistics, InputStatistics
 from lightning_rank.targets import layer_shape
 
@@ -67,10 +68,12 @@ def reduce_to_owners(
     """``stats`` (this process's, from ``collector``) summed to the processes that analyze them (see module doc)."""
     names = list(collector.targets)
     index = {name: i for i, name in enumerate(names)}
-    codes = torch.full((3, len(names) + 1), -1, dtype=torch.int64, device=device)  # (key, diverged, pooled); bytes
+    # per layer: key, diverged, pooled, why its rows (ROWS_REASONS); and each process's bytes
+    codes = torch.full((4, len(names) + 1), -1, dtype=torch.int64, device=device)
     for i, name in enumerate(names):
         if name in stats.sources:
             codes[0, i] = index[stats.sources[name]]
+            codes[3, i] = ROWS_REASONS.index(stats[name].rows_reason)
         codes[1, i] = int(stats.skipped.get(name, UNREACHED) not in (UNREACHED, ELSEWHERE))
         codes[2, i] = int(collector.pooled[name]) if name in collector.pooled else -1
     codes[0, -1] = collector.nbytes
@@ -127,6 +130,8 @@ def reduce_to_owners(
                 local_stats.all_reduce_(dist.all_reduce)
         if destination == share.rank:
             inputs[key] = local_stats
+            if pool_of[key]:  # the rows of every process: cut by the policy if any process's were
+                local_stats.rows_reason = ROWS_REASONS[int(gathered[:, 3, index[key]].amax().clamp(min=0))]
     here = {name: key for name, key in sources.items() if key in inputs}
     analyzed_here = ActivationStatistics(inputs, here, skipped, [n for n in stats.unmasked if n in here])
     analyzer = {name: analyzer_of(key) for name, key in sources.items()}

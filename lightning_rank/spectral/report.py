@@ -170,8 +170,9 @@ class RankReport:
             )
         if any(layer.rows_limited for layer in self.analyzed.values()):
             lines += ["", "*(limited)*: fewer rows than inputs were seen, so the input rank is bounded by the data."]
-        if any(layer.rows_reason == "settled" for layer in self.analyzed.values()):
-            lines += ["", "*(settled)*: counting slowed to 1 row in 4 once more rows stopped moving the spectrum."]
+        if any(layer.rows_reason not in (None, "all") for layer in self.analyzed.values()):
+            lines += ["", "*(budget)*, *(cap)*: the row policy left some rows out; *(settled)*: counting slowed to 1 row "
+                          "in 4 once more rows stopped moving the spectrum."]
         if self.skipped:
             lines += ["", "| skipped layer | reason |", "|---|---|"]
             lines += [f"| {name} | {reason} |" for name, reason in self.skipped.items()]

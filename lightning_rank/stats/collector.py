@@ -293,7 +293,7 @@ class StatisticsCollector:
             if stats is None:
                 stats = self._inputs[key] = InputStatistics.zeros(rows.shape[1], self.dtype, rows.device, hold_rows=True)
             stats.update(rows, order, weight)
-            if self.max_rows_per_batch == "auto":
+            if self.max_rows_per_batch == "auto" and not self.pooled.get(name):  # pooled sums: see settling
                 self._settling.observe(key, stats, rows.shape[0], self.expected_batches, self._batches)
 
     def _rows(self, target: Target, x: Tensor) -> tuple[Tensor, Tensor | None, float]:

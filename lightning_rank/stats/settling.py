@@ -8,9 +8,10 @@ about what all further rows would add: once doubling moved no rank at all, the i
 about what summing ``3 * dim`` rows costs on a CPU, so checks start at 16 rows a feature and are made only while
 the batches still to come hold at least half as many of the input's rows as it has (twice as many before its first
 check, so that a second can follow): a short validation is never checked, and an input that never settles pays for
-two or three checks. Under the budget of ``64 * dim`` rows an input can settle at 32 rows a feature at the
-earliest, which saves at most three eighths of its rows; more where the budget does not bind (an unsized
-iterable's per-batch cap).
+two or three checks (an iterable of unknown length is checked at every doubling). Under the budget of ``64 * dim``
+rows an input can settle at 32 rows a feature at the earliest, which saves at most three eighths of its rows; more
+where the budget does not bind (an unsized iterable's per-batch cap). Inputs summed over several processes (see
+:mod:`~lightning_rank.stats.ownership`) are not checked.
 
 A settled input still sees the rest of the data, from 1 row in ``THIN`` of what the policy would have kept,
 each row weighing what the rows it stands for would have weighed. So the sums stay an estimate of the whole
@@ -35,10 +36,20 @@ SETTLE_TOLERANCE = 0
 THIN = 4
 
 
-def energy_ranks(stats: InputStatistics, thresholds: tuple[float, ...] = SETTLE_THRESHOLDS) -> list[int]:
-    """The energy ranks of the running ``sum x x^T`` at ``thresholds``, from float32 eigenvalues (a stopping
-    test, not a reported rank: those are certified by the analysis)."""
-    values = stats.eigenvalues().double().clamp(min=0).flip(0)
+ROWS_REASONS = ("all", "cap", "budget", "settled")  # why a layer has the rows it has (LayerRank.rows_reason)
+
+
+def energy_ranks(stats: InputStatistics, thresholds: tuple[float, ...] = SETTLE_THRESHOLDS) -> list[int] | None:
+    """The energy ranks of the running ``sum x x^T`` at ``thresholds``, from eigenvalues in the sums' dtype (a stopping
+    test, not a reported rank: those are certified by the analysis); None where the sums overflowed or the solver
+    failed (such sums never settle, and the analysis says what went wrong)."""
+    try:
+        values = stats.eigenvalues()
+    except (torch.linalg.LinAlgError, RuntimeError):
+        return None
+    if not bool(torch.isfinite(values).all()):
+        return None
+    values = values.double().clamp(min=0).flip(0)
     energy = values.cumsum(0)
     total = float(energy[-1]) if energy.numel() else 0.0
     if total <= 0:
@@ -52,7 +63,7 @@ class Settling:
     def __init__(self) -> None:
         self.settled_at: dict[str, int] = {}
         self._rows: dict[str, int] = {}
-        self._next: dict[str, int] = {}
+        self._next: dict[str, float] = {}
         self._ranks: dict[str, list[int]] = {}
 
     def keep(self, key: str, limit: int) -> tuple[int, float]:
@@ -76,6 +87,9 @@ class Settling:
         if self._rows[key] < checkpoint or (batches_left is not None and batches_left * rows < ahead):
             return
         ranks = energy_ranks(stats)
+        if ranks is None:
+            self._next[key] = math.inf
+            return
         if last is not None and all(abs(a - b) <= SETTLE_TOLERANCE for a, b in zip(ranks, last)):
             self.settled_at[key] = self._rows[key]
             return

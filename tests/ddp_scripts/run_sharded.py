@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
+from lightning_rank.callbacks import checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
 from tests.ddp_scripts.records import PlanRecord  # noqa: E402
@@ -152,8 +153,14 @@ def fit_compressed(root: Path, epochs: int, resume: Path | None = None) -> dict:
     trainer = make_trainer(root, epochs, [record, compression, monitor, checkpoint], devices=2, strategy=strategy(),
                            logger=False)
     model = ShardedBlocks()
-    trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH),
-                ckpt_path=resume)
+    gathered: list[list[str]] = []  # the layers each gather of a resume's rebuild kept at once
+    original = checkpoints.full_weights
+    checkpoints.full_weights = lambda model, names, keep: gathered.append(list(keep)) or original(model, names, keep)
+    try:
+        trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH),
+                    ckpt_path=resume)
+    finally:
+        checkpoints.full_weights = original
     full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().double()
             for name, p in model.named_parameters()}
     return {
@@ -168,6 +175,7 @@ def fit_compressed(root: Path, epochs: int, resume: Path | None = None) -> dict:
         "factorized": [entry["factorized"] for entry in monitor.history],
         "allocation": compression.result.allocation if compression.result else None,
         "plan": record.written(),
+        "gathered": gathered,
     }
 
 

@@ -34,8 +34,6 @@ SETTLE_ROWS_PER_FEATURE = 16
 SETTLE_THRESHOLDS = (0.9, 0.99, 0.999)
 SETTLE_TOLERANCE = 0
 THIN = 4
-
-
 ROWS_REASONS = ("all", "cap", "budget", "settled")  # why a layer has the rows it has (LayerRank.rows_reason)
 
 

@@ -114,6 +114,9 @@ def test_thinned_rows_weigh_what_they_stand_for_in_the_sums() -> None:
     assert torch.allclose(weighted.gram, copies.gram, rtol=1e-12) and torch.allclose(weighted.total, copies.total)
     assert (int(weighted.count), int(weighted.summed)) == (THIN * 64, 64)
     assert weighted.roundoff() < copies.roundoff()  # the bound follows the rows really added
+    rows[::8, 0] = float("nan")  # dropped rows stand for as many rows of the data as the rows kept
+    weighted.update(rows.double(), weight=THIN)
+    assert (int(weighted.nonfinite), int(weighted.count), int(weighted.summed)) == (THIN * 8, THIN * 120, 120)
 
 
 def test_monitor_reports_settled_rows_in_its_json_and_they_load_back(tmp_path) -> None:

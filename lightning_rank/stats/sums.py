@@ -44,7 +44,8 @@ class InputStatistics:
 
     ``count`` is the number of rows the sums stand for and ``summed`` the number really added: they differ only
     where rows were added with a ``weight`` (a row kept from 1 in ``w`` counts ``w`` times, see
-    :mod:`~lightning_rank.stats.settling`). ``nonfinite`` counts rows dropped because they held NaN or Inf;
+    :mod:`~lightning_rank.stats.settling`). ``nonfinite`` counts rows dropped because they held NaN or Inf (as many
+    as they stand for);
     ``updates`` counts the additions (batches), which with ``summed`` sizes the round-off bound of the sums.
     All four are 0-d int64 tensors on the statistics' device.
 
@@ -243,10 +244,10 @@ class InputStatistics:
             # rows (a sum that only overflows sends the batch down the exact path, which then drops nothing).
             column_sums, kept = rows.sum(dim=0), rows.shape[0]
             if not math.isfinite(float(column_sums.sum())):
-                rows, kept = self._finite_rows(rows)
+                rows, kept = self._finite_rows(rows, weight=weight)
                 column_sums = rows.sum(dim=0)
         else:  # on an accelerator that check would wait for the device every batch: mask the rows instead
-            rows, kept = self._finite_rows(rows, masked=True)
+            rows, kept = self._finite_rows(rows, masked=True, weight=weight)
             column_sums = rows.sum(dim=0)
         with full_precision_matmul():  # a TF32/bf16 Gram would silently change the ranks
             symmetric_gram_update_(self._gram, rows, alpha=weight)
@@ -271,12 +272,13 @@ class InputStatistics:
         self.summed.add_(kept)
         self.updates.add_(1)
 
-    def _finite_rows(self, rows: Tensor, masked: bool = False) -> tuple[Tensor, Tensor | int]:
-        """``rows`` without those holding NaN or Inf (counted in ``nonfinite``), and how many are kept. ``masked``
-        zeroes them in place of dropping, so that no count leaves the device."""
+    def _finite_rows(self, rows: Tensor, masked: bool = False, weight: float = 1.0) -> tuple[Tensor, Tensor | int]:
+        """``rows`` without those holding NaN or Inf (counted in ``nonfinite`` as the rows of the data they stand for,
+        ``weight`` each), and how many are kept. ``masked`` zeroes them in place of dropping, so that no count leaves
+        the device."""
         finite = torch.isfinite(rows).all(dim=1)
         dropped = (~finite).sum()
-        self.nonfinite.add_(dropped)
+        self.nonfinite.add_(dropped if weight == 1 else (dropped * weight).round().long())
         if masked:
             return torch.where(finite[:, None], rows, 0), rows.shape[0] - dropped
         rows = rows[finite]

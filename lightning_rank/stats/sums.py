@@ -45,9 +45,8 @@ class InputStatistics:
     ``count`` is the number of rows the sums stand for and ``summed`` the number really added: they differ only
     where rows were added with a ``weight`` (a row kept from 1 in ``w`` counts ``w`` times, see
     :mod:`~lightning_rank.stats.settling`). ``nonfinite`` counts rows dropped because they held NaN or Inf (as many
-    as they stand for);
-    ``updates`` counts the additions (batches), which with ``summed`` sizes the round-off bound of the sums.
-    All four are 0-d int64 tensors on the statistics' device.
+    as they stand for); ``updates`` counts the additions (batches), which with ``summed`` sizes the round-off bound
+    of the sums. All four are 0-d int64 tensors on the statistics' device.
 
     Updates fill only the upper block triangle of the Gram matrix (a symmetric product needs about
     half the work of a full ``addmm_``); reading :attr:`gram` mirrors it into the full matrix.

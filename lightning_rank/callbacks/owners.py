@@ -55,8 +55,8 @@ class SharedStatistics:
 
 
 class PooledShare(ProcessShare):
-    """Owners that hold the exact sum over every process's rows: every layer is counted on every process and summed to
-    its owner, whatever the row policy (``RankCompression`` factorizes from the statistics of all the data)."""
+    """Owners that hold the sum over every process's rows: every layer is counted on every process (under the row
+    policy, which for ``RankCompression`` counts every row by default) and summed to its owner."""
 
     def pooled(self, policy: RowPolicy, fan_in: int, rows: int, batches: int | None) -> bool:
         return True

@@ -1,8 +1,8 @@
 """How ``RankCompression`` counts and plans one step under each strategy, from the statistics of one validation.
 
 Single device: one process counts and plans. DDP and FSDP2: every process counts every layer's rows, and each
-layer's sums go to one process, its owner (:class:`~lightning_rank.callbacks.owners.PooledShare`: the exact sum over
-every process, whatever the row policy); the owner alone decomposes the layer and builds its factors, and sends
+layer's sums go to one process, its owner (:class:`~lightning_rank.callbacks.owners.PooledShare`: the sum over
+every process's rows); the owner alone decomposes the layer and builds its factors, and sends
 every process what it needs (:mod:`~lightning_rank.compress.sharing`). A budget is shared out by the model's own
 output on each process's first validation batches, summed over processes, so every process decides the same ranks
 and builds its low-rank layers from the owner's factors. FSDP2: every unit is unsharded while planning (every process

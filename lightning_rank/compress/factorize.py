@@ -157,7 +157,8 @@ def plan_factorization(
     then sums what it measures over all of them, so every process decides the same ranks (``RankCompression``
     passes one under DDP). ``owners``: which process holds each layer's statistics, when each process's ``stats``
     hold only its own layers' sums (and name every layer): each owner then decomposes and factorizes its layers and
-    sends every process what it needs (:mod:`~lightning_rank.compress.sharing`), so all build the same plan.
+    sends every process what it needs (:mod:`~lightning_rank.compress.sharing`), so all build the same plan; with
+    per-process ``calibration`` it needs ``reduce`` too, or the processes would decide different ranks.
     """
     if refactorize:
         options = {k: v for k, v in locals().items() if k not in ("model", "stats", "refactorize")}

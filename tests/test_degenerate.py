@@ -105,6 +105,8 @@ def test_degenerate_statistics_give_the_reference_ranks_or_a_clear_error(
     model = Net(d, out, bias, seed)
     stats = lr.collect(model, data, max_rows_per_batch=None, dtype=dtype)
     kept = torch.cat([x[torch.isfinite(x).all(dim=1)] for x in data]).double()
+    lost = dtype == torch.float32 and kind in ("tiny", "huge")  # beyond what float32 sums of them can hold
+    held = "layers.probe_fc" in stats and stats["layers.probe_fc"].holds_rows
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -120,7 +122,9 @@ def test_degenerate_statistics_give_the_reference_ranks_or_a_clear_error(
             lr.plan_factorization(model, stats, param_budget=0.5, progress=False)
         assert_clear(raised.value, "layers.probe_fc", "no statistics")
         return
-    assert dtype == torch.float64 or kind not in ("tiny", "huge")
+    # float32 rows fewer than fan_in are held: their moments are formed from them in float64, for the report and
+    # for factorization alike
+    assert not lost or held
     moment = kept.t() @ kept / len(kept)
     mean = kept.mean(0)
     weight = model.layers.probe_fc.weight.detach().double()

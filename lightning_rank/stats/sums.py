@@ -301,10 +301,12 @@ class InputStatistics:
         return self.total.double() / self.count.clamp(min=1).double()
 
     def second_moment(self, centered: bool = False, dtype: torch.dtype = torch.float64) -> Tensor:
-        """``C = sum x x^T / n`` in ``dtype`` (float64 by default), or the covariance ``C - mu mu^T`` when ``centered``."""
+        """``C = sum x x^T / n`` in ``dtype`` (float64 by default), or the covariance ``C - mu mu^T`` when ``centered``.
+        From held rows, their Gram is formed in float64, exactly (as their spectra are), and they stay held."""
         # Centered, the subtraction cancels; from float64 sums, dividing first keeps one rounding and float32's range.
-        compute = torch.float64 if centered or self.dtype == torch.float64 else dtype
-        gram = self.gram
+        held = self.rows.double() if self._held is not None else None
+        compute = torch.float64 if centered or self.dtype == torch.float64 or held is not None else dtype
+        gram = self.gram if held is None else held.t() @ held
         moment = gram.to(compute)
         count = self.count.clamp(min=1).to(compute)
         moment = moment.div_(count) if moment is not gram else moment / count  # one pass over d x d, not two

@@ -168,8 +168,7 @@ def analyze_shared(
     payload = {"reasons": reasons, "failure": None if failure is None else repr(failure),
                "layers": {} if part is None else part.layers,
                "spectra": {} if part is None else {n: (a.cpu(), b.cpu()) for n, (a, b) in part.spectra.items()}}
-    parts: list[dict] = [None] * share.world_size  # type: ignore[list-item]
-    dist.all_gather_object(parts, payload)
+    parts = gather_objects(payload)
     if failure is not None:
         raise failure
     failed = {rank: p["failure"] for rank, p in enumerate(parts) if p["failure"] is not None}
@@ -200,9 +199,11 @@ def plan_owners(shared: SharedStatistics, rank: int, device: torch.device) -> Pl
         if moved is not tensor:
             tensor.copy_(moved)
 
-    def gather(obj: Any) -> list[Any]:
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, obj)
-        return parts
+    return PlanOwners(rank, dict(shared.analyzer), broadcast, gather_objects)
 
-    return PlanOwners(rank, dict(shared.analyzer), broadcast, gather)
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable and small), in rank order, on every process."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts

@@ -118,8 +118,7 @@ class InputStatistics:
 
     @property
     def rows(self) -> Tensor | None:
-        """The rows added so far as ``(summed, dim)`` in the weight's order while they are held (None once summed); kept
-        so, in one tensor, until more rows come (read it, never change it)."""
+        """The rows added so far as ``(summed, dim)`` in the weight's order while held, else None; read, never change."""
         if self._held is None:
             return None
         self._store_in(None)
@@ -252,7 +251,7 @@ class InputStatistics:
             symmetric_gram_update_(self._gram, rows, alpha=weight)
         self._mirrored = False
         self._total.add_(column_sums, alpha=weight)
-        self.count.add_(kept if weight == 1 else torch.as_tensor(kept * weight).round().long())
+        self.count.add_(_stand_for(kept, weight))
         self.summed.add_(kept)
         self.updates.add_(1)
 
@@ -277,7 +276,7 @@ class InputStatistics:
         the device."""
         finite = torch.isfinite(rows).all(dim=1)
         dropped = (~finite).sum()
-        self.nonfinite.add_(dropped if weight == 1 else (dropped * weight).round().long())
+        self.nonfinite.add_(_stand_for(dropped, weight))
         if masked:
             return torch.where(finite[:, None], rows, 0), rows.shape[0] - dropped
         rows = rows[finite]
@@ -314,6 +313,11 @@ class InputStatistics:
             mu = self.mean()
             moment = moment.sub_(torch.outer(mu, mu))
         return moment.to(dtype)
+
+
+def _stand_for(rows: Tensor | int, weight: float) -> Tensor | int:
+    """How many rows of the data ``rows`` rows kept from 1 in ``weight`` stand for (on the rows' device if a tensor)."""
+    return rows if weight == 1 else torch.as_tensor(rows * weight).round().long()
 
 
 @dataclass

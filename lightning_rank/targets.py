@@ -80,6 +80,18 @@ def weight_matrix(target: Target) -> tuple[Tensor, Tensor | None]:
     return weight.reshape(weight.shape[0], -1), module.bias
 
 
+def parameter_layout(target: Target, matrix: Tensor) -> Tensor:
+    """``matrix``, the layer's ``(out, fan_in)`` weight as :func:`weight_matrix` gives it, in the shape and order of
+    the weight parameter itself (a view where it can be)."""
+    if target.factorized:
+        raise ValueError(f"layer {target.name!r} is a low-rank pair: it has no dense weight parameter")
+    if target.kind == "mha_in_proj":
+        return matrix
+    if target.kind == "hf_conv1d":
+        return matrix.t()
+    return matrix.reshape(target.module.weight.shape)
+
+
 def layer_shape(target: Target) -> tuple[int, int]:
     """``(out, fan_in)`` of the layer's matrix from its parameters' shapes alone: no product and no gather (a
     sharded weight's shape is its full shape)."""

@@ -12,6 +12,7 @@ on every process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,10 +189,10 @@ def analyze_shared(
                       centered=options.get("centered", False), spectra={name: spectra[name] for name in analyzed})
 
 
-def plan_owners(shared: SharedStatistics, rank: int, device: torch.device) -> PlanOwners:
+def plan_owners(model: nn.Module, shared: SharedStatistics, rank: int, device: torch.device) -> PlanOwners:
     """:class:`~lightning_rank.compress.sharing.PlanOwners` over the default process group: each layer planned where
     its sums are (``shared.analyzer``); tensors sent from ``device`` (the strategy's root device: under NCCL a CPU
-    tensor is moved there and back)."""
+    tensor is moved there and back); ``model``'s sharded (FSDP2) weights gathered by :func:`full_weights`."""
 
     def broadcast(tensor: torch.Tensor, src: int) -> None:
         moved = tensor if tensor.device == device else tensor.to(device)
@@ -199,7 +200,8 @@ def plan_owners(shared: SharedStatistics, rank: int, device: torch.device) -> Pl
         if moved is not tensor:
             tensor.copy_(moved)
 
-    return PlanOwners(rank, dict(shared.analyzer), broadcast, gather_objects)
+    return PlanOwners(rank, dict(shared.analyzer), broadcast, gather_objects, device,
+                      functools.partial(full_weights, model))
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -5,24 +5,27 @@ layer's sums go to one process, its owner (:class:`~lightning_rank.callbacks.own
 every process's rows); the owner alone decomposes the layer and builds its factors, and sends
 every process what it needs (:mod:`~lightning_rank.compress.sharing`). A budget is shared out by the model's own
 output on each process's first validation batches, summed over processes, so every process decides the same ranks
-and builds its low-rank layers from the owner's factors. FSDP2: every unit is unsharded while planning (every process
-holds the full weights, the model's forwards and backwards run on them, and the probe's truncations are written into
-them).
+and builds its low-rank layers from the owner's factors. FSDP2: the model stays sharded while planning. An owner gathers
+its own layers' full weights (one layer after another, each process keeping only its own); the probe runs the sharded
+model as training does and writes each truncation into the local shards; the whitened bases stay on their owners,
+sent one layer at a time while the probe uses them. A later step of progressive compression still unshards every unit
+(its low-rank pairs are planned from dense stand-ins).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_rank.callbacks.distributed import moving_sum_reducer
 from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
-from lightning_rank.callbacks.owners import PooledShare, SharedStatistics, plan_owners
+from lightning_rank.callbacks.owners import PooledShare, SharedStatistics, gather_objects, plan_owners
 from lightning_rank.callbacks.sharded import unsharded
 from lightning_rank.checks import StatisticsArguments
 from lightning_rank.compress.factorize import FactorizationPlan, plan_factorization
+from lightning_rank.compress.layers import LOW_RANK_TYPES
 from lightning_rank.stats.ownership import assign_owners
 
 
@@ -48,17 +51,18 @@ def plan_step(
 ) -> FactorizationPlan:
     """The factorization ``compression`` (a ``RankCompression``) asks for at its current step, from the statistics
     (this process's share, from :func:`counting`) and kept batches of one validation."""
-    # Under DDP each process probes its own validation batches and the probe sums what it measures over all of
-    # them, so every process allocates the same ranks; if any process kept no batch, none calibrates.
+    # Under DDP and FSDP2 each process probes its own validation batches, as many on each (the probe meets its layers'
+    # owners once a batch), and sums what it measures over all of them, so every process allocates the same ranks.
     reduce = moving_sum_reducer(trainer) if trainer.world_size > 1 else None
     if reduce is not None:
-        empty = torch.tensor([float(not batches)], dtype=torch.float64)
-        reduce(empty)
-        batches = batches if float(empty) == 0 else []
+        batches = batches[: min(gather_objects(len(batches)))]
     param_budget, macs_budget = compression.budgets[compression.step]
-    owners = plan_owners(shared, trainer.global_rank, trainer.strategy.root_device) if reduce is not None else None
+    owners = plan_owners(pl_module, shared, trainer.global_rank, trainer.strategy.root_device) if reduce else None
     stats = shared.planning_view() if owners is not None else shared.stats
-    with unsharded(pl_module):  # under FSDP2, every process plans from (and probes) the full weights
+    # FSDP2 keeps its shards while planning, save in a later step of progressive compression: its low-rank pairs are
+    # planned from dense stand-ins, which need every unit's full parameters
+    pairs = any(isinstance(module, LOW_RANK_TYPES) for module in pl_module.modules())
+    with unsharded(pl_module) if pairs else contextlib.nullcontext():
         return plan_factorization(
             pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
             param_budget=param_budget, macs_budget=macs_budget, refactorize=True,

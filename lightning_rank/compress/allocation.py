@@ -336,8 +336,12 @@ def allocate(
     )
 
 
-def _weights(candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, int | None]) -> dict[Target, Tensor]:
-    return {candidates[name].target: candidates[name].weight_at(r) for name, r in ranks.items() if r is not None}
+def _weights(
+    candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, int | None]
+) -> dict[Target, Callable[[], Tensor]]:
+    """Each truncated weight, computed only when the probe writes it (one full matrix at a time)."""
+    return {candidates[name].target: (lambda c=candidates[name], r=r: c.weight_at(r))
+            for name, r in ranks.items() if r is not None}
 
 
 def _result(

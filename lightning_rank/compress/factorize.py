@@ -48,9 +48,9 @@ from lightning_rank.targets import (
     Target,
     get_submodule,
     layer_kind,
+    layer_shape,
     parameter_count,
     set_submodule,
-    weight_matrix,
 )
 
 
@@ -220,7 +220,7 @@ def plan_factorization(
 
     modules: dict[str, nn.Module] = {}
     unit = allocated.unit if allocated is not None else "params"
-    built = None if owners is None else owned_modules(layers, [
+    built = None if owners is None else owned_modules(model, layers, [
         name for name, layer in layers.items() if why_not_at_rank(layer, threshold, name in wanted or budgeted, unit)
         is None], method, owners)
     with progress_bar("factors", enabled=progress, total=len(layers), unit="layer") as bar:
@@ -297,7 +297,7 @@ def check_factorization(
     shared = shared_weights(model)
     replaceable = {name: t for name, t in targets.items() if why_not_replaceable(name, t, None, shared) is None}
     if budget is not None:
-        shapes = {name: tuple(weight_matrix(t)[0].shape) for name, t in replaceable.items()}
+        shapes = {name: layer_shape(t) for name, t in replaceable.items()}
         check_budget_feasible(shapes, budget, sum(parameter_count(t) for t in replaceable.values()))
 
 
@@ -352,7 +352,7 @@ def _kept(
 ) -> LayerFactorization:
     """The entry of a layer left as it is."""
     if target is not None:
-        (out, fan_in), kind, params = weight_matrix(target)[0].shape, target.kind, parameter_count(target)
+        (out, fan_in), kind, params = layer_shape(target), target.kind, parameter_count(target)
     else:
         try:
             module = get_submodule(model, name)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_rank.checks import RankSpec
 from lightning_rank.compress.allocation import Allocation, allocate
-from lightning_rank.compress.candidates import LayerCandidate
+from lightning_rank.compress.candidates import Holder, LayerCandidate
 from lightning_rank.compress.factors import (
     break_even_rank,
     output_error,
@@ -26,7 +26,7 @@ from lightning_rank.compress.factors import (
     whiten_factors,
     whitened_svd,
 )
-from lightning_rank.compress.probe import Probe
+from lightning_rank.compress.probe import Probe, reshard, whole
 from lightning_rank.spectral.analysis import decompose
 from lightning_rank.spectral.spectrum import energy_rank
 from lightning_rank.stats.collect import ForwardFn
@@ -42,7 +42,8 @@ class Decomposition:
     ``out_vectors``: eigenvectors of the output moment ``C_y`` (``projection`` only); ``in_rank``,
     ``out_rank``, ``rank``: the utilized ranks at the threshold (when asked for). ``whitened``: the whitened SVD
     (:func:`~lightning_rank.compress.factors.whitened_svd`) when its owner sent it; ``held_elsewhere``: the
-    statistics and spectra are on the process that owns the layer (:mod:`~lightning_rank.compress.sharing`).
+    statistics and spectra are on the process that owns the layer (:mod:`~lightning_rank.compress.sharing`), and
+    ``weight`` and the whitened basis are ``meta`` stand-ins; ``holder``: that owner, for the candidate.
     """
 
     weight: Tensor
@@ -57,6 +58,7 @@ class Decomposition:
     rank: int | None = None
     whitened: tuple[Tensor, Tensor] | None = None
     held_elsewhere: bool = False
+    holder: Holder | None = None
 
     @property
     def measured(self) -> bool:
@@ -124,14 +126,16 @@ class Replaceable:
 
 def candidate(name: str, layer: Replaceable, positions: float = 1.0) -> LayerCandidate:
     """What rank allocation needs of one replaceable layer: its weight and the SVD of its whitened weight
-    (of the weight itself without statistics), from the planner's own decompositions."""
+    (of the weight itself without statistics), from the planner's own decompositions, and its bias in full
+    (gathered when sharded: call it for every layer in the same order on every process)."""
     if layer.spectra.measured:
         basis, singular_values = layer.whitened()
     else:
         basis, singular_values = torch.linalg.svd(layer.weight, full_matrices=False)[:2]
     bias = weight_matrix(layer.target)[1]
+    bias = whole(bias).detach().clone() if bias is not None else None  # FSDP2 frees a gathered bias's storage
     return LayerCandidate(name, layer.weight, basis, singular_values, bias.numel() if bias is not None else 0,
-                          positions=positions, target=layer.target)
+                          positions=positions, target=layer.target, bias=bias, holder=layer.spectra.holder)
 
 
 def resolve_ranks(ranks: RankSpec, targets: dict[str, Target]) -> dict[str, int]:
@@ -227,6 +231,7 @@ def plan_budget(
         layer.rank = 1 if name not in fits else None  # rank 1 does not save: reported as such
     probe = Probe(model, calibration, forward=forward, reduce=reduce) if calibration is not None else None
     positions = probe.positions({name: layer.target for name, layer in fits.items()}) if probe else {}
+    reshard(model)  # sharded biases are gathered for the candidates, alike on every process
     candidates = {name: candidate(name, layer, positions.get(name, 1.0)) for name, layer in fits.items()}
     rule = ("probe" if probe is not None else "uniform") if allocation == "auto" else allocation
     result = allocate(candidates, param_budget=param_budget, macs_budget=macs_budget,
@@ -234,7 +239,7 @@ def plan_budget(
     for name, layer in fits.items():
         layer.rank = rank = result.layers[name].rank
         chosen = result.candidates[name]
-        if rank is not None and chosen.dual is not None:
+        if rank is not None and chosen.dual is not None and not layer.spectra.held_elsewhere:
             layer.truncation = (chosen.basis[:, :rank], chosen.dual[:, :rank])
     return result
 

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from lightning_rank.compress.candidates import LayerCandidate
 from lightning_rank.stats.collect import default_forward, eval_mode
-from lightning_rank.targets import Target, weight_matrix
+from lightning_rank.targets import Target, parameter_layout, weight_matrix
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch without these: nothing is sharded
+    FSDPModule = DTensor = distribute_tensor = None
 
 
 # -- the probe ---------------------------------------------------------------------------------
@@ -74,11 +80,12 @@ class Probe:
         self._reference = outputs
         self.energies = [float(r.square().sum()) for r in outputs]
 
-    def error(self, weights: Mapping[Target, Tensor], batches: int | None = None) -> float:
-        """The model's relative output error with each target's weight (as ``(out, fan_in)``) replaced,
-        over all calibration batches or the first ``batches``."""
+    def error(self, weights: Mapping[Target, Tensor | Callable[[], Tensor]], batches: int | None = None) -> float:
+        """The model's relative output error with each target's weight (as ``(out, fan_in)``, or a function giving
+        it) replaced, over all calibration batches or the first ``batches``. A sharded weight gets its shard of the
+        matrix written (see :class:`overwritten`)."""
         reference = self.reference()[:batches]
-        with eval_mode(self.model), torch.no_grad(), overwritten(weights):
+        with eval_mode(self.model), torch.no_grad(), overwritten(weights, self.model):
             diff = sum(float((self._run(b).double() - r).square().sum()) for b, r in zip(self.batches, reference))
         energy = sum(self.energies[: len(reference)])
         diff, energy = self._summed(diff, energy)
@@ -171,10 +178,11 @@ class Probe:
                 per_batch.append({name: torch.zeros(len(c.curve), dtype=torch.float64) for name, c in candidates.items()})
             sums = per_batch[-1]
             for name, c in candidates.items():
+                directions = _directions(c)  # from the layer's owner, one layer at a time
                 coefficients = 0
                 for y, g in zip(captured[name], grads[name]):
                     if g is not None:
-                        coefficients = coefficients + _coefficients(c, y.detach(), g)
+                        coefficients = coefficients + _coefficients(c, y.detach(), g, *directions)
                 if isinstance(coefficients, Tensor):  # (examples, max_rank + 2): tails sum_{i >= r} c_i
                     tails = coefficients.flip(1).cumsum(1).flip(1)[:, : c.max_rank + 1]
                     sums[name][: tails.shape[1]] += tails.square().sum(0) / samples
@@ -253,41 +261,54 @@ def _gradient_moment(c: LayerCandidate, grads: list[Tensor | None]) -> Tensor:
         if g is not None:
             g = _channels_last(c, g).reshape(-1, c.shape[0]).float()
             moment = g.t() @ g if moment is None else moment + g.t() @ g
-    return moment if moment is not None else torch.zeros(c.shape[0], c.shape[0], dtype=torch.float32, device=c.basis.device)
+    return moment if moment is not None else torch.zeros(c.shape[0], c.shape[0], dtype=torch.float32, device=c.device)
 
 
-def _coefficients(c: LayerCandidate, y: Tensor, g: Tensor) -> Tensor:
+def _directions(c: LayerCandidate) -> tuple[Tensor, Tensor | None]:
+    """The first ``max_rank + 1`` basis and dual vectors of ``c`` (the dual None without one), from its owner."""
+    columns = c.max_rank + 1
+    return c.shared(c.basis[:, :columns]), None if c.dual is None else c.shared(c.dual[:, :columns])
+
+
+def _coefficients(c: LayerCandidate, y: Tensor, g: Tensor, basis: Tensor, dual: Tensor | None) -> Tensor:
     """``c[n, i] = sum_{p in example n} (b_i . g_p)(d_i . (y_p - b))`` for ``i <= max_rank`` (``b_i``, ``d_i``: the
     candidate's basis and dual vectors, both ``u_i`` without a dual), and in the last column the rest
     ``sum_{i > max_rank} c[n, i]`` (the full sum is ``sum_p g_p . (y_p - b)``: ``y_p - b`` lies in the span of the
     basis), so only ``max_rank + 1`` directions are projected."""
-    bias = weight_matrix(c.target)[1]
+    bias = c.bias if c.bias is not None else weight_matrix(c.target)[1]
     y, g = _channels_last(c, y).float(), _channels_last(c, g).float()  # products in float32, sums in float64
     if bias is not None:
         y = y - bias.detach().float()
     y, g = y.reshape(y.shape[0], -1, y.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
-    basis = c.basis[:, : c.max_rank + 1].to(y)
-    dual = basis if c.dual is None else c.dual[:, : c.max_rank + 1].to(y)
+    basis = basis.to(y)
+    dual = basis if dual is None else dual.to(y)
     head = ((y @ dual) * (g @ basis)).double().sum(1)
     total = (y * g).double().sum((1, 2))
     return torch.cat([head, (total - head.sum(1))[:, None]], dim=1).cpu()
 
 
 class overwritten:
-    """Context manager: each target's weight temporarily holds the given ``(out, fan_in)`` matrix."""
+    """Context manager: each target's weight temporarily holds the given ``(out, fan_in)`` matrix (a tensor, or a
+    function giving it, called one target at a time so that only one full matrix exists at once).
 
-    def __init__(self, weights: Mapping[Target, Tensor]) -> None:
+    A sharded weight (a ``DTensor``, FSDP2) gets the part of the matrix its local shard holds, and every FSDP2 unit
+    of ``model`` is resharded on entering and leaving, so the next forward gathers the shards written."""
+
+    def __init__(self, weights: Mapping[Target, Tensor | Callable[[], Tensor]], model: nn.Module | None = None) -> None:
         self.weights = weights
+        self.model = model
         self.saved: list[tuple[Tensor, Tensor]] = []
 
     def __enter__(self) -> overwritten:
+        reshard(self.model)
         with torch.no_grad():
             try:
                 for target, value in self.weights.items():
                     param = target.module.in_proj_weight if target.kind == "mha_in_proj" else target.module.weight
-                    self.saved.append((param, param.detach().clone()))
-                    view = weight_matrix(target)[0]
-                    view.copy_(value.to(device=view.device, dtype=view.dtype))
+                    matrix = value() if callable(value) else value
+                    local, part = _local_part(param, parameter_layout(target, matrix))
+                    self.saved.append((local, local.clone()))
+                    local.copy_(part.to(device=local.device, dtype=local.dtype))
             except BaseException:
                 self._restore()
                 raise
@@ -297,10 +318,35 @@ class overwritten:
         self._restore()
 
     def _restore(self) -> None:
+        reshard(self.model)
         with torch.no_grad():
-            for param, value in reversed(self.saved):
-                param.copy_(value)
+            for local, value in reversed(self.saved):
+                local.copy_(value)
         self.saved.clear()
+
+
+def _local_part(param: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
+    """The tensor this process holds of ``param`` (its local shard when sharded) and the part of ``full`` (a tensor
+    of ``param``'s full shape) that goes there; no communication."""
+    if DTensor is not None and isinstance(param, DTensor):
+        return param.to_local(), distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
+                                                   src_data_rank=None).to_local()
+    return param, full
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """``tensor`` in full: gathered from every process when it is sharded (a collective), else itself."""
+    return tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
+
+
+def reshard(model: nn.Module | None) -> None:
+    """Free every FSDP2 unit's gathered parameters (a unit left gathered after a forward would not see its shards
+    written)."""
+    if model is None or FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _output_tensor(output: Any) -> Tensor:

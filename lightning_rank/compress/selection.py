@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_rank.compress.layers import LOW_RANK_TYPES, low_rank_type
 from lightning_rank.stats.sums import ActivationStatistics
-from lightning_rank.targets import ModuleSelector, Target, named_modules, select_targets, weight_matrix
+from lightning_rank.targets import ModuleSelector, Target, layer_shape, named_modules, select_targets
 
 
 def factorization_targets(
@@ -73,7 +73,7 @@ def why_not_replaceable(
             )
         if stats[name].empty_reason() is not None:
             return f"no statistics: {stats[name].empty_reason()}"
-        fan_in = weight_matrix(target)[0].shape[1]
+        fan_in = layer_shape(target)[1]
         if stats[name].dim != fan_in:
             raise ValueError(
                 f"`stats` for layer {name!r} has inputs of length {stats[name].dim}, but its fan_in is {fan_in}: "

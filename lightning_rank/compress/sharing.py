@@ -12,18 +12,22 @@ statistics, moments and eigenvectors of a layer exist on its owner alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from lightning_rank.compress.candidates import Holder
 from lightning_rank.compress.factors import whitened_svd
 from lightning_rank.compress.layers import low_rank_from_dense
 from lightning_rank.compress.planning import Decomposition, Replaceable, decompositions, factors, relative_output_error
 from lightning_rank.compress.selection import why_not_replaceable
 from lightning_rank.stats.sums import ActivationStatistics
-from lightning_rank.targets import Target, weight_matrix
+from lightning_rank.targets import Target, layer_shape
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,26 @@ class PlanOwners:
     """This process (``rank``), the process holding each layer's statistics (``owners``, by layer name: those of
     ``stats`` that this process holds are its own), and two collectives, called on every process in the same order:
     ``broadcast(tensor, src)`` (in place, from process ``src``) and ``gather(obj)`` (every process's ``obj``, in rank
-    order; picklable and small)."""
+    order; picklable and small). ``device``: where tensors are received. ``full_weights(names, keep)``: a context
+    manager (entered on every process) while which the layers in ``keep`` hold their full weights, for a model whose
+    weights are sharded (FSDP2): each of ``names`` is gathered in turn and dropped by the processes that do not keep
+    it. Without it, weights are whole."""
 
     rank: int
     owners: Mapping[str, int]
     broadcast: Callable[[Tensor, int], None]
     gather: Callable[[Any], list[Any]]
+    device: torch.device = torch.device("cpu")
+    full_weights: Callable[[Sequence[str], Collection[str]], AbstractContextManager] | None = None
+
+    def holding(self, names: Sequence[str], keep: Collection[str]) -> AbstractContextManager:
+        """:attr:`full_weights` of ``names``, keeping ``keep`` (nothing to do when weights are whole)."""
+        return contextlib.nullcontext() if self.full_weights is None else self.full_weights(names, keep)
+
+    def holder(self, name: str) -> Holder:
+        """Where layer ``name``'s matrices are, for its :class:`~lightning_rank.compress.candidates.LayerCandidate`."""
+        owner = self.owners[name]
+        return Holder(owner, owner == self.rank, self.broadcast, self.device)
 
     def judges(self, name: str) -> bool:
         """Whether this process decides for layer ``name``: it owns it, or the layer has no owner (no statistics: every
@@ -90,10 +108,12 @@ def owned_decompositions(
     with_candidates: bool,
     progress: bool = False,
 ) -> dict[str, Decomposition]:
-    """:func:`~lightning_rank.compress.planning.decompositions` of ``targets``, each computed by its owner.
+    """:func:`~lightning_rank.compress.planning.decompositions` of ``targets``, each computed by its owner, which alone
+    holds the layer's full weight (gathered for it when sharded).
 
-    Every process gets each layer's ranks; with ``with_candidates`` (a budget to share out) also the whitened SVD a
-    candidate needs (``Decomposition.whitened``). A layer owned elsewhere carries its own weight and no statistics."""
+    Every process gets each layer's ranks; with ``with_candidates`` (a budget to share out) also the singular values
+    of its whitened weight. A layer owned elsewhere carries ``meta`` stand-ins of its weight and whitened basis (shapes
+    and layouts, no data) and a holder: the probe gets what it needs of them from the owner, one layer at a time."""
     mine = {name: target for name, target in targets.items() if owners.owners[name] == owners.rank}
     here = {name: key for name, key in stats.sources.items() if key in stats.inputs}
     local = ActivationStatistics(stats.inputs, here, dict(stats.skipped), [n for n in stats.unmasked if n in here])
@@ -101,7 +121,8 @@ def owned_decompositions(
     summary: dict[str, tuple] = {}
     failure = None
     try:
-        found = decompositions(model, local, mine, threshold, with_ranks, with_output_basis, progress)
+        with owners.holding(list(targets), mine):
+            found = decompositions(model, local, mine, threshold, with_ranks, with_output_basis, progress)
         for name, entry in found.items():
             if with_candidates:
                 entry.whitened = whitened_svd(entry.weight, entry.values, entry.vectors)
@@ -112,54 +133,70 @@ def owned_decompositions(
     summaries = owners.agree(summary, failure)
     out: dict[str, Decomposition] = {}
     for name, target in targets.items():  # model order: every process broadcasts alike
-        owner, (in_rank, out_rank, rank, layouts) = owners.owners[name], summaries[name]
+        in_rank, out_rank, rank, layouts = summaries[name]
         entry = found.get(name)
         if entry is None:
-            weight, bias = (t.detach().double() if t is not None else None for t in weight_matrix(target))
-            entry = Decomposition(weight, bias, in_rank=in_rank, out_rank=out_rank, rank=rank, held_elsewhere=True)
-        if with_candidates:
-            sent = entry.whitened or (None, None)
-            entry.whitened = tuple(_send(owners, t, layout, owner, entry.weight) for t, layout in zip(sent, layouts))
+            weight = torch.empty(layer_shape(target), dtype=torch.float64, device="meta")
+            entry = Decomposition(weight, in_rank=in_rank, out_rank=out_rank, rank=rank, held_elsewhere=True)
+            if with_candidates:
+                entry.whitened = (_stand_in(layouts[0]), None)
+        entry.holder = owners.holder(name)
+        if with_candidates:  # the singular values (a vector) to every process; the basis stays on its owner
+            basis, values = entry.whitened
+            entry.whitened = basis, _send(owners, values, layouts[1], owners.owners[name])
         out[name] = entry
     return out
 
 
 def owned_modules(
-    layers: dict[str, Replaceable], names: list[str], method: str, owners: PlanOwners
+    model: nn.Module, layers: dict[str, Replaceable], names: list[str], method: str, owners: PlanOwners
 ) -> dict[str, tuple[nn.Module, float | None]]:
     """The low-rank module of each of ``names`` and its relative output error: the owner computes the factors (and the
-    error, from the statistics), and every process builds its module from the owner's factors."""
-    built: dict[str, tuple[Tensor, Tensor, nn.Module]] = {}
+    error, from the statistics), and every process builds its module from the owner's factors, one layer at a time
+    (with the layer's full weight and bias while it does, when they are sharded)."""
+    computed: dict[str, tuple[Tensor, Tensor]] = {}
     summary: dict[str, tuple] = {}
     failure = None
     try:
         for name in names:
-            layer = layers[name]
             if owners.owners[name] == owners.rank:
-                a, b = factors(layer, method)
-                built[name] = a, b, low_rank_from_dense(layer.target.module, a, b)
-                error = relative_output_error(layer, built[name][2].dense_weight().detach().to(layer.weight))
-                summary[name] = (_layout(a), _layout(b), error)
+                computed[name] = factors(layers[name], method)
+                summary[name] = tuple(_layout(t) for t in computed[name])
     except Exception as error:  # told to the others, or they would wait for this process
         failure = error
-    summaries = owners.agree(summary, failure)
-    modules: dict[str, tuple[nn.Module, float | None]] = {}
+    layouts = owners.agree(summary, failure)
+    modules: dict[str, nn.Module] = {}
+    errors: dict[str, float | None] = {}
+    failure = None
     for name in names:  # model order: every process broadcasts alike
-        layer, (a_layout, b_layout, error) = layers[name], summaries[name]
-        a, b, new = built.get(name) or (None, None, None)
-        a, b = (_send(owners, t, layout, owners.owners[name], layer.weight) for t, layout in ((a, a_layout), (b, b_layout)))
-        modules[name] = (new if new is not None else low_rank_from_dense(layer.target.module, a, b), error)
-    return modules
+        layer, owner = layers[name], owners.owners[name]
+        a, b = computed.get(name) or (None, None)
+        a, b = (_send(owners, t, layout, owner) for t, layout in zip((a, b), layouts[name]))
+        with owners.holding([name], [name]):
+            modules[name] = low_rank_from_dense(layer.target.module, a, b)
+        if owner == owners.rank and failure is None:
+            try:
+                errors[name] = relative_output_error(layer, modules[name].dense_weight().detach().to(layer.weight))
+            except Exception as error:  # told to the others after the loop
+                failure = error
+    errors = owners.agree(errors, failure)
+    return {name: (modules[name], errors[name]) for name in names}
 
 
 def _layout(tensor: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(tensor.shape), tuple(tensor.stride())
 
 
-def _send(owners: PlanOwners, tensor: Tensor | None, layout: tuple, src: int, like: Tensor) -> Tensor:
+def _stand_in(layout: tuple) -> Tensor:
+    shape, stride = layout
+    return torch.empty_strided(shape, stride, dtype=torch.float64, device="meta")
+
+
+def _send(owners: PlanOwners, tensor: Tensor | None, layout: tuple, src: int) -> Tensor:
     """``tensor`` on process ``src``, sent to every process in the very memory layout it has there (products of
     tensors laid out otherwise may round otherwise, and every process must compute what the owner computes)."""
     shape, stride = layout
-    buffer = tensor.contiguous() if tensor is not None else like.new_empty(shape)
+    buffer = tensor.contiguous() if tensor is not None else torch.empty(shape, dtype=torch.float64, device=owners.device)
     owners.broadcast(buffer, src)
-    return tensor if tensor is not None else like.new_empty_strided(shape, stride).copy_(buffer)
+    return tensor if tensor is not None else torch.empty_strided(
+        shape, stride, dtype=torch.float64, device=owners.device).copy_(buffer)

@@ -261,6 +261,7 @@ def test_rank_compression_under_fsdp2_shards_the_new_layers_and_resumes_exactly(
     full, resumed = written[0]["full"], written[0]["resumed"]
     # each layer planned by the one process holding its sums; every process swapped in its factors
     assert_planned_on_owners([written[rank]["full"]["plan"] for rank in (0, 1)])
+    assert_planned_sharded([written[rank]["full"]["plan"]["held"] for rank in (0, 1)])
     assert set(full["types"].values()) == {"FSDPLowRankLinear"}  # swapped, then sharded as FSDP2 units of their own
     assert {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"} <= set(full["ranks"])
     assert full["sharded"] == sorted(full["parameters"])  # every parameter is a shard; no dense weight is left over
@@ -307,6 +308,23 @@ def test_rank_compression_under_fsdp2_shards_the_new_layers_and_resumes_exactly(
         assert parameter.detach().double().flatten().tolist() == full["parameters"][name], name
 
 
+def assert_planned_sharded(steps: list[list[dict]]) -> None:
+    """Planning kept the model sharded: no unit was unsharded for it; each process gathered and kept the full weights
+    of its own layers only, then of one layer at a time (to build the new modules); and the whitened basis of each
+    layer was in memory on its owner alone, a ``meta`` stand-in on the other process."""
+    for step in zip(*steps):
+        owned = []
+        for held in step:
+            assert not held["unsharded"]
+            mine = {name for name, key in held["sources"].items() if key in held["keys"]}
+            decomposed, *built = held["kept"]
+            assert decomposed and set(decomposed) <= mine, (decomposed, mine)
+            assert built and all(len(kept) == 1 for kept in built), built
+            assert set(held["bases"]) == set(decomposed) and not set(held["stand_ins"]) & mine
+            owned.append(set(held["bases"]))
+        assert not owned[0] & owned[1] and owned[0] | owned[1] == set(step[0]["bases"]) | set(step[0]["stand_ins"])
+
+
 def len_rows(written: dict, name: str) -> int:
     """The rows (first dimension) of parameter ``name`` in full, from its flattened values and its shard's shape."""
     local = written["local"][name]
@@ -332,3 +350,19 @@ def test_rank_compression_under_fsdp2_with_a_root_per_block(tmp_path: Path) -> N
     assert set(written[0]["ranks"]) == {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"}
     assert any(name.endswith("first.weight") for name in written[0]["blocks"])  # fine-tuned as low-rank pairs
     assert written[0]["metrics"]["finetuned"] != written[0]["metrics"]["compressed"]
+
+
+@needs_distributed
+@pytest.mark.timeout(300)
+def test_progressive_compression_under_fsdp2_plans_the_first_step_sharded_and_refactorizes_the_pairs(tmp_path):
+    """Two steps on FSDP2: the first plans on the sharded model (bases on their owners only); the second re-plans the
+    low-rank pairs from dense stand-ins, for which every unit is unsharded, and lowers their ranks."""
+    written = run("progressive", tmp_path)
+    assert written[0] == {**written[1], "bases": written[0]["bases"]}  # same ranks and parameters on both processes
+    first, second = written[0]["ranks"]
+    assert first and second and all(second[name] < first[name] for name in second if name in first)
+    assert written[0]["unsharded"] == [False, True]
+    assert set(written[0]["whole"]) <= {"head.weight", "head.bias"}  # FSDP2 leaves only the root gathered after a forward
+    for step in (0, 1):  # each basis in memory on one process only, in both steps
+        owned = [set(written[rank]["bases"][step]) for rank in (0, 1)]
+        assert owned[0] and owned[1] and not owned[0] & owned[1]

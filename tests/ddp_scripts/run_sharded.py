@@ -139,6 +139,21 @@ def main(mode: str, out: Path) -> None:
         blocks = {name: p.full_tensor().flatten().tolist() for name, p in model.blocks.named_parameters()}
         (out / f"noroot_rank{trainer.global_rank}.json").write_text(json.dumps(
             {"ranks": compression.result.layers, "blocks": blocks, "metrics": compression.metrics}))
+    elif mode == "progressive":  # two steps: the second re-plans low-rank pairs, which needs every unit unsharded
+        L.seed_everything(0, verbose=False)
+        compression = lr.RankCompression(compress_at_epoch=[1, 2], param_budget=[0.7, 0.45], monitor="val_loss")
+        record, model = PlanRecord(compression), ShardedBlocks()
+        trainer = make_trainer(out, 3, [record, compression], devices=2, strategy=strategy(), logger=False,
+                               enable_checkpointing=False)
+        trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH))
+        summary = compression.summary()
+        (out / f"progressive_rank{trainer.global_rank}.json").write_text(json.dumps({
+            "ranks": [step["layers"] for step in summary["steps"]],
+            "parameters": {name: (p.full_tensor() if isinstance(p, DTensor) else p).flatten().tolist()
+                           for name, p in model.named_parameters()},
+            "whole": sorted(name for name, p in model.named_parameters() if not isinstance(p, DTensor)),
+            "unsharded": [held["unsharded"] for held in record.held], "bases": [held["bases"] for held in record.held],
+        }))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -12,6 +12,15 @@ first 4 batches, sums over processes) by one of two paths, each in processes of 
   pooled   the path before it, kept here only as the baseline: every input's sums go to every process
            (``all_reduce``) and every process decomposes and factorizes every layer
 
+``--fsdp2`` plans a model sharded with FSDP2 instead (``fully_shard`` on each block and on the model, over a 1-D mesh
+of the processes, as ``ModelParallelStrategy`` does), always on the owners, by one of two paths:
+
+  sharded    what ``RankCompression`` does now: the model stays sharded; each owner gathers its own layers' weights,
+             the probe runs the sharded model and writes its truncations into the local shards, and each whitened
+             basis stays on its owner
+  unsharded  the path before it, kept here only as the baseline: every unit unsharded for the whole planning step
+             (``lightning_rank.callbacks.sharded.unsharded``), so every process holds every full weight
+
 Per process: "stats MB" the statistics held while planning (the sums after the reduce: one process's own, or
 every one), "peak MB" the rise of the resident set over planning (VmHWM after /proc/self/clear_refs minus VmRSS
 before it: the sums, the float64 moments and eigenvectors, the candidates and factors), and "plan s" CPU seconds
@@ -20,11 +29,13 @@ before it: the sums, the float64 moments and eigenvectors, the candidates and fa
 every process the same factors (bit for bit).
 
 Run: .venv/bin/python benchmarks/planning_scaling.py [--worlds 1,2,4] [--blocks 4] [--samples 256] [--budget 0.5]
+     .venv/bin/python benchmarks/planning_scaling.py --fsdp2 [--worlds 2,4] ...
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -54,14 +65,24 @@ def memory(field: str) -> int:
 def plan(setup: Setup, blocks: int, rank: int, world: int, path: str, budget: float) -> dict:
     """Count this process's share, then plan by ``path``; what it held and spent."""
     from lightning_rank.callbacks.owners import PooledShare, plan_owners, reduce_to_owners
+    from lightning_rank.callbacks.sharded import unsharded
     from lightning_rank.stats.collector import StatisticsCollector
     from lightning_rank.stats.ownership import assign_owners
 
     model = setup.model()
     model.blocks = model.blocks[:blocks]
+    sharded = path in ("sharded", "unsharded")
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     batches = setup.batches(rank, world)
     collector = StatisticsCollector(model, max_rows_per_batch=None)
-    if world > 1 and path == "owners":
+    if world > 1 and path != "pooled":
         collector.share = PooledShare(rank, world, assign_owners(collector.targets, world))
     with torch.no_grad(), collector.attached():
         for batch in batches:
@@ -74,18 +95,19 @@ def plan(setup: Setup, blocks: int, rank: int, world: int, path: str, budget: fl
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
     start = time.process_time()
     owners = None
-    if world > 1 and path == "owners":
+    if world > 1 and path != "pooled":
         shared = reduce_to_owners(collector, stats, collector.share, torch.device("cpu"))
         collector.drop_sums()
         del stats
-        stats, owners = shared.planning_view(), plan_owners(shared, rank, torch.device("cpu"))
+        stats, owners = shared.planning_view(), plan_owners(model, shared, rank, torch.device("cpu"))
         held = sum(s.nbytes for s in shared.stats.inputs.values())
     else:
         if reduce is not None:
             stats.all_reduce_(reduce)
         held = sum(s.nbytes for s in stats.inputs.values())
-    planned = lr.plan_factorization(model, stats, param_budget=budget, calibration=batches[:CALIBRATION],
-                                    reduce=reduce, owners=owners, progress=False)
+    with unsharded(model) if path == "unsharded" else contextlib.nullcontext():
+        planned = lr.plan_factorization(model, stats, param_budget=budget, calibration=batches[:CALIBRATION],
+                                        reduce=reduce, owners=owners, progress=False)
     seconds = time.process_time() - start
     peak = memory("VmHWM") - before
     factors = {name: hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in m.state_dict().values())).hexdigest()
@@ -116,22 +138,29 @@ def _entry(rank: int, world: int, port: int, args: tuple, queue) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--worlds", default=None, help="default 1,2,4 (2,4 with --fsdp2)")
     parser.add_argument("--blocks", type=int, default=4, help="ViT-B/16 blocks (of 12)")
     parser.add_argument("--samples", type=int, default=256, help="validation samples of 17 tokens")
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--fsdp2", action="store_true", help="a model sharded with FSDP2: sharded against unsharded")
     args = parser.parse_args()
+    args.worlds = args.worlds or ("2,4" if args.fsdp2 else "1,2,4")
     setup = Setup("vit", args.samples, 17, 16, dim=768, latent=32)
     began = time.perf_counter()
     print(f"torch {torch.__version__}, 1 thread a process, gloo; load average {os.getloadavg()[0]:.2f}")
     print(f"ViT-B/16 shape (d=768, MLP 3072), {args.blocks} blocks, {args.samples} samples x 17 tokens, every row "
           f"counted (float32 sums); param_budget={args.budget}, allocation 'auto'; max over processes\n")
-    print("| processes | path | stats MB/proc | x pooled | peak MB/proc | x pooled | plan s/proc | x pooled | same plan |")
+    baseline = "unsharded" if args.fsdp2 else "pooled"
+    print(f"| processes | path | stats MB/proc | x {baseline} | peak MB/proc | x {baseline} | plan s/proc | x {baseline} "
+          "| same plan |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for world in [int(w) for w in args.worlds.split(",")]:
-        paths = ("pooled", "owners") if world > 1 else ("pooled",)
+        if args.fsdp2:
+            paths = ("unsharded", "sharded")
+        else:
+            paths = ("pooled", "owners") if world > 1 else ("pooled",)
         found = {path: run(setup, args.blocks, world, path, args.budget) for path in paths}
-        base = found["pooled"]
+        base = found[baseline]
         same = all((r["ranks"], r["rule"]) == (base[0]["ranks"], base[0]["rule"]) for rs in found.values() for r in rs)
         owned = found[paths[-1]]
         same = same and all(r["factors"] == owned[0]["factors"] for r in owned)
@@ -139,7 +168,7 @@ def main() -> None:
             rows = found[path]
             held, peak, seconds = (max(r[key] for r in rows) for key in ("held", "peak", "seconds"))
             ref = [max(r[key] for r in base) for key in ("held", "peak", "seconds")]
-            print(f"| {world} | {path if world > 1 else 'one process'} | {held / 2**20:.1f} | {held / ref[0]:.2f} | "
+            print(f"| {world} | {path if world > 1 or args.fsdp2 else 'one process'} | {held / 2**20:.1f} | {held / ref[0]:.2f} | "
                   f"{peak / 2**20:.0f} | {peak / ref[1]:.2f} | {seconds:.2f} | {seconds / ref[2]:.2f} | "
                   f"{'yes' if same else 'NO'} |")
     print(f"\nwall time {time.perf_counter() - began:.0f} s; load average now {os.getloadavg()[0]:.2f}")

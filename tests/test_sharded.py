@@ -183,6 +183,35 @@ def test_owners_plan_exactly_what_every_process_planning_alone_plans_and_send_ev
     assert alone[0].modules and (options.get("param_budget") is None or alone[0].result.allocation)
 
 
+def test_a_holder_sends_its_owners_tensors_in_their_layout_and_its_failures_to_every_process():
+    processes = ThreadOwners(3)
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.randn(6, 5, generator=generator, dtype=torch.float64).t().contiguous().t()  # column-major
+    outcomes: list = [None] * 3
+
+    def work(rank, reduce):
+        holder = processes.owners(rank, {"fc": 1}).holder("fc")
+        assert holder.here == (rank == 1)
+        # the owner's tensors there, meta stand-ins elsewhere
+        made, values = holder.stand_ins(lambda: (basis, basis.sum(0)), 2)
+        assert made.is_meta == (rank != 1) and made.stride() == basis.stride() and values.shape == (5,)
+        head = holder.send(made[:, :3])  # a slice of the owner's basis, as laid out there
+        failure = None
+        try:
+            holder.stand_ins(lambda: (torch.linalg.cholesky(-torch.eye(3, dtype=torch.float64)),), 1)
+        except Exception as error:  # noqa: BLE001 - what each process raises
+            failure = f"{type(error).__name__}: {error}"
+        outcomes[rank] = (head, failure)
+
+    processes.run(work)
+    for rank, (head, failure) in enumerate(outcomes):
+        assert torch.equal(head, basis[:, :3]) and head.stride() == basis[:, :3].stride(), rank
+        if rank == 1:  # the owner raises its own error; the others say which process failed
+            assert "positive-definite" in failure, failure
+        else:
+            assert failure == "RuntimeError: process 1, which holds the layer, failed (see its error)", failure
+
+
 def test_a_failure_on_one_owner_is_raised_on_every_process():
     model = SmallBlocks()
     stats = lr.collect(model, [torch.randn(4, 6, 12) for _ in range(2)], max_rows_per_batch=None)

@@ -4,11 +4,12 @@ Under several processes (DDP, FSDP2) a layer's input statistics are summed to on
 other process holds them. :func:`~lightning_rank.compress.factorize.plan_factorization` with ``owners`` (a
 :class:`PlanOwners`) then has each owner do what needs the ``d x d`` statistics, for its layers only: the checks on
 them, the eigenproblems, the whitened SVD, the factors and their output error. What every process needs is sent
-from the owner, layer by layer in model order: the ranks (a few ints), the whitened SVD of a budget's candidates
-(``(out, k)``, the size of the weight) for the probe, which then runs alike on every process, and the factors. So
-every process decides the same ranks and builds its low-rank layers from the very same factors, while the
-statistics, moments and eigenvectors of a layer exist on its owner alone.
-"""
+from the owner, layer by layer in model order: the ranks (a few ints), the singular values of a budget's candidates
+(a vector each) and the factors. The whitened bases stay on their owners: elsewhere a candidate holds ``meta``
+stand-ins, and the probe gets a basis (or a product of it) from the owner while it uses it, one layer at a time
+(:class:`~lightning_rank.compress.candidates.Holder`). So every process decides the same ranks and builds its
+low-rank layers from the very same factors, while the statistics, moments, eigenvectors and bases of a layer exist
+on its owner alone; with sharded weights (FSDP2) its full weight too, save while each process builds its module."""
 
 from __future__ import annotations
 

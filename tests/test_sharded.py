@@ -183,6 +183,26 @@ def test_owners_plan_exactly_what_every_process_planning_alone_plans_and_send_ev
     assert alone[0].modules and (options.get("param_budget") is None or alone[0].result.allocation)
 
 
+def test_owners_calibrate_on_as_many_batches_on_every_process_when_given_unequal_numbers():
+    """The probe meets each layer's owner once a batch, so a process with more calibration batches than another would
+    wait for it forever: with owners every process calibrates on as many as the one with fewest."""
+    model = SmallBlocks()
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randn(8, 6, 12, generator=generator) for _ in range(4)]
+    stats = lr.collect(model, batches, max_rows_per_batch=None, dtype=torch.float64)
+    owners = {name: owner for name, owner in assign_owners(select_targets(model)[0], 2).items() if name in stats.sources}
+    shares, copies = [batches[:3], batches[3:]], [copy.deepcopy(model) for _ in range(4)]
+    processes = ThreadOwners(2)
+    owned = processes.run(lambda rank, reduce: lr.plan_factorization(
+        copies[rank], owned_view(stats, owners, rank), param_budget=0.5, calibration=shares[rank], reduce=reduce,
+        owners=processes.owners(rank, owners), progress=False))
+    alone = ThreadProcesses(2).run(lambda rank, reduce: lr.plan_factorization(
+        copies[2 + rank], stats, param_budget=0.5, calibration=shares[rank][:1], reduce=reduce, progress=False))
+    assert owned[0].result.allocation == "probe"
+    for rank in (0, 1):
+        assert owned[rank].result.to_dict() == alone[0].result.to_dict()
+
+
 def test_a_holder_sends_its_owners_tensors_in_their_layout_and_its_failures_to_every_process():
     processes = ThreadOwners(3)
     generator = torch.Generator().manual_seed(0)
@@ -395,3 +415,17 @@ def test_progressive_compression_under_fsdp2_plans_the_first_step_sharded_and_re
     for step in (0, 1):  # each basis in memory on one process only, in both steps
         owned = [set(written[rank]["bases"][step]) for rank in (0, 1)]
         assert owned[0] and owned[1] and not owned[0] & owned[1]
+
+
+@needs_distributed
+@pytest.mark.timeout(300)
+def test_rank_compression_under_fsdp2_without_a_budget_swaps_a_layer_the_root_unit_holds(tmp_path):
+    """Planning from thresholds runs no probe; the root unit, left gathered by the validation before it, is resharded
+    for the swap, which then takes the replaced layer out of the root and keeps float32 master weights under a
+    bfloat16 mixed-precision policy."""
+    written = run("threshold", tmp_path)
+    assert written[0] == written[1]
+    assert written[0]["ranks"]["proj"] == 4
+    assert written[0]["root"] and all(in_model for _, in_model in written[0]["root"])  # no replaced layer left behind
+    assert set(written[0]["dtypes"].values()) == {"torch.float32"}
+    assert {"proj.first.weight", "proj.second.weight"} <= set(written[0]["dtypes"])

@@ -21,11 +21,12 @@ from lightning.pytorch import LightningModule, Trainer
 
 from lightning_rank.callbacks.distributed import moving_sum_reducer
 from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
-from lightning_rank.callbacks.owners import PooledShare, SharedStatistics, gather_objects, plan_owners
+from lightning_rank.callbacks.owners import PooledShare, SharedStatistics, plan_owners
 from lightning_rank.callbacks.sharded import unsharded
 from lightning_rank.checks import StatisticsArguments
 from lightning_rank.compress.factorize import FactorizationPlan, plan_factorization
 from lightning_rank.compress.layers import LOW_RANK_TYPES
+from lightning_rank.compress.probe import reshard
 from lightning_rank.stats.ownership import assign_owners
 
 
@@ -51,22 +52,23 @@ def plan_step(
 ) -> FactorizationPlan:
     """The factorization ``compression`` (a ``RankCompression``) asks for at its current step, from the statistics
     (this process's share, from :func:`counting`) and kept batches of one validation."""
-    # Under DDP and FSDP2 each process probes its own validation batches, as many on each (the probe meets its layers'
-    # owners once a batch), and sums what it measures over all of them, so every process allocates the same ranks.
+    # Under DDP and FSDP2 each process probes its own validation batches and sums what it measures over all of them, so
+    # every process allocates the same ranks.
     reduce = moving_sum_reducer(trainer) if trainer.world_size > 1 else None
-    if reduce is not None:
-        batches = batches[: min(gather_objects(len(batches)))]
     param_budget, macs_budget = compression.budgets[compression.step]
     owners = plan_owners(pl_module, shared, trainer.global_rank, trainer.strategy.root_device) if reduce else None
     stats = shared.planning_view() if owners is not None else shared.stats
     # FSDP2 keeps its shards while planning, save in a later step of progressive compression: its low-rank pairs are
     # planned from dense stand-ins, which need every unit's full parameters
     pairs = any(isinstance(module, LOW_RANK_TYPES) for module in pl_module.modules())
+    reshard(pl_module)  # FSDP2 leaves a root unit gathered after a forward: planning and the swap need its shards
     with unsharded(pl_module) if pairs else contextlib.nullcontext():
-        return plan_factorization(
+        plan = plan_factorization(
             pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
             param_budget=param_budget, macs_budget=macs_budget, refactorize=True,
             target_modules=compression.target_modules, exclude_modules=compression.exclude_modules,
             allocation=compression.allocation, calibration=batches or None, forward=compression.forward,
             progress=trainer.is_global_zero, reduce=reduce, owners=owners,
         )  # fmt: skip
+    reshard(pl_module)
+    return plan

@@ -158,7 +158,8 @@ def plan_factorization(
     passes one under DDP). ``owners``: which process holds each layer's statistics, when each process's ``stats``
     hold only its own layers' sums (and name every layer): each owner then decomposes and factorizes its layers and
     sends every process what it needs (:mod:`~lightning_rank.compress.sharing`), so all build the same plan; with
-    per-process ``calibration`` it needs ``reduce`` too, or the processes would decide different ranks.
+    per-process ``calibration`` it needs ``reduce`` too, or the processes would decide different ranks. Each process
+    then calibrates on as many batches as the process with fewest passed (none if one passed none).
     """
     if refactorize:
         options = {k: v for k, v in locals().items() if k not in ("model", "stats", "refactorize")}
@@ -181,6 +182,8 @@ def plan_factorization(
     elif stats is not None and stats.calibration and (allocation != "uniform" or macs is not None):
         # the first batches lr.collect ran, with its forward (uniform tolerance needs them only to count MACs)
         calibration, forward = list(stats.calibration), forward or stats.forward
+    if owners is not None:  # as many batches on every process: the probe meets each layer's owner once a batch
+        calibration = calibration[: min(owners.gather(len(calibration or [])))] or None
     if macs is not None and not calibration:
         raise ValueError("`macs_budget` needs calibration batches to count each layer's output positions per example: "
                          "statistics from lr.collect keep their first batches, or pass `calibration=` (a few batches)")

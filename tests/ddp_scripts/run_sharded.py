@@ -107,6 +107,35 @@ class BlocksOnly(ShardedBlocks):
             fully_shard(block, mesh=self.device_mesh["data_parallel"])
 
 
+class RootProjection(ShardedBlocks):
+    """``ShardedBlocks`` with a projection before the head that only the root unit holds, every unit computing in
+    bfloat16 over float32 master weights (FSDP2's mixed precision)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+        for block in self.blocks:
+            fully_shard(block, mesh=self.device_mesh["data_parallel"], mp_policy=policy)
+        fully_shard(self, mesh=self.device_mesh["data_parallel"], mp_policy=policy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.proj(x).mean(dim=1)).float()
+
+
+def root_unit_parameters(model: nn.Module) -> list[list]:
+    """Each parameter the root FSDP2 unit manages: its name and whether its module is still in ``model``."""
+    in_model = {id(module) for module in model.modules()}
+    groups = model._get_fsdp_state()._fsdp_param_groups
+    return [[p._module_info.param_name, id(p._module_info.module) in in_model] for g in groups for p in g.fsdp_params]
+
+
 def strategy() -> ModelParallelStrategy:
     # A short collective timeout turns a disagreement between the processes into an error, not a hang.
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=60))
@@ -139,6 +168,17 @@ def main(mode: str, out: Path) -> None:
         blocks = {name: p.full_tensor().flatten().tolist() for name, p in model.blocks.named_parameters()}
         (out / f"noroot_rank{trainer.global_rank}.json").write_text(json.dumps(
             {"ranks": compression.result.layers, "blocks": blocks, "metrics": compression.metrics}))
+    elif mode == "threshold":  # no budget, so no probe: the root, gathered by the last forward, must be resharded
+        L.seed_everything(0, verbose=False)
+        compression = lr.RankCompression(compress_at_epoch=1, ranks={"proj": 4}, monitor="val_loss")
+        model = RootProjection()
+        trainer = make_trainer(out, 2, [compression], devices=2, strategy=strategy(), logger=False,
+                               enable_checkpointing=False)
+        trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH))
+        model.reshard()  # the master weights (the last forward left the root's gathered in bfloat16)
+        (out / f"threshold_rank{trainer.global_rank}.json").write_text(json.dumps({
+            "ranks": compression.result.layers, "root": root_unit_parameters(model),
+            "dtypes": {name: str(p.dtype) for name, p in model.named_parameters()}}))
     elif mode == "progressive":  # two steps: the second re-plans low-rank pairs, which needs every unit unsharded
         L.seed_everything(0, verbose=False)
         compression = lr.RankCompression(compress_at_epoch=[1, 2], param_budget=[0.7, 0.45], monitor="val_loss")

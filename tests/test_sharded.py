@@ -358,13 +358,12 @@ def test_rank_compression_under_fsdp2_shards_the_new_layers_and_resumes_exactly(
 
 
 def assert_planned_sharded(steps: list[list[dict]]) -> None:
-    """Planning kept the model sharded: no unit was unsharded for it; each process gathered and kept the full weights
-    of its own layers only, then of one layer at a time (to build the new modules); and the whitened basis of each
-    layer was in memory on its owner alone, a ``meta`` stand-in on the other process."""
+    """Planning kept the model sharded: each process gathered and kept the full weights of its own layers only, then of
+    one layer at a time (to build the new modules); and the whitened basis of each layer was in memory on its owner
+    alone, a ``meta`` stand-in on the other process."""
     for step in zip(*steps):
         owned = []
         for held in step:
-            assert not held["unsharded"]
             mine = {name for name, key in held["sources"].items() if key in held["keys"]}
             decomposed, *built = held["kept"]
             assert decomposed and set(decomposed) <= mine, (decomposed, mine)
@@ -403,18 +402,17 @@ def test_rank_compression_under_fsdp2_with_a_root_per_block(tmp_path: Path) -> N
 
 @needs_distributed
 @pytest.mark.timeout(300)
-def test_progressive_compression_under_fsdp2_plans_the_first_step_sharded_and_refactorizes_the_pairs(tmp_path):
-    """Two steps on FSDP2: the first plans on the sharded model (bases on their owners only); the second re-plans the
-    low-rank pairs from dense stand-ins, for which every unit is unsharded, and lowers their ranks."""
+def test_progressive_compression_under_fsdp2_plans_every_step_sharded(tmp_path):
+    """Two steps on FSDP2: the second re-plans the low-rank pairs from dense stand-ins that are FSDP2 units themselves,
+    lowers their ranks, and, like the first, keeps each full weight and whitened basis on its owner."""
     written = run("progressive", tmp_path)
-    assert written[0] == {**written[1], "bases": written[0]["bases"]}  # same ranks and parameters on both processes
+    assert written[0]["parameters"] == written[1]["parameters"] and written[0]["ranks"] == written[1]["ranks"]
     first, second = written[0]["ranks"]
     assert first and second and all(second[name] < first[name] for name in second if name in first)
-    assert written[0]["unsharded"] == [False, True]
     assert set(written[0]["whole"]) <= {"head.weight", "head.bias"}  # FSDP2 leaves only the root gathered after a forward
-    for step in (0, 1):  # each basis in memory on one process only, in both steps
-        owned = [set(written[rank]["bases"][step]) for rank in (0, 1)]
-        assert owned[0] and owned[1] and not owned[0] & owned[1]
+    steps = [written[rank]["held"] for rank in (0, 1)]
+    assert [held["stood_in"] for held in steps[0]] == [[], sorted(first)]  # the second step stood in for every pair
+    assert_planned_sharded(steps)
 
 
 @needs_distributed

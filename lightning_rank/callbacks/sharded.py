@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_rank.targets import select_targets
+from lightning_rank.targets import select_targets, set_submodule
 
 try:
     from torch.distributed.tensor import DTensor
@@ -101,6 +101,51 @@ def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], me
         fully_shard(module, mesh=mesh, **policies.get(name, {}))
     for state in states:
         state._is_root, state._state_ctx = None, FSDPStateContext()  # a model may have several roots
+
+
+@contextlib.contextmanager
+def sharded_stand_ins(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
+    """While open, each low-rank pair of an FSDP2 ``model`` (a unit of its own) is replaced by its dense equivalent,
+    made a unit of its own on the same mesh and with the same policies, so the model can be planned again as dense
+    layers while it stays sharded; yields ``{name: pair}``, as
+    :func:`~lightning_rank.compress.refactor.dense_stand_ins` does for a model that is not sharded. Each pair's full
+    factors are gathered in turn, on every process, to build its stand-in, then dropped. On leaving, the pairs are put
+    back. Either way every unit is marked not yet initialized, as in :func:`shard_swapped_layers`."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    targets, _ = select_targets(model)
+    pairs = {name: t.module for name, t in targets.items() if t.factorized and isinstance(t.module, FSDPModule)}
+    done: list[str] = []
+    try:
+        for name, pair in pairs.items():
+            state = pair._get_fsdp_state()
+            policies = {"mp_policy": state._mp_policy}
+            if state._fsdp_param_groups:
+                policies["offload_policy"] = state._fsdp_param_groups[0].offload_policy
+            mesh = mesh_of(pair)
+            with full_weights(model, [name], keep=[name]):
+                dense = pair.to_dense()
+            set_submodule(model, name, dense)
+            done.append(name)
+            fully_shard(dense, mesh=mesh, **policies)
+        _initialize_again(model)
+        yield pairs
+    finally:
+        for name in reversed(done):
+            set_submodule(model, name, pairs[name])
+        _initialize_again(model)
+
+
+def _initialize_again(model: nn.Module) -> None:
+    """Mark every FSDP2 unit of ``model`` not yet initialized, so the next forward initializes them all from the
+    root(s) (``_is_root = None``, a fresh state context)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            state._is_root, state._state_ctx = None, FSDPStateContext()
 
 
 @contextlib.contextmanager

@@ -8,8 +8,8 @@ output on each process's first validation batches, summed over processes, so eve
 and builds its low-rank layers from the owner's factors. FSDP2: the model stays sharded while planning. An owner gathers
 its own layers' full weights (one layer after another, each process keeping only its own); the probe runs the sharded
 model as training does and writes each truncation into the local shards; the whitened bases stay on their owners,
-sent one layer at a time while the probe uses them. A later step of progressive compression still unshards every unit
-(its low-rank pairs are planned from dense stand-ins).
+sent one layer at a time while the probe uses them. A later step of progressive compression plans its low-rank pairs
+from dense stand-ins that are FSDP2 units themselves (:func:`~lightning_rank.callbacks.sharded.sharded_stand_ins`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning_rank.callbacks.distributed import moving_sum_reducer
 from lightning_rank.callbacks.epoch import CALIBRATION_BATCHES, EpochStatistics
 from lightning_rank.callbacks.owners import PooledShare, SharedStatistics, plan_owners
-from lightning_rank.callbacks.sharded import unsharded
+from lightning_rank.callbacks.sharded import is_sharded, sharded_stand_ins
 from lightning_rank.checks import StatisticsArguments
 from lightning_rank.compress.factorize import FactorizationPlan, plan_factorization
-from lightning_rank.compress.layers import LOW_RANK_TYPES
 from lightning_rank.compress.probe import reshard
+from lightning_rank.compress.refactor import onto_pairs
 from lightning_rank.stats.ownership import assign_owners
 
 
@@ -58,11 +58,8 @@ def plan_step(
     param_budget, macs_budget = compression.budgets[compression.step]
     owners = plan_owners(pl_module, shared, trainer.global_rank, trainer.strategy.root_device) if reduce else None
     stats = shared.planning_view() if owners is not None else shared.stats
-    # FSDP2 keeps its shards while planning, save in a later step of progressive compression: its low-rank pairs are
-    # planned from dense stand-ins, which need every unit's full parameters
-    pairs = any(isinstance(module, LOW_RANK_TYPES) for module in pl_module.modules())
     reshard(pl_module)  # FSDP2 leaves a root unit gathered after a forward: planning and the swap need its shards
-    with unsharded(pl_module) if pairs else contextlib.nullcontext():
+    with sharded_stand_ins(pl_module) if is_sharded(pl_module) else contextlib.nullcontext({}) as pairs:
         plan = plan_factorization(
             pl_module, stats, threshold=compression.threshold, method=compression.method, ranks=compression.ranks,
             param_budget=param_budget, macs_budget=macs_budget, refactorize=True,
@@ -70,5 +67,7 @@ def plan_step(
             allocation=compression.allocation, calibration=batches or None, forward=compression.forward,
             progress=trainer.is_global_zero, reduce=reduce, owners=owners,
         )  # fmt: skip
+    if pairs:  # planned on sharded stand-ins of the low-rank pairs: the plan turned into one for the pairs
+        onto_pairs(plan.modules, plan.replaced, plan.result, pairs, pl_module)
     reshard(pl_module)
     return plan

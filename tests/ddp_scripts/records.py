@@ -15,9 +15,9 @@ class PlanRecord(Callback):
     (``plan_step`` is wrapped while fitting), and the factors of the plan about to be swapped in, read at the start of
     the swap epoch before ``RankCompression`` applies them.
 
-    Also, per planning step: whether every FSDP2 unit was unsharded for it (``unsharded``), the layers each gather of
-    full weights kept on this process (``kept``), and the candidates whose whitened basis this process held in memory
-    (``bases``) against those it held as ``meta`` stand-ins (``stand_ins``)."""
+    Also, per planning step: the low-rank pairs planned from sharded dense stand-ins (``stood_in``), the layers each
+    gather of full weights for planning kept on this process (``kept``), and the candidates whose whitened basis this
+    process held in memory (``bases``) against those it held as ``meta`` stand-ins (``stand_ins``)."""
 
     def __init__(self, compression: lr.RankCompression) -> None:
         self.compression, self.held, self.factors = compression, [], {}
@@ -31,7 +31,7 @@ class PlanRecord(Callback):
 
         def recording(compression, trainer, pl_module, shared, batches):
             self.held.append({"keys": sorted(shared.stats.inputs), "sources": shared.sources, "counted": shared.nbytes,
-                              "bytes": sum(s.nbytes for s in shared.stats.inputs.values()), "unsharded": False,
+                              "bytes": sum(s.nbytes for s in shared.stats.inputs.values()), "stood_in": [],
                               "kept": [], "bases": [], "stand_ins": []})
             self._planning = True
             try:
@@ -40,10 +40,10 @@ class PlanRecord(Callback):
                 self._planning = False
 
         @contextlib.contextmanager
-        def unsharding(model):
-            self.held[-1]["unsharded"] = True
-            with unsharded(model):
-                yield
+        def standing_in(model):
+            with sharded_stand_ins(model) as pairs:
+                self.held[-1]["stood_in"] = sorted(pairs)
+                yield pairs
 
         def gathering(model, names, keep):  # the monitor's analysis gathers too, not recorded
             if self._planning:
@@ -55,12 +55,12 @@ class PlanRecord(Callback):
             self.held[-1]["stand_ins" if made.basis.is_meta else "bases"].append(name)
             return made
 
-        plan_step, unsharded, full_weights, candidate = (module.plan_step, steps.unsharded, owners.full_weights,
-                                                         planning.candidate)
-        self._restore = [(module, "plan_step", plan_step), (steps, "unsharded", unsharded),
+        plan_step, sharded_stand_ins = module.plan_step, steps.sharded_stand_ins
+        full_weights, candidate = owners.full_weights, planning.candidate
+        self._restore = [(module, "plan_step", plan_step), (steps, "sharded_stand_ins", sharded_stand_ins),
                          (owners, "full_weights", full_weights), (planning, "candidate", candidate)]
-        module.plan_step, steps.unsharded, owners.full_weights, planning.candidate = (recording, unsharding, gathering,
-                                                                                     making)
+        module.plan_step, steps.sharded_stand_ins = recording, standing_in
+        owners.full_weights, planning.candidate = gathering, making
 
     def teardown(self, trainer, pl_module, stage) -> None:
         for module, name, original in self._restore:

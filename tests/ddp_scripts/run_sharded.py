@@ -179,7 +179,7 @@ def main(mode: str, out: Path) -> None:
         (out / f"threshold_rank{trainer.global_rank}.json").write_text(json.dumps({
             "ranks": compression.result.layers, "root": root_unit_parameters(model),
             "dtypes": {name: str(p.dtype) for name, p in model.named_parameters()}}))
-    elif mode == "progressive":  # two steps: the second re-plans low-rank pairs, which needs every unit unsharded
+    elif mode == "progressive":  # two steps: the second re-plans the low-rank pairs, from sharded dense stand-ins
         L.seed_everything(0, verbose=False)
         compression = lr.RankCompression(compress_at_epoch=[1, 2], param_budget=[0.7, 0.45], monitor="val_loss")
         record, model = PlanRecord(compression), ShardedBlocks()
@@ -192,7 +192,7 @@ def main(mode: str, out: Path) -> None:
             "parameters": {name: (p.full_tensor() if isinstance(p, DTensor) else p).flatten().tolist()
                            for name, p in model.named_parameters()},
             "whole": sorted(name for name, p in model.named_parameters() if not isinstance(p, DTensor)),
-            "unsharded": [held["unsharded"] for held in record.held], "bases": [held["bases"] for held in record.held],
+            "held": record.held,
         }))
     else:
         raise SystemExit(f"unknown mode {mode!r}")

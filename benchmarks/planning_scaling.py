@@ -19,7 +19,7 @@ of the processes, as ``ModelParallelStrategy`` does), always on the owners, by o
              the probe runs the sharded model and writes its truncations into the local shards, and each whitened
              basis stays on its owner
   unsharded  the path before it, kept here only as the baseline: every unit unsharded for the whole planning step
-             (``lightning_rank.callbacks.sharded.unsharded``), so every process holds every full weight
+             (``every_unit_unsharded`` below), so every process holds every full weight
 
 With ``--fsdp2`` the processes run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then returns every freed block over
 64 KiB to the system, so the peak resident set measures the tensors alive at once rather than the heap's history
@@ -66,10 +66,36 @@ def memory(field: str) -> int:
     raise KeyError(field)
 
 
+@contextlib.contextmanager
+def every_unit_unsharded(model: torch.nn.Module):
+    """The baseline: every FSDP2 unit of ``model`` holds its full parameters while open, through forwards and backwards
+    too (each unit unsharded, resharding after forward and backward off; FSDP2 internals read back on leaving)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        groups = [(g, g.post_forward_mesh_info, g.reshard_after_backward) for g in state._fsdp_param_groups]
+        saved.append((state, state._auto_reshard_after_forward, groups))
+    try:
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, post_forward, after_backward in groups:
+                group.post_forward_mesh_info, group.reshard_after_backward = post_forward, after_backward
+
+
 def plan(setup: Setup, blocks: int, rank: int, world: int, path: str, budget: float) -> dict:
     """Count this process's share, then plan by ``path``; what it held and spent."""
     from lightning_rank.callbacks.owners import PooledShare, plan_owners, reduce_to_owners
-    from lightning_rank.callbacks.sharded import unsharded
     from lightning_rank.stats.collector import StatisticsCollector
     from lightning_rank.stats.ownership import assign_owners
 
@@ -109,7 +135,7 @@ def plan(setup: Setup, blocks: int, rank: int, world: int, path: str, budget: fl
         if reduce is not None:
             stats.all_reduce_(reduce)
         held = sum(s.nbytes for s in stats.inputs.values())
-    with unsharded(model) if path == "unsharded" else contextlib.nullcontext():
+    with every_unit_unsharded(model) if path == "unsharded" else contextlib.nullcontext():
         planned = lr.plan_factorization(model, stats, param_budget=budget, calibration=batches[:CALIBRATION],
                                         reduce=reduce, owners=owners, progress=False)
     seconds = time.process_time() - start

@@ -2,7 +2,9 @@
 
 Under FSDP2 a layer's parameters are ``DTensor`` shards; the analysis and the factorization need the whole matrix.
 Gathering is a collective, so every process gathers every named layer, in the same order, and only the process
-that needs a layer keeps it, for as long as the block is open.
+that needs a layer keeps it, for as long as the block is open. Planning again a model that holds low-rank pairs
+stands a sharded dense layer in for each (:func:`sharded_stand_ins`), and the low-rank layers a plan swaps in are
+sharded like the units that held the dense ones (:func:`shard_swapped_layers`).
 """
 
 from __future__ import annotations
@@ -75,14 +77,12 @@ def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], me
     the new units included, as after ``fully_shard`` in ``configure_model``.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
-    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 
     gone = {id(p): name for name, module in replaced.items() for p in module.parameters()}
-    states, policies = [], {}
+    policies = {}
     for module in model.modules():
         if isinstance(module, FSDPModule):
             state = module._get_fsdp_state()
-            states.append(state)
             for group in state._fsdp_param_groups:
                 for param in group.fsdp_params:
                     if id(param.sharded_param) in gone:
@@ -99,8 +99,7 @@ def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], me
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor, src=dist.get_global_rank(group_of_mesh, 0), group=group_of_mesh)
         fully_shard(module, mesh=mesh, **policies.get(name, {}))
-    for state in states:
-        state._is_root, state._state_ctx = None, FSDPStateContext()  # a model may have several roots
+    _initialize_again(model)  # a model may have several roots
 
 
 @contextlib.contextmanager
@@ -146,36 +145,3 @@ def _initialize_again(model: nn.Module) -> None:
         if isinstance(module, FSDPModule):
             state = module._get_fsdp_state()
             state._is_root, state._state_ctx = None, FSDPStateContext()
-
-
-@contextlib.contextmanager
-def unsharded(model: nn.Module) -> Iterator[None]:
-    """While open, every FSDP2 unit of ``model`` holds its full parameters as plain tensors, through forwards and
-    backwards too (a planner may run the model): ``unshard()`` each unit, with resharding after forward and backward
-    off; on leaving, ``reshard()`` each and put their resharding settings back. Every process must enter it.
-    Without FSDP2 units this does nothing.
-
-    Reads and restores FSDP2 internals (``_auto_reshard_after_forward``, each parameter group's
-    ``post_forward_mesh_info`` and ``reshard_after_backward``): the public setters have no getters.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    saved = []
-    for unit in units:
-        state = unit._get_fsdp_state()
-        groups = [(g, g.post_forward_mesh_info, g.reshard_after_backward) for g in state._fsdp_param_groups]
-        saved.append((state, state._auto_reshard_after_forward, groups))
-    try:
-        for unit in units:
-            unit.set_reshard_after_forward(False, recurse=False)
-            unit.set_reshard_after_backward(False, recurse=False)
-            unit.unshard()
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-        for state, auto, groups in saved:
-            state._auto_reshard_after_forward = auto
-            for group, post_forward, after_backward in groups:
-                group.post_forward_mesh_info, group.reshard_after_backward = post_forward, after_backward

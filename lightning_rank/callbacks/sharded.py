@@ -109,11 +109,15 @@ def sharded_stand_ins(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
     layers while it stays sharded; yields ``{name: pair}``, as
     :func:`~lightning_rank.compress.refactor.dense_stand_ins` does for a model that is not sharded. Each pair's full
     factors are gathered in turn, on every process, to build its stand-in, then dropped. On leaving, the pairs are put
-    back. Either way every unit is marked not yet initialized, as in :func:`shard_swapped_layers`."""
+    back. Either way every unit is marked not yet initialized, as in :func:`shard_swapped_layers` (unless there was
+    no pair: then nothing changes)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     targets, _ = select_targets(model)
     pairs = {name: t.module for name, t in targets.items() if t.factorized and isinstance(t.module, FSDPModule)}
+    if not pairs:
+        yield pairs
+        return
     done: list[str] = []
     try:
         for name, pair in pairs.items():

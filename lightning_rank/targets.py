@@ -20,10 +20,16 @@ KINDS: tuple[LayerKind, ...] = get_args(LayerKind)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's GPT-2 style ``Conv1D``: a linear layer whose weight is stored ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
+    """Hugging Face's GPT-2 style ``Conv1D``: a linear layer whose weight is stored ``(in, out)`` (also once
+    ``fully_shard`` made it an ``FSDPConv1D``, a subclass)."""
+    return hf_conv1d_class(module) is not None and hasattr(module, "nf") and isinstance(
         getattr(module, "weight", None), Tensor
     )
+
+
+def hf_conv1d_class(module: nn.Module) -> type[nn.Module] | None:
+    """The class named ``Conv1D`` among ``module``'s classes (its own, or the one an FSDP2 subclass derives from)."""
+    return next((cls for cls in type(module).__mro__ if cls.__name__ == "Conv1D"), None)
 
 
 def factorized_kind(module: nn.Module) -> LayerKind | None:

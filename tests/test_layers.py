@@ -81,6 +81,17 @@ def test_hf_conv1d_full_rank_and_to_dense_gives_conv1d_back() -> None:
     torch.testing.assert_close(back(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+def test_hf_conv1d_subclassed_by_fsdp2_is_still_a_conv1d_and_rebuilds_the_plain_class() -> None:
+    """``fully_shard`` turns a module's class into a subclass named ``FSDP<name>``: an ``FSDPConv1D`` is still
+    observed as ``Conv1D`` (weight ``(in, out)``), and its low-rank pair rebuilds a plain ``Conv1D``."""
+    torch.manual_seed(0)
+    sharded_class = type("FSDPConv1D", (Conv1D,), {})
+    dense = sharded_class(nf=6, nx=10)
+    assert lr.collect(nn.Sequential(dense), [torch.randn(4, 10)]).layers == ["0"]
+    low = lr.LowRankLinear.from_dense(dense, *full_rank_factors(dense.weight.t()))
+    assert low.dense_type is Conv1D and type(low.to_dense()) is Conv1D
+
+
 def test_hf_conv1d_that_cannot_be_rebuilt_falls_back_to_linear() -> None:
     class Conv1D(nn.Module):  # noqa: N801 - same name, another constructor
         def __init__(self, *, config: object) -> None:

@@ -403,16 +403,32 @@ def test_rank_compression_under_fsdp2_with_a_root_per_block(tmp_path: Path) -> N
 @needs_distributed
 @pytest.mark.timeout(300)
 def test_progressive_compression_under_fsdp2_plans_every_step_sharded(tmp_path):
-    """Two steps on FSDP2: the second re-plans the low-rank pairs from dense stand-ins that are FSDP2 units themselves,
-    lowers their ranks, and, like the first, keeps each full weight and whitened basis on its owner."""
+    """Two steps on FSDP2 under a bfloat16 mixed-precision policy: the second re-plans the low-rank pairs from dense
+    stand-ins that are FSDP2 units themselves, lowers their ranks, and, like the first, keeps each full weight and
+    whitened basis on its owner; the pairs it swaps in keep the policy, over float32 master weights."""
     written = run("progressive", tmp_path)
     assert written[0]["parameters"] == written[1]["parameters"] and written[0]["ranks"] == written[1]["ranks"]
+    assert written[0]["failure"] is None
     first, second = written[0]["ranks"]
     assert first and second and all(second[name] < first[name] for name in second if name in first)
-    assert set(written[0]["whole"]) <= {"head.weight", "head.bias"}  # FSDP2 leaves only the root gathered after a forward
+    assert any(name in first for name in second)  # a pair was re-factorized
+    assert written[0]["dtypes"] == ["torch.float32"] and written[0]["policies"] == ["torch.bfloat16"]
     steps = [written[rank]["held"] for rank in (0, 1)]
     assert [held["stood_in"] for held in steps[0]] == [[], sorted(first)]  # the second step stood in for every pair
     assert_planned_sharded(steps)
+
+
+@needs_distributed
+@pytest.mark.timeout(300)
+def test_a_plan_that_fails_inside_a_forward_under_fsdp2_leaves_the_model_training(tmp_path):
+    """Step 2's probe raises inside a block's forward, while the low-rank pairs are stood in for: the step fails with
+    a warning, the pairs of step 1 stay, and every unit, the root included, trains on (a unit left mid-forward and
+    then marked uninitialized kept its parameters gathered, and they never changed again)."""
+    written = run("failing", tmp_path)
+    assert written[0] == written[1]
+    assert "a forward that fails" in written[0]["failure"] and written[0]["ranks"]  # the ranks of step 1
+    head = written[0]["head"]
+    assert set(head) == {"0", "1", "2", "3"} and head["2"] != head["3"]  # the root's head still learns after it
 
 
 @needs_distributed

@@ -66,7 +66,8 @@ def mesh_of(model: nn.Module) -> Any:
 def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], mesh: Any) -> None:
     """After dense layers of an FSDP2 model were swapped for new modules (``replaced``: name -> the dense module it
     replaced): the new modules become FSDP2 units of their own on ``mesh``, with the mixed-precision and offload
-    policies of the unit that held the dense layer and in its parameters' dtype, and the dense weights leave the
+    policies of the unit that held the dense layer (of the replaced low-rank pair itself, a unit of its own) and in
+    its parameters' dtype, and the dense weights leave the
     units that held them, so no process gathers or keeps them again.
 
     Every process must have swapped the same layers; the new modules take process 0's values, so every process
@@ -79,7 +80,8 @@ def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], me
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     gone = {id(p): name for name, module in replaced.items() for p in module.parameters()}
-    policies = {}
+    # a replaced low-rank pair was a unit of its own (and has left the model): its policies are its own
+    policies = {name: _policies(module) for name, module in replaced.items() if isinstance(module, FSDPModule)}
     for module in model.modules():
         if isinstance(module, FSDPModule):
             state = module._get_fsdp_state()
@@ -99,7 +101,7 @@ def shard_swapped_layers(model: nn.Module, replaced: Mapping[str, nn.Module], me
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor, src=dist.get_global_rank(group_of_mesh, 0), group=group_of_mesh)
         fully_shard(module, mesh=mesh, **policies.get(name, {}))
-    _initialize_again(model)  # a model may have several roots
+    reset_units(model)  # a model may have several roots
 
 
 @contextlib.contextmanager
@@ -121,31 +123,42 @@ def sharded_stand_ins(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
     done: list[str] = []
     try:
         for name, pair in pairs.items():
-            state = pair._get_fsdp_state()
-            policies = {"mp_policy": state._mp_policy}
-            if state._fsdp_param_groups:
-                policies["offload_policy"] = state._fsdp_param_groups[0].offload_policy
-            mesh = mesh_of(pair)
+            policies, mesh = _policies(pair), mesh_of(pair)
             with full_weights(model, [name], keep=[name]):
                 dense = pair.to_dense()
             set_submodule(model, name, dense)
             done.append(name)
             fully_shard(dense, mesh=mesh, **policies)
-        _initialize_again(model)
+        reset_units(model)
         yield pairs
     finally:
         for name in reversed(done):
             set_submodule(model, name, pairs[name])
-        _initialize_again(model)
+        reset_units(model)
 
 
-def _initialize_again(model: nn.Module) -> None:
-    """Mark every FSDP2 unit of ``model`` not yet initialized, so the next forward initializes them all from the
-    root(s) (``_is_root = None``, a fresh state context)."""
+def _policies(unit: nn.Module) -> dict[str, Any]:
+    """The mixed-precision and offload policies an FSDP2 ``unit`` was sharded with, as ``fully_shard`` takes them."""
+    state = unit._get_fsdp_state()
+    policies: dict[str, Any] = {"mp_policy": state._mp_policy}
+    if state._fsdp_param_groups:
+        policies["offload_policy"] = state._fsdp_param_groups[0].offload_policy
+    return policies
+
+
+def reset_units(model: nn.Module) -> None:
+    """Mark every FSDP2 unit of ``model`` idle, resharded and not yet initialized, so the next forward initializes
+    them all from the root(s) (``_is_root = None``, a fresh state context). A unit left in its forward (a planner's
+    forward that raised) would otherwise skip that initialization, and its parameters would stay gathered."""
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 
     for module in model.modules():
         if isinstance(module, FSDPModule):
             state = module._get_fsdp_state()
             state._is_root, state._state_ctx = None, FSDPStateContext()
+            state._training_state = TrainingState.IDLE
+            for group in state._fsdp_param_groups:
+                group._training_state = TrainingState.IDLE
+                group.reshard()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
-from lightning_rank.targets import factorized_kind, is_hf_conv1d, layer_kind
+from lightning_rank.targets import factorized_kind, hf_conv1d_class, is_hf_conv1d, layer_kind
 
 
 def _check_factors(layer: nn.Module, a: Tensor, b: Tensor, out_features: int, fan_in: int) -> int:
@@ -125,7 +125,7 @@ class LowRankLinear(nn.Module):
             bias=bias is not None,
             device=weight.device,
             dtype=weight.dtype,
-            dense_type=type(layer) if is_hf_conv1d(layer) else nn.Linear,
+            dense_type=hf_conv1d_class(layer) if is_hf_conv1d(layer) else nn.Linear,
         )
         return _fill(new, a, b, layer)
 

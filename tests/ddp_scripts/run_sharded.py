@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_rank as lr
 from lightning_rank.callbacks import checkpoints
+from lightning_rank.compress.probe import Probe, reshard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
 from tests.ddp_scripts.records import PlanRecord  # noqa: E402
@@ -182,17 +184,50 @@ def main(mode: str, out: Path) -> None:
     elif mode == "progressive":  # two steps: the second re-plans the low-rank pairs, from sharded dense stand-ins
         L.seed_everything(0, verbose=False)
         compression = lr.RankCompression(compress_at_epoch=[1, 2], param_budget=[0.7, 0.45], monitor="val_loss")
-        record, model = PlanRecord(compression), ShardedBlocks()
+        record, model = PlanRecord(compression), RootProjection()
         trainer = make_trainer(out, 3, [record, compression], devices=2, strategy=strategy(), logger=False,
                                enable_checkpointing=False)
         trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH))
         summary = compression.summary()
+        reshard(model)  # the master weights (the last forward left the root's gathered in bfloat16)
         (out / f"progressive_rank{trainer.global_rank}.json").write_text(json.dumps({
-            "ranks": [step["layers"] for step in summary["steps"]],
-            "parameters": {name: (p.full_tensor() if isinstance(p, DTensor) else p).flatten().tolist()
-                           for name, p in model.named_parameters()},
-            "whole": sorted(name for name, p in model.named_parameters() if not isinstance(p, DTensor)),
+            "ranks": [step["layers"] for step in summary["steps"]], "failure": compression.failure,
+            "parameters": {name: p.full_tensor().flatten().tolist() for name, p in model.named_parameters()},
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            "policies": sorted({str(m._get_fsdp_state()._mp_policy.param_dtype) for m in model.modules()
+                                if isinstance(m, FSDPModule)}),
             "held": record.held,
+        }))
+    elif mode == "failing":  # step 2's probe raises inside a block's forward: that step fails, training goes on
+        L.seed_everything(0, verbose=False)
+        compression = lr.RankCompression(compress_at_epoch=[1, 2], param_budget=[0.7, 0.45], monitor="val_loss")
+        model, seen, calls = RootProjection(), {}, []
+
+        def failing(probe, *args, **kwargs):
+            def fail(module, args):
+                raise RuntimeError("a forward that fails")
+            calls.append(1)
+            if len(calls) == 1:
+                return weighted_damage(probe, *args, **kwargs)
+            handle = model.blocks[1].register_forward_pre_hook(fail)
+            try:
+                return weighted_damage(probe, *args, **kwargs)
+            finally:
+                handle.remove()
+
+        class Head(L.Callback):  # the root unit's own parameters, in full, when each epoch starts
+            def on_train_epoch_start(self, trainer, pl_module):
+                bias = pl_module.head.bias
+                seen[trainer.current_epoch] = (bias.full_tensor() if isinstance(bias, DTensor) else bias).tolist()
+
+        weighted_damage, Probe.weighted_damage = Probe.weighted_damage, failing
+        trainer = make_trainer(out, 4, [compression, Head()], devices=2, strategy=strategy(), logger=False,
+                               enable_checkpointing=False)
+        trainer.fit(model, DataLoader(token_data(), batch_size=32), DataLoader(validation_data(), batch_size=BATCH))
+        reshard(model)
+        (out / f"failing_rank{trainer.global_rank}.json").write_text(json.dumps({
+            "failure": compression.failure, "ranks": compression.result.layers if compression.result else None,
+            "head": seen, "parameters": {name: p.full_tensor().flatten().tolist() for name, p in model.named_parameters()},
         }))
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -183,7 +183,8 @@ def plan_factorization(
         # the first batches lr.collect ran, with its forward (uniform tolerance needs them only to count MACs)
         calibration, forward = list(stats.calibration), forward or stats.forward
     if owners is not None:  # as many batches on every process: the probe meets each layer's owner once a batch
-        calibration = (calibration or [])[: min(owners.gather(len(calibration or [])))] or None
+        batches = calibration or []
+        calibration = batches[: min(owners.gather(len(batches)))] or None
     if macs is not None and not calibration:
         raise ValueError("`macs_budget` needs calibration batches to count each layer's output positions per example: "
                          "statistics from lr.collect keep their first batches, or pass `calibration=` (a few batches)")

@@ -144,7 +144,7 @@ def owned_decompositions(
         entry.holder = owners.holder(name)
         if with_candidates:  # the singular values (a vector) to every process; the basis stays on its owner
             basis, values = entry.whitened
-            entry.whitened = basis, _send(owners, values, layouts[1], owners.owners[name])
+            entry.whitened = basis, entry.holder.send(values if values is not None else _stand_in(layouts[1]))
         out[name] = entry
     return out
 
@@ -170,12 +170,12 @@ def owned_modules(
     errors: dict[str, float | None] = {}
     failure = None
     for name in names:  # model order: every process broadcasts alike
-        layer, owner = layers[name], owners.owners[name]
-        a, b = computed.get(name) or (None, None)
-        a, b = (_send(owners, t, layout, owner) for t, layout in zip((a, b), layouts[name]))
+        layer, holder = layers[name], owners.holder(name)
+        a, b = computed.get(name) or (_stand_in(layout) for layout in layouts[name])
+        a, b = holder.send(a), holder.send(b)
         with owners.holding([name], [name]):
             modules[name] = low_rank_from_dense(layer.target.module, a, b)
-        if owner == owners.rank and failure is None:
+        if holder.here and failure is None:
             try:
                 errors[name] = relative_output_error(layer, modules[name].dense_weight().detach().to(layer.weight))
             except Exception as error:  # told to the others after the loop
@@ -189,15 +189,7 @@ def _layout(tensor: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def _stand_in(layout: tuple) -> Tensor:
+    """A ``meta`` float64 tensor of ``layout``: what :meth:`~lightning_rank.compress.candidates.Holder.send` receives
+    into, elsewhere than on the owner."""
     shape, stride = layout
     return torch.empty_strided(shape, stride, dtype=torch.float64, device="meta")
-
-
-def _send(owners: PlanOwners, tensor: Tensor | None, layout: tuple, src: int) -> Tensor:
-    """``tensor`` on process ``src``, sent to every process in the very memory layout it has there (products of
-    tensors laid out otherwise may round otherwise, and every process must compute what the owner computes)."""
-    shape, stride = layout
-    buffer = tensor.contiguous() if tensor is not None else torch.empty(shape, dtype=torch.float64, device=owners.device)
-    owners.broadcast(buffer, src)
-    return tensor if tensor is not None else torch.empty_strided(
-        shape, stride, dtype=torch.float64, device=owners.device).copy_(buffer)
